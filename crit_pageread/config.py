@@ -1,0 +1,163 @@
+"""Configuration: TOML files, environment and keyword arguments, merged and validated.
+
+Sources, highest first: keyword arguments / CLI flags; environment
+(`CRIT_PAGEREAD_STRATEGY`, `..._PAGE_SIZE`, `..._AUTO_DEDUP`, `..._ZERO_FILL`,
+`..._CRIU`, and `CRIT_PAGEREAD_<TABLE>__<KEY>` for a table key); the TOML file
+named by `--config` or `CRIT_PAGEREAD_CONFIG`; `./crit-pageread.toml`; the
+user's `$XDG_CONFIG_HOME/crit-pageread/config.toml`.
+
+Top-level keys are `strategy`, `page_size`, `auto_dedup`, `zero_fill` and
+`criu`; every table (`[preadv]`, `[remote]`, ...) belongs to the plugin of
+that name, which validates it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+ENV_PREFIX = "CRIT_PAGEREAD_"
+TOP_LEVEL: dict[str, type] = {
+    "strategy": str,
+    "page_size": int,
+    "auto_dedup": bool,
+    "zero_fill": bool,
+    "criu": str,
+}
+
+
+def host_page_size() -> int:
+    return os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class Config:
+    """The merged configuration. `table(name)` gives a plugin its section."""
+
+    strategy: str = "preadv"
+    page_size: int = field(default_factory=host_page_size)
+    auto_dedup: bool = False
+    zero_fill: bool = False
+    criu: str | None = None
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Where the values came from, lowest precedence first (files and "env"/"arguments").
+    sources: list[str] = field(default_factory=list)
+
+    def table(self, name: str) -> dict[str, Any]:
+        """The `[name]` table (empty if absent)."""
+        return dict(self.tables.get(name, {}))
+
+    def replace(self, **overrides: Any) -> Config:
+        """A copy with keyword overrides applied and validated (tables merge key by key)."""
+        data = self.as_dict()
+        _merge(data, _validated(overrides, "arguments"))
+        return _from_dict(data, self.sources + ["arguments"])
+
+    def as_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {k: getattr(self, k) for k in TOP_LEVEL if getattr(self, k) is not None}
+        for name, table in self.tables.items():
+            data[name] = dict(table)
+        return data
+
+
+def user_config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "crit-pageread" / "config.toml"
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Merge every source (see the module docstring) into a validated Config."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    sources: list[str] = []
+    files: list[tuple[Path, bool]] = [(user_config_path(), False), (Path("crit-pageread.toml"), False)]
+    named = path if path is not None else env.get(ENV_PREFIX + "CONFIG")
+    if named:
+        files.append((Path(named), True))
+    for file, required in files:
+        if not file.is_file():
+            if required:
+                raise ConfigError(f"{file}: config file not found")
+            continue
+        try:
+            with open(file, "rb") as f:
+                parsed = tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: invalid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
+        _merge(data, _validated(parsed, str(file)))
+        sources.append(str(file))
+    from_env = _from_env(env)
+    if from_env:
+        _merge(data, _validated(from_env, "environment"))
+        sources.append("environment")
+    if overrides:
+        _merge(data, _validated({k: v for k, v in overrides.items() if v is not None}, "arguments"))
+        sources.append("arguments")
+    config = _from_dict(data, sources)
+    return config
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, raw in env.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if "__" in name:
+            table, _, sub = name.partition("__")
+            out.setdefault(table, {})[sub] = _parse_scalar(raw)
+        elif name in TOP_LEVEL:
+            out[name] = _parse_scalar(raw) if TOP_LEVEL[name] is not str else raw
+    return out
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _validated(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out[key] = dict(value)
+            continue
+        expected = TOP_LEVEL.get(key)
+        if expected is None:
+            raise ConfigError(f"{source}: unknown key {key!r} (top-level keys: {', '.join(TOP_LEVEL)}; tables are per plugin)")
+        if expected is bool and isinstance(value, str) and value.lower() in ("1", "0", "true", "false", "yes", "no"):
+            value = value.lower() in ("1", "true", "yes")
+        if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+            raise ConfigError(f"{source}: key {key!r} must be {expected.__name__}, not {type(value).__name__} {value!r}")
+        if key == "page_size" and (value < 4096 or value & (value - 1)):
+            raise ConfigError(f"{source}: key 'page_size' must be a power of two >= 4096, not {value}")
+        out[key] = value
+    return out
+
+
+def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            into[key].update(value)
+        else:
+            into[key] = value
+
+
+def _from_dict(data: dict[str, Any], sources: list[str]) -> Config:
+    top = {k: v for k, v in data.items() if k in TOP_LEVEL}
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    return Config(**top, tables=tables, sources=list(sources))

@@ -1,0 +1,113 @@
+"""Every hook of crit-pageread, documented in one place.
+
+Plugins implement these with `@crit_pageread.hookimpl`. Callers pass keyword
+arguments only, so a hook can gain an argument without breaking plugins. The
+built-in strategies are plugins too (see `plugins.DEFAULT_PLUGINS`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .images import CheckpointImages
+    from .reader import PageReader
+    from .strategy import StrategyInfo
+
+hookspec = pluggy.HookspecMarker("crit_pageread")
+hookimpl = pluggy.HookimplMarker("crit_pageread")
+
+
+# --- Set-up: what plugins contribute ---------------------------------------------------------
+
+
+@hookspec
+def crit_pageread_strategies() -> list[StrategyInfo]:
+    """Contribute page-read strategies.
+
+    Return a list of `StrategyInfo(name, factory, description)`. `factory` is
+    called with the strategy's config table (a dict, `[name]` in the config
+    file) and returns a `Strategy`. Names are unique across plugins; a clash is
+    a ConfigError naming both plugins.
+    """
+
+
+@hookspec
+def crit_pageread_configure(config: Config) -> None:
+    """Hand plugins the configuration, once it is loaded and before any image is opened.
+
+    `config.table(name)` is a plugin's own section. Raise `ConfigError` naming
+    the key for a bad value.
+    """
+
+
+@hookspec
+def crit_pageread_add_commands(subparsers: Any) -> None:
+    """Add command-line subcommands to `crit-pageread`.
+
+    `subparsers` is the argparse sub-parser action; a plugin adds a parser and
+    sets `func=callable(args) -> int` as its default.
+    """
+
+
+# --- Images ----------------------------------------------------------------------------------
+
+
+@hookspec
+def crit_pageread_images_opened(images: CheckpointImages) -> None:
+    """Called after `open_images()` opened an image directory (nothing is parsed yet)."""
+
+
+# --- Reads: observers around PageReader.readinto --------------------------------------------
+
+
+@hookspec
+def crit_pageread_before_read(reader: PageReader, vaddr: int, length: int, deferred: bool) -> None:
+    """Called before a read of [vaddr, vaddr+length) is planned.
+
+    `deferred` is True for `readinto(..., defer=True)`. Raising aborts the read
+    before any I/O. Called only when some plugin implements it, so an empty
+    observer list costs nothing on the hot path.
+    """
+
+
+@hookspec
+def crit_pageread_after_read(reader: PageReader, vaddr: int, data: memoryview) -> None:
+    """Called after a synchronous read filled `data` (the caller's buffer) from `vaddr`.
+
+    Deferred reads are reported by `crit_pageread_synced` instead.
+    """
+
+
+@hookspec
+def crit_pageread_synced(reader: PageReader, requests: int) -> None:
+    """Called after `sync()` completed `requests` deferred strategy requests."""
+
+
+# --- Page server -----------------------------------------------------------------------------
+
+
+@hookspec
+def crit_pageread_pages_served(images: CheckpointImages, pid: int, vaddr: int, nr_pages: int, peer: str) -> None:
+    """Called by `serve` after pages were sent to a page-server client."""
+
+
+# --- Restore pipelines -----------------------------------------------------------------------
+
+
+@hookspec
+def crit_pageread_before_restore(images_dir: str, options: dict[str, Any]) -> None:
+    """Called before CRIU restores `images_dir`; `options` may be changed in place."""
+
+
+@hookspec
+def crit_pageread_after_restore(images_dir: str, pid: int) -> None:
+    """Called after CRIU restored `images_dir`; `pid` is the restored root task."""
+
+
+@hookspec
+def crit_pageread_restore_failed(images_dir: str, error: BaseException) -> None:
+    """Called when a restore of `images_dir` failed, before the error propagates."""

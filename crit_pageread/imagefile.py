@@ -1,0 +1,176 @@
+"""CRIU image file framing: magic words, size-prefixed protobuf entries, bounded.
+
+An image is `[IMG_COMMON|IMG_SERVICE] MAGIC { u32 size, payload }` in host
+byte order (inventory has no first magic). This module reads and writes that
+framing with every size checked against the file, and decodes the few fields
+of pagemap messages itself so that both pagemap layouts (CRIU <= 4.1 and
+>= 4.2) read the same whatever pycriu is installed.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+from .errors import ImageError
+
+IMG_COMMON = 0x54564319
+IMG_SERVICE = 0x55105940
+MAGIC = {
+    "INVENTORY": 0x58313116,
+    "PSTREE": 0x50273030,
+    "PAGEMAP": 0x56084025,
+    "CORE": 0x55053847,
+    "MM": 0x57492820,
+    "IDS": 0x54432030,
+    "MEMFD_INODE": 0x48453499,
+    "IPCNS_SHM": 0x46283044,
+    "FILES": 0x56303138,
+}
+SERVICE_IMAGES = {"STATS", "IRMAP_CACHE"}
+
+# An entry larger than this is not a CRIU entry but a corrupt size prefix.
+MAX_ENTRY_SIZE = 64 << 20
+_U32 = struct.Struct("=I")
+
+
+def read_image(path: str | os.PathLike[str], magic: str, max_size: int = 1 << 30) -> bytes:
+    """Read a whole (small) image file, bounded by `max_size`, and check its magic."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_size:
+                raise ImageError(path, f"image is {size} bytes, more than {max_size} allowed")
+            data = f.read()
+    except FileNotFoundError:
+        raise ImageError(path, "missing") from None
+    except IsADirectoryError:
+        raise ImageError(path, "is a directory, not an image") from None
+    except PermissionError as exc:
+        raise ImageError(path, f"cannot read: {exc.strerror}") from None
+    check_magic(path, data, magic)
+    return data
+
+
+def check_magic(path: str | os.PathLike[str], data: bytes, magic: str) -> int:
+    """Check the magic words of `data`; return the offset of the first entry."""
+    expected = MAGIC[magic]
+    if len(data) < 4:
+        raise ImageError(path, f"truncated: {len(data)} bytes, no magic")
+    (first,) = _U32.unpack_from(data, 0)
+    pos = 4
+    if first in (IMG_COMMON, IMG_SERVICE) and magic != "INVENTORY":
+        if len(data) < 8:
+            raise ImageError(path, "truncated: no image magic after the common magic")
+        (first,) = _U32.unpack_from(data, 4)
+        pos = 8
+    if first != expected:
+        raise ImageError(path, f"bad magic {first:#010x}, expected {magic} ({expected:#010x})")
+    return pos
+
+
+def iter_entries(path: str | os.PathLike[str], data: bytes, pos: int) -> Iterator[memoryview]:
+    """Yield the payload of each size-prefixed entry of `data` from `pos` on."""
+    view = memoryview(data)
+    end = len(data)
+    while pos < end:
+        if end - pos < 4:
+            raise ImageError(path, f"truncated: {end - pos} stray bytes at offset {pos}")
+        (size,) = _U32.unpack_from(data, pos)
+        pos += 4
+        if size > MAX_ENTRY_SIZE or pos + size > end:
+            raise ImageError(
+                path, f"truncated or corrupt: entry of {size} bytes at offset {pos - 4}, file has {end} bytes"
+            )
+        yield view[pos : pos + size]
+        pos += size
+
+
+def load_messages(path: str | os.PathLike[str], magic: str, message_class: Any) -> list[Any]:
+    """Parse every entry of an image into `message_class` (a pycriu protobuf class)."""
+    data = read_image(path, magic)
+    out = []
+    for payload in iter_entries(path, data, check_magic(path, data, magic)):
+        msg = message_class()
+        try:
+            msg.ParseFromString(bytes(payload))
+        except Exception as exc:
+            raise ImageError(path, f"corrupt {magic} entry: {type(exc).__name__}: {exc}") from None
+        out.append(msg)
+    return out
+
+
+# --- minimal protobuf: varint fields only (pagemap messages) -----------------------------
+
+
+def decode_varint_fields(path: str | os.PathLike[str], payload: memoryview) -> dict[int, int]:
+    """Decode a protobuf message whose fields we need are varints; skip other wire types."""
+    fields: dict[int, int] = {}
+    buf = payload
+    pos = 0
+    end = len(buf)
+    while pos < end:
+        key, pos = _varint(path, buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(path, buf, pos)
+            fields[number] = value
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, pos = _varint(path, buf, pos)
+            pos += length
+        else:
+            raise ImageError(path, f"corrupt protobuf: wire type {wire} of field {number}")
+        if pos > end:
+            raise ImageError(path, "corrupt protobuf: field runs past its entry")
+    return fields
+
+
+def _varint(path: str | os.PathLike[str], buf: memoryview, pos: int) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    end = len(buf)
+    while True:
+        if pos >= end:
+            raise ImageError(path, "corrupt protobuf: truncated varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift >= 70:
+            raise ImageError(path, "corrupt protobuf: varint longer than 10 bytes")
+
+
+def encode_varint(value: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative int."""
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def encode_varint_fields(fields: list[tuple[int, int]]) -> bytes:
+    """Encode (field number, value) pairs as varint fields, in the given order."""
+    return b"".join(encode_varint(number << 3) + encode_varint(value) for number, value in fields)
+
+
+def frame(magic: str, payloads: list[bytes]) -> bytes:
+    """A whole image: the magic words, then each payload with its u32 size."""
+    head = b"" if magic == "INVENTORY" else _U32.pack(IMG_SERVICE if magic in SERVICE_IMAGES else IMG_COMMON)
+    parts = [head, _U32.pack(MAGIC[magic])]
+    for payload in payloads:
+        parts.append(_U32.pack(len(payload)))
+        parts.append(payload)
+    return b"".join(parts)

@@ -1,0 +1,348 @@
+"""An image directory: pids, VMAs, pagemaps, pages files and the parent chain.
+
+Small images (pstree, mm, core, files) are parsed with pycriu's protobuf
+classes under our own bounded framing; pagemaps by `pagemap.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import Config, load_config
+from .criu_env import pycriu
+from .errors import ChainError, ImageError
+from .imagefile import load_messages
+from .pagemap import Pagemap, load_pagemap
+from .strategy import PagesFile, Strategy, Target
+
+if TYPE_CHECKING:
+    from .reader import PageReader
+
+VMA_AREA_REGULAR = 1 << 0
+VMA_AREA_STACK = 1 << 1
+VMA_AREA_VSYSCALL = 1 << 2
+VMA_AREA_VDSO = 1 << 3
+VMA_AREA_HEAP = 1 << 5
+VMA_FILE_PRIVATE = 1 << 6
+VMA_FILE_SHARED = 1 << 7
+VMA_ANON_SHARED = 1 << 8
+VMA_ANON_PRIVATE = 1 << 9
+VMA_AREA_SYSVIPC = 1 << 10
+VMA_AREA_SOCKET = 1 << 11
+VMA_AREA_VVAR = 1 << 12
+VMA_AREA_AIORING = 1 << 13
+VMA_AREA_MEMFD = 1 << 14
+
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+MAP_SHARED = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Process:
+    """A task of the pstree: its pid, parent, group, session and threads."""
+
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    threads: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Vma:
+    """A mapping from mm-<pid>.img, with CRIU's status bits and a printable name."""
+
+    start: int
+    end: int
+    pgoff: int
+    shmid: int
+    prot: int
+    flags: int
+    status: int
+    name: str
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    @property
+    def perms(self) -> str:
+        """`rw-p` style permissions, as /proc/PID/maps shows them."""
+        return (
+            ("r" if self.prot & PROT_READ else "-")
+            + ("w" if self.prot & PROT_WRITE else "-")
+            + ("x" if self.prot & PROT_EXEC else "-")
+            + ("s" if self.flags & MAP_SHARED else "p")
+        )
+
+    @property
+    def kind(self) -> str:
+        s = self.status
+        for bit, name in (
+            (VMA_AREA_VSYSCALL, "vsyscall"), (VMA_AREA_VDSO, "vdso"), (VMA_AREA_VVAR, "vvar"),
+            (VMA_AREA_SYSVIPC, "sysv-shm"), (VMA_AREA_MEMFD, "memfd"), (VMA_ANON_SHARED, "anon-shared"),
+            (VMA_FILE_SHARED, "file-shared"), (VMA_FILE_PRIVATE, "file-private"),
+            (VMA_AREA_HEAP, "heap"), (VMA_AREA_STACK, "stack"), (VMA_AREA_SOCKET, "socket"),
+            (VMA_AREA_AIORING, "aio"), (VMA_ANON_PRIVATE, "anon"),
+        ):
+            if s & bit:
+                return name
+        return "other"
+
+
+_PAGEMAP_RE = re.compile(r"^pagemap-(\d+)\.img$")
+_SHMEM_RE = re.compile(r"^pagemap-shmem-(\d+)\.img$")
+
+
+class CheckpointImages:
+    """A CRIU image directory. Use `open_images()`; close it (or use `with`)."""
+
+    def __init__(self, path: str | os.PathLike[str], config: Config | None = None, *, _chain: tuple[str, ...] = ()) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise ImageError(self.path, "no such image directory")
+        if not self.path.is_dir():
+            raise ImageError(self.path, "not a directory of CRIU images")
+        self.config = config if config is not None else load_config()
+        self.page_size = self.config.page_size
+        self._chain = _chain + (os.path.realpath(self.path),)
+        self._pagemaps: dict[Target, Pagemap] = {}
+        self._pages: dict[tuple[int, bool], PagesFile] = {}
+        self._parent: CheckpointImages | None = None
+        self._parent_checked = False
+        self._cleanup: list[Any] = []
+
+    # --- processes -------------------------------------------------------------------------
+
+    @cached_property
+    def processes(self) -> dict[int, Process]:
+        """Every task of pstree.img by pid, in image order."""
+        path = self.path / "pstree.img"
+        out: dict[int, Process] = {}
+        for msg in load_messages(path, "PSTREE", pycriu().images.pb.pstree_entry):
+            if msg.pid <= 0 or msg.pid in out:
+                raise ImageError(path, f"garbage pstree: bad or repeated pid {msg.pid}")
+            out[msg.pid] = Process(msg.pid, msg.ppid, msg.pgid, msg.sid, tuple(msg.threads) or (msg.pid,))
+        if not out:
+            raise ImageError(path, "empty pstree: no processes")
+        return out
+
+    @property
+    def pids(self) -> list[int]:
+        """The pids of the pstree, root first."""
+        return list(self.processes)
+
+    @cached_property
+    def shmem_ids(self) -> list[int]:
+        """Ids of the shared-memory segments that have a pagemap (pagemap-shmem-<id>.img)."""
+        ids = [int(m.group(1)) for name in os.listdir(self.path) if (m := _SHMEM_RE.match(name))]
+        return sorted(ids)
+
+    def mm(self, pid: int) -> Any:
+        """The mm_entry message of mm-<pid>.img (pycriu protobuf)."""
+        self._check_pid(pid)
+        path = self.path / f"mm-{pid}.img"
+        msgs = load_messages(path, "MM", pycriu().images.pb.mm_entry)
+        if len(msgs) != 1:
+            raise ImageError(path, f"expected one mm entry, found {len(msgs)}")
+        return msgs[0]
+
+    def core(self, tid: int) -> Any:
+        """The core_entry message of core-<tid>.img (registers, thread info)."""
+        path = self.path / f"core-{tid}.img"
+        msgs = load_messages(path, "CORE", pycriu().images.pb.core_entry)
+        if len(msgs) != 1:
+            raise ImageError(path, f"expected one core entry, found {len(msgs)}")
+        return msgs[0]
+
+    def vmas(self, pid: int) -> list[Vma]:
+        """The VMAs of `pid` in address order, each with a mapping name."""
+        mm = self.mm(pid)
+        names = self._file_names
+        out = []
+        for v in mm.vmas:
+            if v.status & (VMA_AREA_MEMFD | VMA_FILE_PRIVATE | VMA_FILE_SHARED):
+                name = names.get(v.shmid, f"file#{v.shmid}")
+            elif v.status & VMA_AREA_SYSVIPC:
+                name = f"[sysv-shm {v.shmid}]"
+            elif v.status & VMA_ANON_SHARED:
+                name = f"[anon-shared {v.shmid}]"
+            elif v.status & VMA_AREA_HEAP:
+                name = "[heap]"
+            elif v.status & VMA_AREA_STACK:
+                name = "[stack]"
+            elif v.status & VMA_AREA_VDSO:
+                name = "[vdso]"
+            elif v.status & VMA_AREA_VVAR:
+                name = "[vvar]"
+            elif v.status & VMA_AREA_VSYSCALL:
+                name = "[vsyscall]"
+            else:
+                name = ""
+            out.append(Vma(v.start, v.end, v.pgoff, v.shmid, v.prot, v.flags, v.status, name))
+        return out
+
+    @cached_property
+    def _file_names(self) -> dict[int, str]:
+        """File id -> path (regular files) or `memfd:NAME` from files.img and memfd.img."""
+        path = self.path / "files.img"
+        if not path.exists():
+            return {}
+        pb = pycriu().images.pb
+        memfd_names: dict[int, str] = {}
+        memfd_path = self.path / "memfd.img"
+        if memfd_path.exists():
+            for i, m in enumerate(load_messages(memfd_path, "MEMFD_INODE", pb.memfd_inode_entry), 1):
+                memfd_names[m.inode_id or i] = m.name
+        names: dict[int, str] = {}
+        for f in load_messages(path, "FILES", pb.file_entry):
+            if f.HasField("reg"):
+                names[f.id] = f.reg.name
+            elif f.HasField("memfd"):
+                names[f.id] = "memfd:" + memfd_names.get(f.memfd.inode_id, "?")
+        return names
+
+    @cached_property
+    def memfd_shmids(self) -> dict[int, int]:
+        """memfd file id (a VMA's shmid) -> the shmem id of its pagemap."""
+        pb = pycriu().images.pb
+        memfd_path = self.path / "memfd.img"
+        files_path = self.path / "files.img"
+        if not memfd_path.exists() or not files_path.exists():
+            return {}
+        inode_shmid = {
+            (m.inode_id or i): m.shmid
+            for i, m in enumerate(load_messages(memfd_path, "MEMFD_INODE", pb.memfd_inode_entry), 1)
+        }
+        return {
+            f.id: inode_shmid[f.memfd.inode_id]
+            for f in load_messages(files_path, "FILES", pb.file_entry)
+            if f.HasField("memfd") and f.memfd.inode_id in inode_shmid
+        }
+
+    def _check_pid(self, pid: int) -> None:
+        if (self.path / "pstree.img").exists() and pid not in self.processes:
+            raise ImageError(self.path / "pstree.img", f"no pid {pid} in the checkpoint (pids: {self.pids})")
+
+    # --- pagemaps, pages files, parents -----------------------------------------------------
+
+    def pagemap_for(self, target: Target) -> Pagemap:
+        """The parsed pagemap of a pid or shmem segment (cached)."""
+        pm = self._pagemaps.get(target)
+        if pm is None:
+            name = f"pagemap-{target.id}.img" if target.kind == "pid" else f"pagemap-shmem-{target.id}.img"
+            pm = load_pagemap(self.path / name, self.page_size)
+            self._pagemaps[target] = pm
+        return pm
+
+    def pagemap(self, pid: int) -> Pagemap:
+        return self.pagemap_for(Target("pid", pid))
+
+    def shmem_pagemap(self, shmid: int) -> Pagemap:
+        return self.pagemap_for(Target("shmem", shmid))
+
+    def pages_file(self, pages_id: int, writable: bool = False) -> PagesFile:
+        """The open pages-<id>.img, shared by every reader of this directory."""
+        key = (pages_id, writable)
+        pf = self._pages.get(key)
+        if pf is None:
+            pf = PagesFile(self.path / f"pages-{pages_id}.img", writable=writable)
+            self._pages[key] = pf
+        return pf
+
+    @property
+    def parent(self) -> CheckpointImages | None:
+        """The parent images of an incremental dump, or None if there is no `parent` link."""
+        if self._parent_checked:
+            return self._parent
+        link = self.path / "parent"
+        target: str | None = None
+        if link.is_symlink():
+            target = os.readlink(link)
+        elif link.is_file():
+            # Some copies keep the link as a small file holding its target.
+            raw = link.read_bytes()[:4096]
+            target = raw.decode(errors="replace").strip() or None
+            if target is None:
+                raise ChainError(link, "parent link is empty")
+        elif link.exists():
+            target = str(link)
+        self._parent_checked = True
+        if target is None:
+            return None
+        full = (self.path / target) if not os.path.isabs(target) else Path(target)
+        if not full.is_dir():
+            raise ChainError(link, f"dangling parent link to {target}")
+        real = os.path.realpath(full)
+        if real in self._chain:
+            raise ChainError(link, f"parent chain has a cycle through {target}")
+        self._parent = CheckpointImages(full, self.config, _chain=self._chain)
+        return self._parent
+
+    # --- readers ---------------------------------------------------------------------------
+
+    def reader(self, pid: int, strategy: str | Strategy | None = None, **options: Any) -> PageReader:
+        """A PageReader of `pid`'s memory (addresses are virtual addresses)."""
+        self._check_pid(pid)
+        return self._reader(Target("pid", pid), strategy, options)
+
+    def shmem_reader(self, shmid: int, strategy: str | Strategy | None = None, **options: Any) -> PageReader:
+        """A PageReader of a shared-memory segment (addresses are offsets in it)."""
+        return self._reader(Target("shmem", shmid), strategy, options)
+
+    def _reader(self, target: Target, strategy: str | Strategy | None, options: dict[str, Any]) -> PageReader:
+        from .plugins import get_plugin_manager, make_strategy, observer
+        from .reader import PageReader
+
+        unknown = set(options) - {"zero_fill", "auto_dedup"}
+        if unknown:
+            raise TypeError(f"unknown reader options: {', '.join(sorted(unknown))}")
+        pagemap = self.pagemap_for(target)
+        if not isinstance(strategy, Strategy):
+            strategy = make_strategy(strategy or self.config.strategy, self.config)
+        get_plugin_manager()
+        return PageReader(
+            self,
+            target,
+            pagemap,
+            strategy,
+            zero_fill=options.get("zero_fill", self.config.zero_fill),
+            auto_dedup=options.get("auto_dedup", self.config.auto_dedup),
+            observe=observer(),
+        )
+
+    # --- lifetime --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the pages files (and the parent's); remove a temporary extraction."""
+        for pf in self._pages.values():
+            pf.close()
+        self._pages.clear()
+        if self._parent is not None:
+            self._parent.close()
+        for fn in self._cleanup:
+            fn()
+        self._cleanup.clear()
+
+    def __enter__(self) -> CheckpointImages:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<CheckpointImages {self.path}>"
+
+
+def open_images(path: str | os.PathLike[str], config: Config | None = None) -> CheckpointImages:
+    """Open a CRIU image directory (or a checkpoint archive) for reading."""
+    from .plugins import get_plugin_manager
+
+    images = CheckpointImages(path, config)
+    get_plugin_manager().hook.crit_pageread_images_opened(images=images)
+    return images

@@ -1,0 +1,197 @@
+"""The pagemap index: entries, their offsets in the pages file, lookup by address.
+
+Built once per pagemap image. Offsets in `pages-<id>.img` advance only on
+entries with `PE_PRESENT`, as in CRIU. Both layouts are read: CRIU <= 4.1
+keeps the page count in field 2; CRIU >= 4.2 writes 0 there and the count in
+the uint64 field 5. The very old `in_parent` bool (field 3) is honoured.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ImageError
+from .imagefile import check_magic, decode_varint_fields, encode_varint_fields, frame, iter_entries, read_image
+
+PE_PARENT = 1
+PE_LAZY = 2
+PE_PRESENT = 4
+FLAG_NAMES = {PE_PARENT: "parent", PE_LAZY: "lazy", PE_PRESENT: "present"}
+
+# Highest user address plus one on any 64-bit Linux (5-level paging): no entry ends past it.
+ADDRESS_LIMIT = 1 << 57
+LAYOUTS = ("4.1", "4.2")
+
+
+def flag_names(flags: int) -> str:
+    """`present|lazy` style text for a flags word."""
+    names = [name for bit, name in FLAG_NAMES.items() if flags & bit]
+    unknown = flags & ~(PE_PARENT | PE_LAZY | PE_PRESENT)
+    if unknown:
+        names.append(f"{unknown:#x}")
+    return "|".join(names) or "none"
+
+
+@dataclass(frozen=True, slots=True)
+class PagemapEntry:
+    """One run of pages: `nr_pages` pages from `vaddr`, with CRIU's PE_* flags.
+
+    `offset` is the byte offset of the run's data in the pages file, or -1 when
+    the entry has no data there (no `PE_PRESENT`).
+    """
+
+    vaddr: int
+    nr_pages: int
+    flags: int
+    offset: int
+    page_size: int
+
+    @property
+    def end(self) -> int:
+        return self.vaddr + self.nr_pages * self.page_size
+
+    @property
+    def size(self) -> int:
+        return self.nr_pages * self.page_size
+
+    @property
+    def present(self) -> bool:
+        return bool(self.flags & PE_PRESENT)
+
+    @property
+    def in_parent(self) -> bool:
+        return bool(self.flags & PE_PARENT)
+
+    @property
+    def lazy(self) -> bool:
+        return bool(self.flags & PE_LAZY)
+
+
+class Pagemap:
+    """A parsed, validated pagemap image and the pages file it names."""
+
+    def __init__(
+        self, path: Path, pages_id: int, entries: list[PagemapEntry], layout: str, page_size: int
+    ) -> None:
+        self.path = path
+        self.pages_id = pages_id
+        self.entries = entries
+        self.layout = layout
+        self.page_size = page_size
+        self._starts = [e.vaddr for e in entries]
+
+    @property
+    def pages_path(self) -> Path:
+        return self.path.parent / f"pages-{self.pages_id}.img"
+
+    @property
+    def present_bytes(self) -> int:
+        return sum(e.size for e in self.entries if e.flags & PE_PRESENT)
+
+    def index_at(self, vaddr: int) -> int:
+        """Index of the first entry whose end is above `vaddr` (len(entries) if none)."""
+        i = bisect.bisect_right(self._starts, vaddr) - 1
+        if i >= 0 and self.entries[i].end > vaddr:
+            return i
+        return i + 1
+
+    def find(self, vaddr: int) -> PagemapEntry | None:
+        """The entry that covers `vaddr`, or None."""
+        i = bisect.bisect_right(self._starts, vaddr) - 1
+        if i >= 0 and self.entries[i].end > vaddr:
+            return self.entries[i]
+        return None
+
+    def entries_in(self, start: int, end: int) -> Iterator[PagemapEntry]:
+        """Entries that overlap [start, end), in address order."""
+        entries = self.entries
+        i = self.index_at(start)
+        while i < len(entries) and entries[i].vaddr < end:
+            yield entries[i]
+            i += 1
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self) -> Iterator[PagemapEntry]:
+        return iter(self.entries)
+
+
+def load_pagemap(path: str | os.PathLike[str], page_size: int) -> Pagemap:
+    """Parse and validate a pagemap image; check its pages file holds every present page."""
+    path = Path(path)
+    data = read_image(path, "PAGEMAP")
+    payloads = iter_entries(path, data, check_magic(path, data, "PAGEMAP"))
+    head = next(payloads, None)
+    if head is None:
+        raise ImageError(path, "empty pagemap: no pagemap_head entry")
+    head_fields = decode_varint_fields(path, head)
+    if 1 not in head_fields:
+        raise ImageError(path, "pagemap_head has no pages_id")
+    pages_id = head_fields[1]
+    entries: list[PagemapEntry] = []
+    offset = 0
+    prev_end = 0
+    layout = "4.1"
+    mask = page_size - 1
+    for number, payload in enumerate(payloads, 1):
+        f = decode_varint_fields(path, payload)
+        if 1 not in f:
+            raise ImageError(path, f"entry {number} has no vaddr")
+        vaddr = f[1]
+        if 5 in f:
+            layout = "4.2"
+            nr = f[5]
+        else:
+            nr = f.get(2, 0)
+        if 4 in f:
+            flags = f[4]
+        else:
+            flags = PE_PARENT if f.get(3) else PE_PRESENT
+        if nr <= 0:
+            raise ImageError(path, f"entry {number} at {vaddr:#x} has no pages (nr_pages 0)")
+        if vaddr & mask:
+            raise ImageError(path, f"entry {number} at {vaddr:#x} is not aligned to {page_size}-byte pages")
+        end = vaddr + nr * page_size
+        if end > ADDRESS_LIMIT:
+            raise ImageError(path, f"entry {number} at {vaddr:#x}: absurd nr_pages {nr}")
+        if vaddr < prev_end:
+            what = "overlaps the previous entry" if entries and vaddr >= entries[-1].vaddr else "is out of order"
+            raise ImageError(path, f"entry {number} at {vaddr:#x} {what}")
+        if flags & PE_PRESENT:
+            entries.append(PagemapEntry(vaddr, nr, flags, offset, page_size))
+            offset += nr * page_size
+        else:
+            entries.append(PagemapEntry(vaddr, nr, flags, -1, page_size))
+        prev_end = end
+    pagemap = Pagemap(path, pages_id, entries, layout, page_size)
+    if offset:
+        pages = pagemap.pages_path
+        try:
+            size = os.stat(pages).st_size
+        except FileNotFoundError:
+            raise ImageError(
+                path, f"pages file {pages.name} (pages_id {pages_id}) is missing"
+            ) from None
+        if size < offset:
+            raise ImageError(
+                pages, f"short pages file: {size} bytes, {path.name} needs {offset}"
+            )
+    return pagemap
+
+
+def encode_pagemap(pages_id: int, entries: list[tuple[int, int, int]], layout: str = "4.1") -> bytes:
+    """A pagemap image from (vaddr, nr_pages, flags) runs, in the 4.1 or 4.2 layout."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown pagemap layout {layout!r}")
+    payloads = [encode_varint_fields([(1, pages_id)])]
+    for vaddr, nr, flags in entries:
+        if layout == "4.1":
+            payloads.append(encode_varint_fields([(1, vaddr), (2, nr), (4, flags)]))
+        else:
+            payloads.append(encode_varint_fields([(1, vaddr), (2, 0), (4, flags), (5, nr)]))
+    return frame("PAGEMAP", payloads)

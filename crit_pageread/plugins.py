@@ -1,0 +1,162 @@
+"""The plugin manager: default plugins, entry-point plugins, tracing, strategies by name.
+
+Built-in features register exactly like third-party plugins. Third-party
+plugins load from the entry-point group `crit_pageread`;
+`CRIT_PAGEREAD_LOAD_PLUGINS=a,b` restricts which load (empty: none);
+`CRIT_PAGEREAD_TRACE_HOOKS=1` prints every hook call and result to stderr.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from importlib.metadata import entry_points
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .config import Config
+from .errors import ConfigError
+from .strategy import Strategy, StrategyInfo
+
+DEFAULT_PLUGINS = (
+    "crit_pageread.strategies.pread",
+    "crit_pageread.strategies.preadv",
+    "crit_pageread.strategies.mmap",
+)
+ENTRY_POINT_GROUP = "crit_pageread"
+
+_pm: pluggy.PluginManager | None = None
+_strategies: dict[str, StrategyInfo] | None = None
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager, built on first use."""
+    global _pm
+    if _pm is None:
+        pm = pluggy.PluginManager("crit_pageread")
+        pm.add_hookspecs(hookspecs)
+        for name in DEFAULT_PLUGINS:
+            pm.register(importlib.import_module(name), name=name)
+        _load_entry_points(pm)
+        if os.environ.get("CRIT_PAGEREAD_TRACE_HOOKS"):
+            _trace(pm)
+        _pm = pm
+    return _pm
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    allowed = os.environ.get("CRIT_PAGEREAD_LOAD_PLUGINS")
+    names = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if names is not None and ep.name not in names:
+            continue
+        if pm.get_plugin(ep.name) is not None:
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as exc:
+            raise ConfigError(f"plugin {ep.name} ({ep.value}): cannot load: {type(exc).__name__}: {exc}") from None
+        pm.register(plugin, name=ep.name)
+
+
+def _trace(pm: pluggy.PluginManager) -> None:
+    def before(hook_name: str, hook_impls: Any, kwargs: dict[str, Any]) -> None:
+        args = ", ".join(f"{k}={_short(v)}" for k, v in kwargs.items())
+        print(f"crit-pageread: hook {hook_name}({args}) -> {len(hook_impls)} impls", file=sys.stderr)
+
+    def after(outcome: Any, hook_name: str, hook_impls: Any, kwargs: dict[str, Any]) -> None:
+        exc = outcome.exception
+        result = f"raised {exc!r}" if exc else _short(outcome.get_result())
+        print(f"crit-pageread: hook {hook_name} = {result}", file=sys.stderr)
+
+    pm.add_hookcall_monitoring(before, after)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def reset() -> None:
+    """Forget the plugin manager (tests; after changing plugin env vars)."""
+    global _pm, _strategies
+    _pm = None
+    _strategies = None
+
+
+def strategies() -> dict[str, StrategyInfo]:
+    """Every strategy contributed by a plugin, by name."""
+    global _strategies
+    pm = get_plugin_manager()
+    if _strategies is None:
+        found: dict[str, StrategyInfo] = {}
+        for impl in pm.hook.crit_pageread_strategies.get_hookimpls():
+            for info in impl.function() or []:
+                info.plugin = info.plugin or impl.plugin_name
+                if info.name in found:
+                    raise ConfigError(
+                        f"strategy {info.name!r} is contributed by both {found[info.name].plugin} and {info.plugin}"
+                    )
+                found[info.name] = info
+        _strategies = dict(sorted(found.items()))
+    return _strategies
+
+
+def make_strategy(name: str, config: Config) -> Strategy:
+    """A new strategy instance by name, built from its config table."""
+    known = strategies()
+    info = known.get(name)
+    if info is None:
+        raise ConfigError(f"strategy: unknown strategy {name!r} (known: {', '.join(known)})")
+    strategy = info.factory(config.table(name))
+    if not isinstance(strategy, Strategy):
+        raise ConfigError(f"strategy {name!r} of plugin {info.plugin}: factory did not return a Strategy")
+    return strategy
+
+
+def configure(config: Config) -> None:
+    """Hand every plugin the configuration (the `crit_pageread_configure` hook)."""
+    known = strategies()
+    if config.strategy not in known:
+        raise ConfigError(
+            f"strategy: unknown strategy {config.strategy!r} (known: {', '.join(known)})"
+        )
+    get_plugin_manager().hook.crit_pageread_configure(config=config)
+
+
+def observer() -> Any:
+    """The hook relay if any plugin observes reads, else None (no cost on the hot path)."""
+    hook = get_plugin_manager().hook
+    for name in ("crit_pageread_before_read", "crit_pageread_after_read", "crit_pageread_synced"):
+        if getattr(hook, name).get_hookimpls():
+            return _Observer(hook)
+    return None
+
+
+class _Observer:
+    """Calls the observer hooks that have implementations; the others are no-ops."""
+
+    def __init__(self, hook: Any) -> None:
+        for name in ("crit_pageread_before_read", "crit_pageread_after_read", "crit_pageread_synced"):
+            caller = getattr(hook, name)
+            setattr(self, name, caller if caller.get_hookimpls() else _noop)
+
+
+def _noop(**kwargs: Any) -> None:
+    return None
+
+
+def describe_plugins() -> list[dict[str, Any]]:
+    """The loaded plugins: name, the hooks each implements, the strategies each contributes."""
+    pm = get_plugin_manager()
+    by_plugin: dict[str, list[str]] = {}
+    for info in strategies().values():
+        by_plugin.setdefault(info.plugin, []).append(info.name)
+    out = []
+    for name, plugin in pm.list_name_plugin():
+        hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
+        out.append({"name": name, "hooks": hooks, "strategies": by_plugin.get(name, [])})
+    return out

@@ -1,0 +1,147 @@
+"""`preadv`: queue reads and complete them in as few `preadv` calls as the file allows.
+
+CRIU's restore batching: requests that are contiguous in the same pages file
+join one run; a run is read with one `os.preadv` of at most IOV_MAX iovecs
+(more calls only past that); a destination contiguous with the previous one
+extends its iovec instead of adding one. Short reads advance the iovecs and
+continue. The queue is flushed on `sync()`, before any synchronous read, and
+when it holds `max_queue` requests.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Any
+
+from ..errors import ConfigError, ImageError
+from ..hookspecs import hookimpl
+from ..strategy import PagesFile, ReadRequest, Strategy, StrategyInfo, read_fully
+
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+def _address(view: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+class _Run:
+    """Requests contiguous in one pages file; iovecs are [address, length, view-or-None]."""
+
+    __slots__ = ("pages", "offset", "length", "iovecs", "holders")
+
+    def __init__(self, pages: PagesFile, offset: int) -> None:
+        self.pages = pages
+        self.offset = offset
+        self.length = 0
+        self.iovecs: list[list[Any]] = []
+        self.holders: list[memoryview] = []
+
+
+class PreadvStrategy(Strategy):
+    """Queues requests; `sync()` reads each contiguous run with few preadv calls."""
+
+    name = "preadv"
+
+    def __init__(self, iov_max: int = IOV_MAX, max_queue: int = 65536) -> None:
+        self.iov_max = iov_max
+        self.max_queue = max_queue
+        self._runs: list[_Run] = []
+        self._count = 0
+        #: preadv system calls issued so far (for benchmarks and tests).
+        self.calls = 0
+
+    @property
+    def pending(self) -> int:
+        return self._count
+
+    def read(self, request: ReadRequest) -> None:
+        if self._count:
+            self.sync()
+        pages = request.pages
+        if pages is None:
+            raise ConfigError("preadv: strategy cannot serve lazy pages")
+        self.calls += 1
+        read_fully(pages.fd, request.dest, request.offset, pages.path)
+
+    def submit(self, request: ReadRequest) -> None:
+        pages = request.pages
+        if pages is None:
+            raise ConfigError("preadv: strategy cannot serve lazy pages")
+        dest = request.dest
+        length = len(dest)
+        if not length:
+            return
+        addr = _address(dest)
+        runs = self._runs
+        run = runs[-1] if runs else None
+        if run is None or run.pages is not pages or run.offset + run.length != request.offset:
+            run = _Run(pages, request.offset)
+            runs.append(run)
+        iovecs = run.iovecs
+        if iovecs and iovecs[-1][0] + iovecs[-1][1] == addr:
+            last = iovecs[-1]
+            last[1] += length
+            last[2] = None  # spans two caller views: rebuilt from the address at flush
+        else:
+            iovecs.append([addr, length, dest])
+        run.holders.append(dest)
+        run.length += length
+        self._count += 1
+        if self._count >= self.max_queue:
+            self.sync()
+
+    def sync(self) -> None:
+        runs, self._runs = self._runs, []
+        self._count = 0
+        for run in runs:
+            self._read_run(run)
+
+    def _read_run(self, run: _Run) -> None:
+        iovs: list[Any] = [
+            view if view is not None else memoryview((ctypes.c_char * length).from_address(addr))
+            for addr, length, view in run.iovecs
+        ]
+        fd = run.pages.fd
+        offset = run.offset
+        i = 0
+        iov_max = self.iov_max
+        while i < len(iovs):
+            batch = iovs[i : i + iov_max]
+            want = sum(len(b) for b in batch)
+            got = os.preadv(fd, batch, offset)
+            self.calls += 1
+            if got == want:
+                i += len(batch)
+                offset += got
+                continue
+            if got <= 0:
+                raise ImageError(run.pages.path, f"short pages file: no data at offset {offset}")
+            offset += got
+            while got >= len(iovs[i]):
+                got -= len(iovs[i])
+                i += 1
+            if got:
+                iovs[i] = iovs[i][got:]
+        run.holders.clear()
+
+    def close(self) -> None:
+        self._runs = []
+        self._count = 0
+
+
+def _factory(table: dict[str, Any]) -> Strategy:
+    unknown = set(table) - {"iov_max", "max_queue"}
+    if unknown:
+        raise ConfigError(f"[preadv]: unknown key {sorted(unknown)[0]!r} (known: iov_max, max_queue)")
+    iov_max = table.get("iov_max", IOV_MAX)
+    max_queue = table.get("max_queue", 65536)
+    for key, value, high in (("iov_max", iov_max, IOV_MAX), ("max_queue", max_queue, 1 << 24)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+            raise ConfigError(f"[preadv]: key {key!r} must be an integer from 1 to {high}, not {value!r}")
+    return PreadvStrategy(iov_max, max_queue)
+
+
+@hookimpl
+def crit_pageread_strategies() -> list[StrategyInfo]:
+    return [StrategyInfo("preadv", _factory, "queue reads, merge contiguous file ranges into preadv calls")]
