@@ -1,0 +1,1 @@
+"""The `crit-pageread` command line: crit's commands plus page reading; one module per command."""

@@ -1,0 +1,93 @@
+"""What every page-reading command shares: common options, opening images, safe output."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from ..config import Config, load_config
+from ..errors import ConfigError
+from ..images import CheckpointImages, open_images
+from ..plugins import configure
+
+
+def add_common_options(parser: argparse.ArgumentParser, *, pid: bool = True) -> None:
+    """--pid, --strategy, --config, --json (and --zero-fill) for a page-reading command."""
+    if pid:
+        parser.add_argument("--pid", type=int, action="append", help="process id (repeatable; default: all or root)")
+    parser.add_argument("--strategy", help="page-read strategy (pread, preadv, mmap, remote, ...)")
+    parser.add_argument("--config", help="TOML config file (else $CRIT_PAGEREAD_CONFIG, ./crit-pageread.toml)")
+    parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
+
+
+def config_from_args(args: argparse.Namespace, **extra: Any) -> Config:
+    """The merged config with CLI flags on top; plugins get it through crit_pageread_configure."""
+    overrides = {"strategy": getattr(args, "strategy", None), **extra}
+    config = load_config(getattr(args, "config", None), overrides)
+    configure(config)
+    return config
+
+
+def open_from_args(args: argparse.Namespace, path: str | None = None, **extra: Any) -> CheckpointImages:
+    """Open the image directory (or archive) named by `args.dir` with the CLI's config."""
+    return open_images(path or args.dir, config_from_args(args, **extra))
+
+
+def selected_pids(images: CheckpointImages, args: argparse.Namespace) -> list[int]:
+    """--pid values (checked against the pstree), or every pid."""
+    pids = getattr(args, "pid", None)
+    if not pids:
+        return images.pids
+    for pid in pids:
+        if pid not in images.processes:
+            raise ConfigError(f"--pid {pid}: no such process in {images.path} (pids: {images.pids})")
+    return list(pids)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
+    """Write to a temporary name beside `path`; rename into place only on success."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Build a directory beside `path` and rename it into place only on success (OUT is complete or absent)."""
+    path = Path(path)
+    if path.exists():
+        raise ConfigError(f"{path}: output already exists")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        os.rename(tmp, path)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+def progress_enabled() -> bool:
+    """Progress bars only on a TTY (stderr)."""
+    return sys.stderr.isatty()

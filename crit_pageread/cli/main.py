@@ -1,0 +1,66 @@
+"""Entry point: build the parser from every plugin's commands, run one, turn errors into one line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..errors import CritPageReadError
+from ..plugins import get_plugin_manager
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crit-pageread",
+        description="CRIU image tool (crit) with page reading: decode, explore, read, extract, grep, serve.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    get_plugin_manager().hook.crit_pageread_add_commands(subparsers=subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `crit-pageread ARGS`; return the exit code (also the console script's)."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        code = args.func(args)
+        sys.stdout.flush()
+        return int(code or 0)
+    except CritPageReadError as exc:
+        if debug:
+            raise
+        print(f"crit-pageread: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("crit-pageread: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except BrokenPipeError:
+        # The reader of our output went away (e.g. `| head`): not an error worth a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except OSError as exc:
+        if debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"crit-pageread: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
