@@ -12,8 +12,8 @@ from .config import Config, load_config
 from .errors import (
     ChainError,
     ConfigError,
-    CriuNotFoundError,
     CritPageReadError,
+    CriuNotFoundError,
     ImageError,
     LazyPageError,
     NotDumpedError,

@@ -57,7 +57,7 @@ class Config:
         """A copy with keyword overrides applied and validated (tables merge key by key)."""
         data = self.as_dict()
         _merge(data, _validated(overrides, "arguments"))
-        return _from_dict(data, self.sources + ["arguments"])
+        return _from_dict(data, [*self.sources, "arguments"])
 
     def as_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {k: getattr(self, k) for k in TOP_LEVEL if getattr(self, k) is not None}
@@ -138,12 +138,16 @@ def _validated(data: Mapping[str, Any], source: str) -> dict[str, Any]:
             continue
         expected = TOP_LEVEL.get(key)
         if expected is None:
-            raise ConfigError(f"{source}: unknown key {key!r} (top-level keys: {', '.join(TOP_LEVEL)}; tables are per plugin)")
+            raise ConfigError(
+                f"{source}: unknown key {key!r} (top-level keys: {', '.join(TOP_LEVEL)}; tables are per plugin)"
+            )
         if expected is bool and isinstance(value, str) and value.lower() in ("1", "0", "true", "false", "yes", "no"):
             value = value.lower() in ("1", "true", "yes")
-        if expected is int and isinstance(value, bool) or not isinstance(value, expected):
-            raise ConfigError(f"{source}: key {key!r} must be {expected.__name__}, not {type(value).__name__} {value!r}")
-        if key == "page_size" and (value < 4096 or value & (value - 1)):
+        if (expected is int and isinstance(value, bool)) or not isinstance(value, expected):
+            raise ConfigError(
+                f"{source}: key {key!r} must be {expected.__name__}, not {type(value).__name__} {value!r}"
+            )
+        if key == "page_size" and isinstance(value, int) and (value < 4096 or value & (value - 1)):
             raise ConfigError(f"{source}: key 'page_size' must be a power of two >= 4096, not {value}")
         out[key] = value
     return out

@@ -25,7 +25,7 @@ hookimpl = pluggy.HookimplMarker("crit_pageread")
 
 
 @hookspec
-def crit_pageread_strategies() -> list[StrategyInfo]:
+def crit_pageread_strategies() -> list[StrategyInfo]:  # type: ignore[empty-body]
     """Contribute page-read strategies.
 
     Return a list of `StrategyInfo(name, factory, description)`. `factory` is

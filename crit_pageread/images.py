@@ -102,7 +102,9 @@ _SHMEM_RE = re.compile(r"^pagemap-shmem-(\d+)\.img$")
 class CheckpointImages:
     """A CRIU image directory. Use `open_images()`; close it (or use `with`)."""
 
-    def __init__(self, path: str | os.PathLike[str], config: Config | None = None, *, _chain: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], config: Config | None = None, *, _chain: tuple[str, ...] = ()
+    ) -> None:
         self.path = Path(path)
         if not self.path.exists():
             raise ImageError(self.path, "no such image directory")
@@ -110,7 +112,7 @@ class CheckpointImages:
             raise ImageError(self.path, "not a directory of CRIU images")
         self.config = config if config is not None else load_config()
         self.page_size = self.config.page_size
-        self._chain = _chain + (os.path.realpath(self.path),)
+        self._chain = (*_chain, os.path.realpath(self.path))
         self._pagemaps: dict[Target, Pagemap] = {}
         self._pages: dict[tuple[int, bool], PagesFile] = {}
         self._parent: CheckpointImages | None = None

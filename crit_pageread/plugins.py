@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Mapping, Sequence
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -63,11 +64,11 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
 
 
 def _trace(pm: pluggy.PluginManager) -> None:
-    def before(hook_name: str, hook_impls: Any, kwargs: dict[str, Any]) -> None:
+    def before(hook_name: str, hook_impls: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
         args = ", ".join(f"{k}={_short(v)}" for k, v in kwargs.items())
         print(f"crit-pageread: hook {hook_name}({args}) -> {len(hook_impls)} impls", file=sys.stderr)
 
-    def after(outcome: Any, hook_name: str, hook_impls: Any, kwargs: dict[str, Any]) -> None:
+    def after(outcome: Any, hook_name: str, hook_impls: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
         exc = outcome.exception
         result = f"raised {exc!r}" if exc else _short(outcome.get_result())
         print(f"crit-pageread: hook {hook_name} = {result}", file=sys.stderr)
@@ -94,7 +95,8 @@ def strategies() -> dict[str, StrategyInfo]:
     if _strategies is None:
         found: dict[str, StrategyInfo] = {}
         for impl in pm.hook.crit_pageread_strategies.get_hookimpls():
-            for info in impl.function() or []:
+            contributed: list[StrategyInfo] = list(impl.function() or [])  # type: ignore[call-overload]
+            for info in contributed:
                 info.plugin = info.plugin or impl.plugin_name
                 if info.name in found:
                     raise ConfigError(

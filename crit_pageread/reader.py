@@ -189,9 +189,8 @@ class PageReader:
                 req = requests[-1]
                 req.dest = dest[req.vaddr - vaddr : seg.end - vaddr]
             else:
-                requests.append(
-                    ReadRequest(seg.pages, seg.offset, dest[seg.vaddr - vaddr : seg.end - vaddr], seg.vaddr, self.target)
-                )
+                view = dest[seg.vaddr - vaddr : seg.end - vaddr]
+                requests.append(ReadRequest(seg.pages, seg.offset, view, seg.vaddr, self.target))
                 last_start = seg.vaddr
             last = seg
             if seg.depth > 0 and self.auto_dedup and seg.pages is not None:

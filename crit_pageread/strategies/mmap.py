@@ -9,7 +9,12 @@ from ..errors import ConfigError, ImageError
 from ..hookspecs import hookimpl
 from ..strategy import PagesFile, ReadRequest, Strategy, StrategyInfo
 
-_ADVICE = {"normal": mmap.MADV_NORMAL, "sequential": mmap.MADV_SEQUENTIAL, "random": mmap.MADV_RANDOM, "willneed": mmap.MADV_WILLNEED}
+_ADVICE = {
+    "normal": mmap.MADV_NORMAL,
+    "sequential": mmap.MADV_SEQUENTIAL,
+    "random": mmap.MADV_RANDOM,
+    "willneed": mmap.MADV_WILLNEED,
+}
 
 
 class MmapStrategy(Strategy):

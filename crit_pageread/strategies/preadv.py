@@ -28,7 +28,7 @@ def _address(view: memoryview) -> int:
 class _Run:
     """Requests contiguous in one pages file; iovecs are [address, length, view-or-None]."""
 
-    __slots__ = ("pages", "offset", "length", "iovecs", "holders")
+    __slots__ = ("holders", "iovecs", "length", "offset", "pages")
 
     def __init__(self, pages: PagesFile, offset: int) -> None:
         self.pages = pages
