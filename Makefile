@@ -13,3 +13,8 @@ test: setup
 lint: setup
 	.venv/bin/ruff check crit_pageread tests hooks
 	.venv/bin/mypy
+
+# Benchmarks on large real checkpoints (cached in ~/.cache/crit-pageread/bench); not part of the tests.
+bench: setup
+	@.venv/bin/python -c 'import matplotlib' 2>/dev/null || .venv/bin/python -m pip install -q -e '.[dev,bench]'
+	.venv/bin/python -m benchmarks.run $(BENCH_ARGS)

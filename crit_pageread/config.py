@@ -119,7 +119,8 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
             table, _, sub = name.partition("__")
             out.setdefault(table, {})[sub] = _parse_scalar(raw)
         elif name in TOP_LEVEL:
-            out[name] = _parse_scalar(raw) if TOP_LEVEL[name] is not str else raw
+            # str and bool keep the raw text: bools accept 1/0/yes/no/true/false as text.
+            out[name] = _parse_scalar(raw) if TOP_LEVEL[name] not in (str, bool) else raw
     return out
 
 

@@ -118,6 +118,8 @@ class CheckpointImages:
         self._parent: CheckpointImages | None = None
         self._parent_checked = False
         self._cleanup: list[Any] = []
+        #: The archive this directory was unpacked from (by `open_images`), else None.
+        self.archive: Path | None = None
 
     # --- processes -------------------------------------------------------------------------
 
@@ -343,8 +345,19 @@ class CheckpointImages:
 
 def open_images(path: str | os.PathLike[str], config: Config | None = None) -> CheckpointImages:
     """Open a CRIU image directory (or a checkpoint archive) for reading."""
+    from .archive import is_archive, unpack_checkpoint
     from .plugins import get_plugin_manager
 
-    images = CheckpointImages(path, config)
+    if is_archive(path):
+        directory, cleanup = unpack_checkpoint(path)
+        try:
+            images = CheckpointImages(directory, config)
+        except BaseException:
+            cleanup()
+            raise
+        images._cleanup.append(cleanup)
+        images.archive = Path(path)
+    else:
+        images = CheckpointImages(path, config)
     get_plugin_manager().hook.crit_pageread_images_opened(images=images)
     return images

@@ -26,6 +26,20 @@ DEFAULT_PLUGINS = (
     "crit_pageread.strategies.pread",
     "crit_pageread.strategies.preadv",
     "crit_pageread.strategies.mmap",
+    "crit_pageread.cli.crit_compat",
+    "crit_pageread.cli.read",
+    "crit_pageread.cli.extract",
+    "crit_pageread.cli.grep",
+    "crit_pageread.cli.ps",
+    "crit_pageread.cli.pages",
+    "crit_pageread.cli.plugins_cmd",
+    "crit_pageread.strategies.remote",
+    "crit_pageread.cli.serve",
+    "crit_pageread.cli.push",
+    "crit_pageread.cli.bench",
+    "crit_pageread.cli.squash",
+    "crit_pageread.cli.coredump",
+    "crit_pageread.cli.restore",
 )
 ENTRY_POINT_GROUP = "crit_pageread"
 
@@ -94,10 +108,15 @@ def strategies() -> dict[str, StrategyInfo]:
     pm = get_plugin_manager()
     if _strategies is None:
         found: dict[str, StrategyInfo] = {}
-        for impl in pm.hook.crit_pageread_strategies.get_hookimpls():
-            contributed: list[StrategyInfo] = list(impl.function() or [])  # type: ignore[call-overload]
-            for info in contributed:
-                info.plugin = info.plugin or impl.plugin_name
+        hook = pm.hook.crit_pageread_strategies
+        # Called through the hook (so CRIT_PAGEREAD_TRACE_HOOKS shows it); results come in call
+        # order, the reverse of get_hookimpls(), one per implementation that returned a list.
+        impls = list(reversed(hook.get_hookimpls()))
+        results = hook()
+        names = [impl.plugin_name for impl in impls] if len(results) == len(impls) else ["?"] * len(results)
+        for plugin_name, contributed in reversed(list(zip(names, results))):  # registration order
+            for info in contributed or []:
+                info.plugin = info.plugin or plugin_name
                 if info.name in found:
                     raise ConfigError(
                         f"strategy {info.name!r} is contributed by both {found[info.name].plugin} and {info.plugin}"

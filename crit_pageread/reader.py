@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -164,11 +165,21 @@ class PageReader:
 
     def _requests(self, vaddr: int, dest: memoryview) -> tuple[list[ReadRequest], list[Segment]]:
         """Plan a read: requests for the strategy (merged where the file is contiguous) and holes."""
+        # Fast path (most reads): the range lies inside one present entry of this image.
+        pagemap = self.pagemap
+        i = bisect_right(pagemap._starts, vaddr) - 1
+        if i >= 0 and dest:
+            entry = pagemap.entries[i]
+            if entry.flags & PE_PRESENT and vaddr + len(dest) <= entry.vaddr + entry.nr_pages * entry.page_size:
+                pages = self._pages or self._pages_file()
+                return [ReadRequest(pages, entry.offset + vaddr - entry.vaddr, dest, vaddr, self.target)], []
         requests: list[ReadRequest] = []
         holes: list[Segment] = []
         serves_lazy = self.strategy.serves_lazy
         last: Segment | None = None
         last_start = 0
+        # Parent ranges to punch once read; owed only if the whole plan succeeds.
+        dedup: list[tuple[PagesFile, int, int]] = []
         for seg in self.segments(vaddr, len(dest)):
             if seg.kind == "hole":
                 if not self.zero_fill:
@@ -194,7 +205,8 @@ class PageReader:
                 last_start = seg.vaddr
             last = seg
             if seg.depth > 0 and self.auto_dedup and seg.pages is not None:
-                self._root._dedup_pending.append((seg.pages, seg.offset, seg.length))
+                dedup.append((seg.pages, seg.offset, seg.length))
+        self._root._dedup_pending.extend(dedup)
         return requests, holes
 
     # --- reading ---------------------------------------------------------------------------
@@ -220,18 +232,23 @@ class PageReader:
         observe = self._root._observe
         if observe is not None:
             observe.crit_pageread_before_read(reader=self, vaddr=vaddr, length=len(dest), deferred=defer)
+        strategy = self.strategy
+        if not defer and strategy.pending:
+            # Flush first: the queue's punches must not include this read's parent pages.
+            self._root.sync()
         requests, holes = self._requests(vaddr, dest)
         for seg in holes:
             _zero(dest[seg.vaddr - vaddr : seg.end - vaddr])
-        strategy = self.strategy
         if defer:
             for req in requests:
                 strategy.submit(req)
         else:
-            if strategy.pending:
-                self._root.sync()
-            for req in requests:
-                strategy.read(req)
+            try:
+                for req in requests:
+                    strategy.read(req)
+            except BaseException:
+                self._root._dedup_pending.clear()  # never punch what may not have been read
+                raise
             self._root._punch_pending()
             if observe is not None:
                 observe.crit_pageread_after_read(reader=self, vaddr=vaddr, data=dest)
@@ -244,7 +261,11 @@ class PageReader:
             root.sync()
             return
         pending = self.strategy.pending
-        self.strategy.sync()
+        try:
+            self.strategy.sync()
+        except BaseException:
+            self._dedup_pending.clear()  # never punch what may not have been read
+            raise
         self._punch_pending()
         if self._observe is not None:
             self._observe.crit_pageread_synced(reader=self, requests=pending)

@@ -23,6 +23,7 @@ from typing import Any
 from crit_pageread.criu_env import criu_binary
 
 HERE = Path(__file__).parent
+VICTIM_C = HERE.parent / "crit_pageread" / "data" / "victim.c"
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -50,10 +51,10 @@ def run_criu(args: list[str], *, timeout: float = 120, check: bool = True, log: 
 
 
 def build_victim(out_dir: Path) -> Path:
-    """Compile tests/victim.c into out_dir (once per session)."""
+    """Compile the victim (crit_pageread/data/victim.c, shared with the demo) into out_dir."""
     exe = out_dir / "victim"
     if not exe.exists():
-        subprocess.run(["gcc", "-O1", "-o", str(exe), str(HERE / "victim.c"), "-lpthread"], check=True)
+        subprocess.run(["gcc", "-O1", "-o", str(exe), str(VICTIM_C), "-lpthread"], check=True)
     return exe
 
 
@@ -73,9 +74,17 @@ class Victim:
     proc: subprocess.Popen[bytes]
     info_path: Path
     info: dict[str, Any] = field(default_factory=dict)
+    #: With pid_ns=True: the host pid of the victim (init of its own pid namespace, pid 1 inside).
+    host_pid: int | None = None
 
     @property
     def pid(self) -> int:
+        """The pid to dump and to read /proc of (the host pid in a pid namespace)."""
+        return self.host_pid if self.host_pid is not None else int(self.info["pid"])
+
+    @property
+    def image_pid(self) -> int:
+        """The pid CRIU names the images after (1 for a victim in its own pid namespace)."""
         return int(self.info["pid"])
 
     @property
@@ -87,7 +96,8 @@ class Victim:
 
     @property
     def all_pids(self) -> list[int]:
-        return [self.proc.pid, *self.info.get("children", [])]
+        own = [self.host_pid] if self.host_pid is not None else []
+        return [self.proc.pid, *own, *self.info.get("children", [])]
 
     def reap(self, timeout: float = 10) -> None:
         """Wait for the tree to be gone (after a dump killed it), so its pids are free again."""
@@ -118,14 +128,21 @@ class Victim:
 
 
 def start_victim(exe: Path, workdir: Path, *args: str, env: dict[str, str] | None = None,
-                 ipc_ns: bool = False, timeout: float = 20) -> Victim:
-    """Start the victim in its own session (and IPC namespace if asked); wait until it is ready."""
+                 ipc_ns: bool = False, timeout: float = 20, pid_ns: bool = False) -> Victim:
+    """Start the victim in its own session (and IPC namespace if asked); wait until it is ready.
+
+    With `pid_ns` it runs as init of its own pid namespace (`unshare -p -f setsid`), so its pid
+    is free for a restore on this host; its images are then named after pid 1."""
     become_subreaper()
     workdir.mkdir(parents=True, exist_ok=True)
     info = workdir / "victim.json"
     cmd = [str(exe), str(info), *args]
     if ipc_ns:
         cmd = ["unshare", "--ipc", *cmd]
+    if pid_ns:
+        # The victim logs to its own file: unshare may write to victim.log when the victim dies,
+        # and CRIU restores the victim's open log only if its size is unchanged.
+        cmd = ["unshare", "-p", "-f", "setsid", "sh", "-c", 'exec "$@" >victim-ns.log 2>&1', "sh", *cmd]
     log = open(workdir / "victim.log", "wb")
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
@@ -142,6 +159,8 @@ def start_victim(exe: Path, workdir: Path, *args: str, env: dict[str, str] | Non
             raise RuntimeError("victim did not become ready")
         time.sleep(0.01)
     victim = Victim(proc, info, json.loads(info.read_text()))
+    if pid_ns:
+        victim.host_pid = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
     for i in range(len(victim.info["children"])):
         child = Path(f"{info}.child{i}")
         while not child.exists():
@@ -183,7 +202,7 @@ class Restored:
 
     def _collect(self, host_pid: int) -> None:
         status = Path(f"/proc/{host_pid}/status").read_text()
-        nspid = [line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")][0]
+        nspid = next(line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:"))
         self.pids[int(nspid[-1])] = host_pid
         for task in os.listdir(f"/proc/{host_pid}/task"):
             children = Path(f"/proc/{host_pid}/task/{task}/children").read_text().split()

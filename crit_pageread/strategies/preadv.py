@@ -21,8 +21,12 @@ from ..strategy import PagesFile, ReadRequest, Strategy, StrategyInfo, read_full
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
+addressof = ctypes.addressof
+c_char = ctypes.c_char
+
+
 def _address(view: memoryview) -> int:
-    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+    return addressof(c_char.from_buffer(view))
 
 
 class _Run:
@@ -47,6 +51,7 @@ class PreadvStrategy(Strategy):
         self.iov_max = iov_max
         self.max_queue = max_queue
         self._runs: list[_Run] = []
+        self._tail: _Run | None = None  # the run a contiguous request extends
         self._count = 0
         #: preadv system calls issued so far (for benchmarks and tests).
         self.calls = 0
@@ -72,61 +77,81 @@ class PreadvStrategy(Strategy):
         length = len(dest)
         if not length:
             return
-        addr = _address(dest)
-        runs = self._runs
-        run = runs[-1] if runs else None
-        if run is None or run.pages is not pages or run.offset + run.length != request.offset:
-            run = _Run(pages, request.offset)
-            runs.append(run)
-        iovecs = run.iovecs
-        if iovecs and iovecs[-1][0] + iovecs[-1][1] == addr:
-            last = iovecs[-1]
-            last[1] += length
-            last[2] = None  # spans two caller views: rebuilt from the address at flush
+        addr = addressof(c_char.from_buffer(dest))
+        offset = request.offset
+        run = self._tail
+        if run is not None and run.pages is pages and run.offset + run.length == offset:
+            last = run.iovecs[-1]
+            if last[0] + last[1] == addr:
+                last[1] += length
+                last[2] = None  # spans two caller views: rebuilt from the address at flush
+            else:
+                run.iovecs.append([addr, length, dest])
+            run.length += length
         else:
-            iovecs.append([addr, length, dest])
+            run = self._tail = _Run(pages, offset)
+            run.iovecs.append([addr, length, dest])
+            run.length = length
+            self._runs.append(run)
         run.holders.append(dest)
-        run.length += length
         self._count += 1
         if self._count >= self.max_queue:
             self.sync()
 
     def sync(self) -> None:
         runs, self._runs = self._runs, []
+        self._tail = None
         self._count = 0
         for run in runs:
             self._read_run(run)
 
     def _read_run(self, run: _Run) -> None:
-        iovs: list[Any] = [
+        fd = run.pages.fd
+        offset = run.offset
+        if len(run.iovecs) <= self.iov_max:
+            # Common case: the whole run in one call.
+            iovs: list[Any] = [
+                view if view is not None else memoryview((ctypes.c_char * length).from_address(addr))
+                for addr, length, view in run.iovecs
+            ]
+            got = os.preadv(fd, iovs, offset)
+            self.calls += 1
+            if got == run.length:
+                run.holders.clear()
+                return
+            if got <= 0:
+                raise ImageError(run.pages.path, f"short pages file: no data at offset {offset}")
+            self._continue(run, iovs, 0, offset, got)
+            return
+        iovs = [
             view if view is not None else memoryview((ctypes.c_char * length).from_address(addr))
             for addr, length, view in run.iovecs
         ]
+        self._continue(run, iovs, 0, offset, 0)
+
+    def _continue(self, run: _Run, iovs: list[Any], i: int, offset: int, got: int) -> None:
+        """Finish a run after `got` bytes at `offset` (iovecs from index `i`): short reads, IOV_MAX batches."""
         fd = run.pages.fd
-        offset = run.offset
-        i = 0
         iov_max = self.iov_max
-        while i < len(iovs):
-            batch = iovs[i : i + iov_max]
-            want = sum(len(b) for b in batch)
-            got = os.preadv(fd, batch, offset)
-            self.calls += 1
-            if got == want:
-                i += len(batch)
-                offset += got
-                continue
-            if got <= 0:
-                raise ImageError(run.pages.path, f"short pages file: no data at offset {offset}")
+        while True:
             offset += got
-            while got >= len(iovs[i]):
+            while i < len(iovs) and got >= len(iovs[i]):
                 got -= len(iovs[i])
                 i += 1
             if got:
                 iovs[i] = iovs[i][got:]
+            if i >= len(iovs):
+                break
+            batch = iovs[i : i + iov_max]
+            got = os.preadv(fd, batch, offset)
+            self.calls += 1
+            if got <= 0:
+                raise ImageError(run.pages.path, f"short pages file: no data at offset {offset}")
         run.holders.clear()
 
     def close(self) -> None:
         self._runs = []
+        self._tail = None
         self._count = 0
 
 

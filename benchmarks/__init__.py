@@ -1,0 +1,1 @@
+"""Benchmarks of crit-pageread on large real CRIU checkpoints (`make bench`; not part of the tests)."""

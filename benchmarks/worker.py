@@ -1,0 +1,66 @@
+"""One measurement in a fresh process (so its peak RSS is its own); prints one JSON object.
+
+usage: python -m benchmarks.worker materialize DIR METHOD   (METHOD: readinto-limit or a strategy)
+       python -m benchmarks.worker plan DIR                 (sizes, file runs, entries per pid)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from crit_pageread import open_images
+from crit_pageread.cli.bench import LIMIT, allocate, chain_pages_files, file_runs, materialize, materialized_bytes
+from crit_pageread.pagemap import PE_PARENT, PE_PRESENT
+from crit_pageread.strategies.preadv import IOV_MAX
+
+
+def plan(path: str) -> dict[str, object]:
+    with open_images(path) as images:
+        files = chain_pages_files(images)
+        runs = file_runs(images)
+        entries = {str(pid): len(images.pagemap(pid).entries) for pid in images.pids}
+        read_entries = {
+            str(pid): sum(1 for e in images.pagemap(pid).entries if e.flags & (PE_PRESENT | PE_PARENT))
+            for pid in images.pids
+        }
+        vmas = {str(pid): len(images.vmas(pid)) for pid in images.pids}
+        return {
+            "materialized_bytes": materialized_bytes(images),
+            "pages_files": [str(p) for p in files],
+            "pages_file_bytes": sum(p.stat().st_size for p in files),
+            "file_runs_by_pid": {str(k): v for k, v in runs.items()},
+            "entries_by_pid": entries,
+            "read_entries_by_pid": read_entries,
+            "vmas_by_pid": vmas,
+            "iov_max": IOV_MAX,
+            "levels": len({p.parent for p in files}),
+        }
+
+
+def main(argv: list[str]) -> int:
+    if argv[0] == "plan":
+        print(json.dumps(plan(argv[1])))
+        return 0
+    if argv[0] != "materialize":
+        raise SystemExit(__doc__)
+    path, method = argv[1], argv[2]
+    with open_images(path) as images:
+        files = chain_pages_files(images)
+        size = max(materialized_bytes(images), sum(p.stat().st_size for p in files))
+    buf = allocate(size)
+    view = memoryview(buf)
+    if method == LIMIT:
+        from crit_pageread.cli.bench import read_limit
+
+        result = read_limit(files, view)
+    else:
+        result = materialize(path, method, view)
+    result["buffer_bytes"] = size
+    view.release()
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,248 @@
+"""`crit-pageread bench DIR`: every strategy materializing a checkpoint, against the physical limit.
+
+Each strategy reads all pages of all pids (present and in-parent entries) into
+one preallocated buffer: `readinto(entry.vaddr, view, defer=True)` per entry,
+then one `sync()` per pid. The limit is `readinto` of the same pages files (the
+whole chain) in 64 MiB chunks into the same buffer. Methods run interleaved,
+one round per run after a warm-up round; medians are reported. The functions
+here are also what `benchmarks/` runs in subprocesses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import mmap
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import Config, load_config
+from ..errors import ConfigError, CritPageReadError
+from ..hookspecs import hookimpl
+from ..images import CheckpointImages, open_images
+from ..pagemap import PE_PARENT, PE_PRESENT
+from ..plugins import configure, make_strategy, strategies
+from .common import add_common_options, print_json
+
+LIMIT = "readinto-limit"
+CHUNK = 64 << 20
+DROP_CACHES = "/proc/sys/vm/drop_caches"
+
+
+def chain_pages_files(images: CheckpointImages) -> list[Path]:
+    """Every pages file of the image and its parents (what materializing may read)."""
+    out: list[Path] = []
+    level: CheckpointImages | None = images
+    while level is not None:
+        out.extend(sorted(level.path.glob("pages-*.img")))
+        level = level.parent
+    return out
+
+
+def materialized_bytes(images: CheckpointImages) -> int:
+    """Bytes of all present and in-parent entries of all pids."""
+    total = 0
+    for pid in images.pids:
+        total += sum(e.size for e in images.pagemap(pid).entries if e.flags & (PE_PRESENT | PE_PARENT))
+    return total
+
+
+def file_runs(images: CheckpointImages) -> dict[int, int]:
+    """Per pid: contiguous runs in pages files when reading every entry in address order."""
+    out: dict[int, int] = {}
+    for pid in images.pids:
+        runs = 0
+        last: tuple[int, int] | None = None
+        with images.reader(pid, "pread") as reader:
+            for entry in images.pagemap(pid).entries:
+                if not entry.flags & (PE_PRESENT | PE_PARENT):
+                    continue
+                for seg in reader.segments(entry.vaddr, entry.size):
+                    if seg.pages is None:
+                        continue
+                    if last is None or last != (id(seg.pages), seg.offset):
+                        runs += 1
+                    last = (id(seg.pages), seg.offset + seg.length)
+        out[pid] = runs
+    return out
+
+
+def allocate(size: int) -> mmap.mmap:
+    """An anonymous buffer of `size` bytes, every page touched (no page faults while timing)."""
+    buf = mmap.mmap(-1, max(size, 1))
+    zeros = bytes(min(len(buf), CHUNK))
+    for off in range(0, len(buf), CHUNK):
+        n = min(CHUNK, len(buf) - off)
+        buf[off : off + n] = zeros[:n]
+    return buf
+
+
+def materialize(
+    path: str | os.PathLike[str], strategy: str, view: memoryview, config: Config | None = None
+) -> dict[str, Any]:
+    """Read all pages of all pids into `view` with `strategy`; seconds, bytes and preadv calls."""
+    start = time.perf_counter()
+    calls: dict[str, int] = {}
+    off = 0
+    with open_images(path, config) as images:
+        for pid in images.pids:
+            with images.reader(pid, strategy) as reader:
+                for entry in images.pagemap(pid).entries:
+                    if entry.flags & (PE_PRESENT | PE_PARENT):
+                        size = entry.size
+                        reader.readinto(entry.vaddr, view[off : off + size], defer=True)
+                        off += size
+                reader.sync()
+                calls[str(pid)] = getattr(reader.strategy, "calls", 0)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "bytes": off, "calls": sum(calls.values()), "calls_by_pid": calls}
+
+
+def read_limit(files: list[Path], view: memoryview) -> dict[str, Any]:
+    """readinto of whole pages files in 64 MiB chunks into `view` (the physical limit)."""
+    start = time.perf_counter()
+    off = 0
+    calls = 0
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while True:
+                n = f.readinto(view[off : off + CHUNK])
+                calls += 1
+                if not n:
+                    break
+                off += n
+    return {"seconds": time.perf_counter() - start, "bytes": off, "calls": calls}
+
+
+def drop_caches() -> str | None:
+    """Drop the page cache; None on success, else why not."""
+    try:
+        os.sync()
+        with open(DROP_CACHES, "w") as f:
+            f.write("3\n")
+    except OSError as exc:
+        return f"cannot drop caches ({DROP_CACHES}: {exc.strerror})"
+    return None
+
+
+def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median seconds and GB/s (10^9 bytes per second) of runs that read the same bytes."""
+    seconds = [s["seconds"] for s in samples]
+    med = statistics.median(seconds)
+    nbytes = samples[0]["bytes"]
+    return {
+        "runs": len(samples),
+        "bytes": nbytes,
+        "median_s": med,
+        "min_s": min(seconds),
+        "max_s": max(seconds),
+        "gb_per_s": nbytes / med / 1e9 if med > 0 else math.inf,
+        "calls": samples[0].get("calls"),
+        "calls_by_pid": samples[0].get("calls_by_pid"),
+    }
+
+
+def run_bench(path: str, methods: list[str], runs: int, warmup: int, cold: bool, config: Config) -> dict[str, Any]:
+    """Interleaved rounds of every method; medians and ratios against the limit."""
+    with open_images(path, config) as images:  # kept open: an archive stays unpacked
+        files = chain_pages_files(images)
+        need = materialized_bytes(images)
+        runs_by_pid = file_runs(images)
+        directory = images.path
+        file_bytes = sum(p.stat().st_size for p in files)
+        buf = allocate(max(need, file_bytes))
+        view = memoryview(buf)
+        samples: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+        try:
+            for round_ in range(warmup + runs):
+                for method in methods:
+                    if cold:
+                        why = drop_caches()
+                        if why:
+                            raise ConfigError(f"--cold: {why}")
+                    if method == LIMIT:
+                        sample = read_limit(files, view)
+                    else:
+                        sample = materialize(directory, method, view, config)
+                    if round_ >= warmup:
+                        samples[method].append(sample)
+        finally:
+            view.release()
+            buf.close()
+    results = {m: summarize(s) for m, s in samples.items()}
+    limit = results.get(LIMIT)
+    for res in results.values():
+        res["vs_limit"] = res["gb_per_s"] / limit["gb_per_s"] if limit else None
+    return {
+        "checkpoint": str(path),
+        "cache": "cold" if cold else "warm",
+        "warmup": warmup,
+        "pids": len(runs_by_pid),
+        "materialized_bytes": need,
+        "pages_file_bytes": file_bytes,
+        "file_runs": sum(runs_by_pid.values()),
+        "file_runs_by_pid": {str(k): v for k, v in runs_by_pid.items()},
+        "methods": results,
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The human-readable table of a `run_bench` report."""
+    lines = [
+        f"{report['checkpoint']}: {report['materialized_bytes'] / 2**20:.1f} MiB materialized from "
+        f"{report['pages_file_bytes'] / 2**20:.1f} MiB of pages files, {report['file_runs']} file runs, "
+        f"{report['cache']} cache, median of {next(iter(report['methods'].values()))['runs']} runs",
+        f"{'method':<16} {'median s':>9} {'GB/s':>7} {'vs limit':>9} {'calls':>7}",
+    ]
+    for name, res in report["methods"].items():
+        ratio = f"{res['vs_limit']:.2f}x" if res["vs_limit"] is not None else "-"
+        calls = "" if not res["calls"] else str(res["calls"])
+        lines.append(f"{name:<16} {res['median_s']:>9.4f} {res['gb_per_s']:>7.2f} {ratio:>9} {calls:>7}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {"strategy": args.strategy} if args.strategy else {}
+    config = load_config(args.config, overrides)
+    configure(config)
+    if args.runs < 1 or args.warmup < 0:
+        raise ConfigError("--runs must be >= 1 and --warmup >= 0")
+    names = [args.strategy] if args.strategy else [n for n in strategies() if not _needs_server(n, config)]
+    report = run_bench(args.dir, [LIMIT, *names], args.runs, args.warmup, args.cold, config)
+    if args.json:
+        print_json(report)
+    else:
+        print(format_table(report))
+    return 0
+
+
+def _needs_server(name: str, config: Config) -> bool:
+    """Strategies that serve lazy pages need a page server: benched only when named or the default."""
+    if name == config.strategy:
+        return False
+    try:
+        strategy = make_strategy(name, config)
+    except CritPageReadError:
+        return True
+    try:
+        return bool(strategy.serves_lazy)
+    finally:
+        strategy.close()
+
+
+@hookimpl
+def crit_pageread_add_commands(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="time every strategy materializing a checkpoint, against readinto of its pages files",
+        description=__doc__.splitlines()[0] if __doc__ else None,
+    )
+    p.add_argument("dir", help="image directory (or checkpoint archive)")
+    add_common_options(p, pid=False)
+    p.add_argument("--runs", type=int, default=5, help="timed rounds (median reported; default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    p.add_argument("--cold", action="store_true", help="drop the page cache before every run (root)")
+    p.set_defaults(func=run)

@@ -1,0 +1,51 @@
+"""`crit-pageread coredump DIR -o OUTDIR`: one ELF core per process, for gdb."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ..hookspecs import hookimpl
+from .common import add_common_options, open_from_args, print_json, progress_enabled, selected_pids
+
+
+@hookimpl
+def crit_pageread_add_commands(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "coredump",
+        help="write an ELF core per process (gdb PROGRAM OUTDIR/core.PID)",
+        description="Write OUTDIR/core.<pid> for each process: every dumped page (parents, shmem, memfd "
+        "included), never-dumped file pages from the mapped file when it is unchanged, registers of every "
+        "thread. Ranges left as zeros for want of data are listed. x86_64 only.",
+    )
+    p.add_argument("dir", help="image directory (or archive)")
+    p.add_argument("-o", "--output", required=True, help="output directory (created if missing)")
+    add_common_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..restore.coredump import coredump
+
+    with open_from_args(args) as images:
+        pids = selected_pids(images, args) if args.pid else None
+        reports = coredump(images, args.output, pids, strategy=args.strategy,
+                           progress=_progress if progress_enabled() else None)
+    if progress_enabled():
+        sys.stderr.write("\n")
+    if args.json:
+        print_json([r.as_dict() for r in reports])
+        return 0
+    for r in reports:
+        print(f"{r.path}: {r.threads} threads, {r.loads} loads, {r.dumped_bytes >> 10} KiB dumped pages, "
+              f"{r.file_bytes >> 10} KiB from mapped files")
+        for m in r.missing:
+            print(f"  zeros {m['start']:#x}-{m['end']:#x}: {m['reason']}")
+    return 0
+
+
+def _progress(what: str, done: int, total: int) -> None:
+    pct = 100 * done // total if total else 100
+    sys.stderr.write(f"\r{what}: {done >> 20}/{total >> 20} MiB ({pct}%)   ")
+    sys.stderr.flush()

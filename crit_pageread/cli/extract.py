@@ -1,0 +1,241 @@
+"""`extract DIR -o OUT`: memory to files, one per VMA or one sparse file per pid, with a JSON index.
+
+Present bytes are copied from the pages files in the kernel (`copy_file_range`,
+else `sendfile`); pages that were not dumped stay holes. OUT is built in a
+temporary directory beside it and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import CritPageReadError, ImageError
+from ..hookspecs import hookimpl
+from ..reader import Segment
+from .common import add_common_options, atomic_dir, open_from_args, selected_pids
+from .grep import mapping_name
+from .memscan import Area, Progress, Readers, add_vma_filters, vma_filter_from_args
+
+CHUNK = 8 << 20
+INDEX = "index.json"
+_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+
+
+@hookimpl
+def crit_pageread_add_commands(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "extract",
+        help="write memory to files (per VMA or sparse per pid) with a JSON index",
+        description="Write the dumped memory to OUT: one raw file per VMA named START-END-PERMS.bin "
+        "(--layout vma) or one sparse file per pid with the data at vaddr offsets (--layout sparse). "
+        "Pages that were not dumped are holes. OUT/index.json lists what was written.",
+    )
+    p.add_argument("dir", help="image directory or checkpoint archive")
+    p.add_argument("-o", "--output", required=True, help="output directory (must not exist)")
+    p.add_argument("--layout", choices=("vma", "sparse"), default="vma", help="one file per VMA, or per pid")
+    add_vma_filters(p)
+    add_common_options(p)
+    p.set_defaults(func=run)
+
+
+class Copier:
+    """Moves bytes from pages files (in the kernel where possible) or readers into output files."""
+
+    def __init__(self) -> None:
+        self.kernel_copy = hasattr(os, "copy_file_range")
+        self.sendfile = True
+        self._buf: bytearray | None = None
+
+    def buffer(self) -> memoryview:
+        if self._buf is None:
+            self._buf = bytearray(CHUNK)
+        return memoryview(self._buf)
+
+    def copy_present(self, seg: Segment, out_fd: int, out_pos: int, progress: Progress) -> None:
+        assert seg.pages is not None
+        src, src_pos, left = seg.pages.fd, seg.offset, seg.length
+        while left:
+            n = self._copy_step(src, src_pos, out_fd, out_pos, min(left, 1 << 30))
+            if n <= 0:
+                raise ImageError(seg.pages.path, f"short pages file: no data at offset {src_pos}")
+            src_pos += n
+            out_pos += n
+            left -= n
+            progress.add(n)
+
+    def _copy_step(self, src: int, src_pos: int, dst: int, dst_pos: int, count: int) -> int:
+        if self.kernel_copy:
+            try:
+                return os.copy_file_range(src, dst, count, src_pos, dst_pos)
+            except OSError as exc:
+                if exc.errno not in _FALLBACK_ERRNOS:
+                    raise
+                self.kernel_copy = False
+        if self.sendfile:
+            try:
+                os.lseek(dst, dst_pos, os.SEEK_SET)
+                return os.sendfile(dst, src, src_pos, count)
+            except OSError as exc:
+                if exc.errno not in _FALLBACK_ERRNOS:
+                    raise
+                self.sendfile = False
+        view = self.buffer()[: min(count, CHUNK)]
+        n = os.preadv(src, [view], src_pos)
+        if n > 0:
+            _pwrite_all(dst, view[:n], dst_pos)
+        return n
+
+    def copy_via_reader(self, area: Area, seg: Segment, out_fd: int, out_pos: int, progress: Progress) -> None:
+        view = self.buffer()
+        done = 0
+        while done < seg.length:
+            n = min(len(view), seg.length - done)
+            area.reader.readinto(seg.vaddr + done, view[:n])
+            _pwrite_all(out_fd, view[:n], out_pos + done)
+            done += n
+            progress.add(n)
+
+
+def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, pos)
+        data = data[n:]
+        pos += n
+
+
+def _plan(area: Area) -> tuple[list[Segment], list[Segment]]:
+    """Segments with data to write (present, or lazy the strategy serves) and lazy ones left as holes."""
+    lazy_ok = area.reader.strategy.serves_lazy
+    data: list[Segment] = []
+    lazy: list[Segment] = []
+    for seg in area.segments():
+        if seg.kind == "present" or (seg.kind == "lazy" and lazy_ok):
+            data.append(seg)
+        elif seg.kind == "lazy":
+            lazy.append(seg)
+    return data, lazy
+
+
+def _ranges(area: Area, segs: list[Segment]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for seg in segs:
+        s, e = seg.vaddr - area.delta, seg.end - area.delta
+        if out and out[-1][1] == s:
+            out[-1][1] = e
+        else:
+            out.append([s, e])
+    return out
+
+
+def _vma_entry(area: Area, data: list[Segment], lazy: list[Segment], offset: int) -> dict[str, Any]:
+    vma = area.vma
+    entry: dict[str, Any] = {
+        "start": area.start, "end": area.end, "perms": vma.perms, "kind": vma.kind, "mapping": mapping_name(area),
+        "file_offset": offset, "data": _ranges(area, data), "bytes": sum(s.length for s in data),
+    }
+    if area.shmem:
+        entry["shmem"] = area.reader.target.id
+    if lazy:
+        entry["lazy_not_written"] = _ranges(area, lazy)
+    return entry
+
+
+def _open_out(path: Path, size: int) -> int:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EFBIG, errno.EINVAL):
+            raise CritPageReadError(
+                f"{path}: the output file system cannot hold a file of {size:#x} bytes "
+                "(ext4 stops at 16 TiB); use --layout vma or an output on tmpfs, xfs or btrfs"
+            ) from None
+        raise
+    return fd
+
+
+def run(args: argparse.Namespace) -> int:
+    vfilter = vma_filter_from_args(args)
+    out = Path(args.output)
+    with open_from_args(args) as images, Readers(images, args.strategy) as readers:
+        # Plan everything first: a broken image fails here, before OUT exists.
+        plans: dict[int, list[tuple[Area, list[Segment], list[Segment]]]] = {}
+        skipped: list[dict[str, Any]] = []
+        total = 0
+        for pid in selected_pids(images, args):
+            plans[pid] = []
+            for vma in images.vmas(pid):
+                clipped = vfilter.clip(vma)
+                if clipped is None:
+                    continue
+                area = readers.area(pid, vma, *clipped)
+                data, lazy = _plan(area)
+                if not data:
+                    skipped.append({"pid": pid, "start": area.start, "end": area.end, "perms": vma.perms,
+                                    "mapping": mapping_name(area),
+                                    "reason": "lazy pages only" if lazy else "no dumped pages"})
+                    continue
+                plans[pid].append((area, data, lazy))
+                total += sum(s.length for s in data)
+        copier = Copier()
+        progress = Progress("extract", total)
+        files: list[dict[str, Any]] = []
+        with atomic_dir(out) as tmp:
+            for pid, areas in plans.items():
+                if not areas:
+                    continue
+                piddir = tmp / f"pid-{pid}"
+                if args.layout == "vma":
+                    piddir.mkdir()
+                    for area, data, lazy in areas:
+                        name = f"{area.start:x}-{area.end:x}-{area.vma.perms}.bin"
+                        _write_file(piddir / name, area.end - area.start, [(area, data, lazy)], copier, progress,
+                                    base=area.start)
+                        files.append({"file": f"pid-{pid}/{name}", "pid": pid, "size": area.end - area.start,
+                                      "vmas": [_vma_entry(area, data, lazy, 0)]})
+                else:
+                    name = f"pid-{pid}.mem"
+                    size = max(a.end for a, _, _ in areas)
+                    _write_file(tmp / name, size, areas, copier, progress, base=0)
+                    files.append({"file": name, "pid": pid, "size": size,
+                                  "vmas": [_vma_entry(a, d, lz, a.start) for a, d, lz in areas]})
+            progress.finish()
+            index = {
+                "checkpoint": str(images.archive or images.path),
+                "layout": args.layout,
+                "page_size": images.page_size,
+                "files": files,
+                "skipped": skipped,
+                "totals": {"files": len(files), "bytes": sum(v["bytes"] for f in files for v in f["vmas"])},
+            }
+            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(index, indent=2))
+    else:
+        lazy_note = sum(len(v.get("lazy_not_written", [])) for f in files for v in f["vmas"])
+        print(f"{out}: {len(files)} files, {index['totals']['bytes']} bytes of memory"
+              + (f", {lazy_note} lazy ranges left as holes" if lazy_note else "")
+              + f" (index: {out / INDEX})")
+    return 0
+
+
+def _write_file(path: Path, size: int, areas: list[tuple[Area, list[Segment], list[Segment]]], copier: Copier,
+                progress: Progress, base: int) -> None:
+    """Write the data segments of `areas` into a new file of `size` bytes; file offset = vaddr - base."""
+    fd = _open_out(path, size)
+    try:
+        for area, data, _ in areas:
+            for seg in data:
+                pos = seg.vaddr - area.delta - base
+                if seg.kind == "present" and seg.pages is not None:
+                    copier.copy_present(seg, fd, pos, progress)
+                else:
+                    copier.copy_via_reader(area, seg, fd, pos, progress)
+    finally:
+        os.close(fd)

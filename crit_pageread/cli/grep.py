@@ -1,0 +1,237 @@
+"""`grep DIR PATTERN`: search the dumped memory of every pid for bytes, a regex or printable strings.
+
+Each run of dumped bytes (adjacent VMAs join, as a secret may cross from a
+file mapping into the anonymous page after it) is streamed in 8 MiB chunks into one reused buffer;
+consecutive chunks overlap by the longest match (plus the context),
+so a match that crosses a page, pagemap-entry or VMA boundary is found once. The search
+itself is `bytearray.find` or `re` over the whole chunk: no per-page work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ..errors import ConfigError
+from ..hookspecs import hookimpl
+from .common import add_common_options, open_from_args, selected_pids
+from .memscan import Area, Progress, Readers, Span, add_vma_filters, spans, vma_filter_from_args
+
+CHUNK = 8 << 20
+MAX_WINDOW = 1 << 20
+PRINTABLE = frozenset(range(0x20, 0x7F)) | {9, 10, 13}
+
+
+@hookimpl
+def crit_pageread_add_commands(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "grep",
+        help="search checkpointed memory for bytes, a regex or strings",
+        description="Search every pid's dumped memory (across page and pagemap-entry boundaries). "
+        "Prints pid, vaddr, VMA and mapping per match; exit 0 if something matched, 1 if not.",
+    )
+    p.add_argument("dir", help="image directory or checkpoint archive")
+    p.add_argument("pattern", nargs="?", help="literal bytes (default), a regex with -E, hex with --hex")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("-E", "--regex", action="store_true", help="PATTERN is a Python regex over bytes")
+    mode.add_argument("--hex", action="store_true", help="PATTERN is hex bytes (spaces allowed); matches shown in hex")
+    p.add_argument("--strings", action="store_true",
+                   help="print printable strings (that contain PATTERN, if given), like strings(1)")
+    p.add_argument("-n", "--min-len", type=int, default=4, metavar="MIN", help="shortest string for --strings (4)")
+    p.add_argument("-i", "--ignore-case", action="store_true", help="ASCII case-insensitive")
+    p.add_argument("-C", "--context", type=int, default=0, metavar="N", help="show N bytes before and after")
+    p.add_argument("--max-match", type=int, default=4096, metavar="BYTES",
+                   help="longest regex/string match found whole across chunk boundaries (4096)")
+    add_vma_filters(p)
+    add_common_options(p)
+    p.set_defaults(func=run)
+
+
+class Matcher:
+    """Finds matches in a buffer; `window` is the longest match it needs whole."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.hex_output = bool(args.hex)
+        pattern: bytes | None = None
+        if args.pattern is not None:
+            if args.hex:
+                try:
+                    pattern = bytes.fromhex(args.pattern.replace(":", " "))
+                except ValueError:
+                    raise ConfigError(f"--hex pattern {args.pattern!r}: not hex bytes") from None
+            else:
+                pattern = args.pattern.encode("utf-8", "surrogateescape")
+            if not pattern:
+                raise ConfigError("grep: empty PATTERN")
+        elif not args.strings:
+            raise ConfigError("grep: PATTERN is required (unless --strings)")
+        flags = re.IGNORECASE if args.ignore_case else 0
+        if not 1 <= args.max_match <= MAX_WINDOW:
+            raise ConfigError(f"--max-match {args.max_match}: must be 1..{MAX_WINDOW}")
+        self.literal: bytes | None = None
+        self.regex: re.Pattern[bytes] | None = None
+        self.contains: bytes | None = None
+        if args.strings:
+            if args.min_len < 1:
+                raise ConfigError(f"--min-len {args.min_len}: must be >= 1")
+            self.regex = re.compile(rb"[\x20-\x7e\t]{%d,}" % args.min_len)
+            self.contains = pattern.lower() if (pattern and args.ignore_case) else pattern
+            self.ignore_case = args.ignore_case
+            self.window = args.max_match
+        elif args.regex:
+            assert pattern is not None
+            try:
+                self.regex = re.compile(pattern, flags)
+            except re.error as exc:
+                raise ConfigError(f"grep -E {args.pattern!r}: bad regex: {exc}") from None
+            self.window = args.max_match
+        elif args.ignore_case:
+            assert pattern is not None
+            self.regex = re.compile(re.escape(pattern), flags)
+            self.window = len(pattern)
+        else:
+            assert pattern is not None
+            self.literal = pattern
+            self.window = len(pattern)
+        if self.window > MAX_WINDOW:
+            raise ConfigError(f"grep: PATTERN longer than {MAX_WINDOW} bytes")
+
+    def find(self, buf: bytearray, pos: int, end: int) -> Iterator[tuple[int, int]]:
+        """(start, end) of each match in buf[pos:end], in order, not overlapping."""
+        lit = self.literal
+        if lit is not None:
+            n = len(lit)
+            i = buf.find(lit, pos, end)
+            while i >= 0:
+                yield i, i + n
+                i = buf.find(lit, i + n, end)
+            return
+        assert self.regex is not None
+        contains = self.contains
+        for m in self.regex.finditer(buf, pos, end):
+            s, e = m.span()
+            if s == e:
+                continue
+            if contains is not None:
+                text = bytes(buf[s:e])
+                if (text.lower() if self.ignore_case else text).find(contains) < 0:
+                    continue
+            yield s, e
+
+
+Emit = Callable[[Area, int, bytes, bytes, bytes], None]
+
+
+def scan_span(span: Span, buf: bytearray, matcher: Matcher, context: int, emit: Emit, progress: Progress) -> int:
+    """Search every readable run of `span`; returns the number of matches."""
+    reader, delta = span.reader, span.delta
+    view = memoryview(buf)
+    window = matcher.window + context
+    found = 0
+    for rs, re_ in span.runs():
+        pos = base = rs
+        covered = rs
+        while True:
+            n = min(len(buf), re_ - base)
+            reader.readinto(base + delta, view[:n])
+            last = base + n >= re_
+            cutoff = n if last else n - window
+            last_end = pos - base
+            for s, e in matcher.find(buf, pos - base, n):
+                if s >= cutoff:
+                    break
+                before = bytes(view[max(0, s - context) : s]) if context else b""
+                after = bytes(view[e : min(n, e + context)]) if context else b""
+                emit(span.area_at(base + s), base + s, bytes(view[s:e]), before, after)
+                found += 1
+                last_end = e
+            progress.add(base + n - covered)
+            covered = base + n
+            if last:
+                break
+            pos = base + max(cutoff, last_end)
+            base = max(rs, pos - context)
+    return found
+
+
+def _escape(data: bytes) -> str:
+    return "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in data)
+
+
+def _encode(data: bytes, hex_output: bool) -> tuple[str, str]:
+    if not hex_output and all(b in PRINTABLE for b in data):
+        return data.decode("ascii"), "text"
+    return data.hex(), "hex"
+
+
+def mapping_name(area: Area) -> str:
+    return area.vma.name or f"[{area.vma.kind}]"
+
+
+def run(args: argparse.Namespace) -> int:
+    matcher = Matcher(args)
+    context = args.context
+    if not 0 <= context <= MAX_WINDOW:
+        raise ConfigError(f"-C {context}: must be 0..{MAX_WINDOW}")
+    vfilter = vma_filter_from_args(args)
+    out = sys.stdout
+    hex_output = matcher.hex_output
+
+    def emit(area: Area, vaddr: int, match: bytes, before: bytes, after: bytes) -> None:
+        vma = area.vma
+        if args.json:
+            text, enc = _encode(match, hex_output)
+            obj: dict[str, Any] = {
+                "pid": area.pid, "vaddr": vaddr, "vma": f"{vma.start:x}-{vma.end:x}", "perms": vma.perms,
+                "kind": vma.kind, "mapping": mapping_name(area), "match": text, "encoding": enc,
+                "length": len(match),
+            }
+            if context:
+                obj["before"] = _encode(before, hex_output)[0] if before else ""
+                obj["after"] = _encode(after, hex_output)[0] if after else ""
+            out.write(json.dumps(obj) + "\n")
+            return
+        if hex_output:
+            shown = match.hex(" ")
+            if context:
+                shown = f"{before.hex(' ')} [{shown}] {after.hex(' ')}".strip()
+        else:
+            shown = _escape(match)
+            if context:
+                shown = f"{_escape(before)}[{shown}]{_escape(after)}"
+        out.write(f"{area.pid}:{vaddr:#x}:{vma.start:x}-{vma.end:x} {vma.perms} {mapping_name(area)}: {shown}\n")
+
+    found = 0
+    lazy_skipped = 0
+    with open_from_args(args) as images, Readers(images, args.strategy) as readers:
+        areas: list[Area] = []
+        for pid in selected_pids(images, args):
+            for vma in images.vmas(pid):
+                clipped = vfilter.clip(vma)
+                if clipped is not None:
+                    areas.append(readers.area(pid, vma, *clipped))
+        total = 0
+        for area in areas:
+            serves_lazy = area.reader.strategy.serves_lazy
+            for seg in area.segments():
+                if seg.kind == "present" or (seg.kind == "lazy" and serves_lazy):
+                    total += seg.length
+                elif seg.kind == "lazy":
+                    lazy_skipped += seg.length
+        progress = Progress("grep", total)
+        buf = bytearray(CHUNK)
+        for span in spans(areas):
+            found += scan_span(span, buf, matcher, context, emit, progress)
+        progress.finish()
+        page_size = images.page_size
+    if lazy_skipped:
+        print(
+            f"crit-pageread: grep: {lazy_skipped // page_size} lazy pages not searched "
+            "(their data is on a page server; use --strategy remote)",
+            file=sys.stderr,
+        )
+    return 0 if found else 1

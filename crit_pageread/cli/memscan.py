@@ -1,0 +1,294 @@
+"""What grep, extract and the page tables share: VMAs with their readers, dumped runs, counts, progress.
+
+A VMA's bytes are in the pid's pagemap, or for shared memory (anonymous
+shared, memfd, SysV) in `pagemap-shmem-<id>.img` at the VMA's page offset.
+An `Area` hides that: `reader` reads the VMA at `vaddr + delta`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import fnmatch
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError
+from ..images import (
+    VMA_ANON_SHARED,
+    VMA_AREA_MEMFD,
+    VMA_AREA_SYSVIPC,
+    CheckpointImages,
+    Vma,
+)
+from ..pagemap import PE_LAZY, PE_PARENT, PE_PRESENT, Pagemap
+from ..reader import PageReader, Segment
+from .common import progress_enabled
+
+
+@dataclass(frozen=True, slots=True)
+class Area:
+    """[start, end) of `vma` in `pid`; its bytes are read by `reader` at `vaddr + delta`."""
+
+    pid: int
+    vma: Vma
+    start: int
+    end: int
+    reader: PageReader
+    delta: int
+
+    @property
+    def shmem(self) -> bool:
+        return self.reader.target.kind == "shmem"
+
+    def segments(self) -> Iterator[Segment]:
+        """Where each piece of the area is (addresses in the reader's space)."""
+        return self.reader.segments(self.start + self.delta, self.end - self.start)
+
+    def runs(self) -> Iterator[tuple[int, int]]:
+        """Maximal vaddr ranges whose bytes can be read (present, or lazy if the strategy serves it)."""
+        lazy_ok = self.reader.strategy.serves_lazy
+        run_start = run_end = -1
+        for seg in self.segments():
+            readable = seg.kind == "present" or (seg.kind == "lazy" and lazy_ok)
+            if not readable:
+                continue
+            s, e = seg.vaddr - self.delta, seg.end - self.delta
+            if s == run_end:
+                run_end = e
+            else:
+                if run_end > run_start:
+                    yield run_start, run_end
+                run_start, run_end = s, e
+        if run_end > run_start:
+            yield run_start, run_end
+
+
+@dataclass
+class Span:
+    """Adjacent areas read by the same reader: a match may cross from one VMA into the next."""
+
+    areas: list[Area]
+
+    @property
+    def reader(self) -> PageReader:
+        return self.areas[0].reader
+
+    @property
+    def delta(self) -> int:
+        return self.areas[0].delta
+
+    def area_at(self, vaddr: int) -> Area:
+        """The area that holds `vaddr` (the last one that starts at or before it)."""
+        i = bisect.bisect_right([a.start for a in self.areas], vaddr) - 1
+        return self.areas[max(i, 0)]
+
+    def runs(self) -> Iterator[tuple[int, int]]:
+        """Maximal readable vaddr ranges of the span (they may cross VMA boundaries)."""
+        run_start = run_end = -1
+        for area in self.areas:
+            for s, e in area.runs():
+                if s == run_end:
+                    run_end = e
+                else:
+                    if run_end > run_start:
+                        yield run_start, run_end
+                    run_start, run_end = s, e
+        if run_end > run_start:
+            yield run_start, run_end
+
+
+def spans(areas: list[Area]) -> list[Span]:
+    """Group address-ordered areas of one pid into spans of adjacent areas with one reader."""
+    out: list[Span] = []
+    for area in areas:
+        last = out[-1].areas[-1] if out else None
+        if (
+            last is not None
+            and last.pid == area.pid
+            and last.end == area.start
+            and last.reader is area.reader
+            and last.delta == area.delta
+        ):
+            out[-1].areas.append(area)
+        else:
+            out.append(Span([area]))
+    return out
+
+
+def shmem_id(images: CheckpointImages, vma: Vma) -> int | None:
+    """The shmem pagemap id holding a shared VMA's pages, or None for private memory."""
+    if vma.status & VMA_AREA_MEMFD:
+        return images.memfd_shmids.get(vma.shmid)
+    if vma.status & (VMA_ANON_SHARED | VMA_AREA_SYSVIPC):
+        return vma.shmid
+    return None
+
+
+class Readers:
+    """One reader per pid and per shmem segment, made on first use, closed together."""
+
+    def __init__(self, images: CheckpointImages, strategy: str | None) -> None:
+        self.images = images
+        self.strategy = strategy
+        self._pids: dict[int, PageReader] = {}
+        self._shmem: dict[int, PageReader | None] = {}
+
+    def pid(self, pid: int) -> PageReader:
+        r = self._pids.get(pid)
+        if r is None:
+            r = self._pids[pid] = self.images.reader(pid, self.strategy)
+        return r
+
+    def shmem(self, shmid: int) -> PageReader | None:
+        if shmid not in self._shmem:
+            has = shmid in self.images.shmem_ids
+            self._shmem[shmid] = self.images.shmem_reader(shmid, self.strategy) if has else None
+        return self._shmem[shmid]
+
+    def area(self, pid: int, vma: Vma, start: int | None = None, end: int | None = None) -> Area:
+        s = vma.start if start is None else start
+        e = vma.end if end is None else end
+        sid = shmem_id(self.images, vma)
+        if sid is not None:
+            reader = self.shmem(sid)
+            if reader is not None:
+                return Area(pid, vma, s, e, reader, vma.pgoff - vma.start)
+        return Area(pid, vma, s, e, self.pid(pid), 0)
+
+    def close(self) -> None:
+        for r in [*self._pids.values(), *self._shmem.values()]:
+            if r is not None:
+                r.close()
+
+    def __enter__(self) -> Readers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """`START-END` in hex (with or without 0x) to a pair."""
+    start_s, sep, end_s = text.partition("-")
+    try:
+        start, end = parse_addr(start_s), parse_addr(end_s)
+    except ValueError:
+        start = end = -1
+    if not sep or start < 0 or end <= start:
+        raise ConfigError(f"--range {text!r}: expected START-END in hex with START < END")
+    return start, end
+
+
+def parse_addr(text: str) -> int:
+    """An address: hex (`0x7f..` or bare `7f..`, as tables print them)."""
+    text = text.strip().lower()
+    return int(text[2:] if text.startswith("0x") else text, 16)
+
+
+@dataclass
+class VmaFilter:
+    """Which VMAs (and which part of them) a command works on."""
+
+    names: list[str]
+    kinds: list[str]
+    perms: str | None
+    range: tuple[int, int] | None
+
+    def clip(self, vma: Vma) -> tuple[int, int] | None:
+        """The part of `vma` selected, or None."""
+        if self.names and not any(_name_matches(p, vma) for p in self.names):
+            return None
+        if self.kinds and vma.kind not in self.kinds:
+            return None
+        if self.perms and not all(ch == "-" or ch in vma.perms for ch in self.perms):
+            return None
+        start, end = vma.start, vma.end
+        if self.range is not None:
+            start, end = max(start, self.range[0]), min(end, self.range[1])
+            if start >= end:
+                return None
+        return start, end
+
+
+def _name_matches(pattern: str, vma: Vma) -> bool:
+    name = vma.name
+    if any(ch in pattern for ch in "*?["):
+        return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name.rsplit("/", 1)[-1], pattern)
+    return pattern in name or pattern == vma.kind
+
+
+def add_vma_filters(parser: Any) -> None:
+    parser.add_argument("--vma", dest="vma_names", action="append", default=[], metavar="NAME",
+                        help="only VMAs whose mapping name contains NAME (or matches a glob, or is that kind)")
+    parser.add_argument("--kind", dest="vma_kinds", action="append", default=[], metavar="KIND",
+                        help="only VMAs of this kind (anon, heap, stack, file-private, memfd, sysv-shm, ...)")
+    parser.add_argument("--perms", help="only VMAs with these permissions, e.g. rw or r-x")
+    parser.add_argument("--range", dest="vrange", metavar="START-END", help="only this address range (hex)")
+
+
+def vma_filter_from_args(args: Any) -> VmaFilter:
+    perms = args.perms
+    if perms is not None and (not perms or any(ch not in "rwxsp-" for ch in perms)):
+        raise ConfigError(f"--perms {perms!r}: use the letters r, w, x, s, p (e.g. rw-p or rx)")
+    return VmaFilter(
+        list(args.vma_names), list(args.vma_kinds), perms, parse_range(args.vrange) if args.vrange else None
+    )
+
+
+PAGE_CLASSES = ("present", "parent", "lazy", "not_dumped")
+
+
+def page_counts(pagemap: Pagemap, start: int, end: int) -> dict[str, int]:
+    """Pages of [start, end) that are present, in the parent image, lazy only, or not dumped."""
+    ps = pagemap.page_size
+    counts = dict.fromkeys(PAGE_CLASSES, 0)
+    total = (end - start) // ps
+    for e in pagemap.entries_in(start, end):
+        n = (min(e.end, end) - max(e.vaddr, start)) // ps
+        if e.flags & PE_PRESENT:
+            counts["present"] += n
+        elif e.flags & PE_PARENT:
+            counts["parent"] += n
+        elif e.flags & PE_LAZY:
+            counts["lazy"] += n
+    counts["not_dumped"] = total - counts["present"] - counts["parent"] - counts["lazy"]
+    return counts
+
+
+def area_page_counts(area: Area) -> dict[str, int]:
+    """page_counts for an area, in the pagemap that holds its pages."""
+    return page_counts(area.reader.pagemap, area.start + area.delta, area.end + area.delta)
+
+
+class Progress:
+    """A one-line progress bar on stderr, only when stderr is a TTY."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label = label
+        self.total = max(total, 1)
+        self.done = 0
+        self.enabled = progress_enabled()
+        self._last = 0.0
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if self.enabled:
+            now = time.monotonic()
+            if now - self._last >= 0.2:
+                self._last = now
+                self._draw()
+
+    def _draw(self) -> None:
+        frac = min(self.done / self.total, 1.0)
+        bar = "#" * int(frac * 30)
+        sys.stderr.write(f"\r{self.label} [{bar:<30}] {frac * 100:5.1f}% {self.done >> 20}/{self.total >> 20} MiB")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            self._draw()
+            sys.stderr.write("\n")
+            sys.stderr.flush()

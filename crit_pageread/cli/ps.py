@@ -1,0 +1,105 @@
+"""`ps DIR`: the process tree with each command line and environment read from memory, like `ps eww`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..errors import PageError
+from ..hookspecs import hookimpl
+from ..images import CheckpointImages
+from .common import add_common_options, open_from_args, print_json, selected_pids
+
+MAX_AREA = 16 << 20  # argv or environ larger than this is a corrupt mm entry
+
+
+@hookimpl
+def crit_pageread_add_commands(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "ps",
+        help="process tree with command lines and environments read from memory",
+        description="Show the process tree; each process's argv and environment are read from its "
+        "checkpointed memory (mm_arg_start..end, mm_env_start..end), like `ps eww`.",
+    )
+    p.add_argument("dir", help="image directory or checkpoint archive")
+    p.add_argument("--no-env", action="store_true", help="leave the environment out")
+    add_common_options(p)
+    p.set_defaults(func=run)
+
+
+def _strings(data: bytes) -> list[str]:
+    parts = data.split(b"\0")
+    if parts and parts[-1] == b"":
+        parts.pop()
+    return [p.decode("utf-8", "backslashreplace") for p in parts]
+
+
+def read_area(images: CheckpointImages, pid: int, start: int, end: int, strategy: str | None) -> tuple[list[str], str]:
+    """NUL-separated strings in [start, end) of pid's memory, and "" or why they could not be read."""
+    if end <= start:
+        return [], ""
+    if end - start > MAX_AREA:
+        return [], f"range {start:#x}-{end:#x} too large"
+    try:
+        with images.reader(pid, strategy) as reader:
+            return _strings(reader.read(start, end - start)), ""
+    except PageError as exc:
+        return [], str(exc)
+
+
+def process_info(images: CheckpointImages, pid: int, strategy: str | None, env: bool) -> dict[str, Any]:
+    proc = images.processes[pid]
+    mm = images.mm(pid)
+    try:
+        comm = images.core(pid).tc.comm
+    except Exception:
+        comm = ""
+    argv, argv_err = read_area(images, pid, mm.mm_arg_start, mm.mm_arg_end, strategy)
+    info: dict[str, Any] = {
+        "pid": pid, "ppid": proc.ppid, "pgid": proc.pgid, "sid": proc.sid, "threads": list(proc.threads),
+        "comm": comm, "argv": argv,
+    }
+    errors = [argv_err] if argv_err else []
+    if env:
+        environ, env_err = read_area(images, pid, mm.mm_env_start, mm.mm_env_end, strategy)
+        info["environ"] = environ
+        if env_err:
+            errors.append(env_err)
+    if errors:
+        info["errors"] = errors
+    return info
+
+
+def run(args: argparse.Namespace) -> int:
+    with open_from_args(args) as images:
+        pids = selected_pids(images, args)
+        infos = {pid: process_info(images, pid, args.strategy, not args.no_env) for pid in pids}
+    if args.json:
+        print_json([infos[p] for p in pids])
+        return 0
+    children: dict[int, list[int]] = {}
+    roots = []
+    for pid in pids:
+        ppid = infos[pid]["ppid"]
+        if ppid in infos:
+            children.setdefault(ppid, []).append(pid)
+        else:
+            roots.append(pid)
+    print(f"{'PID':>7} {'PPID':>7} {'PGID':>7} {'SID':>7}  COMMAND")
+
+    def show(pid: int, depth: int) -> None:
+        info = infos[pid]
+        words = info["argv"] or [f"[{info['comm']}]"]
+        if "environ" in info:
+            words = words + info["environ"]
+        line = " ".join(words)
+        if "errors" in info:
+            line += f"  (unreadable: {'; '.join(info['errors'])})"
+        indent = "  " * depth + ("\\_ " if depth else "")
+        print(f"{pid:>7} {info['ppid']:>7} {info['pgid']:>7} {info['sid']:>7}  {indent}{line}")
+        for kid in children.get(pid, []):
+            show(kid, depth + 1)
+
+    for root in roots:
+        show(root, 0)
+    return 0

@@ -1,0 +1,287 @@
+"""The client end of CRIU's page-server protocol: pipelined GETs, and OPEN2/ADD_F/CLOSE for pushing.
+
+Every socket operation has a timeout; every failure (timeout, closed
+connection, a header that does not answer what was asked) is a RemoteError
+naming the server, and leaves the connection closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import socket
+import ssl
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import NoReturn
+
+from ..errors import RemoteError
+from .protocol import (
+    CRIU_MAX_REPLY_PAGES,
+    PS_IOV_ADD_F,
+    PS_IOV_CLOSE,
+    PS_IOV_OPEN2,
+    PS_IOV_PARENT,
+    STATUS_SIZE,
+    Wire,
+    check_reply,
+    encode_cmd,
+    encode_dst_id,
+    unpack_status,
+)
+from .tls import TlsOptions, wrap_client
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+#: TLS and fallback copies go through a buffer of at most this size (per connection).
+COPY_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServerAddress:
+    """Where a page server listens and how to talk to it."""
+
+    address: str = "127.0.0.1"
+    port: int = 0
+    protocol: str = "4.1"
+    tls: TlsOptions | None = None
+    connect_timeout: float = 5.0
+    timeout: float = 30.0
+
+    @property
+    def peer(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"page server {host}:{self.port}"
+
+
+class Connection:
+    """One connection to a page server. Use as a context manager or call `close()`."""
+
+    def __init__(self, server: ServerAddress) -> None:
+        self.server = server
+        self.peer = server.peer
+        self.wire = Wire(server.protocol)
+        self._sock: socket.socket | None = None
+        self._buf: bytearray | None = None
+        try:
+            sock = socket.create_connection((server.address, server.port), timeout=server.connect_timeout)
+        except TimeoutError:
+            raise RemoteError(f"{self.peer}: cannot connect: no answer within {server.connect_timeout:g} s") from None
+        except OSError as exc:
+            raise RemoteError(f"{self.peer}: cannot connect: {exc.strerror or exc}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if server.tls is not None:
+            sock = wrap_client(sock, server.tls.client_context(), server.address, self.peer)
+        sock.settimeout(server.timeout)
+        self._sock = sock
+
+    @property
+    def is_tls(self) -> bool:
+        return isinstance(self._sock, ssl.SSLSocket)
+
+    @property
+    def sock(self) -> socket.socket:
+        if self._sock is None:
+            raise RemoteError(f"{self.peer}: connection is closed")
+        return self._sock
+
+    # --- raw I/O ------------------------------------------------------------------------
+
+    def send(self, data: bytes | memoryview, what: str) -> None:
+        try:
+            self.sock.sendall(data)
+        except TimeoutError:
+            self._fail(f"{what}: server stopped reading for {self.server.timeout:g} s")
+        except OSError as exc:
+            self._fail(f"{what}: cannot send: {exc.strerror or exc}")
+
+    def recv_into(self, view: memoryview, what: str) -> None:
+        """Fill `view` from the socket, or fail (closed, timed out) with nothing more read."""
+        sock = self.sock
+        done = 0
+        total = len(view)
+        try:
+            while done < total:
+                n = sock.recv_into(view[done:], total - done)
+                if n == 0:
+                    self._fail(f"{what}: server closed the connection after {done} of {total} bytes")
+                done += n
+        except TimeoutError:
+            self._fail(f"{what}: no data for {self.server.timeout:g} s ({done} of {total} bytes)")
+        except OSError as exc:
+            self._fail(f"{what}: {exc.strerror or exc} after {done} of {total} bytes")
+
+    def recv(self, size: int, what: str) -> bytes:
+        buf = bytearray(size)
+        self.recv_into(memoryview(buf), what)
+        return bytes(buf)
+
+    def send_file(self, fd: int, offset: int, count: int, what: str) -> None:
+        """Send `count` bytes of `fd` from `offset`: `os.sendfile` in the clear, a bounded buffer over TLS."""
+        sock = self.sock
+        try:
+            if not self.is_tls:
+                sendfile_all(sock, fd, offset, count, self.server.timeout)
+                return
+            if self._buf is None:
+                self._buf = bytearray(COPY_CHUNK)
+            view = memoryview(self._buf)
+            while count > 0:
+                n = os.preadv(fd, [view[: min(count, len(view))]], offset)
+                if n <= 0:
+                    self._fail(f"{what}: file ended at offset {offset}")
+                sock.sendall(view[:n])
+                offset += n
+                count -= n
+        except TimeoutError:
+            self._fail(f"{what}: server stopped reading for {self.server.timeout:g} s")
+        except EOFError:
+            self._fail(f"{what}: file ended before {count} bytes at offset {offset}")
+        except OSError as exc:
+            self._fail(f"{what}: cannot send: {exc.strerror or exc}")
+
+    def _fail(self, problem: str) -> NoReturn:
+        self.abort()
+        raise RemoteError(f"{self.peer}: {problem}")
+
+    # --- GET ----------------------------------------------------------------------------
+
+    def get_into(
+        self, items: Iterable[tuple[int, int, memoryview]], *, max_in_flight: int = 16,
+        max_pages: int = CRIU_MAX_REPLY_PAGES,
+    ) -> int:
+        """Fetch (pid, page-aligned vaddr, dest of whole pages) items with pipelined GETs.
+
+        At most `max_in_flight` GETs of at most `max_pages` pages are
+        outstanding; replies are read in request order straight into `dest`;
+        a short reply makes the rest be asked for again. Returns the number of
+        GETs sent.
+        """
+        ps = PAGE_SIZE
+        wire = self.wire
+        queue: deque[tuple[int, int, int, memoryview]] = deque()
+        for pid, vaddr, dest in items:
+            nr_total = len(dest) // ps
+            pos = 0
+            while pos < nr_total:
+                nr = min(max_pages, nr_total - pos)
+                queue.append((pid, vaddr + pos * ps, nr, dest[pos * ps : (pos + nr) * ps]))
+                pos += nr
+        inflight: deque[tuple[int, int, int, memoryview]] = deque()
+        header = bytearray(wire.size)
+        hview = memoryview(header)
+        gets = 0
+        while queue or inflight:
+            if queue and len(inflight) < max_in_flight:
+                batch = []
+                while queue and len(inflight) < max_in_flight:
+                    item = queue.popleft()
+                    inflight.append(item)
+                    batch.append(wire.pack_get(item[0], item[1], item[2]))
+                gets += len(batch)
+                self.send(b"".join(batch), f"GET pid {inflight[-1][0]} at {inflight[-1][1]:#x}")
+            pid, vaddr, nr, dest = inflight.popleft()
+            what = f"GET pid {pid} at {vaddr:#x} ({nr} pages)"
+            self.recv_into(hview, what)
+            reply = wire.unpack(header)
+            try:
+                check_reply(reply, pid, vaddr, nr, wire.protocol, self.peer)
+            except RemoteError:
+                self.abort()
+                raise
+            got = reply.nr_pages
+            self.recv_into(dest[: got * ps], what)
+            if got < nr:
+                # The server cut the run: ask for the rest (after what is already in flight).
+                queue.appendleft((pid, vaddr + got * ps, nr - got, dest[got * ps :]))
+        return gets
+
+    # --- push (OPEN2 / ADD_F / CLOSE) ----------------------------------------------------
+
+    def open2(self, kind: str, id: int) -> bool:
+        """Open a pagemap on the server; True if the server has a parent image for it."""
+        self.send(self.wire.pack(PS_IOV_OPEN2, 0, 0, encode_dst_id(kind, id)), f"OPEN2 {kind} {id}")
+        return self.recv(1, f"OPEN2 {kind} {id}") != b"\0"
+
+    def parent(self, kind: str, id: int) -> bool:
+        """Ask whether the server has a parent image for a pagemap (int32 answer)."""
+        self.send(self.wire.pack(PS_IOV_PARENT, 0, 0, encode_dst_id(kind, id)), f"PARENT {kind} {id}")
+        return unpack_status(self.recv(STATUS_SIZE, f"PARENT {kind} {id}")) != 0
+
+    def add_f(self, kind: str, id: int, vaddr: int, nr_pages: int, flags: int) -> None:
+        """Announce `nr_pages` at `vaddr` with PE_* flags; page data must follow iff PE_PRESENT."""
+        self.send(
+            self.wire.pack(encode_cmd(PS_IOV_ADD_F, flags), nr_pages, vaddr, encode_dst_id(kind, id)),
+            f"ADD_F {kind} {id} at {vaddr:#x}",
+        )
+
+    def close_session(self) -> int:
+        """Send CLOSE, return the server's int32 status, end TLS and the connection."""
+        self.send(self.wire.pack(PS_IOV_CLOSE), "CLOSE")
+        status = unpack_status(self.recv(STATUS_SIZE, "CLOSE"))
+        self._goodbye()
+        return status
+
+    # --- lifetime -----------------------------------------------------------------------
+
+    def _goodbye(self) -> None:
+        sock = self._sock
+        self._sock = None
+        if sock is None:
+            return
+        try:
+            if isinstance(sock, ssl.SSLSocket):
+                sock = sock.unwrap()
+            sock.shutdown(socket.SHUT_WR)
+        except (OSError, ValueError):
+            pass
+        finally:
+            sock.close()
+
+    def close(self) -> None:
+        """End politely: CLOSE, wait for the status, close. Errors here are ignored."""
+        if self._sock is None:
+            return
+        with contextlib.suppress(RemoteError):
+            self.close_session()
+        self.abort()
+
+    def abort(self) -> None:
+        """Drop the connection without a goodbye (after an error)."""
+        sock = self._sock
+        self._sock = None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def sendfile_all(sock: socket.socket, fd: int, offset: int, count: int, timeout: float | None) -> None:
+    """`os.sendfile` until `count` bytes are sent; waits up to `timeout` for the socket to drain.
+
+    Raises TimeoutError if the peer stops reading, EOFError if the file ends.
+    """
+    out = sock.fileno()
+    poller = select.poll()
+    poller.register(out, select.POLLOUT)
+    wait_ms = None if timeout is None else int(timeout * 1000)
+    while count > 0:
+        try:
+            sent = os.sendfile(out, fd, offset, count)
+        except BlockingIOError:
+            if not poller.poll(wait_ms):
+                raise TimeoutError from None
+            continue
+        if sent == 0:
+            raise EOFError
+        offset += sent
+        count -= sent

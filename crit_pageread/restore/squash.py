@@ -1,0 +1,348 @@
+"""Squash an incremental chain and/or a lazy dump into one self-contained image directory.
+
+Every `PE_PARENT` page is resolved through the chain and every `PE_LAZY`
+page without data is fetched through the configured (remote) strategy, so
+that `criu restore -D OUT` needs no parent and no page server. Non-memory
+images are copied unchanged; each pagemap and its pages file are rewritten
+with entries merged where contiguous and `PE_PRESENT` set (the `PE_LAZY`
+bit is kept where the source had it, as CRIU 4.1 itself writes
+`PE_PRESENT|PE_LAZY` for anonymous pages; a non-lazy restore reads them
+like any present page). `parent` is not carried over.
+
+Memory is bounded: present pages move file-to-file in the kernel
+(`copy_file_range`), lazy pages through one 1 MiB buffer. OUT is built
+beside its final name and renamed at the end, so it is complete or absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..cli.common import atomic_dir
+from ..config import Config, load_config
+from ..errors import ImageError
+from ..images import CheckpointImages, open_images
+from ..pagemap import LAYOUTS, PE_LAZY, PE_PRESENT, encode_pagemap
+from ..reader import PageReader
+from ..strategy import Strategy, Target
+from .fileio import copy_range
+
+_PAGEMAP_RE = re.compile(r"^pagemap-(\d+)\.img$")
+_SHMEM_RE = re.compile(r"^pagemap-shmem-(\d+)\.img$")
+_PAGES_RE = re.compile(r"^pages-(\d+)\.img$")
+_LAZY_CHUNK = 1 << 20
+_VERIFY_CHUNK = 4 << 20
+
+#: progress(what, done_bytes, total_bytes), called after each run is written or verified
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class TargetReport:
+    """What squash did for one pagemap."""
+
+    target: str
+    pagemap: str
+    entries_in: int
+    entries_out: int
+    pages: int
+    parent_pages: int
+    lazy_pages: int
+
+
+@dataclass
+class SquashReport:
+    """The result of `squash()`: per-pagemap counts, files copied, whether OUT was verified."""
+
+    source: str
+    output: str
+    layout: str
+    targets: list[TargetReport] = field(default_factory=list)
+    copied: list[str] = field(default_factory=list)
+    verified: bool = False
+
+    @property
+    def pages(self) -> int:
+        return sum(t.pages for t in self.targets)
+
+    @property
+    def parent_pages(self) -> int:
+        return sum(t.parent_pages for t in self.targets)
+
+    @property
+    def lazy_pages(self) -> int:
+        return sum(t.lazy_pages for t in self.targets)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(pages=self.pages, parent_pages=self.parent_pages, lazy_pages=self.lazy_pages)
+        return out
+
+
+def memory_targets(path: Path) -> list[Target]:
+    """The pid and shmem pagemaps of an image directory, pids first, each in id order."""
+    pids, shmem = [], []
+    for name in os.listdir(path):
+        if m := _PAGEMAP_RE.match(name):
+            pids.append(int(m.group(1)))
+        elif m := _SHMEM_RE.match(name):
+            shmem.append(int(m.group(1)))
+    return [Target("pid", p) for p in sorted(pids)] + [Target("shmem", s) for s in sorted(shmem)]
+
+
+def pagemap_name(target: Target) -> str:
+    return f"pagemap-{target.id}.img" if target.kind == "pid" else f"pagemap-shmem-{target.id}.img"
+
+
+def _is_memory_image(name: str) -> bool:
+    return bool(_PAGEMAP_RE.match(name) or _SHMEM_RE.match(name) or _PAGES_RE.match(name))
+
+
+def squash(
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    config: Config | None = None,
+    strategy: str | Strategy | None = None,
+    layout: str | None = None,
+    verify: bool = False,
+    progress: Progress | None = None,
+) -> SquashReport:
+    """Write OUT, a self-contained copy of the image directory SRC (see the module docstring).
+
+    `strategy` serves lazy pages (default: the config's); `layout` is "4.1" or
+    "4.2" (default: each pagemap's own); `verify` re-reads OUT and compares
+    every page with the source before OUT gets its final name.
+    """
+    if layout is not None and layout not in LAYOUTS:
+        raise ImageError(out, f"unknown pagemap layout {layout!r} (known: {', '.join(LAYOUTS)})")
+    config = config if config is not None else load_config()
+    src_path = Path(src)
+    out_path = Path(out)
+    with open_images(src_path, config) as images:
+        images.processes  # noqa: B018 - a missing or garbage pstree is an error before OUT exists
+        targets = memory_targets(src_path)
+        if not targets:
+            raise ImageError(src_path, "no pagemap-*.img: not a CRIU dump directory")
+        total = sum(images.pagemap_for(t).present_bytes + _non_present_bytes(images, t) for t in targets)
+        report = SquashReport(str(src_path), str(out_path), layout or "input")
+        with atomic_dir(out_path) as tmp:
+            os.chmod(tmp, 0o755)
+            report.copied = _copy_other_images(src_path, tmp)
+            done = [0, total]
+            lazy_digests: dict[Target, str] = {}
+            used_ids: dict[int, Target] = {}
+            for target in targets:
+                pm = images.pagemap_for(target)
+                if pm.pages_id in used_ids:
+                    raise ImageError(pm.path, f"pages_id {pm.pages_id} is also used by {used_ids[pm.pages_id]}")
+                used_ids[pm.pages_id] = target
+                rep, digest = _squash_target(images, target, tmp, layout, strategy, progress, done)
+                report.targets.append(rep)
+                if digest is not None:
+                    lazy_digests[target] = digest
+            if verify:
+                verify_squash(images, tmp, lazy_digests, progress=progress)
+                report.verified = True
+    return report
+
+
+def _non_present_bytes(images: CheckpointImages, target: Target) -> int:
+    return sum(e.size for e in images.pagemap_for(target).entries if not e.flags & PE_PRESENT and e.flags)
+
+
+def _copy_other_images(src: Path, dst: Path) -> list[str]:
+    """Copy every regular file but pagemaps, pages files and `parent`, unchanged."""
+    copied = []
+    for entry in sorted(os.scandir(src), key=lambda e: e.name):
+        if entry.name == "parent" or _is_memory_image(entry.name):
+            continue
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        shutil.copyfile(entry.path, dst / entry.name)
+        copied.append(entry.name)
+    return copied
+
+
+class _RunWriter:
+    """Appends runs to an output pages file, merging contiguous copies and pagemap entries."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.offset = 0
+        self.runs: list[list[int]] = []  # [vaddr, nr_pages, flags]
+        self._copy: list[Any] = []  # pending copy: [src_fd, src_offset, length, path]
+
+    def add_run(self, vaddr: int, length: int, flags: int, page_size: int) -> None:
+        last = self.runs[-1] if self.runs else None
+        if last is not None and last[2] == flags and last[0] + last[1] * page_size == vaddr:
+            last[1] += length // page_size
+        else:
+            self.runs.append([vaddr, length // page_size, flags])
+
+    def copy(self, src_fd: int, src_offset: int, length: int, path: Path) -> None:
+        pending = self._copy
+        if pending and pending[0] == src_fd and pending[1] + pending[2] == src_offset:
+            pending[2] += length
+            return
+        self.flush()
+        self._copy = [src_fd, src_offset, length, path]
+
+    def write(self, data: memoryview) -> None:
+        self.flush()
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self.fd, data[done:], self.offset + done)
+        self.offset += len(data)
+
+    def flush(self) -> None:
+        if self._copy:
+            src_fd, src_offset, length, path = self._copy
+            self._copy = []
+            copy_range(src_fd, src_offset, self.fd, self.offset, length, path)
+            self.offset += length
+
+
+def _squash_target(
+    images: CheckpointImages,
+    target: Target,
+    out_dir: Path,
+    layout: str | None,
+    strategy: str | Strategy | None,
+    progress: Progress | None,
+    done: list[int],
+) -> tuple[TargetReport, str | None]:
+    pm = images.pagemap_for(target)
+    page_size = pm.page_size
+    reader = _reader(images, target, strategy)
+    rep = TargetReport(str(target), pm.path.name, len(pm.entries), 0, 0, 0, 0)
+    lazy_hash = None
+    buf = None
+    fd = os.open(out_dir / f"pages-{pm.pages_id}.img", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        with reader:
+            w = _RunWriter(fd)
+            for entry in pm.entries:
+                for seg in reader.segments(entry.vaddr, entry.size):
+                    if seg.kind == "hole":
+                        continue
+                    flags = PE_PRESENT | (seg.flags & PE_LAZY)
+                    if seg.kind == "present":
+                        assert seg.pages is not None
+                        w.copy(seg.pages.fd, seg.offset, seg.length, seg.pages.path)
+                        if seg.depth:
+                            rep.parent_pages += seg.length // page_size
+                    else:  # lazy: fetched through the strategy, in bounded chunks
+                        if buf is None:
+                            buf = bytearray(_LAZY_CHUNK)
+                            lazy_hash = hashlib.sha256()
+                        assert lazy_hash is not None
+                        for vaddr, length in _chunks(seg.vaddr, seg.length, _LAZY_CHUNK):
+                            view = memoryview(buf)[:length]
+                            reader.readinto(vaddr, view)
+                            lazy_hash.update(view)
+                            w.write(view)
+                        rep.lazy_pages += seg.length // page_size
+                    w.add_run(seg.vaddr, seg.length, flags, page_size)
+                    rep.pages += seg.length // page_size
+                    done[0] += seg.length
+                if progress is not None:
+                    w.flush()
+                    progress(f"squash {target}", done[0], done[1])
+            w.flush()
+    finally:
+        os.close(fd)
+    runs = [(v, n, f) for v, n, f in w.runs]
+    rep.entries_out = len(runs)
+    (out_dir / pm.path.name).write_bytes(encode_pagemap(pm.pages_id, runs, layout or pm.layout))
+    return rep, (lazy_hash.hexdigest() if lazy_hash is not None else None)
+
+
+def _reader(images: CheckpointImages, target: Target, strategy: str | Strategy | None) -> PageReader:
+    if target.kind == "pid":
+        return images.reader(target.id, strategy, zero_fill=False, auto_dedup=False)
+    return images.shmem_reader(target.id, strategy, zero_fill=False, auto_dedup=False)
+
+
+def _chunks(vaddr: int, length: int, chunk: int) -> Iterator[tuple[int, int]]:
+    end = vaddr + length
+    while vaddr < end:
+        n = min(chunk, end - vaddr)
+        yield vaddr, n
+        vaddr += n
+
+
+def verify_squash(
+    source: CheckpointImages,
+    out_dir: str | os.PathLike[str],
+    lazy_digests: dict[Target, str] | None = None,
+    *,
+    progress: Progress | None = None,
+) -> None:
+    """Compare every page of `out_dir` with `source`; raise ImageError at the first difference.
+
+    Present and parent pages are re-read from the source chain. Lazy pages
+    cannot be fetched twice from a page server, so they are compared with the
+    sha256 recorded while squashing (`lazy_digests`, per target).
+    """
+    out_dir = Path(out_dir)
+    config = source.config.replace(strategy="preadv")
+    lazy_digests = lazy_digests or {}
+    targets = memory_targets(Path(source.path))
+    out_targets = memory_targets(out_dir)
+    if out_targets != targets:
+        raise ImageError(out_dir, f"pagemaps differ from the source: {out_targets} vs {targets}")
+    a = bytearray(_VERIFY_CHUNK)
+    b = bytearray(_VERIFY_CHUNK)
+    with open_images(out_dir, config) as out:
+        total = sum(out.pagemap_for(t).present_bytes for t in targets)
+        done = 0
+        for target in targets:
+            src_pm = source.pagemap_for(target)
+            out_pm = out.pagemap_for(target)
+            if any(not e.present for e in out_pm.entries):
+                raise ImageError(out_pm.path, "has entries without PE_PRESENT after squash")
+            lazy_hash = hashlib.sha256()
+            lazy_seen = False
+            with _reader(source, target, "preadv") as src_reader, _reader(out, target, "preadv") as out_reader:
+                covered = 0
+                for entry in src_pm.entries:
+                    for seg in src_reader.segments(entry.vaddr, entry.size):
+                        if seg.kind == "hole":
+                            continue
+                        covered += seg.length
+                        for vaddr, length in _chunks(seg.vaddr, seg.length, _VERIFY_CHUNK):
+                            ob = memoryview(b)[:length]
+                            out_reader.readinto(vaddr, ob)
+                            if seg.kind == "lazy":
+                                lazy_hash.update(ob)
+                                lazy_seen = True
+                                continue
+                            sb = memoryview(a)[:length]
+                            src_reader.readinto(vaddr, sb)
+                            if sb != ob:
+                                page = _first_difference(sb, ob, src_pm.page_size)
+                                raise ImageError(
+                                    out_pm.path, f"{target}: page at {vaddr + page:#x} differs from {src_pm.path}"
+                                )
+                        done += seg.length
+                    if progress is not None:
+                        progress(f"verify {target}", done, total)
+                if covered != out_pm.present_bytes:
+                    raise ImageError(out_pm.path, f"{target}: holds {out_pm.present_bytes} bytes, source {covered}")
+            if lazy_seen and lazy_hash.hexdigest() != lazy_digests.get(target):
+                raise ImageError(out_pm.path, f"{target}: lazy pages differ from the pages fetched while squashing")
+
+
+def _first_difference(a: memoryview, b: memoryview, page_size: int) -> int:
+    for off in range(0, len(a), page_size):
+        if a[off : off + page_size] != b[off : off + page_size]:
+            return off
+    return 0

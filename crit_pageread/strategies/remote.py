@@ -1,0 +1,230 @@
+"""`remote`: pages from a page server (CRIU's, or `crit-pageread serve`) with pipelined GETs.
+
+Lazy ranges (`ReadRequest.pages is None`) are queued and fetched at `sync()`
+(or at once by `read`) with at most `max_in_flight` GETs outstanding, each
+reply received straight into the caller's buffer. Ranges present in the local
+images go to the `local` strategy (default `preadv`); with `local = "none"`
+every range is fetched from the server. After a failure every destination of
+the failed batch is zeroed: no caller buffer keeps half a reply.
+
+Config `[remote]`: address, port, protocol ("4.1"|"4.2"), tls, tls_cacert,
+tls_cert, tls_key, tls_no_cn_verify, connect_timeout, timeout, max_in_flight,
+local.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import Config
+from ..errors import ConfigError, RemoteError
+from ..hookspecs import hookimpl
+from ..pageserver.client import PAGE_SIZE, Connection, ServerAddress
+from ..pageserver.protocol import CRIU_MAX_REPLY_PAGES, PROTOCOLS
+from ..pageserver.tls import TlsOptions
+from ..strategy import ReadRequest, Strategy, StrategyInfo
+
+KEYS = (
+    "address", "port", "protocol", "tls", "tls_cacert", "tls_cert", "tls_key", "tls_no_cn_verify",
+    "connect_timeout", "timeout", "max_in_flight", "local",
+)
+DEFAULTS: dict[str, Any] = {
+    "address": "127.0.0.1", "protocol": "4.1", "tls": False, "tls_no_cn_verify": False,
+    "connect_timeout": 5.0, "timeout": 30.0, "max_in_flight": 16, "local": "preadv",
+}
+#: Remote requests queued before `submit` syncs by itself.
+MAX_QUEUE = 65536
+
+_config: Config | None = None
+
+
+class RemoteStrategy(Strategy):
+    """Fetches lazy (or, with no local strategy, all) ranges from a page server."""
+
+    name = "remote"
+    serves_lazy = True
+
+    def __init__(self, server: ServerAddress, local: Strategy | None = None, max_in_flight: int = 16) -> None:
+        self.server = server
+        self.local = local
+        self.max_in_flight = max_in_flight
+        self._queue: list[ReadRequest] = []
+        self._conn: Connection | None = None
+        #: GET requests sent and bytes received so far (for benchmarks and tests).
+        self.gets = 0
+        self.bytes = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue) + (self.local.pending if self.local is not None else 0)
+
+    def _check(self, request: ReadRequest) -> None:
+        if request.target.kind != "pid":
+            raise RemoteError(
+                f"{self.server.peer}: page servers serve process memory only, not {request.target}"
+            )
+
+    def read(self, request: ReadRequest) -> None:
+        if request.pages is not None and self.local is not None:
+            self.local.read(request)
+            return
+        self._check(request)
+        self.sync()
+        self._fetch([request])
+
+    def submit(self, request: ReadRequest) -> None:
+        if request.pages is not None and self.local is not None:
+            self.local.submit(request)
+            return
+        self._check(request)
+        if len(request.dest):
+            self._queue.append(request)
+        if len(self._queue) >= MAX_QUEUE:
+            self.sync()
+
+    def sync(self) -> None:
+        if self.local is not None:
+            self.local.sync()
+        queue, self._queue = self._queue, []
+        if queue:
+            self._fetch(queue)
+
+    def _fetch(self, requests: list[ReadRequest]) -> None:
+        """GET every request's pages; unaligned edges go through a one-page bounce buffer."""
+        ps = PAGE_SIZE
+        mask = ps - 1
+        items: list[tuple[int, int, memoryview]] = []
+        bounces: list[tuple[memoryview, bytearray, int]] = []
+        for req in requests:
+            pid = req.target.id
+            dest = req.dest
+            start = req.vaddr
+            end = start + len(dest)
+            pos = start
+            if pos & mask:  # head: part of one page
+                bounce = bytearray(ps)
+                page = pos & ~mask
+                n = min(end, page + ps) - pos
+                items.append((pid, page, memoryview(bounce)))
+                bounces.append((dest[: n], bounce, pos - page))
+                pos += n
+            body_end = end & ~mask
+            if body_end > pos:
+                items.append((pid, pos, dest[pos - start : body_end - start]))
+                pos = body_end
+            if pos < end:  # tail: the start of one page
+                bounce = bytearray(ps)
+                items.append((pid, pos, memoryview(bounce)))
+                bounces.append((dest[pos - start :], bounce, 0))
+        try:
+            conn = self._connection()
+            self.gets += conn.get_into(items, max_in_flight=self.max_in_flight, max_pages=CRIU_MAX_REPLY_PAGES)
+        except BaseException:
+            self._conn = None
+            for req in requests:
+                _zero(req.dest)
+            raise
+        for view, bounce, offset in bounces:
+            view[:] = bounce[offset : offset + len(view)]
+        self.bytes += sum(len(req.dest) for req in requests)
+
+    def _connection(self) -> Connection:
+        conn = self._conn
+        if conn is None or conn._sock is None:
+            conn = self._conn = Connection(self.server)
+        return conn
+
+    def close(self) -> None:
+        self._queue = []
+        if self.local is not None:
+            self.local.close()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+def _zero(view: memoryview) -> None:
+    view[:] = bytes(len(view))
+
+
+def _number(table: dict[str, Any], key: str, low: float, high: float, integer: bool) -> Any:
+    value = table.get(key, DEFAULTS.get(key))
+    ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+    if not ok or not low <= value <= high:  # type: ignore[operator]
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"[remote]: key {key!r} must be {kind} from {low:g} to {high:g}, not {value!r}")
+    return value
+
+
+def _text(table: dict[str, Any], key: str) -> str | None:
+    value = table.get(key, DEFAULTS.get(key))
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigError(f"[remote]: key {key!r} must be a non-empty string, not {value!r}")
+    return value
+
+
+def _flag(table: dict[str, Any], key: str) -> bool:
+    value = table.get(key, DEFAULTS.get(key))
+    if not isinstance(value, bool):
+        raise ConfigError(f"[remote]: key {key!r} must be true or false, not {value!r}")
+    return value
+
+
+def parse_options(table: dict[str, Any]) -> tuple[ServerAddress, str, int]:
+    """Validate a `[remote]` table: (server, local strategy name, max_in_flight); errors name the key."""
+    unknown = set(table) - set(KEYS)
+    if unknown:
+        raise ConfigError(f"[remote]: unknown key {sorted(unknown)[0]!r} (known: {', '.join(KEYS)})")
+    if "port" not in table:
+        raise ConfigError("[remote]: key 'port' is required (the page server's TCP port)")
+    address = _text(table, "address") or "127.0.0.1"
+    port = _number(table, "port", 1, 65535, True)
+    protocol = table.get("protocol", DEFAULTS["protocol"])
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"[remote]: key 'protocol' must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
+    files = {k: _text(table, k) for k in ("tls_cacert", "tls_cert", "tls_key")}
+    no_cn = _flag(table, "tls_no_cn_verify")
+    tls = None
+    if _flag(table, "tls") or any(files.values()):
+        tls = TlsOptions(files["tls_cacert"], files["tls_cert"], files["tls_key"], no_cn)
+    server = ServerAddress(
+        address, port, protocol, tls,
+        float(_number(table, "connect_timeout", 0.001, 3600, False)),
+        float(_number(table, "timeout", 0.001, 86400, False)),
+    )
+    local = _text(table, "local") or "preadv"
+    if local == "remote":
+        raise ConfigError("[remote]: key 'local' cannot be 'remote' (use 'none' to fetch every page remotely)")
+    return server, local, _number(table, "max_in_flight", 1, 4096, True)
+
+
+def _factory(table: dict[str, Any]) -> Strategy:
+    from ..plugins import strategies
+
+    server, local_name, max_in_flight = parse_options(table)
+    local: Strategy | None = None
+    if local_name != "none":
+        info = strategies().get(local_name)
+        if info is None:
+            raise ConfigError(
+                f"[remote]: key 'local' names unknown strategy {local_name!r} (known: {', '.join(strategies())}, none)"
+            )
+        local_table = _config.table(local_name) if _config is not None else {}
+        local = info.factory(local_table)
+    if server.tls is not None:
+        server.tls.client_context()  # bad certificate files are a ConfigError now, not at the first read
+    return RemoteStrategy(server, local, max_in_flight)
+
+
+@hookimpl
+def crit_pageread_configure(config: Config) -> None:
+    global _config
+    _config = config
+    table = config.table("remote")
+    if table or config.strategy == "remote":
+        parse_options(table)
+
+
+@hookimpl
+def crit_pageread_strategies() -> list[StrategyInfo]:
+    return [StrategyInfo("remote", _factory, "pages from a CRIU page server (lazy pages; pipelined GETs)")]

@@ -1,0 +1,105 @@
+"""`crit-pageread bench`: what it materializes is the checkpoint's memory, and its report adds up.
+
+Timings are never asserted (benchmarks are scripts); the bytes every strategy
+materializes are checked page by page against the shared fixtures' truth
+(`/proc/PID/mem` of the restored tasks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from crit_pageread import open_images
+from crit_pageread.cli.bench import LIMIT, allocate, chain_pages_files, file_runs, materialize, materialized_bytes
+from crit_pageread.cli.main import main
+from crit_pageread.strategies.preadv import IOV_MAX
+
+CASES = {"b_tree": "b_tree", "e2_chain2": "e2_chain2/d2"}
+
+
+def truth_pages(shared_fixtures: Path, case: str, pids: list[int]) -> list[str]:
+    """Page hashes in the order materialize() writes them: pids in image order, vaddrs ascending."""
+    out: list[str] = []
+    for pid in pids:
+        lines = (shared_fixtures / "truth" / case / f"pid-{pid}.sha256").read_text().splitlines()
+        out.extend(line.split()[1] for line in lines if not line.startswith("TOTAL"))
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("strategy", ["pread", "preadv", "mmap"])
+def test_materialize_fills_the_buffer_with_the_true_pages(shared_fixtures: Path, case: str, strategy: str) -> None:
+    directory = shared_fixtures / "cases" / CASES[case]
+    with open_images(directory) as images:
+        pids = images.pids
+        size = materialized_bytes(images)
+    want = truth_pages(shared_fixtures, case, pids)
+    assert size == len(want) * 4096
+    buf = allocate(size + 4096)
+    view = memoryview(buf)
+    try:
+        result = materialize(directory, strategy, view)
+        assert result["bytes"] == size
+        got = [hashlib.sha256(view[i : i + 4096]).hexdigest() for i in range(0, size, 4096)]
+    finally:
+        view.release()
+        buf.close()
+    assert got == want
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bench_json_report_adds_up(shared_fixtures: Path, case: str, capsys: pytest.CaptureFixture[str]) -> None:
+    directory = shared_fixtures / "cases" / CASES[case]
+    assert main(["bench", str(directory), "--json", "--runs", "2", "--warmup", "0"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    with open_images(directory) as images:
+        need = materialized_bytes(images)
+        files = chain_pages_files(images)
+        runs = file_runs(images)
+    assert set(report["methods"]) >= {LIMIT, "pread", "preadv", "mmap"}
+    assert report["materialized_bytes"] == need
+    assert report["pages_file_bytes"] == sum(p.stat().st_size for p in files)
+    assert report["file_runs"] == sum(runs.values())
+    assert report["methods"][LIMIT]["bytes"] == report["pages_file_bytes"]
+    for name, res in report["methods"].items():
+        assert res["runs"] == 2
+        assert res["min_s"] <= res["median_s"] <= res["max_s"]
+        if name != LIMIT:
+            assert res["bytes"] == need
+    assert report["methods"][LIMIT]["vs_limit"] == pytest.approx(1.0)
+    # preadv: one call per contiguous file run (none holds more than IOV_MAX iovecs here)
+    assert report["methods"]["preadv"]["calls"] == report["file_runs"]
+    calls = report["methods"]["preadv"]["calls_by_pid"]
+    for pid, n in runs.items():
+        assert n >= 1
+        assert calls[str(pid)] == n
+        if case == "b_tree":  # a plain dump: each pagemap is one run in its pages file
+            assert n == 1
+            assert calls[str(pid)] <= math.ceil(n / IOV_MAX) + 1
+
+
+def test_bench_table_and_one_strategy(shared_fixtures: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    directory = shared_fixtures / "cases" / "a_single"
+    assert main(["bench", str(directory), "--strategy", "pread", "--runs", "1", "--warmup", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "materialized" in lines[0] and "warm cache" in lines[0]
+    assert [line.split()[0] for line in lines[2:]] == [LIMIT, "pread"]
+
+
+@pytest.mark.parametrize("argv", [["--runs", "0"], ["--warmup", "-1"]])
+def test_bench_bad_options_are_one_line(shared_fixtures: Path, capsys: pytest.CaptureFixture[str],
+                                        argv: list[str]) -> None:
+    assert main(["bench", str(shared_fixtures / "cases" / "a_single"), *argv]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("crit-pageread: ") and "--runs" in err[0]
+
+
+def test_bench_missing_directory_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", str(tmp_path / "nope")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope" in err[0]

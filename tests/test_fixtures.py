@@ -1,0 +1,164 @@
+"""Every shared fixture (real CRIU 4.1.1 checkpoints) reads byte-identical to its truth.
+
+The truth (`truth/<case>/pid-<pid>.sha256`, `shmem-<id>.sha256`) was taken from
+`/proc/PID/mem` of the restored, stopped tasks: one `addr sha256` line per page
+and a `TOTAL sha256 npages` line. The fixtures are read only, never written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from crit_pageread import LazyPageError, Target, open_images
+
+STRATEGIES = ("pread", "preadv", "mmap")
+MODES = ("read", "defer")
+TRUTH_CASES = {"a_single": "a_single", "b_tree": "b_tree", "d_shm": "d_shm", "e2_chain2": "e2_chain2/d2"}
+
+
+def load_truth(path: Path) -> tuple[dict[int, str], str, int]:
+    """Per-page hashes by address, the TOTAL hash and its page count."""
+    pages: dict[int, str] = {}
+    total, count = "", -1
+    for line in path.read_text().splitlines():
+        key, digest, *rest = line.split()
+        if key == "TOTAL":
+            total, count = digest, int(rest[0])
+        else:
+            pages[int(key, 16)] = digest
+    assert count == len(pages), f"{path}: TOTAL counts {count} pages, lines {len(pages)}"
+    return pages, total, count
+
+
+def truth_files(fixtures: Path, case: str) -> list[tuple[Target, Path]]:
+    out = []
+    for path in sorted((fixtures / "truth" / case).iterdir()):
+        kind, _, number = path.stem.partition("-")
+        out.append((Target("pid" if kind == "pid" else "shmem", int(number)), path))
+    return out
+
+
+def runs_of(addresses: list[int], page: int) -> list[tuple[int, int]]:
+    """Contiguous (start, npages) runs of sorted page addresses."""
+    runs: list[list[int]] = []
+    for a in addresses:
+        if runs and runs[-1][0] + runs[-1][1] * page == a:
+            runs[-1][1] += 1
+        else:
+            runs.append([a, 1])
+    return [(a, n) for a, n in runs]
+
+
+def read_pages(images_dir: Path, target: Target, addresses: list[int], strategy: str, mode: str) -> bytes:
+    """The bytes of every listed page, in address order: read() per run, or deferred + one sync."""
+    with open_images(images_dir) as images:
+        page = images.page_size
+        make = images.reader if target.kind == "pid" else images.shmem_reader
+        runs = runs_of(addresses, page)
+        with make(target.id, strategy) as reader:
+            if mode == "read":
+                return b"".join(reader.read(a, n * page) for a, n in runs)
+            buf = bytearray(len(addresses) * page)
+            view = memoryview(buf)
+            pos = 0
+            for a, n in runs:
+                reader.readinto(a, view[pos : pos + n * page], defer=True)
+                pos += n * page
+            reader.sync()
+            view.release()
+            return bytes(buf)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("case", sorted(TRUTH_CASES))
+def test_case_matches_truth(shared_fixtures: Path, case: str, strategy: str, mode: str) -> None:
+    images_dir = shared_fixtures / "cases" / TRUTH_CASES[case]
+    checked = 0
+    for target, truth_path in truth_files(shared_fixtures, case):
+        pages, total, count = load_truth(truth_path)
+        addresses = sorted(pages)
+        with open_images(images_dir) as images:
+            page = images.page_size
+            # The truth lists exactly the pages the pagemap lists.
+            listed = [e.vaddr + i * page for e in images.pagemap_for(target).entries for i in range(e.nr_pages)]
+            assert listed == addresses, f"{truth_path.name}: pagemap and truth list different pages"
+        data = read_pages(images_dir, target, addresses, strategy, mode)
+        wrong = [
+            f"{a:#x}" for i, a in enumerate(addresses)
+            if hashlib.sha256(data[i * page : (i + 1) * page]).hexdigest() != pages[a]
+        ]
+        assert not wrong, f"{case} {target} {strategy}/{mode}: {len(wrong)} pages differ, first {wrong[:3]}"
+        assert hashlib.sha256(data).hexdigest() == total and len(data) == count * page
+        checked += count
+    assert checked > 0
+
+
+def test_chain_resolves_through_parent_file(shared_fixtures: Path) -> None:
+    """e2_chain2/d2/parent is a regular file holding "../d1" in this copy; it is followed."""
+    d2 = shared_fixtures / "cases" / "e2_chain2" / "d2"
+    assert (d2 / "parent").is_file() and not (d2 / "parent").is_symlink()
+    with open_images(d2) as images:
+        parent = images.parent
+        assert parent is not None and os.path.samefile(parent.path, d2.parent / "d1")
+        pid = images.pids[0]
+        with images.reader(pid) as reader:
+            depths = {seg.depth for e in reader.pagemap.entries for seg in reader.segments(e.vaddr, e.size)}
+        assert depths == {0, 1}
+
+
+def test_shmem_segments_are_known(shared_fixtures: Path) -> None:
+    with open_images(shared_fixtures / "cases" / "d_shm") as images:
+        truth = {t.id for t, _ in truth_files(shared_fixtures, "d_shm") if t.kind == "shmem"}
+        assert set(images.shmem_ids) == truth
+        assert set(images.memfd_shmids.values()) <= truth
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_lazy_fixture(shared_fixtures: Path, strategy: str) -> None:
+    """PE_LAZY-only pages raise the lazy error; present pages match the live program's hashes."""
+    images_dir = shared_fixtures / "cases" / "f_lazy"
+    (live_path,) = (shared_fixtures / "live" / "f_lazy").iterdir()
+    live, _, _ = load_truth(live_path)
+    lazy_runs = present = 0
+    with open_images(images_dir) as images:
+        pid = images.pids[0]
+        for zero_fill in (False, True):
+            with images.reader(pid, strategy, zero_fill=zero_fill) as reader:
+                for e in reader.pagemap.entries:
+                    if e.present:
+                        data = reader.read(e.vaddr, e.size)
+                        for i in range(e.nr_pages):
+                            addr = e.vaddr + i * e.page_size
+                            want = live.get(addr)
+                            if want is not None:
+                                got = hashlib.sha256(data[i * e.page_size : (i + 1) * e.page_size]).hexdigest()
+                                assert got == want, f"{addr:#x} differs from the live program"
+                                present += 1
+                    else:
+                        assert e.lazy
+                        with pytest.raises(LazyPageError) as err:
+                            reader.read(e.vaddr, e.size)
+                        assert (err.value.start, err.value.end) == (e.vaddr, e.end)
+                        assert f"{e.vaddr:#x}-{e.end:#x}" in str(err.value) and "pagemap-" in str(err.value)
+                        lazy_runs += 1
+    assert lazy_runs > 0 and present > 0
+
+
+def test_fixture_copy_is_not_needed_to_read(shared_fixtures: Path, tmp_path: Path) -> None:
+    """Reading never writes: a copy of a case reads the same and the fixture's files are unchanged."""
+    case = shared_fixtures / "cases" / "a_single"
+    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in case.iterdir()}
+    copy = tmp_path / "a_single"
+    shutil.copytree(case, copy)
+    with open_images(case) as a, open_images(copy) as b:
+        pid = a.pids[0]
+        with a.reader(pid) as ra, b.reader(pid) as rb:
+            for e in ra.pagemap.entries:
+                assert ra.read(e.vaddr, e.size) == rb.read(e.vaddr, e.size)
+    assert {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in case.iterdir()} == before
