@@ -1,6 +1,6 @@
 """Make large real CRIU checkpoints for the benchmarks, cached outside the clone.
 
-Each shape is a real `criu dump` of tests/victim.c with bulk memory, kept in
+Each shape is a real `criu dump` of the test victim (victim.c) with bulk memory, kept in
 `~/.cache/crit-pageread/bench/<shape>-<parameters>/images` (or under
 `$CRIT_PAGEREAD_BENCH_CACHE`) and reused while its parameters are unchanged:
 
@@ -8,12 +8,13 @@ Each shape is a real `criu dump` of tests/victim.c with bulk memory, kept in
   pagemap has thousands of entries (runs of 47 pages);
 - `frag`: every other page untouched: tens of thousands of single-page entries
   with holes between them;
-- `chain`: a 3-level incremental chain made from real dumps of one victim: the
-  oldest image is a plain dump, the two newer ones are later dumps of the same
-  victim whose pagemaps are rewritten so that most entries are `PE_PARENT`
-  (their pages dropped from the pages file) and the rest stay present.
+- `chain`: a 3-level incremental chain made from a real dump by tests/chains.py
+  `build_chain` (the kernel has no soft-dirty tracking, so CRIU cannot write
+  incremental dumps here): each page's true bytes live in one level, newer
+  levels mark it `PE_PARENT`, older ones hold stale bytes; homes change every
+  few pages, so entries are short and reads hop between the three pages files.
 
-usage: python -m benchmarks.generate [--shape big|frag|chain|all] [--force]
+usage: python -m benchmarks.generate [--shape big|frag|chain|all] [--force] [--verify]
 """
 
 from __future__ import annotations
@@ -32,11 +33,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from chains import build_chain  # noqa: E402
 from criu_harness import dump, start_victim  # noqa: E402
 
-from crit_pageread.pagemap import PE_PARENT, PE_PRESENT, encode_pagemap, load_pagemap  # noqa: E402
-
-FORMAT = 1  # bump to regenerate every cached checkpoint
+FORMAT = 2  # bump to regenerate every cached checkpoint
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,10 @@ def cache_root() -> Path:
 
 
 def victim_exe() -> Path:
-    """tests/victim.c compiled into the cache, keyed by its source."""
-    src = ROOT / "tests" / "victim.c"
+    """The victim (crit_pageread/data/victim.c, also tests/victim.c) compiled into the cache, keyed by its source."""
+    src = ROOT / "crit_pageread" / "data" / "victim.c"
+    if not src.exists():
+        src = ROOT / "tests" / "victim.c"
     digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
     exe = cache_root() / f"victim-{digest}"
     if not exe.exists():
@@ -85,7 +87,7 @@ def victim_exe() -> Path:
 def images_dir(shape: Shape) -> Path:
     """The newest image directory of a shape (the chain's top level)."""
     base = cache_root() / shape.key
-    return base / (f"level{shape.levels}" if shape.levels > 1 else "images")
+    return base / "chain" / f"d{shape.levels}" if shape.levels > 1 else base / "images"
 
 
 def generate(shape: Shape, force: bool = False) -> Path:
@@ -96,70 +98,67 @@ def generate(shape: Shape, force: bool = False) -> Path:
         return images_dir(shape)
     if base.exists():
         shutil.rmtree(base)
-    work = base.with_name(base.name + ".tmp")
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    base.mkdir(parents=True)
     started = time.monotonic()
-    victim = start_victim(victim_exe(), work / "victim", *shape.victim_args(), timeout=300)
     try:
-        if shape.levels == 1:
-            dump(victim, work / "images", timeout=600)
-        else:
-            for level in range(1, shape.levels + 1):
-                extra = ["--leave-running"] if level < shape.levels else []
-                dump(victim, work / f"level{level}", *extra, timeout=600)
-            _make_chain(work, shape.levels)
-    finally:
-        victim.kill()
+        # Dumped in place (not renamed after), so the images' file paths stay valid for `criu restore`.
+        victim = start_victim(victim_exe(), base / "victim", *shape.victim_args(), timeout=300)
+        try:
+            if shape.levels == 1:
+                dump(victim, base / "images", timeout=600)
+            else:
+                dump(victim, base / "dump", timeout=600)
+                build_chain(base / "dump", base / "chain", shape.levels, seed=7)
+                shutil.rmtree(base / "dump")
+        finally:
+            victim.kill()
+    except BaseException:
+        shutil.rmtree(base, ignore_errors=True)
+        raise
     info = {"shape": shape.__dict__, "seconds": round(time.monotonic() - started, 1), "victim": victim.info["pid"]}
-    (work / "done.json").write_text(json.dumps(info, indent=2) + "\n")
-    os.rename(work, base)
+    done.write_text(json.dumps(info, indent=2) + "\n")
     return images_dir(shape)
 
 
-def _make_chain(work: Path, levels: int) -> None:
-    """Rewrite dumps level2.. into incremental images whose parent is the level below.
+def verify(directory: Path) -> str:
+    """`criu restore --leave-stopped` the images; compare every dumped page with what preadv reads."""
+    from criu_harness import restore_stopped
 
-    In level L (L >= 2) an entry stays present when its index is a multiple of
-    L + 1, otherwise it becomes `PE_PARENT` and its pages leave the pages file.
-    Every dump is of the same unchanged victim, so the parent holds equal bytes.
-    """
-    for level in range(2, levels + 1):
-        top = work / f"level{level}"
-        (top / "parent").symlink_to(f"../level{level - 1}")
-        for pagemap_path in sorted(top.glob("pagemap-*.img")):
-            if pagemap_path.name.startswith("pagemap-shmem"):
-                continue
-            pagemap = load_pagemap(pagemap_path, os.sysconf("SC_PAGE_SIZE"))
-            pages_path = pagemap.pages_path
-            runs: list[tuple[int, int, int]] = []
-            tmp = pages_path.with_suffix(".tmp")
-            with open(pages_path, "rb") as src, open(tmp, "wb") as out:
-                for index, entry in enumerate(pagemap.entries):
-                    if not entry.present:
-                        runs.append((entry.vaddr, entry.nr_pages, entry.flags))
-                    elif index % (level + 1) == 0:
-                        src.seek(entry.offset)
-                        out.write(src.read(entry.size))
-                        runs.append((entry.vaddr, entry.nr_pages, PE_PRESENT))
-                    else:
-                        runs.append((entry.vaddr, entry.nr_pages, PE_PARENT))
-            os.replace(tmp, pages_path)
-            data = encode_pagemap(pagemap.pages_id, runs, pagemap.layout)
-            pagemap_path.write_bytes(data)
+    from crit_pageread import open_images
+    from crit_pageread.pagemap import PE_PARENT, PE_PRESENT
+
+    pages = 0
+    with open_images(directory) as images, restore_stopped(directory) as restored:
+        for pid in images.pids:
+            with images.reader(pid, "preadv") as reader:
+                for entry in images.pagemap(pid).entries:
+                    if not entry.flags & (PE_PRESENT | PE_PARENT):
+                        continue
+                    ours = reader.read(entry.vaddr, entry.size)
+                    theirs = restored.read(pid, entry.vaddr, entry.size)
+                    if ours != theirs:
+                        return f"MISMATCH pid {pid} entry {entry.vaddr:#x}+{entry.nr_pages} pages"
+                    pages += entry.nr_pages
+    return f"ok: {pages} pages equal /proc/PID/mem of the restored tasks"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
     parser.add_argument("--force", action="store_true", help="dump again even if cached")
+    parser.add_argument("--verify", action="store_true",
+                        help="restore each checkpoint with CRIU and compare every page with our reader")
     args = parser.parse_args(argv)
     names = list(SHAPES) if args.shape == "all" else [args.shape]
+    bad = 0
     for name in names:
         path = generate(SHAPES[name], force=args.force)
-        print(f"{name}: {path}")
-    return 0
+        print(f"{name}: {path}", flush=True)
+        if args.verify:
+            result = verify(path)
+            bad += result.startswith("MISMATCH")
+            print(f"  verify: {result}", flush=True)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -235,6 +235,8 @@ def bench_stream(directory: Path, plan: dict[str, Any], modes: list[str], runs: 
         pairs["cat > file"] = (["cat", *files], str(scratch / "cat.out"))
     if not pairs:
         return {"skipped": "neither crit-pageread grep nor extract exists yet"}
+    # The fixed cost in every command's time: interpreter start, imports, plugin loading.
+    pairs["crit-pageread --version (startup)"] = ([*CLI, "--version"], None)
     out: dict[str, Any] = {}
     for mode in modes:
         samples: dict[str, list[dict[str, Any]]] = {k: [] for k in pairs}
@@ -252,6 +254,7 @@ def bench_stream(directory: Path, plan: dict[str, Any], modes: list[str], runs: 
         shutil.rmtree(scratch / "out", ignore_errors=True)
         (scratch / "cat.out").unlink(missing_ok=True)
         results = {name: median_of(got, nbytes) for name, got in samples.items()}
+        del results["crit-pageread --version (startup)"]["gb_per_s"]
         if "crit-pageread grep" in results:
             results["crit-pageread grep"]["vs_baseline"] = (
                 results["grep -c -a -F"]["median_s"] / results["crit-pageread grep"]["median_s"])
@@ -260,7 +263,7 @@ def bench_stream(directory: Path, plan: dict[str, Any], modes: list[str], runs: 
                 results["cat > file"]["median_s"] / results["crit-pageread extract"]["median_s"])
         out[mode] = results
         print(f"  stream {mode}: " + ", ".join(
-            f"{k} {r['gb_per_s']:.2f} GB/s rss {r['peak_rss_mib']:.0f} MiB" for k, r in results.items()), flush=True)
+            f"{k} {r['median_s']:.3f} s rss {r['peak_rss_mib']:.0f} MiB" for k, r in results.items()), flush=True)
     return out
 
 
@@ -372,7 +375,10 @@ def tables(results: dict[str, Any]) -> str:
             for mode, res in stream.items():
                 for cmd, r in res.items():
                     vs = f"{r['vs_baseline']:.2f}x" if "vs_baseline" in r else "baseline"
-                    lines.append(f"| {mode} | {cmd} | {r['median_s']:.3f} | {r['gb_per_s']:.2f} | {vs} | "
+                    rate = f"{r['gb_per_s']:.2f}" if "gb_per_s" in r else "-"
+                    if "startup" in cmd:
+                        vs = "-"
+                    lines.append(f"| {mode} | {cmd} | {r['median_s']:.3f} | {rate} | {vs} | "
                                  f"{r['peak_rss_mib']:.0f} |")
         elif stream:
             lines.append("")
@@ -408,24 +414,27 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
     for col, mode in enumerate(modes):
         ax = axes[0][col]
         for i, method in enumerate(methods):
-            vals = [results["shapes"][s]["materialize"].get(mode, {}).get(method, {}).get("gb_per_s", 0)
-                    for s in shapes]
-            bars = ax.bar([x + i * width for x in range(len(shapes))], vals, width, label=method)
+            got = [results["shapes"][s]["materialize"].get(mode, {}).get(method) for s in shapes]
+            vals, err = _rates(got)
+            bars = ax.bar([x + i * width for x in range(len(shapes))], vals, width, label=method, yerr=err,
+                          error_kw={"elinewidth": 0.6, "capsize": 1.5})
             ax.bar_label(bars, fmt="%.2f", fontsize=6, rotation=90, padding=2)
         ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(shapes))], shapes)
         ax.set_ylabel("GB/s (median)")
-        ax.set_title(f"materialize all pages, {mode} cache")
+        ax.set_title(f"materialize all pages, {mode} cache (bars: median, whiskers: min-max)", fontsize=9)
         ax.legend(fontsize=7)
     if has_stream:
         ax = axes[0][-1]
         cmds = ["crit-pageread grep", "grep -c -a -F", "crit-pageread extract", "cat > file"]
         sw = 0.8 / len(cmds)
+        streamed = [s for s in shapes if "warm" in results["shapes"][s].get("stream", {})]
         for i, cmd in enumerate(cmds):
-            vals = [results["shapes"][s].get("stream", {}).get("warm", {}).get(cmd, {}).get("gb_per_s", 0)
-                    for s in shapes]
-            bars = ax.bar([x + i * sw for x in range(len(shapes))], vals, sw, label=cmd)
+            got = [results["shapes"][s]["stream"]["warm"].get(cmd) for s in streamed]
+            vals, err = _rates(got)
+            bars = ax.bar([x + i * sw for x in range(len(streamed))], vals, sw, label=cmd, yerr=err,
+                          error_kw={"elinewidth": 0.6, "capsize": 1.5})
             ax.bar_label(bars, fmt="%.2f", fontsize=6, rotation=90, padding=2)
-        ax.set_xticks([x + sw * (len(cmds) - 1) / 2 for x in range(len(shapes))], shapes)
+        ax.set_xticks([x + sw * (len(cmds) - 1) / 2 for x in range(len(streamed))], streamed)
         ax.set_ylabel("GB/s of pages files (median)")
         ax.set_title("streaming commands vs coreutils, warm cache")
         ax.legend(fontsize=7)
@@ -433,6 +442,21 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return None
+
+
+def _rates(got: list[dict[str, Any] | None]) -> tuple[list[float], list[list[float]]]:
+    """Median GB/s per bar and (below, above) whiskers to the slowest and fastest run."""
+    vals, low, high = [], [], []
+    for r in got:
+        if not r or "gb_per_s" not in r:
+            vals.append(0.0)
+            low.append(0.0)
+            high.append(0.0)
+            continue
+        vals.append(r["gb_per_s"])
+        low.append(r["gb_per_s"] - r["bytes"] / r["max_s"] / 1e9)
+        high.append(r["bytes"] / r["min_s"] / 1e9 - r["gb_per_s"])
+    return vals, [low, high]
 
 
 def loadavg() -> str:

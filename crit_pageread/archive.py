@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
@@ -102,6 +101,8 @@ def _zstd_stream(path: Path) -> Iterator[IO[bytes]]:
         with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as stream:
             yield stream
         return
+    import subprocess
+
     program = shutil.which("zstd")
     if program is None:
         raise ImageError(path, "zstd archive, but neither the zstandard module nor a zstd program is available")

@@ -100,7 +100,11 @@ def crit_pageread_pages_served(images: CheckpointImages, pid: int, vaddr: int, n
 
 @hookspec
 def crit_pageread_before_restore(images_dir: str, options: dict[str, Any]) -> None:
-    """Called before CRIU restores `images_dir`; `options` may be changed in place."""
+    """Called before CRIU restores `images_dir`; `options` may be changed in place.
+
+    Keys (see `restore.pipeline.restore`): method ("binary"|"swrk"), leave_stopped, lazy,
+    pages_dir, extra_args, action_scripts, cpus, timeout, protocol, criu, log_file.
+    """
 
 
 @hookspec

@@ -114,7 +114,7 @@ def strategies() -> dict[str, StrategyInfo]:
         impls = list(reversed(hook.get_hookimpls()))
         results = hook()
         names = [impl.plugin_name for impl in impls] if len(results) == len(impls) else ["?"] * len(results)
-        for plugin_name, contributed in reversed(list(zip(names, results))):  # registration order
+        for plugin_name, contributed in reversed(list(zip(names, results, strict=True))):  # registration order
             for info in contributed or []:
                 info.plugin = info.plugin or plugin_name
                 if info.name in found:

@@ -165,14 +165,26 @@ class PageReader:
 
     def _requests(self, vaddr: int, dest: memoryview) -> tuple[list[ReadRequest], list[Segment]]:
         """Plan a read: requests for the strategy (merged where the file is contiguous) and holes."""
-        # Fast path (most reads): the range lies inside one present entry of this image.
-        pagemap = self.pagemap
-        i = bisect_right(pagemap._starts, vaddr) - 1
-        if i >= 0 and dest:
+        # Fast path (most reads): the range lies inside one entry with data, here or in a parent.
+        reader = self
+        end = vaddr + len(dest)
+        while dest:
+            pagemap = reader.pagemap
+            i = bisect_right(pagemap._starts, vaddr) - 1
+            if i < 0:
+                break
             entry = pagemap.entries[i]
-            if entry.flags & PE_PRESENT and vaddr + len(dest) <= entry.vaddr + entry.nr_pages * entry.page_size:
-                pages = self._pages or self._pages_file()
-                return [ReadRequest(pages, entry.offset + vaddr - entry.vaddr, dest, vaddr, self.target)], []
+            if end > entry.vaddr + entry.nr_pages * entry.page_size:
+                break
+            if entry.flags & PE_PRESENT:
+                pages = reader._pages or reader._pages_file()
+                offset = entry.offset + vaddr - entry.vaddr
+                if reader.depth and self.auto_dedup:
+                    self._root._dedup_pending.append((pages, offset, len(dest)))
+                return [ReadRequest(pages, offset, dest, vaddr, self.target)], []
+            if not entry.flags & PE_PARENT:
+                break
+            reader = reader.parent
         requests: list[ReadRequest] = []
         holes: list[Segment] = []
         serves_lazy = self.strategy.serves_lazy

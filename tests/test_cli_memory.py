@@ -87,11 +87,13 @@ def test_grep_finds_the_secret_across_page_and_entry_boundary_and_read_returns_i
     assert res["out"] == text == dumped.restored.read(pid, addr, len(text))
 
 
-@pytest.mark.parametrize("chunk", [10_007, 1 << 16])
+@pytest.mark.parametrize(("chunk", "strategy"), [(10_007, []), (1 << 16, []), (12_345, ["--strategy", "preadv"]),
+                                                 (1 << 16, ["--strategy", "mmap"])])
 def test_grep_finds_exactly_what_re_finds_in_restored_memory(
-    dumped: Dumped, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, chunk: int
+    dumped: Dumped, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, chunk: int,
+    strategy: list[str],
 ) -> None:
-    """Small chunks force thousands of chunk boundaries; every match is found once."""
+    """Small chunks force thousands of chunk boundaries; every match is found once (in place or copied)."""
     monkeypatch.setattr(grep_mod, "CHUNK", chunk)
     for argv, rx in ((["-E", r"\xab[\x00-\x0f]"], re.compile(rb"\xab[\x00-\x0f]")),
                      (["--hex", "abcd"], re.compile(re.escape(b"\xab\xcd")))):
@@ -100,7 +102,8 @@ def test_grep_finds_exactly_what_re_finds_in_restored_memory(
             for s, e in _runs(pagemap_pages(dumped.images, pid)):
                 data = dumped.restored.read(pid, s, e - s)
                 want |= {(pid, s + m.start()) for m in rx.finditer(data)}
-        code, out, err = cli(["grep", str(dumped.images), *argv, "--json"], capsys)
+        code, out, err = cli(["grep", str(dumped.images), *argv, "--json", *strategy], capsys)
+        assert code == 0, err
         got = [(m["pid"], m["vaddr"]) for m in map(json.loads, out.splitlines())]
         assert len(got) == len(set(got))
         assert set(got) == want
@@ -137,7 +140,7 @@ def test_ps_shows_the_real_argv_and_environment(dumped: Dumped, capsys: pytest.C
     child = [p for p in procs.values() if p["ppid"] == root["pid"]]
     assert len(child) == 1 and child[0]["argv"] == argv
     code, out, err = cli(["ps", str(dumped.images)], capsys)
-    line = [ln for ln in out.splitlines() if ln.split()[0] == str(root["pid"])][0]
+    line = next(ln for ln in out.splitlines() if ln.split()[0] == str(root["pid"]))
     assert " ".join(argv) + " " + " ".join(f"{k}={v}" for k, v in ENV.items()) in line
     assert "\\_ " + " ".join(argv) in out
 
@@ -165,7 +168,7 @@ def _check_extract(out: Path, dumped: Dumped, layout: str) -> None:
 def test_extract_per_vma_files_equal_restored_memory(dumped: Dumped, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    code, stdout, err = cli(["extract", str(dumped.images), "-o", str(out)], capsys)
+    code, _stdout, err = cli(["extract", str(dumped.images), "-o", str(out)], capsys)
     assert code == 0, err
     _check_extract(out, dumped, "vma")
     names = [p.name for p in (out / f"pid-{dumped.victim.pid}").iterdir()]
@@ -218,7 +221,7 @@ def _check_extract_partial(out: Path, dumped: Dumped) -> None:
 
 
 def test_read_hexdump_is_hexdump_C(dumped: Dumped, tmp_path: Path) -> None:
-    region = [r for r in dumped.victim.info["regions"] if r["name"] == "anon"][0]
+    region = next(r for r in dumped.victim.info["regions"] if r["name"] == "anon")
     start, length = region["start"] + 0x100, 5 * 4096 + 0x40  # over a hole (zero-filled) page
     argv = ["read", str(dumped.images), "--pid", str(dumped.victim.pid), hex(start), str(length), "--zero-fill"]
     raw, dump_ = run_jobs("crit_pageread", [{"argv": argv}, {"argv": [*argv, "--hexdump"]}])
@@ -272,9 +275,37 @@ def test_broken_checkpoint_extract_leaves_nothing(dumped: Dumped, tmp_path: Path
 
 def test_plugins_lists_commands_hooks_and_strategies(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = cli(["plugins", "--json"], capsys)
+    assert code == 0
     plugins: dict[str, Any] = {p["name"]: p for p in json.loads(out)}
     for name in ("grep", "extract", "read", "ps", "pages", "crit_compat"):
         assert "crit_pageread_add_commands" in plugins[f"crit_pageread.cli.{name}"]["hooks"]
     assert plugins["crit_pageread.strategies.preadv"]["strategies"] == ["preadv"]
-    code, out, _ = cli(["plugins"], capsys)
+    _code, out, _ = cli(["plugins"], capsys)
     assert "strategy mmap" in out and "crit_pageread.cli.grep" in out
+
+
+def test_progress_bar_on_a_tty_only(dumped: Dumped, tmp_path: Path) -> None:
+    import pty
+    import sys
+
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "crit_pageread", "extract", str(dumped.images), "-o",
+                               str(tmp_path / "tty")], stderr=slave, stdout=subprocess.PIPE, timeout=120)
+        os.close(slave)
+        tty_err = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            tty_err += chunk
+    finally:
+        os.close(master)
+    assert proc.returncode == 0
+    assert b"extract [" in tty_err and b"100.0%" in tty_err
+    piped = subprocess.run([sys.executable, "-m", "crit_pageread", "extract", str(dumped.images), "-o",
+                            str(tmp_path / "pipe")], capture_output=True, timeout=120)
+    assert piped.returncode == 0 and piped.stderr == b""

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 from chains import make_chain
-from criu_harness import Victim, build_victim, dump, restore_stopped, start_victim
-from restore_support import interrupted_run, leftovers, run_cli
+from criu_harness import Region, Victim, build_victim, dump, read_mem, restore_stopped, start_victim
+from restore_support import interrupted_run, leftovers, run_cli, start_lazy_dump
 
 from crit_pageread.criu_env import pycriu
 
@@ -49,7 +49,7 @@ def _vmas(images: Path, pid: int) -> list[dict]:
 
 
 def _gdb(exe: Path | None, core: Path, commands: list[str]) -> str:
-    assert HAS_GDB, "gdb is needed"
+    assert HAS_GDB, "gdb is needed (apt-get install gdb)"
     cmd = ["gdb", "-batch", "-nx", "-ex", "set pagination off", "-ex", "set width 0"]
     for c in commands:
         cmd += ["-ex", c]
@@ -100,7 +100,6 @@ def _sample(case: CoreCase, n: int = 100) -> list[int]:
     return addrs
 
 
-@pytest.mark.skipif(not HAS_GDB, reason="gdb is not installed")
 def test_gdb_reads_the_same_bytes_from_our_core_as_from_the_restored_program(case: CoreCase):
     pid = case.victim.pid
     addrs = _sample(case)
@@ -113,7 +112,6 @@ def test_gdb_reads_the_same_bytes_from_our_core_as_from_the_restored_program(cas
     assert got == truth
 
 
-@pytest.mark.skipif(not HAS_GDB, reason="gdb is not installed")
 def test_gdb_shows_every_thread_of_the_dump_with_its_registers(case: CoreCase):
     pid = case.victim.pid
     tids = sorted(case.victim.info["threads"])
@@ -139,15 +137,14 @@ def test_core_notes_hold_prstatus_per_thread_prpsinfo_auxv_and_mapped_files(case
     header = subprocess.run(["readelf", "-h", "-l", "-W", str(core)], capture_output=True, text=True).stdout
     assert "CORE (Core file)" in header and "X86-64" in header
     assert header.count("LOAD") == len(_vmas(case.images, pid))
-    if HAS_GDB:
-        mappings = _gdb(case.exe, core, ["info proc mappings"])  # gdb reads NT_FILE for these
-        assert str(case.exe) in mappings and "/memfd:victim-memfd (deleted)" in mappings
-        assert "/usr/lib/x86_64-linux-gnu/libc.so.6" in mappings
-        auxv = _gdb(case.exe, core, ["info auxv"])
-        saved = _load(case.images / f"mm-{pid}.img")[0]["mm_saved_auxv"]
-        at = dict(zip(saved[::2], saved[1::2], strict=False))
-        assert re.search(rf"AT_ENTRY\s.*{at[9]:#x}", auxv), auxv
-        assert re.search(rf"AT_PHDR\s.*{at[3]:#x}", auxv), auxv
+    mappings = _gdb(case.exe, core, ["info proc mappings"])  # gdb reads NT_FILE for these
+    assert str(case.exe) in mappings and "/memfd:victim-memfd (deleted)" in mappings
+    assert "/usr/lib/x86_64-linux-gnu/libc.so.6" in mappings
+    auxv = _gdb(case.exe, core, ["info auxv"])
+    saved = _load(case.images / f"mm-{pid}.img")[0]["mm_saved_auxv"]
+    at = dict(zip(saved[::2], saved[1::2], strict=False))
+    assert re.search(rf"AT_ENTRY\s.*{at[9]:#x}", auxv), auxv
+    assert re.search(rf"AT_PHDR\s.*{at[3]:#x}", auxv), auxv
 
 
 def test_cores_of_the_fixture_chain_and_shared_memory_hold_the_truth_pages(shared_fixtures: Path, tmp_path: Path):
@@ -238,10 +235,9 @@ def test_pages_of_a_changed_mapped_file_are_zeros_listed_in_a_note(criu_ok: None
     assert "CRIT-PAGEREAD" in notes
     text = run_cli("coredump", str(tmp_path / "dump"), "-o", str(tmp_path / "again"))
     assert "zeros" in text.stdout and str(exe) in text.stdout
-    if HAS_GDB:
-        first = missing[0]["start"]
-        rows = _gdb_bytes(_gdb(None, core, [f"x/8xb {first:#x}"]))
-        assert rows.get(first) == bytes(8)
+    first = missing[0]["start"]
+    rows = _gdb_bytes(_gdb(None, core, [f"x/8xb {first:#x}"]))
+    assert rows.get(first) == bytes(8)
 
 
 def test_coredump_of_another_architecture_is_a_clear_error(shared_fixtures: Path, tmp_path: Path):
@@ -290,3 +286,36 @@ def test_sigint_in_the_middle_of_coredump_leaves_no_core(shared_fixtures: Path, 
     else:
         assert not out.exists()
     assert not leftovers(tmp_path)
+
+
+def test_cores_of_a_lazy_dump_get_lazy_pages_from_the_page_server_or_list_them(criu_ok: None, tmp_path: Path):
+    exe = build_victim(tmp_path)
+    victim = start_victim(exe, tmp_path / "run", "--tree", "1", "--seed", "6")
+    try:
+        regions = {victim.pid: victim.regions, victim.info["children"][0]: [
+            Region(**r) for r in victim.child_info(0)["regions"]]}
+        live = {(pid, r.start): read_mem(pid, r.start, r.len) for pid, rs in regions.items() for r in rs}
+        criu, port = start_lazy_dump(victim, tmp_path / "lazy")
+        try:
+            shutil.copytree(tmp_path / "lazy", tmp_path / "copy")
+            proc = run_cli("coredump", str(tmp_path / "lazy"), "-o", str(tmp_path / "cores"), "--strategy", "remote",
+                           "--json", env={"CRIT_PAGEREAD_REMOTE__PORT": str(port)})
+            assert proc.returncode == 0, proc.stderr
+            assert criu.wait(timeout=30) == 0  # both cores came through CRIU's one page-server client
+        finally:
+            if criu.poll() is None:
+                criu.kill()
+                criu.wait()
+    finally:
+        victim.kill()
+    assert all(r["missing"] == [] for r in json.loads(proc.stdout))
+    for pid, rs in regions.items():
+        got = _gdb_pages(tmp_path / "cores" / f"core.{pid}",
+                         [a for r in rs for a in range(r.start, r.start + r.len, PAGE)], tmp_path / "m")
+        for r in rs:
+            assert b"".join(got[a] for a in range(r.start, r.start + r.len, PAGE)) == live[(pid, r.start)]
+    # no page server: the lazy ranges are zeros, and listed
+    proc = run_cli("coredump", str(tmp_path / "copy"), "-o", str(tmp_path / "zeros"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    missing = [m for r in json.loads(proc.stdout) for m in r["missing"]]
+    assert missing and all("lazy pages" in m["reason"] for m in missing)

@@ -75,7 +75,7 @@ def test_post_dump_writes_a_manifest_and_a_clean_dump_restores_through_the_scrip
     manifest = json.loads((images / MANIFEST).read_text())
     pm = load_pagemap(images / f"pagemap-{victim.pid}.img", PAGE)
     assert sum(r[1] for r in manifest["pages"][f"pid {victim.pid}"]["runs"]) * PAGE == pm.present_bytes
-    assert "core-%d.img" % victim.pid in manifest["files"]
+    assert f"core-{victim.pid}.img" in manifest["files"]
     with restore_stopped(images, "--action-script", str(SCRIPT)) as r:
         assert r.pids[victim.pid]
     assert "1 image directories verified" in (images / "restore.log").read_text()
@@ -119,7 +119,7 @@ def test_pre_restore_refuses_a_changed_image_and_a_damaged_parent(guarded: tuple
 
 
 def test_dump_without_manifest_restores_unless_a_manifest_is_required(guarded: tuple[Victim, Path], tmp_path: Path):
-    victim, good = guarded
+    _victim, good = guarded
     images = _copy(good, tmp_path / "none")
     (images / MANIFEST).unlink()
     required = _restore_with_script(images, {"CRIT_PAGEREAD_MANIFEST_REQUIRED": "1"})

@@ -108,7 +108,7 @@ def test_lazy_pipeline_restores_post_copy_from_our_page_server(dumped: tuple[Vic
 
 
 def test_before_restore_hook_can_change_the_options(dumped: tuple[Victim, Path]):
-    victim, images = dumped
+    _victim, images = dumped
     rec = Recorder(change={"leave_stopped": True})
     get_plugin_manager().register(rec, name="test-changer")
     try:
@@ -126,7 +126,7 @@ def test_before_restore_hook_can_change_the_options(dumped: tuple[Victim, Path])
 def test_failed_restore_fires_restore_failed_and_raises_a_one_line_error(
     dumped: tuple[Victim, Path], recorder: Recorder, tmp_path: Path
 ):
-    victim, images = dumped
+    _victim, images = dumped
     first = restore(images, cpus={0})  # the pid is taken now: a second restore cannot get it
     try:
         with pytest.raises(RestoreError) as info:

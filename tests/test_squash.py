@@ -18,19 +18,22 @@ from pathlib import Path
 
 import pytest
 from chains import build_chain
-from criu_harness import Victim, dump, restore_stopped, start_victim
+from criu_harness import Region, Victim, dump, read_mem, restore_stopped, start_victim
 from restore_support import (
     dumped_pages,
     interrupted_run,
+    kill_tree,
     leftovers,
     restored_memory,
     run_cli,
     self_check,
     start_lazy_dump,
+    wait_check,
 )
 
 from crit_pageread.criu_env import pycriu
 from crit_pageread.pagemap import PE_PARENT, PE_PRESENT, load_pagemap
+from crit_pageread.restore.pipeline import restore
 
 PAGE = 4096
 
@@ -94,6 +97,15 @@ def test_squashed_three_level_chain_restores_to_the_memory_of_the_original_dump(
     got = restored_memory(out, pid, pages)
     assert got == truth
     assert self_check(out, shm_dump.victim) == "OK"
+    # PE_LAZY is kept where the dump had it, so OUT also restores post-copy from a page server
+    result = restore(out, lazy=True, cpus={0})
+    try:
+        assert result.pages_served > 0
+        check = Path(f"{shm_dump.victim.info_path}.check")
+        check.unlink(missing_ok=True)
+        assert wait_check(result.pid, check) == "OK"
+    finally:
+        kill_tree(result.pid)
 
 
 def test_squashed_chain_keeps_shared_memory_and_threads(shm_dump: Dumped, tmp_path: Path):
@@ -151,24 +163,35 @@ def test_squashed_e2_chain2_fixture_holds_exactly_the_truth_pages(shared_fixture
     assert not (out / "parent").exists()
 
 
-def test_squashed_lazy_dump_restores_a_program_whose_memory_checks_out(victim_exe: Path, tmp_path: Path):
-    victim = start_victim(victim_exe, tmp_path / "run", "--threads", "1", "--seed", "9")
+def test_squashed_lazy_dump_of_a_process_tree_restores_programs_whose_memory_checks_out(
+    victim_exe: Path, tmp_path: Path
+):
+    victim = start_victim(victim_exe, tmp_path / "run", "--threads", "1", "--tree", "2", "--seed", "9")
     try:
+        regions = {victim.pid: victim.regions}
+        for i, child in enumerate(victim.info["children"]):
+            regions[child] = [Region(**r) for r in victim.child_info(i)["regions"]]
+        live = {(pid, r.name): read_mem(pid, r.start, r.len) for pid, rs in regions.items() for r in rs}
         criu, port = start_lazy_dump(victim, tmp_path / "lazy")
         try:
-            flags = {e.flags for e in load_pagemap(tmp_path / "lazy" / f"pagemap-{victim.pid}.img", PAGE).entries}
-            assert 2 in flags  # PE_LAZY alone: no data in the images, only on CRIU's page server
+            for pid in regions:
+                flags = {e.flags for e in load_pagemap(tmp_path / "lazy" / f"pagemap-{pid}.img", PAGE).entries}
+                assert 2 in flags  # PE_LAZY alone: no data in the images, only on CRIU's page server
             out = tmp_path / "out"
             proc = run_cli("squash", str(tmp_path / "lazy"), str(out), "--strategy", "remote", "--verify", "--json",
                            env={"CRIT_PAGEREAD_REMOTE__PORT": str(port)})
             assert proc.returncode == 0, proc.stderr
-            assert json.loads(proc.stdout)["lazy_pages"] > 0
-            assert criu.wait(timeout=30) == 0  # CRIU's page server saw us close: the dump completed
+            report = json.loads(proc.stdout)
+            assert all(t["lazy_pages"] > 0 for t in report["targets"]) and len(report["targets"]) == 3
+            assert criu.wait(timeout=30) == 0  # CRIU's page server (one client only) saw us close: dump done
         finally:
             if criu.poll() is None:
                 criu.kill()
                 criu.wait()
         victim.reap()
+        with restore_stopped(out) as r:
+            got = {(pid, reg.name): r.read(pid, reg.start, reg.len) for pid, rs in regions.items() for reg in rs}
+        assert got == live
         assert self_check(out, victim) == "OK"
     finally:
         victim.kill()

@@ -51,21 +51,24 @@ def materialized_bytes(images: CheckpointImages) -> int:
 
 
 def file_runs(images: CheckpointImages) -> dict[int, int]:
-    """Per pid: contiguous runs in pages files when reading every entry in address order."""
+    """Per pid: contiguous byte ranges of pages files that materializing reads (the fewest preadv calls
+    that can read them without reading bytes nobody asked for)."""
     out: dict[int, int] = {}
     for pid in images.pids:
-        runs = 0
-        last: tuple[int, int] | None = None
+        ranges: list[tuple[int, int, int]] = []
         with images.reader(pid, "pread") as reader:
             for entry in images.pagemap(pid).entries:
-                if not entry.flags & (PE_PRESENT | PE_PARENT):
-                    continue
-                for seg in reader.segments(entry.vaddr, entry.size):
-                    if seg.pages is None:
-                        continue
-                    if last is None or last != (id(seg.pages), seg.offset):
-                        runs += 1
-                    last = (id(seg.pages), seg.offset + seg.length)
+                if entry.flags & (PE_PRESENT | PE_PARENT):
+                    for seg in reader.segments(entry.vaddr, entry.size):
+                        if seg.pages is not None:
+                            ranges.append((id(seg.pages), seg.offset, seg.offset + seg.length))
+        ranges.sort()
+        runs = 0
+        last: tuple[int, int] | None = None
+        for key, start, end in ranges:
+            if last is None or last != (key, start):
+                runs += 1
+            last = (key, end)
         out[pid] = runs
     return out
 

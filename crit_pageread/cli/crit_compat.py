@@ -24,7 +24,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ..archive import is_archive, unpack_checkpoint
 from ..criu_env import import_system_package
 from ..errors import ConfigError, CritPageReadError, ImageError
 from ..hookspecs import hookimpl
@@ -249,6 +248,8 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_explore(args: argparse.Namespace) -> int:
+    from ..archive import is_archive, unpack_checkpoint
+
     directory = args.dir
     cleanup = None
     if is_archive(directory):

@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import CritPageReadError, ImageError
 from ..hookspecs import hookimpl
 from ..reader import Segment
+from ..strategy import PagesFile
 from .common import add_common_options, atomic_dir, open_from_args, selected_pids
 from .grep import mapping_name
 from .memscan import Area, Progress, Readers, add_vma_filters, vma_filter_from_args
@@ -56,13 +57,14 @@ class Copier:
             self._buf = bytearray(CHUNK)
         return memoryview(self._buf)
 
-    def copy_present(self, seg: Segment, out_fd: int, out_pos: int, progress: Progress) -> None:
-        assert seg.pages is not None
-        src, src_pos, left = seg.pages.fd, seg.offset, seg.length
+    def copy_present(self, pages: PagesFile, offset: int, length: int, out_fd: int, out_pos: int,
+                     progress: Progress) -> None:
+        """Copy `length` bytes at `offset` of a pages file to `out_pos` of the output."""
+        src, src_pos, left = pages.fd, offset, length
         while left:
             n = self._copy_step(src, src_pos, out_fd, out_pos, min(left, 1 << 30))
             if n <= 0:
-                raise ImageError(seg.pages.path, f"short pages file: no data at offset {src_pos}")
+                raise ImageError(pages.path, f"short pages file: no data at offset {src_pos}")
             src_pos += n
             out_pos += n
             left -= n
@@ -140,6 +142,7 @@ def _vma_entry(area: Area, data: list[Segment], lazy: list[Segment], offset: int
     }
     if area.shmem:
         entry["shmem"] = area.reader.target.id
+        entry["shmem_offset"] = area.start + area.delta
     if lazy:
         entry["lazy_not_written"] = _ranges(area, lazy)
     return entry
@@ -231,11 +234,19 @@ def _write_file(path: Path, size: int, areas: list[tuple[Area, list[Segment], li
     fd = _open_out(path, size)
     try:
         for area, data, _ in areas:
+            run: list[Any] = []  # [pages, offset, length, file position]: contiguous present bytes, one copy
             for seg in data:
                 pos = seg.vaddr - area.delta - base
                 if seg.kind == "present" and seg.pages is not None:
-                    copier.copy_present(seg, fd, pos, progress)
+                    if run and run[0] is seg.pages and run[1] + run[2] == seg.offset and run[3] + run[2] == pos:
+                        run[2] += seg.length
+                        continue
+                    if run:
+                        copier.copy_present(run[0], run[1], run[2], fd, run[3], progress)
+                    run = [seg.pages, seg.offset, seg.length, pos]
                 else:
                     copier.copy_via_reader(area, seg, fd, pos, progress)
+            if run:
+                copier.copy_present(run[0], run[1], run[2], fd, run[3], progress)
     finally:
         os.close(fd)

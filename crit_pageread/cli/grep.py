@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -18,11 +19,13 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
+from ..plugins import observer
 from .common import add_common_options, open_from_args, selected_pids
 from .memscan import Area, Progress, Readers, Span, add_vma_filters, spans, vma_filter_from_args
 
 CHUNK = 8 << 20
 MAX_WINDOW = 1 << 20
+DIRECT_STRATEGIES = ("preadv", "pread", "mmap")
 PRINTABLE = frozenset(range(0x20, 0x7F)) | {9, 10, 13}
 
 
@@ -35,12 +38,13 @@ def crit_pageread_add_commands(subparsers: Any) -> None:
         "Prints pid, vaddr, VMA and mapping per match; exit 0 if something matched, 1 if not.",
     )
     p.add_argument("dir", help="image directory or checkpoint archive")
-    p.add_argument("pattern", nargs="?", help="literal bytes (default), a regex with -E, hex with --hex")
+    p.add_argument("pattern", help="literal bytes (default), a regex with -E, hex with --hex; "
+                   "with --strings, only strings that contain it (\"\" for all)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("-E", "--regex", action="store_true", help="PATTERN is a Python regex over bytes")
     mode.add_argument("--hex", action="store_true", help="PATTERN is hex bytes (spaces allowed); matches shown in hex")
     p.add_argument("--strings", action="store_true",
-                   help="print printable strings (that contain PATTERN, if given), like strings(1)")
+                   help="print printable strings that contain PATTERN, like strings(1)")
     p.add_argument("-n", "--min-len", type=int, default=4, metavar="MIN", help="shortest string for --strings (4)")
     p.add_argument("-i", "--ignore-case", action="store_true", help="ASCII case-insensitive")
     p.add_argument("-C", "--context", type=int, default=0, metavar="N", help="show N bytes before and after")
@@ -57,7 +61,7 @@ class Matcher:
     def __init__(self, args: argparse.Namespace) -> None:
         self.hex_output = bool(args.hex)
         pattern: bytes | None = None
-        if args.pattern is not None:
+        if args.pattern or not args.strings:
             if args.hex:
                 try:
                     pattern = bytes.fromhex(args.pattern.replace(":", " "))
@@ -66,9 +70,7 @@ class Matcher:
             else:
                 pattern = args.pattern.encode("utf-8", "surrogateescape")
             if not pattern:
-                raise ConfigError("grep: empty PATTERN")
-        elif not args.strings:
-            raise ConfigError("grep: PATTERN is required (unless --strings)")
+                raise ConfigError("grep: empty PATTERN (allowed only with --strings)")
         flags = re.IGNORECASE if args.ignore_case else 0
         if not 1 <= args.max_match <= MAX_WINDOW:
             raise ConfigError(f"--max-match {args.max_match}: must be 1..{MAX_WINDOW}")
@@ -100,7 +102,7 @@ class Matcher:
         if self.window > MAX_WINDOW:
             raise ConfigError(f"grep: PATTERN longer than {MAX_WINDOW} bytes")
 
-    def find(self, buf: bytearray, pos: int, end: int) -> Iterator[tuple[int, int]]:
+    def find(self, buf: Any, pos: int, end: int) -> Iterator[tuple[int, int]]:
         """(start, end) of each match in buf[pos:end], in order, not overlapping."""
         lit = self.literal
         if lit is not None:
@@ -126,34 +128,71 @@ class Matcher:
 Emit = Callable[[Area, int, bytes, bytes, bytes], None]
 
 
-def scan_span(span: Span, buf: bytearray, matcher: Matcher, context: int, emit: Emit, progress: Progress) -> int:
-    """Search every readable run of `span`; returns the number of matches."""
+def _file_piece(span: Span, rs: int, re_: int) -> tuple[int, int] | None:
+    """(fd, offset) if the run's bytes are one contiguous range of one local pages file, else None."""
+    fd = offset = expect = -1
+    for seg in span.reader.segments(rs + span.delta, re_ - rs):
+        if seg.kind != "present" or seg.pages is None:
+            return None
+        if fd < 0:
+            fd, offset, expect = seg.pages.fd, seg.offset, seg.offset
+        elif seg.pages.fd != fd or seg.offset != expect:
+            return None
+        expect += seg.length
+    return (fd, offset) if fd >= 0 else None
+
+
+def scan_span(span: Span, buf: bytearray, matcher: Matcher, context: int, emit: Emit, progress: Progress,
+              direct: bool = False) -> int:
+    """Search every readable run of `span`; returns the number of matches.
+
+    A run is read in windows of len(buf) bytes that overlap by the longest
+    match plus the context. With `direct`, a run that is one contiguous range
+    of a local pages file is searched in place (a read-only map of each window,
+    unmapped after it) instead of being copied into `buf`.
+    """
     reader, delta = span.reader, span.delta
     view = memoryview(buf)
     window = matcher.window + context
     found = 0
     for rs, re_ in span.runs():
+        piece = _file_piece(span, rs, re_) if direct else None
         pos = base = rs
         covered = rs
         while True:
             n = min(len(buf), re_ - base)
-            reader.readinto(base + delta, view[:n])
-            last = base + n >= re_
-            cutoff = n if last else n - window
-            last_end = pos - base
-            for s, e in matcher.find(buf, pos - base, n):
-                if s >= cutoff:
-                    break
-                before = bytes(view[max(0, s - context) : s]) if context else b""
-                after = bytes(view[e : min(n, e + context)]) if context else b""
-                emit(span.area_at(base + s), base + s, bytes(view[s:e]), before, after)
-                found += 1
-                last_end = e
+            data: Any = None
+            if piece is not None:
+                file_off = piece[1] + (base - rs)
+                shift = file_off % mmap.ALLOCATIONGRANULARITY
+                try:
+                    data = mmap.mmap(piece[0], n + shift, prot=mmap.PROT_READ, offset=file_off - shift)
+                except OSError:  # a file system that cannot map: copy instead
+                    piece = None
+            if data is None:
+                reader.readinto(base + delta, view[:n])
+                data, shift = buf, 0
+            try:
+                last = base + n >= re_
+                cutoff = shift + (n if last else n - window)
+                last_end = pos - base + shift
+                for s, e in matcher.find(data, pos - base + shift, n + shift):
+                    if s >= cutoff:
+                        break
+                    before = bytes(data[max(shift, s - context) : s]) if context else b""
+                    after = bytes(data[e : min(n + shift, e + context)]) if context else b""
+                    vaddr = base + s - shift
+                    emit(span.area_at(vaddr), vaddr, bytes(data[s:e]), before, after)
+                    found += 1
+                    last_end = e
+            finally:
+                if piece is not None:
+                    data.close()
             progress.add(base + n - covered)
             covered = base + n
             if last:
                 break
-            pos = base + max(cutoff, last_end)
+            pos = base + max(cutoff, last_end) - shift
             base = max(rs, pos - context)
     return found
 
@@ -224,8 +263,10 @@ def run(args: argparse.Namespace) -> int:
                     lazy_skipped += seg.length
         progress = Progress("grep", total)
         buf = bytearray(CHUNK)
+        # Search local pages files in place unless a strategy or a read observer was asked for.
+        direct = args.strategy is None and images.config.strategy in DIRECT_STRATEGIES and observer() is None
         for span in spans(areas):
-            found += scan_span(span, buf, matcher, context, emit, progress)
+            found += scan_span(span, buf, matcher, context, emit, progress, direct)
         progress.finish()
         page_size = images.page_size
     if lazy_skipped:

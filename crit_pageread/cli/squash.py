@@ -20,7 +20,7 @@ def crit_pageread_add_commands(subparsers: Any) -> None:
         "strategy (--strategy remote), writing OUT so that `criu restore -D OUT` needs no parent and no page "
         "server. OUT is complete or absent.",
     )
-    p.add_argument("dir", help="image directory (the newest of a chain, or a lazy dump)")
+    p.add_argument("dir", help="image directory (the newest of a chain, or a lazy dump) or checkpoint archive")
     p.add_argument("out", help="output directory (must not exist)")
     p.add_argument("--verify", action="store_true", help="re-read OUT and compare every page with the source")
     p.add_argument("--layout", choices=LAYOUTS, help="pagemap layout to write (default: the input's)")

@@ -34,6 +34,10 @@ from .protocol import (
 from .tls import TlsOptions, wrap_client
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+NO_REPLY_HINT = (
+    " (a page server closes the connection or stays silent when asked for pages it cannot serve,"
+    " or when the protocol does not match: check [remote] protocol)"
+)
 #: TLS and fallback copies go through a buffer of at most this size (per connection).
 COPY_CHUNK = 1 << 20
 
@@ -96,7 +100,7 @@ class Connection:
         except OSError as exc:
             self._fail(f"{what}: cannot send: {exc.strerror or exc}")
 
-    def recv_into(self, view: memoryview, what: str) -> None:
+    def recv_into(self, view: memoryview, what: str, hint: str = "") -> None:
         """Fill `view` from the socket, or fail (closed, timed out) with nothing more read."""
         sock = self.sock
         done = 0
@@ -105,12 +109,12 @@ class Connection:
             while done < total:
                 n = sock.recv_into(view[done:], total - done)
                 if n == 0:
-                    self._fail(f"{what}: server closed the connection after {done} of {total} bytes")
+                    self._fail(f"{what}: server closed the connection after {done} of {total} bytes{hint}")
                 done += n
         except TimeoutError:
-            self._fail(f"{what}: no data for {self.server.timeout:g} s ({done} of {total} bytes)")
+            self._fail(f"{what}: no data for {self.server.timeout:g} s ({done} of {total} bytes){hint}")
         except OSError as exc:
-            self._fail(f"{what}: {exc.strerror or exc} after {done} of {total} bytes")
+            self._fail(f"{what}: {exc.strerror or exc} after {done} of {total} bytes{hint}")
 
     def recv(self, size: int, what: str) -> bytes:
         buf = bytearray(size)
@@ -183,7 +187,7 @@ class Connection:
                 self.send(b"".join(batch), f"GET pid {inflight[-1][0]} at {inflight[-1][1]:#x}")
             pid, vaddr, nr, dest = inflight.popleft()
             what = f"GET pid {pid} at {vaddr:#x} ({nr} pages)"
-            self.recv_into(hview, what)
+            self.recv_into(hview, what, NO_REPLY_HINT)
             reply = wire.unpack(header)
             try:
                 check_reply(reply, pid, vaddr, nr, wire.protocol, self.peer)

@@ -101,6 +101,7 @@ class PageServer:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._sessions: set[threading.Thread] = set()
+        self._sockets: set[socket.socket] = set()
         self._tls_ctx: ssl.SSLContext | None = options.tls.server_context() if options.tls else None
         from ..plugins import get_plugin_manager
 
@@ -153,6 +154,9 @@ class PageServer:
         self._stop.set()
         with contextlib.suppress(OSError):
             self.listener.close()
+        for sock in list(self._sockets):  # wake sessions blocked on a silent client
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         for thread in list(self._sessions):
             thread.join(timeout=self.options.idle_timeout + 1)
         with self._lock:
@@ -163,6 +167,8 @@ class PageServer:
     def _session(self, sock: socket.socket, peer: str) -> None:
         stats = SessionStats(peer)
         readers: dict[int, PageReader] = {}
+        self._sockets.add(sock)
+        raw = sock
         try:
             sock.settimeout(self.options.idle_timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -186,6 +192,9 @@ class PageServer:
                     reader.close()
             with contextlib.suppress(OSError):
                 sock.close()
+            self._sockets.discard(raw)
+            if self._stop.is_set() and "(CLOSE)" not in stats.end:
+                stats.end += " (server stopping)"
             self.log(stats.line())
 
     def plan(

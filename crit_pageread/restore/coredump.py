@@ -40,6 +40,7 @@ from ..images import (
     CheckpointImages,
     Vma,
 )
+from ..plugins import make_strategy
 from ..reader import PageReader
 from ..strategy import Strategy
 from .fileio import copy_range
@@ -126,7 +127,11 @@ def write_core(
     mm = images.mm(pid)
     page_size = images.page_size
     files = _mapped_files(images)
-    reader = images.reader(pid, strategy, zero_fill=True, auto_dedup=False)
+    own = not isinstance(strategy, Strategy)
+    shared = strategy if isinstance(strategy, Strategy) else make_strategy(strategy or images.config.strategy,
+                                                                          images.config)
+    # Not closed when done: closing a reader closes its strategy, which may be shared by every pid.
+    reader = images.reader(pid, shared, zero_fill=True, auto_dedup=False)
     try:
         loads = [(v, 0 if _skip_data(v) else v.size) for v in vmas]
         # Plan first (index lookups and file checks only), so the notes can list what stays zero.
@@ -169,7 +174,8 @@ def write_core(
         report.missing = missing
         return report
     finally:
-        reader.close()
+        if own:
+            shared.close()
         for f in files.values():
             if f.fd >= 0:
                 os.close(f.fd)
@@ -394,7 +400,7 @@ def _write_vma(
                 _copy_via_reader(reader, seg.vaddr, seg.length, fd, base + seg.vaddr - v.start)
                 report.dumped_bytes += seg.length
             else:
-                missing.append({"start": seg.vaddr, "end": seg.end, "reason": "lazy pages (no page server)"})
+                _add_missing(missing, seg.vaddr, seg.end, "lazy pages (no page server)")
         else:
             _fill_hole(images, reader, v, seg.vaddr, seg.length, fd, base, files, report, missing)
 
@@ -406,11 +412,11 @@ def _fill_hole(
     shmid = _shmem_id(images, v)
     if shmid is not None:
         if shmid not in images.shmem_ids:
-            missing.append({"start": start, "end": start + length, "reason": f"no pagemap-shmem-{shmid}.img"})
+            _add_missing(missing, start, start + length, f"no pagemap-shmem-{shmid}.img")
             return
         offset = v.pgoff + (start - v.start)
-        with images.shmem_reader(shmid, reader.strategy if reader.strategy.serves_lazy else None,
-                                 zero_fill=True, auto_dedup=False) as shm:
+        # CRIU never dumps shared memory lazily: its pages are local, read by a local strategy.
+        with images.shmem_reader(shmid, "preadv", zero_fill=True, auto_dedup=False) as shm:
             for seg in shm.segments(offset, length):
                 dst = base + (seg.vaddr - v.pgoff)
                 if seg.kind == "present":
@@ -423,16 +429,16 @@ def _fill_hole(
                         report.dumped_bytes += seg.length
                     else:
                         vstart = v.start + seg.vaddr - v.pgoff
-                        missing.append({"start": vstart, "end": vstart + seg.length, "reason": "lazy shmem pages"})
+                        _add_missing(missing, vstart, vstart + seg.length, "lazy shmem pages")
         return
     if v.status & (VMA_FILE_PRIVATE | VMA_FILE_SHARED):
         f = files.get(v.shmid)
         if f is None:
-            missing.append({"start": start, "end": start + length, "reason": f"file id {v.shmid} not in files.img"})
+            _add_missing(missing, start, start + length, f"file id {v.shmid} not in files.img")
             return
         src = _open_checked(f)
         if src < 0:
-            missing.append({"start": start, "end": start + length, "reason": f.problem})
+            _add_missing(missing, start, start + length, f.problem)
             return
         file_off = v.pgoff + (start - v.start)
         size = os.fstat(src).st_size
@@ -452,6 +458,14 @@ def _copy_via_reader(reader: PageReader, vaddr: int, length: int, fd: int, dst: 
         view = memoryview(buf)[:n]
         reader.readinto(pos, view)
         _pwrite_all(fd, bytes(view), dst + pos - vaddr)
+
+
+def _add_missing(missing: list[dict[str, Any]], start: int, end: int, reason: str | None) -> None:
+    """Record [start, end) as zeros for want of data, merged with the previous range when it continues it."""
+    if missing and missing[-1]["end"] == start and missing[-1]["reason"] == reason:
+        missing[-1]["end"] = end
+    else:
+        missing.append({"start": start, "end": end, "reason": reason})
 
 
 def _copy(src: int, src_offset: int, fd: int, dst: int, length: int, path: Path | str) -> None:
@@ -495,25 +509,32 @@ def coredump(
         pids = [p for p in images.pids if (images.path / f"mm-{p}.img").exists()]
     for pid in pids:
         check_arch(images, pid)
-    if not outdir.exists():
-        with atomic_dir(outdir) as tmp:
-            os.chmod(tmp, 0o755)
-            reports = [write_core(images, pid, tmp / f"core.{pid}", strategy=strategy, progress=progress)
-                       for pid in pids]
-        for r in reports:
-            r.path = str(outdir / Path(r.path).name)
-        return reports
-    if not outdir.is_dir():
+    if outdir.exists() and not outdir.is_dir():
         raise ImageError(outdir, "output exists and is not a directory")
-    tmp = Path(tempfile.mkdtemp(prefix=".coredump.", suffix=".tmp", dir=outdir))
+    # One strategy for every pid: a page server (CRIU's lazy dump) may take one client only.
+    shared = strategy if isinstance(strategy, Strategy) else make_strategy(strategy or images.config.strategy,
+                                                                          images.config)
     try:
-        reports = [write_core(images, pid, tmp / f"core.{pid}", strategy=strategy, progress=progress)
-                   for pid in pids]
-        for r in reports:
-            final = outdir / Path(r.path).name
-            os.replace(r.path, final)
-            r.path = str(final)
+        if not outdir.exists():
+            with atomic_dir(outdir) as tmp:
+                os.chmod(tmp, 0o755)
+                reports = [write_core(images, pid, tmp / f"core.{pid}", strategy=shared, progress=progress)
+                           for pid in pids]
+            for r in reports:
+                r.path = str(outdir / Path(r.path).name)
+            return reports
+        tmp = Path(tempfile.mkdtemp(prefix=".coredump.", suffix=".tmp", dir=outdir))
+        try:
+            reports = [write_core(images, pid, tmp / f"core.{pid}", strategy=shared, progress=progress)
+                       for pid in pids]
+            for r in reports:
+                final = outdir / Path(r.path).name
+                os.replace(r.path, final)
+                r.path = str(final)
+        finally:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(tmp)
+        return reports
     finally:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(tmp)
-    return reports
+        if shared is not strategy:
+            shared.close()

@@ -30,6 +30,7 @@ from ..config import Config, load_config
 from ..errors import ImageError
 from ..images import CheckpointImages, open_images
 from ..pagemap import LAYOUTS, PE_LAZY, PE_PRESENT, encode_pagemap
+from ..plugins import make_strategy
 from ..reader import PageReader
 from ..strategy import Strategy, Target
 from .fileio import copy_range
@@ -128,26 +129,33 @@ def squash(
     out_path = Path(out)
     with open_images(src_path, config) as images:
         images.processes  # noqa: B018 - a missing or garbage pstree is an error before OUT exists
-        targets = memory_targets(src_path)
+        base = Path(images.path)  # an archive is unpacked: its images are here
+        targets = memory_targets(base)
         if not targets:
             raise ImageError(src_path, "no pagemap-*.img: not a CRIU dump directory")
         total = sum(images.pagemap_for(t).present_bytes + _non_present_bytes(images, t) for t in targets)
         report = SquashReport(str(src_path), str(out_path), layout or "input")
         with atomic_dir(out_path) as tmp:
             os.chmod(tmp, 0o755)
-            report.copied = _copy_other_images(src_path, tmp)
+            report.copied = _copy_other_images(base, tmp)
             done = [0, total]
             lazy_digests: dict[Target, str] = {}
             used_ids: dict[int, Target] = {}
-            for target in targets:
-                pm = images.pagemap_for(target)
-                if pm.pages_id in used_ids:
-                    raise ImageError(pm.path, f"pages_id {pm.pages_id} is also used by {used_ids[pm.pages_id]}")
-                used_ids[pm.pages_id] = target
-                rep, digest = _squash_target(images, target, tmp, layout, strategy, progress, done)
-                report.targets.append(rep)
-                if digest is not None:
-                    lazy_digests[target] = digest
+            # One strategy for every pagemap: a page server (CRIU's lazy dump) may take one client only.
+            shared = strategy if isinstance(strategy, Strategy) else make_strategy(strategy or config.strategy, config)
+            try:
+                for target in targets:
+                    pm = images.pagemap_for(target)
+                    if pm.pages_id in used_ids:
+                        raise ImageError(pm.path, f"pages_id {pm.pages_id} is also used by {used_ids[pm.pages_id]}")
+                    used_ids[pm.pages_id] = target
+                    rep, digest = _squash_target(images, target, tmp, layout, shared, progress, done)
+                    report.targets.append(rep)
+                    if digest is not None:
+                        lazy_digests[target] = digest
+            finally:
+                if shared is not strategy:
+                    shared.close()
             if verify:
                 verify_squash(images, tmp, lazy_digests, progress=progress)
                 report.verified = True
@@ -215,7 +223,7 @@ def _squash_target(
     target: Target,
     out_dir: Path,
     layout: str | None,
-    strategy: str | Strategy | None,
+    strategy: Strategy,
     progress: Progress | None,
     done: list[int],
 ) -> tuple[TargetReport, str | None]:
@@ -227,36 +235,36 @@ def _squash_target(
     buf = None
     fd = os.open(out_dir / f"pages-{pm.pages_id}.img", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
-        with reader:
-            w = _RunWriter(fd)
-            for entry in pm.entries:
-                for seg in reader.segments(entry.vaddr, entry.size):
-                    if seg.kind == "hole":
-                        continue
-                    flags = PE_PRESENT | (seg.flags & PE_LAZY)
-                    if seg.kind == "present":
-                        assert seg.pages is not None
-                        w.copy(seg.pages.fd, seg.offset, seg.length, seg.pages.path)
-                        if seg.depth:
-                            rep.parent_pages += seg.length // page_size
-                    else:  # lazy: fetched through the strategy, in bounded chunks
-                        if buf is None:
-                            buf = bytearray(_LAZY_CHUNK)
-                            lazy_hash = hashlib.sha256()
-                        assert lazy_hash is not None
-                        for vaddr, length in _chunks(seg.vaddr, seg.length, _LAZY_CHUNK):
-                            view = memoryview(buf)[:length]
-                            reader.readinto(vaddr, view)
-                            lazy_hash.update(view)
-                            w.write(view)
-                        rep.lazy_pages += seg.length // page_size
-                    w.add_run(seg.vaddr, seg.length, flags, page_size)
-                    rep.pages += seg.length // page_size
-                    done[0] += seg.length
-                if progress is not None:
-                    w.flush()
-                    progress(f"squash {target}", done[0], done[1])
-            w.flush()
+        # The reader is not closed: that would close the strategy, which the caller shares.
+        w = _RunWriter(fd)
+        for entry in pm.entries:
+            for seg in reader.segments(entry.vaddr, entry.size):
+                if seg.kind == "hole":
+                    continue
+                flags = PE_PRESENT | (seg.flags & PE_LAZY)
+                if seg.kind == "present":
+                    assert seg.pages is not None
+                    w.copy(seg.pages.fd, seg.offset, seg.length, seg.pages.path)
+                    if seg.depth:
+                        rep.parent_pages += seg.length // page_size
+                else:  # lazy: fetched through the strategy, in bounded chunks
+                    if buf is None:
+                        buf = bytearray(_LAZY_CHUNK)
+                        lazy_hash = hashlib.sha256()
+                    assert lazy_hash is not None
+                    for vaddr, length in _chunks(seg.vaddr, seg.length, _LAZY_CHUNK):
+                        view = memoryview(buf)[:length]
+                        reader.readinto(vaddr, view)
+                        lazy_hash.update(view)
+                        w.write(view)
+                    rep.lazy_pages += seg.length // page_size
+                w.add_run(seg.vaddr, seg.length, flags, page_size)
+                rep.pages += seg.length // page_size
+                done[0] += seg.length
+            if progress is not None:
+                w.flush()
+                progress(f"squash {target}", done[0], done[1])
+        w.flush()
     finally:
         os.close(fd)
     runs = [(v, n, f) for v, n, f in w.runs]

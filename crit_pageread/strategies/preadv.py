@@ -51,7 +51,9 @@ class PreadvStrategy(Strategy):
         self.iov_max = iov_max
         self.max_queue = max_queue
         self._runs: list[_Run] = []
-        self._tail: _Run | None = None  # the run a contiguous request extends
+        # Per pages file, the newest run: a request contiguous with it in the file joins it, even when
+        # requests for other files (parent images of a chain) came in between.
+        self._tails: dict[PagesFile, _Run] = {}
         self._count = 0
         #: preadv system calls issued so far (for benchmarks and tests).
         self.calls = 0
@@ -79,8 +81,8 @@ class PreadvStrategy(Strategy):
             return
         addr = addressof(c_char.from_buffer(dest))
         offset = request.offset
-        run = self._tail
-        if run is not None and run.pages is pages and run.offset + run.length == offset:
+        run = self._tails.get(pages)
+        if run is not None and run.offset + run.length == offset:
             last = run.iovecs[-1]
             if last[0] + last[1] == addr:
                 last[1] += length
@@ -89,7 +91,7 @@ class PreadvStrategy(Strategy):
                 run.iovecs.append([addr, length, dest])
             run.length += length
         else:
-            run = self._tail = _Run(pages, offset)
+            run = self._tails[pages] = _Run(pages, offset)
             run.iovecs.append([addr, length, dest])
             run.length = length
             self._runs.append(run)
@@ -100,7 +102,7 @@ class PreadvStrategy(Strategy):
 
     def sync(self) -> None:
         runs, self._runs = self._runs, []
-        self._tail = None
+        self._tails = {}
         self._count = 0
         for run in runs:
             self._read_run(run)
@@ -151,7 +153,7 @@ class PreadvStrategy(Strategy):
 
     def close(self) -> None:
         self._runs = []
-        self._tail = None
+        self._tails = {}
         self._count = 0
 
 

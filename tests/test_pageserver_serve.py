@@ -1,0 +1,168 @@
+"""`crit-pageread serve` against the remote strategy, checked against the fixtures' truth (no reader of ours).
+
+Also: many clients at once, clients that send garbage, say nothing or ask for absurd ranges are
+dropped without disturbing the others, one log line per session, the pages-served hook.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pageserver_helpers import serve
+
+from crit_pageread import open_images
+from crit_pageread.config import load_config
+from crit_pageread.errors import RemoteError
+from crit_pageread.hookspecs import hookimpl
+from crit_pageread.imagefile import read_image
+from crit_pageread.pagemap import encode_pagemap, load_pagemap
+from crit_pageread.pageserver.protocol import Wire
+from crit_pageread.pageserver.server import PageServer, ServeOptions
+from crit_pageread.plugins import get_plugin_manager
+
+
+def truth(fixtures: Path, case: str, pid: int) -> dict[int, str]:
+    lines = (fixtures / "truth" / case / f"pid-{pid}.sha256").read_text().splitlines()
+    return {int(v, 16): h for v, h in (line.split() for line in lines if not line.startswith("TOTAL"))}
+
+
+def read_all_remote(images_dir: Path, pid: int, port: int, pages: dict[int, str], **remote: object) -> int:
+    """Read every truth page through the remote strategy (deferred, one sync); return pages that match."""
+    config = load_config(overrides={"remote": {"port": port, "local": "none", "timeout": 10, **remote}}, env={})
+    with open_images(images_dir, config) as images, images.reader(pid, "remote") as reader:
+        bufs = {vaddr: bytearray(4096) for vaddr in pages}
+        for vaddr, buf in bufs.items():
+            reader.readinto(vaddr, buf, defer=True)
+        reader.sync()
+        return sum(hashlib.sha256(buf).hexdigest() == pages[vaddr] for vaddr, buf in bufs.items())
+
+
+@pytest.fixture
+def chain(shared_fixtures: Path, tmp_path: Path) -> Path:
+    shutil.copytree(shared_fixtures / "cases" / "e2_chain2", tmp_path / "e2", symlinks=True)
+    return tmp_path / "e2" / "d2"
+
+
+@pytest.mark.parametrize("protocol", ["4.1", "4.2"])
+def test_remote_reads_every_page_of_a_served_chain_exactly(shared_fixtures: Path, chain: Path, protocol: str) -> None:
+    pages = truth(shared_fixtures, "e2_chain2", 30819)
+    with serve(chain, "--protocol", protocol) as (proc, port):
+        assert read_all_remote(chain, 30819, port, pages, protocol=protocol) == len(pages)
+        proc.terminate()
+        _, err = proc.communicate(10)
+    assert err.count("serve: 127.0.0.1:") == 1 and f"{len(pages)} pages" in err, err
+
+
+def test_serve_answers_from_a_42_layout_dump(shared_fixtures: Path, tmp_path: Path) -> None:
+    src = shared_fixtures / "cases" / "a_single"
+    out = tmp_path / "a42"
+    shutil.copytree(src, out)
+    pagemap = load_pagemap(src / "pagemap-29993.img", 4096)
+    (out / "pagemap-29993.img").write_bytes(
+        encode_pagemap(pagemap.pages_id, [(e.vaddr, e.nr_pages, e.flags) for e in pagemap.entries], "4.2")
+    )
+    assert read_image(out / "pagemap-29993.img", "PAGEMAP") != read_image(src / "pagemap-29993.img", "PAGEMAP")
+    pages = truth(shared_fixtures, "a_single", 29993)
+    with serve(out) as (_, port):
+        assert read_all_remote(src, 29993, port, pages) == len(pages)
+
+
+@pytest.mark.parametrize(("server", "client"), [("4.2", "4.1"), ("4.1", "4.2")])
+def test_protocol_mismatch_is_reported_not_misread(shared_fixtures: Path, server: str, client: str) -> None:
+    src = shared_fixtures / "cases" / "a_single"
+    pages = truth(shared_fixtures, "a_single", 29993)
+    with serve(src, "--protocol", server) as (_, port):
+        started = time.monotonic()
+        with pytest.raises(RemoteError, match="protocol") as err:
+            read_all_remote(src, 29993, port, dict(list(pages.items())[:1]), protocol=client, timeout=1)
+        assert time.monotonic() - started < 3
+    assert f"127.0.0.1:{port}" in str(err.value)
+
+
+def _dropped_within(port: int, payload: bytes, timeout: float) -> float:
+    """Connect, send payload, return seconds until the server closes the connection."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        if payload:
+            sock.sendall(payload)
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return time.monotonic() - started
+
+
+def test_bad_clients_are_dropped_while_good_ones_read_on(shared_fixtures: Path) -> None:
+    src = shared_fixtures / "cases" / "a_single"
+    pages = truth(shared_fixtures, "a_single", 29993)
+    wire = Wire("4.1")
+    first = min(pages)
+    bad = {
+        "garbage": b"\xde\xad\xbe\xef" * 6,
+        "silent": b"",
+        "huge": wire.pack_get(29993, first, 1 << 31),
+        "unknown pid": wire.pack_get(4242, first, 1),
+        "not dumped": wire.pack_get(29993, 0x1000, 1),
+        "unaligned": wire.pack_get(29993, first + 1, 1),
+        "half header": b"\x07\x00\x00",
+    }
+    with serve(src, "--idle-timeout", "1") as (proc, port):
+        results: dict[str, object] = {}
+
+        def good(i: int) -> None:
+            results[f"good{i}"] = read_all_remote(src, 29993, port, pages)
+
+        def drop(name: str, payload: bytes) -> None:
+            results[name] = _dropped_within(port, payload, 5)
+
+        threads = [threading.Thread(target=good, args=(i,)) for i in range(4)]
+        threads += [threading.Thread(target=drop, args=item) for item in bad.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        proc.terminate()
+        _, err = proc.communicate(10)
+    for i in range(4):
+        assert results[f"good{i}"] == len(pages)
+    for name in bad:
+        assert isinstance(results[name], float) and results[name] < 3, (name, results.get(name))
+    lines = [line for line in err.splitlines() if "serve: 127.0.0.1:" in line]
+    assert len(lines) == 4 + len(bad), err
+    assert sum("dropped" in line for line in lines) == len(bad), err
+    assert "silent for 1 s" in err and "garbage header" in err and "not in the images" in err
+    assert "absurd request" in err and "pages not dumped" in err
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int, int]] = []
+
+    @hookimpl
+    def crit_pageread_pages_served(self, images: object, pid: int, vaddr: int, nr_pages: int, peer: str) -> None:
+        self.calls.append((pid, vaddr, nr_pages))
+
+
+def test_pages_served_hook_sees_every_reply(shared_fixtures: Path) -> None:
+    src = shared_fixtures / "cases" / "a_single"
+    pages = truth(shared_fixtures, "a_single", 29993)
+    recorder = _Recorder()
+    pm = get_plugin_manager()
+    pm.register(recorder, name="test-recorder")
+    lines: list[str] = []
+    try:
+        server = PageServer(src, load_config(env={}), ServeOptions(once=True), lines.append)
+        thread = threading.Thread(target=server.serve_forever)
+        thread.start()
+        assert read_all_remote(src, 29993, server.port, pages) == len(pages)
+        thread.join(10)
+    finally:
+        pm.unregister(name="test-recorder")
+    assert sum(nr for _, _, nr in recorder.calls) == len(pages)
+    assert {pid for pid, _, _ in recorder.calls} == {29993}
+    assert len(lines) == 1 and f"{len(pages)} pages, {len(pages) * 4096} bytes" in lines[0]
