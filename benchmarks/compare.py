@@ -65,14 +65,15 @@ def main(argv: list[str] | None = None) -> int:
                         if round_ >= args.warmup:
                             samples[f"{version} {strategy}"].append(res["seconds"])
                             nbytes = res["bytes"]
-            shape = {k: {"median_s": statistics.median(v), "gb_per_s": nbytes / statistics.median(v) / 1e9}
-                     for k, v in samples.items()}
+            shape = {k: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v),
+                         "gb_per_s": nbytes / statistics.median(v) / 1e9} for k, v in samples.items()}
             out["shapes"][name] = shape
             print(f"{name} (median of {args.runs}, warm cache):")
             for strategy in STRATEGIES:
                 b, a = shape[f"before {strategy}"], shape[f"after {strategy}"]
-                print(f"  {strategy:<7} before {b['median_s']:.4f} s ({b['gb_per_s']:.2f} GB/s)  "
-                      f"after {a['median_s']:.4f} s ({a['gb_per_s']:.2f} GB/s)  x{b['median_s'] / a['median_s']:.2f}")
+                print(f"  {strategy:<7} before {b['median_s']:.4f} s ({b['gb_per_s']:.2f} GB/s, min {b['min_s']:.4f})  "
+                      f"after {a['median_s']:.4f} s ({a['gb_per_s']:.2f} GB/s, min {a['min_s']:.4f})  "
+                      f"x{b['median_s'] / a['median_s']:.2f}")
             frag_ratio = shape["after preadv"]["gb_per_s"] / shape["after pread"]["gb_per_s"]
             print(f"  preadv/pread after: {frag_ratio:.2f}x", flush=True)
     if args.json:

@@ -1,6 +1,7 @@
 """One measurement in a fresh process (so its peak RSS is its own); prints one JSON object.
 
-usage: python -m benchmarks.worker materialize DIR METHOD   (METHOD: readinto-limit or a strategy)
+usage: python -m benchmarks.worker materialize DIR METHOD   (METHOD: readinto-limit, a strategy, or baseline:
+                                                             no reads, for counting the other syscalls)
        python -m benchmarks.worker plan DIR                 (sizes, file runs, entries per pid)
 """
 
@@ -50,7 +51,9 @@ def main(argv: list[str]) -> int:
         size = max(materialized_bytes(images), sum(p.stat().st_size for p in files))
     buf = allocate(size)
     view = memoryview(buf)
-    if method == LIMIT:
+    if method == "baseline":  # everything but the reads: what strace counts besides them
+        result = {"seconds": 0.0, "bytes": 0, "calls": 0}
+    elif method == LIMIT:
         from crit_pageread.cli.bench import read_limit
 
         result = read_limit(files, view)

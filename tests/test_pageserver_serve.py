@@ -166,3 +166,25 @@ def test_pages_served_hook_sees_every_reply(shared_fixtures: Path) -> None:
     assert sum(nr for _, _, nr in recorder.calls) == len(pages)
     assert {pid for pid, _, _ in recorder.calls} == {29993}
     assert len(lines) == 1 and f"{len(pages)} pages, {len(pages) * 4096} bytes" in lines[0]
+
+
+def test_clients_past_max_clients_are_refused_and_serve_json_says_where_it_listens(shared_fixtures: Path) -> None:
+    import json
+    import subprocess
+
+    from pageserver_helpers import CLI, REPO
+
+    src = shared_fixtures / "cases" / "a_single"
+    proc = subprocess.Popen([*CLI, "serve", str(src), "--max-clients", "1", "--idle-timeout", "2", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline())
+        assert info["address"] == "127.0.0.1" and info["protocol"] == "4.1" and info["tls"] is False
+        with socket.create_connection(("127.0.0.1", info["port"])):
+            time.sleep(0.2)
+            assert _dropped_within(info["port"], b"", 5) < 1  # the second client is refused at once
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(10)
+    assert "refused: 1 clients already" in err

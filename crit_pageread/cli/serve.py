@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 from typing import Any
@@ -11,7 +12,7 @@ from ..hookspecs import hookimpl
 from ..pageserver.protocol import PROTOCOLS
 from ..pageserver.server import PageServer, ServeOptions, default_log
 from ..pageserver.tls import TlsOptions
-from .common import add_common_options, config_from_args, print_json
+from .common import add_common_options, config_from_args
 
 
 def add_tls_options(parser: argparse.ArgumentParser) -> None:
@@ -82,8 +83,9 @@ def run(args: argparse.Namespace) -> int:
     )
     server = PageServer(args.dir, config, options, default_log)
     if args.json:
-        print_json({"address": server.address, "port": server.port, "dir": args.dir, "protocol": args.protocol,
-                    "tls": options.tls is not None})
+        # One line, so a supervisor can read it before the sessions start.
+        print(json.dumps({"address": server.address, "port": server.port, "dir": args.dir,
+                          "protocol": args.protocol, "tls": options.tls is not None}))
     else:
         print(f"crit-pageread serve: listening on {server.address}:{server.port} ({args.dir})")
     sys.stdout.flush()
