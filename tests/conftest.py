@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,22 @@ def criu_ok() -> None:
 @pytest.fixture(scope="session")
 def victim_exe(criu_ok: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_victim(tmp_path_factory.mktemp("victim-bin"))
+
+
+PIPE_MAX = 4194304
+
+
+@pytest.fixture(scope="session")
+def pipe_max_size() -> Iterator[None]:
+    """CRIU's lazy GETs past 64 KiB need fs.pipe-max-size=4194304; the old value is put back after."""
+    path = Path("/proc/sys/fs/pipe-max-size")
+    old = path.read_text().strip()
+    if int(old) < PIPE_MAX:
+        path.write_text(str(PIPE_MAX))
+    try:
+        yield
+    finally:
+        path.write_text(old)
 
 
 @pytest.fixture(scope="session")

@@ -12,12 +12,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 from criu_harness import read_mem
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "crit_pageread"]
-PIPE_MAX = 4194304
 
 
 def free_port() -> int:
@@ -38,19 +36,6 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes] | subprocess.Popen[s
         if time.monotonic() > deadline:
             raise RuntimeError(f"nothing listens on port {port}")
         time.sleep(0.01)
-
-
-@pytest.fixture(scope="session")
-def pipe_max_size() -> Iterator[None]:
-    """CRIU's lazy GETs past 64 KiB need fs.pipe-max-size=4194304; the old value is put back after."""
-    path = Path("/proc/sys/fs/pipe-max-size")
-    old = path.read_text().strip()
-    if int(old) < PIPE_MAX:
-        path.write_text(str(PIPE_MAX))
-    try:
-        yield
-    finally:
-        path.write_text(old)
 
 
 @dataclass

@@ -288,7 +288,9 @@ def test_sigint_in_the_middle_of_coredump_leaves_no_core(shared_fixtures: Path, 
     assert not leftovers(tmp_path)
 
 
-def test_cores_of_a_lazy_dump_get_lazy_pages_from_the_page_server_or_list_them(criu_ok: None, tmp_path: Path):
+def test_cores_of_a_lazy_dump_get_lazy_pages_from_the_page_server_or_list_them(
+    criu_ok: None, tmp_path: Path, pipe_max_size: None
+):
     exe = build_victim(tmp_path)
     victim = start_victim(exe, tmp_path / "run", "--tree", "1", "--seed", "6")
     try:

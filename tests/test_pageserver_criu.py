@@ -19,14 +19,12 @@ from pathlib import Path
 
 import pytest
 from criu_harness import become_subreaper, dump, read_mem, restore_stopped, run_criu, start_victim
-from pageserver_helpers import CLI, REPO, Pki, free_port, make_pki, pipe_max_size, serve, wait_listening
+from pageserver_helpers import CLI, REPO, Pki, free_port, make_pki, serve, wait_listening
 
 from crit_pageread import open_images
 from crit_pageread.config import load_config
 from crit_pageread.criu_env import criu_binary
 from crit_pageread.pagemap import PE_LAZY
-
-__all__ = ["pipe_max_size"]  # a fixture
 
 
 @pytest.fixture(scope="session")

@@ -13,14 +13,12 @@ from pathlib import Path
 
 import pytest
 from criu_harness import dump, start_victim
-from pageserver_helpers import Pki, free_port, make_pki, oracle_bytes, pipe_max_size, snapshot, wait_listening
+from pageserver_helpers import Pki, free_port, make_pki, oracle_bytes, snapshot, wait_listening
 
 from crit_pageread import open_images
 from crit_pageread.config import load_config
 from crit_pageread.criu_env import criu_binary
 from crit_pageread.pagemap import PE_LAZY, PE_PRESENT
-
-__all__ = ["pipe_max_size"]  # a fixture
 
 
 @pytest.fixture(scope="session")

@@ -164,7 +164,7 @@ def test_squashed_e2_chain2_fixture_holds_exactly_the_truth_pages(shared_fixture
 
 
 def test_squashed_lazy_dump_of_a_process_tree_restores_programs_whose_memory_checks_out(
-    victim_exe: Path, tmp_path: Path
+    victim_exe: Path, tmp_path: Path, pipe_max_size: None
 ):
     victim = start_victim(victim_exe, tmp_path / "run", "--threads", "1", "--tree", "2", "--seed", "9")
     try:

@@ -30,7 +30,10 @@ def _address(view: memoryview) -> int:
 
 
 class _Run:
-    """Requests contiguous in one pages file; iovecs are [address, length, view-or-None]."""
+    """Requests contiguous in one pages file; iovecs are [address, length, view-or-None].
+
+    A merged iovec (None) spans several caller views; `holders` keeps those alive until the read.
+    """
 
     __slots__ = ("holders", "iovecs", "length", "offset", "pages")
 
@@ -85,8 +88,12 @@ class PreadvStrategy(Strategy):
         if run is not None and run.offset + run.length == offset:
             last = run.iovecs[-1]
             if last[0] + last[1] == addr:
+                # Spans two caller views: rebuilt from the address at flush; the views stay referenced.
+                if last[2] is not None:
+                    run.holders.append(last[2])
+                    last[2] = None
+                run.holders.append(dest)
                 last[1] += length
-                last[2] = None  # spans two caller views: rebuilt from the address at flush
             else:
                 run.iovecs.append([addr, length, dest])
             run.length += length
@@ -95,7 +102,6 @@ class PreadvStrategy(Strategy):
             run.iovecs.append([addr, length, dest])
             run.length = length
             self._runs.append(run)
-        run.holders.append(dest)
         self._count += 1
         if self._count >= self.max_queue:
             self.sync()
@@ -110,12 +116,19 @@ class PreadvStrategy(Strategy):
     def _read_run(self, run: _Run) -> None:
         fd = run.pages.fd
         offset = run.offset
-        if len(run.iovecs) <= self.iov_max:
-            # Common case: the whole run in one call.
-            iovs: list[Any] = [
-                view if view is not None else memoryview((ctypes.c_char * length).from_address(addr))
-                for addr, length, view in run.iovecs
+        iovecs = run.iovecs
+        if len(iovecs) == 1:
+            addr, length, view = iovecs[0]
+            iovs: list[Any] = [view if view is not None else memoryview((c_char * length).from_address(addr))]
+        elif len(iovecs) <= self.iov_max:
+            iovs = [
+                view if view is not None else memoryview((c_char * length).from_address(addr))
+                for addr, length, view in iovecs
             ]
+        else:
+            iovs = []
+        if iovs:
+            # Common case: the whole run in one call.
             got = os.preadv(fd, iovs, offset)
             self.calls += 1
             if got == run.length:
@@ -126,8 +139,8 @@ class PreadvStrategy(Strategy):
             self._continue(run, iovs, 0, offset, got)
             return
         iovs = [
-            view if view is not None else memoryview((ctypes.c_char * length).from_address(addr))
-            for addr, length, view in run.iovecs
+            view if view is not None else memoryview((c_char * length).from_address(addr))
+            for addr, length, view in iovecs
         ]
         self._continue(run, iovs, 0, offset, 0)
 
