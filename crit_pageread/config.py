@@ -14,7 +14,6 @@ that name, which validates it.
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,8 +90,10 @@ def load_config(
             continue
         try:
             with open(file, "rb") as f:
+                import tomllib  # only when there is a file: start-up stays light
+
                 parsed = tomllib.load(f)
-        except tomllib.TOMLDecodeError as exc:
+        except ValueError as exc:  # tomllib.TOMLDecodeError
             raise ConfigError(f"{file}: invalid TOML: {exc}") from None
         except OSError as exc:
             raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
@@ -126,8 +127,10 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
 
 def _parse_scalar(raw: str) -> Any:
     try:
+        import tomllib
+
         return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except ValueError:  # tomllib.TOMLDecodeError
         return raw
 
 

@@ -147,6 +147,94 @@ def decode_varint_fields(path: str | os.PathLike[str], payload: memoryview) -> d
     return fields
 
 
+class Message:
+    """A decoded protobuf message: field number -> values (ints for varints, bytes otherwise).
+
+    Enough for the few images the page-reading path needs (pstree, mm, files,
+    memfd) without importing protobuf; field numbers are CRIU's .proto ones.
+    """
+
+    __slots__ = ("fields", "path")
+
+    def __init__(self, path: str | os.PathLike[str], fields: dict[int, list[int | bytes]]) -> None:
+        self.path = path
+        self.fields = fields
+
+    def req(self, number: int, name: str) -> int:
+        """A required varint field; a missing one is a corrupt image."""
+        values = self.fields.get(number)
+        if not values or not isinstance(values[-1], int):
+            raise ImageError(self.path, f"corrupt entry: required field {name} ({number}) missing")
+        return values[-1]
+
+    def opt(self, number: int, default: int = 0) -> int:
+        values = self.fields.get(number)
+        return values[-1] if values and isinstance(values[-1], int) else default
+
+    def ints(self, number: int) -> list[int]:
+        """A repeated varint field, packed or not."""
+        out: list[int] = []
+        for value in self.fields.get(number, []):
+            if isinstance(value, int):
+                out.append(value)
+            else:  # packed
+                pos = 0
+                while pos < len(value):
+                    item, pos = _varint(self.path, value, pos)
+                    out.append(item)
+        return out
+
+    def blob(self, number: int) -> bytes | None:
+        values = self.fields.get(number)
+        return values[-1] if values and isinstance(values[-1], bytes) else None
+
+    def messages(self, number: int) -> list[Message]:
+        """A repeated (or optional) sub-message field."""
+        return [decode_message(self.path, v) for v in self.fields.get(number, []) if isinstance(v, bytes)]
+
+    def message(self, number: int) -> Message | None:
+        found = self.messages(number)
+        return found[-1] if found else None
+
+
+def decode_message(path: str | os.PathLike[str], payload: bytes | memoryview) -> Message:
+    """Decode any protobuf message into a `Message` (unknown wire types are errors)."""
+    buf = bytes(payload)
+    fields: dict[int, list[int | bytes]] = {}
+    pos = 0
+    end = len(buf)
+    while pos < end:
+        key, pos = _varint(path, buf, pos)
+        number, wire = key >> 3, key & 7
+        value: int | bytes
+        if wire == 0:
+            value, pos = _varint(path, buf, pos)
+        elif wire == 2:
+            length, pos = _varint(path, buf, pos)
+            if pos + length > end:
+                raise ImageError(path, "corrupt protobuf: field runs past its entry")
+            value = buf[pos : pos + length]
+            pos += length
+        elif wire == 1:
+            value = int.from_bytes(buf[pos : pos + 8], "little")
+            pos += 8
+        elif wire == 5:
+            value = int.from_bytes(buf[pos : pos + 4], "little")
+            pos += 4
+        else:
+            raise ImageError(path, f"corrupt protobuf: wire type {wire} of field {number}")
+        if pos > end or number == 0:
+            raise ImageError(path, "corrupt protobuf: field runs past its entry")
+        fields.setdefault(number, []).append(value)
+    return Message(path, fields)
+
+
+def load_raw_messages(path: str | os.PathLike[str], magic: str) -> list[Message]:
+    """Every entry of an image as a `Message` (no protobuf import)."""
+    data = read_image(path, magic)
+    return [decode_message(path, payload) for payload in iter_entries(path, data, check_magic(path, data, magic))]
+
+
 def _varint(path: str | os.PathLike[str], buf: bytes | memoryview, pos: int) -> tuple[int, int]:
     result = 0
     shift = 0

@@ -123,6 +123,8 @@ class Pagemap:
 
 
 _UNSET: Any = object()
+#: Pagemap images at least this large are parsed with pycriu's compiled protobuf message.
+COMPILED_PARSER_MIN_BYTES = 256 << 10
 _parser: Any = _UNSET
 
 
@@ -159,12 +161,14 @@ def load_pagemap(path: str | os.PathLike[str], page_size: int) -> Pagemap:
     prev_end = 0
     layout = "4.1"
     mask = page_size - 1
-    parse = _compiled_entry_parser()
+    # Big pagemaps only: importing pycriu/protobuf costs more than it saves on small ones.
+    parse = _compiled_entry_parser() if len(data) >= COMPILED_PARSER_MIN_BYTES else None
     for number, payload in enumerate(payloads, 1):
         # Fast path: pycriu's compiled message parses a well-formed 4.1-layout entry at C speed;
-        # anything else (4.2 layout: nr_pages 0; malformed) goes through our own decoder.
+        # anything else (4.2 layout: nr_pages 0; a byte that may be field 5's tag; malformed)
+        # goes through our own decoder, which knows field 5.
         msg = None
-        if parse is not None:
+        if parse is not None and 0x28 not in payload:
             try:
                 msg = parse(payload)
             except Exception:

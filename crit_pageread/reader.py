@@ -9,8 +9,6 @@ no entry covers (an error unless `zero_fill`), deferred reads completed by
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 from bisect import bisect_right
 from collections.abc import Iterator
@@ -350,6 +348,9 @@ _libc: Any = None
 def punch_hole(pages: PagesFile, offset: int, length: int) -> None:
     """Free [offset, offset+length) of a pages file, keeping its size (CRIU's dedup)."""
     global _libc
+    import ctypes  # only auto-dedup needs libc
+    import ctypes.util
+
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]

@@ -8,7 +8,6 @@ from typing import Any
 
 from ..hookspecs import hookimpl
 from ..pageserver.protocol import PROTOCOLS
-from ..pageserver.push import push
 from .common import add_common_options, open_from_args, print_json, selected_pids
 from .serve import _port, _seconds, add_tls_options, tls_from_args
 
@@ -35,6 +34,7 @@ def crit_pageread_add_commands(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..pageserver.client import ServerAddress
+    from ..pageserver.push import push
 
     server = ServerAddress(args.address, args.port, args.protocol, tls_from_args(args), args.timeout, args.timeout)
     started = time.monotonic()

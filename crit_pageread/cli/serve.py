@@ -6,13 +6,14 @@ import argparse
 import json
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..hookspecs import hookimpl
 from ..pageserver.protocol import PROTOCOLS
-from ..pageserver.server import PageServer, ServeOptions, default_log
-from ..pageserver.tls import TlsOptions
 from .common import add_common_options, config_from_args
+
+if TYPE_CHECKING:  # imported by run(): building the parser must not pay for ssl and threads
+    from ..pageserver.tls import TlsOptions
 
 
 def add_tls_options(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +30,8 @@ def add_tls_options(parser: argparse.ArgumentParser) -> None:
 def tls_from_args(args: argparse.Namespace) -> TlsOptions | None:
     if not (args.tls or args.tls_cacert or args.tls_cert or args.tls_key):
         return None
+    from ..pageserver.tls import TlsOptions
+
     return TlsOptions(args.tls_cacert, args.tls_cert, args.tls_key, args.tls_no_cn_verify)
 
 
@@ -76,6 +79,8 @@ def crit_pageread_add_commands(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..pageserver.server import PageServer, ServeOptions, default_log
+
     config = config_from_args(args)
     options = ServeOptions(
         address=args.address, port=args.port, protocol=args.protocol, tls=tls_from_args(args),

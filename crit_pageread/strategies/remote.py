@@ -14,15 +14,16 @@ local.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import Config
 from ..errors import ConfigError, RemoteError
 from ..hookspecs import hookimpl
-from ..pageserver.client import PAGE_SIZE, Connection, ServerAddress
 from ..pageserver.protocol import CRIU_MAX_REPLY_PAGES, PROTOCOLS
-from ..pageserver.tls import TlsOptions
 from ..strategy import ReadRequest, Strategy, StrategyInfo
+
+if TYPE_CHECKING:  # the client (ssl, sockets) is imported when a remote strategy is made, not at start-up
+    from ..pageserver.client import Connection, ServerAddress
 
 KEYS = (
     "address", "port", "protocol", "tls", "tls_cacert", "tls_cert", "tls_key", "tls_no_cn_verify",
@@ -91,7 +92,7 @@ class RemoteStrategy(Strategy):
 
     def _fetch(self, requests: list[ReadRequest]) -> None:
         """GET every request's pages; unaligned edges go through a one-page bounce buffer."""
-        ps = PAGE_SIZE
+        from ..pageserver.client import PAGE_SIZE as ps
         mask = ps - 1
         items: list[tuple[int, int, memoryview]] = []
         bounces: list[tuple[memoryview, bytearray, int]] = []
@@ -131,6 +132,8 @@ class RemoteStrategy(Strategy):
     def _connection(self) -> Connection:
         conn = self._conn
         if conn is None or conn._sock is None:
+            from ..pageserver.client import Connection
+
             conn = self._conn = Connection(self.server)
         return conn
 
@@ -172,6 +175,9 @@ def _flag(table: dict[str, Any], key: str) -> bool:
 
 def parse_options(table: dict[str, Any]) -> tuple[ServerAddress, str, int]:
     """Validate a `[remote]` table: (server, local strategy name, max_in_flight); errors name the key."""
+    from ..pageserver.client import ServerAddress
+    from ..pageserver.tls import TlsOptions
+
     unknown = set(table) - set(KEYS)
     if unknown:
         raise ConfigError(f"[remote]: unknown key {sorted(unknown)[0]!r} (known: {', '.join(KEYS)})")

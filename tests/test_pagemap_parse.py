@@ -1,0 +1,46 @@
+"""The pagemap parser gives the same index whichever decoder runs (pure Python or pycriu's compiled one)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from crit_pageread import pagemap
+from crit_pageread.pagemap import PE_LAZY, PE_PARENT, PE_PRESENT, encode_pagemap, load_pagemap
+
+PAGE = 4096
+
+
+def _runs(count: int, seed: int) -> list[tuple[int, int, int]]:
+    rng = random.Random(seed)
+    runs = []
+    vaddr = 0x7F0000000000
+    for _ in range(count):
+        vaddr += rng.randrange(0, 64) * PAGE  # holes between entries, some none
+        nr = rng.randrange(1, 1 << rng.randrange(1, 20))
+        flags = rng.choice([PE_PRESENT, PE_PRESENT | PE_LAZY, PE_LAZY, PE_PARENT])
+        runs.append((vaddr, nr, flags))
+        vaddr += nr * PAGE
+    return runs
+
+
+@pytest.mark.parametrize("layout", ["4.1", "4.2"])
+def test_a_big_pagemap_reads_the_same_with_either_decoder(tmp_path: Path, layout: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = _runs(20000, seed=len(layout))
+    image = tmp_path / "pagemap-1.img"
+    image.write_bytes(encode_pagemap(7, runs, layout))
+    assert image.stat().st_size >= pagemap.COMPILED_PARSER_MIN_BYTES  # the compiled path is taken if available
+    present = sum(nr for _, nr, flags in runs if flags & PE_PRESENT) * PAGE
+    with open(tmp_path / "pages-7.img", "wb") as f:
+        f.truncate(present)
+    fast = load_pagemap(image, PAGE)
+    monkeypatch.setattr(pagemap, "COMPILED_PARSER_MIN_BYTES", 1 << 62)
+    slow = load_pagemap(image, PAGE)
+    assert fast.entries == slow.entries
+    assert [(e.vaddr, e.nr_pages, e.flags) for e in slow.entries] == runs
+    assert fast.layout == slow.layout == layout
+    offsets = [e.offset for e in slow.entries if e.present]
+    assert offsets[0] == 0 and offsets == sorted(offsets)
