@@ -392,6 +392,27 @@ def tables(results: dict[str, Any]) -> str:
             lines.append("")
             lines.append(f"Streaming: {stream['skipped']}")
         lines.append("")
+    remote = results.get("remote", {})
+    res = remote.get("result", {}) if isinstance(remote, dict) else {}
+    if isinstance(res, dict) and "plain" in res:
+        lines.append("### remote: page-server fetch against a plain socket copy (benchmarks/remote_bench.py)")
+        lines.append("")
+        lines.append(f"{res.get('images', '')}, median of {res.get('reps', '?')} runs; peak RSS of the whole "
+                     f"benchmark process {remote['peak_rss_mib']:.0f} MiB")
+        lines.append("")
+        lines.append("| method | MiB | median s | MiB/s |")
+        lines.append("|---|---:|---:|---:|")
+        for name in ("plain", "serve", "criu"):
+            if isinstance(res.get(name), dict):
+                r = res[name]
+                lines.append(f"| {name} | {r['bytes'] / 2**20:.0f} | {r['median_s']:.3f} | {r['MiB_per_s']:.0f} |")
+        ratios = ", ".join(f"{k} {v}" for k, v in res.items() if k.endswith(("_vs_plain", "_vs_criu")))
+        lines.append("")
+        lines.append(f"Ratios: {ratios}")
+        lines.append("")
+    elif remote:
+        lines.append(f"Remote: {remote.get('skipped') or remote.get('stderr', '')[-300:]}")
+        lines.append("")
     lines.append("### Targets")
     lines.append("")
     lines.append("| target | measured | met |")

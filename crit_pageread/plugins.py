@@ -12,7 +12,6 @@ import importlib
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from importlib.metadata import entry_points
 from typing import Any
 
 import pluggy
@@ -65,16 +64,68 @@ def get_plugin_manager() -> pluggy.PluginManager:
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
     allowed = os.environ.get("CRIT_PAGEREAD_LOAD_PLUGINS")
     names = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if names is not None and ep.name not in names:
+    for name, value in entry_points(ENTRY_POINT_GROUP):
+        if names is not None and name not in names:
             continue
-        if pm.get_plugin(ep.name) is not None:
+        if pm.get_plugin(name) is not None:
             continue
         try:
-            plugin = ep.load()
+            plugin = _load_object(value)
         except Exception as exc:
-            raise ConfigError(f"plugin {ep.name} ({ep.value}): cannot load: {type(exc).__name__}: {exc}") from None
-        pm.register(plugin, name=ep.name)
+            raise ConfigError(f"plugin {name} ({value}): cannot load: {type(exc).__name__}: {exc}") from None
+        pm.register(plugin, name=name)
+
+
+def entry_points(group: str) -> list[tuple[str, str]]:
+    """(name, "module:attr") of every installed distribution's entry points in `group`.
+
+    Reads `*.dist-info/entry_points.txt` (and `*.egg-info`) on sys.path, first distribution
+    of a name wins, as importlib.metadata does, without its import cost (email, zipfile...).
+    """
+    found: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for base in sys.path:
+        try:
+            listing = sorted(os.listdir(base or "."))
+        except OSError:
+            continue
+        for entry in listing:
+            if not entry.endswith((".dist-info", ".egg-info")):
+                continue
+            dist = entry.rsplit(".", 1)[0].split("-")[0].lower().replace("_", "-")
+            if dist in seen:
+                continue
+            seen.add(dist)
+            try:
+                with open(os.path.join(base or ".", entry, "entry_points.txt"), encoding="utf-8") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            found.extend(_section(text, group))
+    return found
+
+
+def _section(text: str, group: str) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    current = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = line[1:-1].strip()
+        elif current == group and "=" in line:
+            name, _, value = line.partition("=")
+            out.append((name.strip(), value.split("[", 1)[0].strip()))
+    return out
+
+
+def _load_object(value: str) -> Any:
+    module_name, _, attrs = value.partition(":")
+    obj: Any = importlib.import_module(module_name.strip())
+    for attr in filter(None, attrs.strip().split(".")):
+        obj = getattr(obj, attr)
+    return obj
 
 
 def _trace(pm: pluggy.PluginManager) -> None:

@@ -70,5 +70,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ] || [ ! -x .venv/bin/cri
     .venv/bin/python -c 'import crit_pageread' || { log "pip install failed"; exit 1; }
     echo "$WANT" > "$STAMP"
 fi
+# Byte-compile now: with PYTHONDONTWRITEBYTECODE set, every run would otherwise recompile (tens of ms).
+.venv/bin/python -m compileall -q crit_pageread >/dev/null 2>&1 || true
 .venv/bin/python -c 'from crit_pageread.criu_env import pycriu; pycriu()' \
     || { log "pycriu is not importable"; exit 1; }
