@@ -50,20 +50,25 @@ class Area:
     def runs(self) -> Iterator[tuple[int, int]]:
         """Maximal vaddr ranges whose bytes can be read (present, or lazy if the strategy serves it)."""
         lazy_ok = self.reader.strategy.serves_lazy
-        run_start = run_end = -1
-        for seg in self.segments():
-            readable = seg.kind == "present" or (seg.kind == "lazy" and lazy_ok)
-            if not readable:
-                continue
-            s, e = seg.vaddr - self.delta, seg.end - self.delta
-            if s == run_end:
-                run_end = e
-            else:
-                if run_end > run_start:
-                    yield run_start, run_end
-                run_start, run_end = s, e
-        if run_end > run_start:
-            yield run_start, run_end
+        return merge_runs(
+            (seg.vaddr - self.delta, seg.end - self.delta)
+            for seg in self.segments()
+            if seg.kind == "present" or (seg.kind == "lazy" and lazy_ok)
+        )
+
+
+def merge_runs(ranges: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """Join ranges, given in address order, that touch end to start."""
+    run_start = run_end = -1
+    for start, end in ranges:
+        if start == run_end:
+            run_end = end
+        else:
+            if run_end > run_start:
+                yield run_start, run_end
+            run_start, run_end = start, end
+    if run_end > run_start:
+        yield run_start, run_end
 
 
 @dataclass
@@ -87,17 +92,7 @@ class Span:
 
     def runs(self) -> Iterator[tuple[int, int]]:
         """Maximal readable vaddr ranges of the span (they may cross VMA boundaries)."""
-        run_start = run_end = -1
-        for area in self.areas:
-            for s, e in area.runs():
-                if s == run_end:
-                    run_end = e
-                else:
-                    if run_end > run_start:
-                        yield run_start, run_end
-                    run_start, run_end = s, e
-        if run_end > run_start:
-            yield run_start, run_end
+        return merge_runs(run for area in self.areas for run in area.runs())
 
 
 def spans(areas: list[Area]) -> list[Span]:

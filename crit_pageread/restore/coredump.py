@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from ..images import (
 from ..plugins import make_strategy
 from ..reader import PageReader
 from ..strategy import Strategy
-from .fileio import copy_range
+from .fileio import chunks, copy_range
 
 EM_X86_64 = 62
 ET_CORE = 4
@@ -454,7 +454,7 @@ def _copy_via_reader(reader: PageReader, vaddr: int, length: int, fd: int, dst: 
     if fd < 0:  # planning pass
         return
     buf = bytearray(min(length, _CHUNK))
-    for pos, n in _chunks(vaddr, length, _CHUNK):
+    for pos, n in chunks(vaddr, length, _CHUNK):
         view = memoryview(buf)[:n]
         reader.readinto(pos, view)
         _pwrite_all(fd, bytes(view), dst + pos - vaddr)
@@ -471,14 +471,6 @@ def _add_missing(missing: list[dict[str, Any]], start: int, end: int, reason: st
 def _copy(src: int, src_offset: int, fd: int, dst: int, length: int, path: Path | str) -> None:
     if fd >= 0:  # fd -1: the planning pass, which only collects what is missing
         copy_range(src, src_offset, fd, dst, length, path)
-
-
-def _chunks(vaddr: int, length: int, chunk: int) -> Iterator[tuple[int, int]]:
-    end = vaddr + length
-    while vaddr < end:
-        n = min(chunk, end - vaddr)
-        yield vaddr, n
-        vaddr += n
 
 
 # --- a whole checkpoint ---------------------------------------------------------------------

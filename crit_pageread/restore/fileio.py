@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import ImageError
@@ -50,3 +51,12 @@ def _copy_slow(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, lengt
     while written < n:
         written += os.pwrite(dst_fd, view[written:n], dst_offset + written)
     return n
+
+
+def chunks(start: int, length: int, chunk: int) -> Iterator[tuple[int, int]]:
+    """(position, size) pieces of [start, start+length), each at most `chunk` long."""
+    end = start + length
+    while start < end:
+        n = min(chunk, end - start)
+        yield start, n
+        start += n

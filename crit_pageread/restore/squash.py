@@ -20,7 +20,7 @@ import hashlib
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from ..pagemap import LAYOUTS, PE_LAZY, PE_PRESENT, encode_pagemap
 from ..plugins import make_strategy
 from ..reader import PageReader
 from ..strategy import Strategy, Target
-from .fileio import copy_range
+from .fileio import chunks, copy_range
 
 _PAGEMAP_RE = re.compile(r"^pagemap-(\d+)\.img$")
 _SHMEM_RE = re.compile(r"^pagemap-shmem-(\d+)\.img$")
@@ -252,7 +252,7 @@ def _squash_target(
                         buf = bytearray(_LAZY_CHUNK)
                         lazy_hash = hashlib.sha256()
                     assert lazy_hash is not None
-                    for vaddr, length in _chunks(seg.vaddr, seg.length, _LAZY_CHUNK):
+                    for vaddr, length in chunks(seg.vaddr, seg.length, _LAZY_CHUNK):
                         view = memoryview(buf)[:length]
                         reader.readinto(vaddr, view)
                         lazy_hash.update(view)
@@ -277,14 +277,6 @@ def _reader(images: CheckpointImages, target: Target, strategy: str | Strategy |
     if target.kind == "pid":
         return images.reader(target.id, strategy, zero_fill=False, auto_dedup=False)
     return images.shmem_reader(target.id, strategy, zero_fill=False, auto_dedup=False)
-
-
-def _chunks(vaddr: int, length: int, chunk: int) -> Iterator[tuple[int, int]]:
-    end = vaddr + length
-    while vaddr < end:
-        n = min(chunk, end - vaddr)
-        yield vaddr, n
-        vaddr += n
 
 
 def verify_squash(
@@ -326,7 +318,7 @@ def verify_squash(
                         if seg.kind == "hole":
                             continue
                         covered += seg.length
-                        for vaddr, length in _chunks(seg.vaddr, seg.length, _VERIFY_CHUNK):
+                        for vaddr, length in chunks(seg.vaddr, seg.length, _VERIFY_CHUNK):
                             ob = memoryview(b)[:length]
                             out_reader.readinto(vaddr, ob)
                             if seg.kind == "lazy":
