@@ -298,7 +298,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets against the measured medians."""
     targets = []
     shapes = results["shapes"]
-    big = shapes.get("big", {}).get("materialize", {}).get("warm")
+    big = shapes.get("big", {}).get("materialize", {}).get("warm")  # absent with --no-materialize
     if big:
         ratio = big["preadv"]["vs_limit"]
         targets.append({"target": "preadv >= 0.9x readinto limit (1 GiB, warm)", "value": round(ratio, 3),
@@ -438,6 +438,8 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
     methods = [LIMIT, "cat", *STRATEGIES]
     has_stream = any("warm" in s.get("stream", {}) for s in results["shapes"].values())
     ncols = len(modes) + (1 if has_stream else 0)
+    if not ncols:
+        return "nothing to plot"
     fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.5), squeeze=False)
     width = 0.8 / len(methods)
     for col, mode in enumerate(modes):
@@ -501,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-stream", action="store_true", help="skip grep/extract")
     parser.add_argument("--stream-shapes", default="big,frag", help="shapes the streaming commands run on")
     parser.add_argument("--no-strace", action="store_true")
+    parser.add_argument("--no-materialize", action="store_true", help="skip materializing (and strace)")
+    parser.add_argument("--no-remote", action="store_true", help="skip benchmarks/remote_bench.py")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     out_dir = Path(args.out)
@@ -539,13 +543,14 @@ def main(argv: list[str] | None = None) -> int:
                                  check=True, cwd=ROOT)
             plan = json.loads(res.stdout)
             shape: dict[str, Any] = {"directory": str(directory), "params": SHAPES[name].__dict__, "plan": plan}
-            shape["materialize"] = bench_materialize(directory, plan, modes, args.runs, args.warmup)
-            if not args.no_strace:
+            shape["materialize"] = {} if args.no_materialize else bench_materialize(
+                directory, plan, modes, args.runs, args.warmup)
+            if not args.no_strace and not args.no_materialize:
                 shape["syscalls"] = bench_syscalls(directory, plan)
             if not args.no_stream and name in args.stream_shapes.split(","):
                 shape["stream"] = bench_stream(directory, plan, modes, args.runs, args.warmup, scratch)
             results["shapes"][name] = shape
-        results["remote"] = bench_remote(out_dir)
+        results["remote"] = {"skipped": "--no-remote"} if args.no_remote else bench_remote(out_dir)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     results["environment"]["loadavg_after"] = loadavg()
