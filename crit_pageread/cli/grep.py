@@ -126,6 +126,8 @@ class Matcher:
 
 
 Emit = Callable[[Area, int, bytes, bytes, bytes], None]
+#: Runs shorter than this are read in batches rather than one by one.
+SMALL_RUN = 64 << 10
 
 
 def _file_piece(span: Span, rs: int, re_: int) -> tuple[int, int] | None:
@@ -155,7 +157,9 @@ def scan_span(span: Span, buf: bytearray, matcher: Matcher, context: int, emit: 
     view = memoryview(buf)
     window = matcher.window + context
     found = 0
-    for rs, re_ in span.runs():
+
+    def scan_run(rs: int, re_: int) -> None:
+        nonlocal found
         piece = _file_piece(span, rs, re_) if direct else None
         pos = base = rs
         covered = rs
@@ -194,6 +198,40 @@ def scan_span(span: Span, buf: bytearray, matcher: Matcher, context: int, emit: 
                 break
             pos = base + max(cutoff, last_end) - shift
             base = max(rs, pos - context)
+
+    def scan_small(batch: list[tuple[int, int, int]]) -> None:
+        """Runs read together into buf with one sync (one preadv per contiguous file range)."""
+        nonlocal found
+        reader.sync()
+        for rs, off, n in batch:
+            for s, e in matcher.find(buf, off, off + n):
+                before = bytes(buf[max(off, s - context) : s]) if context else b""
+                after = bytes(buf[e : min(off + n, e + context)]) if context else b""
+                vaddr = rs + s - off
+                emit(span.area_at(vaddr), vaddr, bytes(buf[s:e]), before, after)
+                found += 1
+            progress.add(n)
+
+    # Small runs (fragmented memory: pages with holes between them) are batched into buf, so the
+    # cost per run is a deferred read and a search, not a map or a system call of its own.
+    batch: list[tuple[int, int, int]] = []
+    used = 0
+    for rs, re_ in span.runs():
+        n = re_ - rs
+        if n >= SMALL_RUN or n > len(buf):
+            if batch:
+                scan_small(batch)
+                batch, used = [], 0
+            scan_run(rs, re_)
+            continue
+        if used + n > len(buf):
+            scan_small(batch)
+            batch, used = [], 0
+        reader.readinto(rs + delta, view[used : used + n], defer=True)
+        batch.append((rs, used, n))
+        used += n
+    if batch:
+        scan_small(batch)
     return found
 
 
