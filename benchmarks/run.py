@@ -38,13 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.generate import SHAPES, cache_root, generate
+from crit_pageread.cli.bench import drop_caches
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 CLI = [PY, "-m", "crit_pageread"]
 STRATEGIES = ["pread", "preadv", "mmap"]
 LIMIT = "readinto-limit"
-DROP = "/proc/sys/vm/drop_caches"
 PATTERN = "CRIT-PAGEREAD-SECRET-7-spans"  # the victim's secret (seed 7): a rare literal
 RSS_TARGET_MIB = 128
 
@@ -76,19 +76,14 @@ def run_child(cmd: list[str], stdout_path: str | None = None, cwd: Path | None =
 
 
 def can_drop_caches() -> str | None:
-    try:
-        os.sync()
-        with open(DROP, "w") as f:
-            f.write("3\n")
-    except OSError as exc:
-        return f"{DROP}: {exc.strerror}"
-    return None
+    """None if the page cache can be dropped (it is, once), else why not."""
+    return drop_caches()
 
 
 def drop() -> None:
-    os.sync()
-    with open(DROP, "w") as f:
-        f.write("3\n")
+    problem = drop_caches()
+    if problem:
+        raise OSError(problem)
 
 
 def median_of(samples: list[dict[str, Any]], nbytes: int) -> dict[str, Any]:
