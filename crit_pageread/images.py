@@ -1,7 +1,9 @@
 """An image directory: pids, VMAs, pagemaps, pages files and the parent chain.
 
-Small images (pstree, mm, core, files) are parsed with pycriu's protobuf
-classes under our own bounded framing; pagemaps by `pagemap.py`.
+Everything sits under our own bounded framing (`imagefile.py`). What the
+page-reading path needs (pstree, VMAs, files and memfd names) is decoded
+without protobuf, so commands start fast; `mm()` and `core()` return pycriu's
+protobuf messages for the rest; pagemaps are parsed by `pagemap.py`.
 """
 
 from __future__ import annotations
