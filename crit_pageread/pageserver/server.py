@@ -190,12 +190,13 @@ class PageServer:
             for reader in readers.values():
                 with contextlib.suppress(CritPageReadError):
                     reader.close()
+            if self._stop.is_set() and "(CLOSE)" not in stats.end:
+                stats.end += " (server stopping)"
+            # Logged before the socket closes: a client that sees EOF can count on the line being there.
+            self.log(stats.line())
             with contextlib.suppress(OSError):
                 sock.close()
             self._sockets.discard(raw)
-            if self._stop.is_set() and "(CLOSE)" not in stats.end:
-                stats.end += " (server stopping)"
-            self.log(stats.line())
 
     def plan(
         self, readers: dict[int, PageReader], pid: int, vaddr: int, nr_pages: int
