@@ -11,7 +11,7 @@ test: setup
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
-	.venv/bin/ruff check crit_pageread tests hooks
+	.venv/bin/ruff check crit_pageread tests hooks benchmarks
 	.venv/bin/mypy
 
 # Benchmarks on large real checkpoints (cached in ~/.cache/crit-pageread/bench); not part of the tests.
