@@ -12,6 +12,7 @@ import ctypes
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -181,6 +182,48 @@ def dump(victim: Victim | int, images: Path, *extra: str, timeout: float = 180) 
     if isinstance(victim, Victim) and "--leave-running" not in extra:
         victim.reap()
     return images
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (bind port 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes] | subprocess.Popen[str] | None = None,
+                   timeout: float = 20) -> None:
+    """Wait until something listens on 127.0.0.1:port, without connecting (CRIU accepts only once)."""
+    needle = f"0100007F:{port:04X} 00000000:0000 0A"
+    deadline = time.monotonic() + timeout
+    while needle not in Path("/proc/net/tcp").read_text():
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode} before listening on {port}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nothing listens on port {port}")
+        time.sleep(0.01)
+
+
+def start_lazy_dump(victim: Victim | int, images: Path, *extra: str,
+                    timeout: float = 30) -> tuple[subprocess.Popen[bytes], int]:
+    """`criu dump --lazy-pages` on a free loopback port; returns (criu, port) once the images are
+    written and CRIU serves the lazy pages (it accepts one client; CLOSE ends the dump)."""
+    images.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    pid = victim.pid if isinstance(victim, Victim) else victim
+    proc = subprocess.Popen(
+        [criu_binary(), "dump", "-t", str(pid), "-D", str(images), "-o", "dump.log", "-v4",
+         "--lazy-pages", "--address", "127.0.0.1", "--port", str(port), *extra],
+        preexec_fn=_pin,
+    )
+    try:
+        wait_listening(port, proc, timeout)
+    except RuntimeError:
+        proc.kill()
+        proc.wait()
+        log = images / "dump.log"
+        raise RuntimeError(f"lazy dump failed: {log.read_text()[-2000:] if log.exists() else ''}") from None
+    return proc, port
 
 
 def read_mem(host_pid: int, vaddr: int, length: int) -> bytes:

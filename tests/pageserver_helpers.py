@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,26 +14,6 @@ from criu_harness import read_mem
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "crit_pageread"]
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (bind port 0)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_listening(port: int, proc: subprocess.Popen[bytes] | subprocess.Popen[str] | None = None,
-                   timeout: float = 20) -> None:
-    """Wait until something listens on 127.0.0.1:port, without connecting (CRIU accepts only once)."""
-    needle = f"0100007F:{port:04X} 00000000:0000 0A"
-    deadline = time.monotonic() + timeout
-    while needle not in Path("/proc/net/tcp").read_text():
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode} before listening on {port}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"nothing listens on port {port}")
-        time.sleep(0.01)
 
 
 @dataclass

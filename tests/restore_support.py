@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,8 +17,6 @@ import time
 from pathlib import Path
 
 from criu_harness import Victim, pagemap_pages, read_mem, restore_stopped, run_criu
-
-from crit_pageread.criu_env import criu_binary
 
 PAGE = 4096
 SYS_TGKILL = 234  # x86_64
@@ -105,39 +102,6 @@ def kill_tree(pid: int) -> None:
             os.waitpid(p, 0)
         except ChildProcessError:
             pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def listening(port: int) -> bool:
-    """Is something listening on 127.0.0.1:port (from /proc/net/tcp, without connecting)?"""
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        f = line.split()
-        if int(f[1].split(":")[1], 16) == port and f[3] == "0A":
-            return True
-    return False
-
-
-def start_lazy_dump(victim: Victim, images: Path, timeout: float = 30) -> tuple[subprocess.Popen[bytes], int]:
-    """`criu dump --lazy-pages`: returns once the images are written and CRIU serves the lazy pages."""
-    images.mkdir(parents=True)
-    port = free_port()
-    proc = subprocess.Popen(
-        [criu_binary(), "dump", "-t", str(victim.pid), "-D", str(images), "-o", "dump.log", "-v4",
-         "--lazy-pages", "--address", "127.0.0.1", "--port", str(port)],
-        preexec_fn=lambda: os.sched_setaffinity(0, {0}),
-    )
-    deadline = time.monotonic() + timeout
-    while not listening(port):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"lazy dump failed: {(images / 'dump.log').read_text()[-2000:]}")
-        time.sleep(0.02)
-    return proc, port
 
 
 def interrupted_run(patch_module: str, argv: list[str], after_calls: int = 1) -> subprocess.CompletedProcess[str]:

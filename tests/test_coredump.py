@@ -20,8 +20,17 @@ from pathlib import Path
 
 import pytest
 from chains import make_chain
-from criu_harness import Region, Victim, build_victim, dump, read_mem, restore_stopped, start_victim
-from restore_support import interrupted_run, leftovers, run_cli, start_lazy_dump
+from criu_harness import (
+    Region,
+    Victim,
+    build_victim,
+    dump,
+    read_mem,
+    restore_stopped,
+    start_lazy_dump,
+    start_victim,
+)
+from restore_support import interrupted_run, leftovers, run_cli
 
 from crit_pageread.criu_env import pycriu
 

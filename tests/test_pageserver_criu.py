@@ -18,8 +18,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from criu_harness import become_subreaper, dump, read_mem, restore_stopped, run_criu, start_victim
-from pageserver_helpers import CLI, REPO, Pki, free_port, make_pki, serve, wait_listening
+from criu_harness import (
+    become_subreaper,
+    dump,
+    free_port,
+    read_mem,
+    restore_stopped,
+    run_criu,
+    start_lazy_dump,
+    start_victim,
+    wait_listening,
+)
+from pageserver_helpers import CLI, REPO, Pki, make_pki, serve
 
 from crit_pageread import open_images
 from crit_pageread.config import load_config
@@ -125,14 +135,8 @@ def test_serve_chains_lazy_pages_from_criu_dump(
     pid = victim.pid
     regions = [(r.start, read_mem(pid, r.start, r.len)) for r in victim.regions if r.name.startswith("bulk")]
     images = tmp_path / "img"
-    images.mkdir()
-    criu_port = free_port()
-    lazy_dump = subprocess.Popen(
-        [criu_binary(), "dump", "-t", str(pid), "-D", str(images), "-o", "dump.log", "-v4", "--lazy-pages",
-         "--address", "127.0.0.1", "--port", str(criu_port)],
-    )
+    lazy_dump, criu_port = start_lazy_dump(pid, images)
     procs.append(lazy_dump)
-    wait_listening(criu_port, lazy_dump)
     cfg = tmp_path / "serve.toml"
     cfg.write_text(f"[remote]\nport = {criu_port}\ntimeout = 20\n")
     with serve(images, "--strategy", "remote", "--config", str(cfg), "--once") as (server, port):

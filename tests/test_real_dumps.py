@@ -14,8 +14,6 @@ import os
 import shutil
 import socket
 import struct
-import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Any
 
 import pytest
 from chains import build_chain
-from criu_harness import Victim, dump, read_mem, restore_stopped, start_victim
+from criu_harness import Victim, dump, read_mem, restore_stopped, start_lazy_dump, start_victim
 
 from crit_pageread import (
     PE_LAZY,
@@ -35,7 +33,7 @@ from crit_pageread import (
     Target,
     open_images,
 )
-from crit_pageread.criu_env import criu_binary, pycriu
+from crit_pageread.criu_env import pycriu
 from crit_pageread.demo import expected_region
 from crit_pageread.pagemap import encode_pagemap
 
@@ -484,12 +482,6 @@ def test_chain_without_parent_link_is_an_error(chain2: Case, tmp_path: Path) -> 
 PS_IOV_FLUSH_N_CLOSE = 0x1024
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def live_pages(pid: int) -> dict[int, bytes]:
     """Every readable page of a running task, from /proc/PID/maps and /proc/PID/mem."""
     pages: dict[int, bytes] = {}
@@ -510,24 +502,9 @@ def live_pages(pid: int) -> dict[int, bytes]:
 def lazy_dump(victim: Victim, images: Path, timeout: float = 30) -> None:
     """`criu dump --lazy-pages`: CRIU writes the images, then serves lazy pages until a client says
     PS_IOV_FLUSH_N_CLOSE; we say it at once (no restore), so the dump completes."""
-    images.mkdir(parents=True)
-    port = _free_port()
-    proc = subprocess.Popen(
-        [criu_binary(), "dump", "-t", str(victim.pid), "-D", str(images), "-o", "dump.log", "-v4",
-         "--lazy-pages", "--address", "127.0.0.1", "--port", str(port)],
-        preexec_fn=lambda: os.sched_setaffinity(0, {0}),
-    )
+    proc, port = start_lazy_dump(victim, images, timeout=timeout)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"lazy dump failed: {(images / 'dump.log').read_text()[-2000:]}") from None
-                time.sleep(0.02)
-        with sock:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
             sock.sendall(struct.pack("=IIQQ", PS_IOV_FLUSH_N_CLOSE, 0, 0, 0))
             assert sock.recv(4) == b"\0\0\0\0"
         assert proc.wait(timeout=timeout) == 0, (images / "dump.log").read_text()[-2000:]

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from criu_harness import dump, start_victim
-from pageserver_helpers import Pki, free_port, make_pki, oracle_bytes, snapshot, wait_listening
+from criu_harness import dump, free_port, start_lazy_dump, start_victim, wait_listening
+from pageserver_helpers import Pki, make_pki, oracle_bytes, snapshot
 
 from crit_pageread import open_images
 from crit_pageread.config import load_config
@@ -74,14 +74,8 @@ def test_remote_reads_every_lazy_page_of_criu_dump_lazy_pages(
     victim = start_victim(victim_exe, tmp_path / "v", "--mib", "4", "--vmas", "4")
     snap = snapshot(victim.pid)
     images = tmp_path / "img"
-    images.mkdir()
-    port = free_port()
-    proc = subprocess.Popen(
-        [criu_binary(), "dump", "-t", str(victim.pid), "-D", str(images), "-o", "dump.log", "-v4",
-         "--lazy-pages", "--address", "127.0.0.1", "--port", str(port), *(pki.criu_server() if tls else [])],
-    )
+    proc, port = start_lazy_dump(victim, images, *(pki.criu_server() if tls else []))
     criu_server.append(proc)
-    wait_listening(port, proc)
     config = _remote_config(port, pki if tls else None)
     assert _read_and_compare(images, victim.pid, snap, config, PE_LAZY, victim.info["secret"]) > 10
     assert proc.wait(30) == 0  # our CLOSE ended the lazy dump cleanly

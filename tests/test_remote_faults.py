@@ -131,7 +131,7 @@ def test_cli_read_from_a_silent_server_fails_in_one_line_and_writes_no_file(lazy
 
 
 def test_connection_refused_is_a_remote_error(lazy_dump: Path) -> None:
-    from pageserver_helpers import free_port
+    from criu_harness import free_port
 
     config = load_config(overrides={"remote": {"port": free_port(), "connect_timeout": TIMEOUT}}, env={})
     with open_images(lazy_dump, config) as images, images.reader(PID, "remote") as reader:

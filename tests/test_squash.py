@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from chains import build_chain
-from criu_harness import Region, Victim, dump, read_mem, restore_stopped, start_victim
+from criu_harness import Region, Victim, dump, read_mem, restore_stopped, start_lazy_dump, start_victim
 from restore_support import (
     dumped_pages,
     interrupted_run,
@@ -27,7 +27,6 @@ from restore_support import (
     restored_memory,
     run_cli,
     self_check,
-    start_lazy_dump,
     wait_check,
 )
 
