@@ -320,7 +320,7 @@ class CheckpointImages:
         return self._reader(Target("shmem", shmid), strategy, options)
 
     def _reader(self, target: Target, strategy: str | Strategy | None, options: dict[str, Any]) -> PageReader:
-        from .plugins import get_plugin_manager, make_strategy, observer
+        from .plugins import make_strategy, observer
         from .reader import PageReader
 
         unknown = set(options) - {"zero_fill", "auto_dedup"}
@@ -329,7 +329,6 @@ class CheckpointImages:
         pagemap = self.pagemap_for(target)
         if not isinstance(strategy, Strategy):
             strategy = make_strategy(strategy or self.config.strategy, self.config)
-        get_plugin_manager()
         return PageReader(
             self,
             target,
