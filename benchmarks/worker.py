@@ -1,7 +1,8 @@
 """One measurement in a fresh process (so its peak RSS is its own); prints one JSON object.
 
 usage: python -m benchmarks.worker materialize DIR METHOD   (METHOD: readinto-limit, a strategy, or baseline:
-                                                             no reads, for counting the other syscalls)
+                                                             no reads, for counting the other syscalls;
+                                                             timed: the read phase, open + index apart)
        python -m benchmarks.worker plan DIR                 (sizes, file runs, entries per pid)
 """
 
@@ -11,7 +12,16 @@ import json
 import sys
 
 from crit_pageread import open_images
-from crit_pageread.cli.bench import LIMIT, allocate, chain_pages_files, file_runs, materialize, materialized_bytes
+from crit_pageread.cli.bench import (
+    LIMIT,
+    allocate,
+    chain_pages_files,
+    file_runs,
+    materialize,
+    materialized_bytes,
+    memory_layout,
+    open_indexed,
+)
 from crit_pageread.pagemap import PE_PARENT, PE_PRESENT
 from crit_pageread.strategies.preadv import IOV_MAX
 
@@ -46,21 +56,24 @@ def main(argv: list[str]) -> int:
     if argv[0] != "materialize":
         raise SystemExit(__doc__)
     path, method = argv[1], argv[2]
-    with open_images(path) as images:
+    images, open_s = open_indexed(path)
+    with images:
         files = chain_pages_files(images)
-        size = max(materialized_bytes(images), sum(p.stat().st_size for p in files))
-    buf = allocate(size)
-    view = memoryview(buf)
-    if method == "baseline":  # everything but the reads: what strace counts besides them
-        result = {"seconds": 0.0, "bytes": 0, "calls": 0}
-    elif method == LIMIT:
-        from crit_pageread.cli.bench import read_limit
+        layout, span_bytes = memory_layout(images)
+        size = max(span_bytes, sum(p.stat().st_size for p in files))
+        buf = allocate(size)
+        view = memoryview(buf)
+        if method == "baseline":  # everything but the reads: what strace counts besides them
+            result = {"seconds": 0.0, "bytes": 0, "calls": 0}
+        elif method == LIMIT:
+            from crit_pageread.cli.bench import read_limit
 
-        result = read_limit(files, view)
-    else:
-        result = materialize(path, method, view)
-    result["buffer_bytes"] = size
-    view.release()
+            result = read_limit(files, view)
+        else:
+            result = materialize(images, method, view, layout)
+        result["buffer_bytes"] = size
+        result["open_s"] = open_s
+        view.release()
     print(json.dumps(result))
     return 0
 

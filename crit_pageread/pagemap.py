@@ -11,9 +11,8 @@ from __future__ import annotations
 import bisect
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import ImageError
 from .imagefile import check_magic, decode_varint_fields, encode_varint_fields, frame, iter_entries, read_image
@@ -37,12 +36,12 @@ def flag_names(flags: int) -> str:
     return "|".join(names) or "none"
 
 
-@dataclass(frozen=True, slots=True)
-class PagemapEntry:
+class PagemapEntry(NamedTuple):
     """One run of pages: `nr_pages` pages from `vaddr`, with CRIU's PE_* flags.
 
     `offset` is the byte offset of the run's data in the pages file, or -1 when
-    the entry has no data there (no `PE_PRESENT`).
+    the entry has no data there (no `PE_PRESENT`). A named tuple: an index of
+    tens of thousands of entries is built at every open.
     """
 
     vaddr: int
@@ -76,14 +75,21 @@ class Pagemap:
     """A parsed, validated pagemap image and the pages file it names."""
 
     def __init__(
-        self, path: Path, pages_id: int, entries: list[PagemapEntry], layout: str, page_size: int
+        self,
+        path: Path,
+        pages_id: int,
+        entries: list[PagemapEntry],
+        layout: str,
+        page_size: int,
+        starts: list[int] | None = None,
     ) -> None:
         self.path = path
         self.pages_id = pages_id
         self.entries = entries
         self.layout = layout
         self.page_size = page_size
-        self._starts = [e.vaddr for e in entries]
+        self._starts = starts if starts is not None else [e.vaddr for e in entries]
+        self._runs: tuple[list[int], list[int]] | None = None
 
     @property
     def pages_path(self) -> Path:
@@ -92,6 +98,26 @@ class Pagemap:
     @property
     def present_bytes(self) -> int:
         return sum(e.size for e in self.entries if e.flags & PE_PRESENT)
+
+    def present_runs(self) -> tuple[list[int], list[int]]:
+        """Columns for bulk planning: each entry's size in bytes and, per entry, the index past the
+        last of the consecutive `PE_PRESENT` entries it is in (its own index if not present).
+
+        Consecutive present entries are back to back in the pages file, so any
+        stretch of them is one contiguous file range. Built on first use.
+        """
+        if self._runs is None:
+            entries = self.entries
+            sizes = [e.nr_pages * e.page_size for e in entries]
+            run_end = list(range(len(entries)))
+            end = len(entries)
+            for k in range(len(entries) - 1, -1, -1):
+                if entries[k].flags & PE_PRESENT:
+                    run_end[k] = end
+                else:
+                    end = k
+            self._runs = (sizes, run_end)
+        return self._runs
 
     def index_at(self, vaddr: int) -> int:
         """Index of the first entry whose end is above `vaddr` (len(entries) if none)."""
@@ -157,30 +183,32 @@ def load_pagemap(path: str | os.PathLike[str], page_size: int) -> Pagemap:
         raise ImageError(path, "pagemap_head has no pages_id")
     pages_id = head_fields[1]
     entries: list[PagemapEntry] = []
+    starts: list[int] = []
     offset = 0
     prev_end = 0
     layout = "4.1"
     mask = page_size - 1
     # Big pagemaps only: importing pycriu/protobuf costs more than it saves on small ones.
     parse = _compiled_entry_parser() if len(data) >= COMPILED_PARSER_MIN_BYTES else None
+    append = entries.append
+    append_start = starts.append
     for number, payload in enumerate(payloads, 1):
         # Fast path: pycriu's compiled message parses a well-formed 4.1-layout entry at C speed;
         # anything else (4.2 layout: nr_pages 0; a byte that may be field 5's tag; malformed)
         # goes through our own decoder, which knows field 5.
-        msg = None
+        nr = 0
         if parse is not None and 0x28 not in payload:
             try:
                 msg = parse(payload)
             except Exception:
                 msg = None
-        if msg is not None and msg.nr_pages:
-            vaddr = msg.vaddr
-            nr = msg.nr_pages
-            if msg.HasField("flags"):
+            if msg is not None:
+                nr = msg.nr_pages
+                vaddr = msg.vaddr
                 flags = msg.flags
-            else:
-                flags = PE_PARENT if msg.in_parent else PE_PRESENT
-        else:
+                if not flags and not msg.HasField("flags"):
+                    flags = PE_PARENT if msg.in_parent else PE_PRESENT
+        if not nr:
             f = decode_varint_fields(path, payload)
             if 1 not in f:
                 raise ImageError(path, f"entry {number} has no vaddr")
@@ -194,23 +222,24 @@ def load_pagemap(path: str | os.PathLike[str], page_size: int) -> Pagemap:
                 flags = f[4]
             else:
                 flags = PE_PARENT if f.get(3) else PE_PRESENT
-        if nr <= 0:
-            raise ImageError(path, f"entry {number} at {vaddr:#x} has no pages (nr_pages 0)")
+            if nr <= 0:
+                raise ImageError(path, f"entry {number} at {vaddr:#x} has no pages (nr_pages 0)")
         if vaddr & mask:
             raise ImageError(path, f"entry {number} at {vaddr:#x} is not aligned to {page_size}-byte pages")
         end = vaddr + nr * page_size
-        if end > ADDRESS_LIMIT:
-            raise ImageError(path, f"entry {number} at {vaddr:#x}: absurd nr_pages {nr}")
-        if vaddr < prev_end:
+        if vaddr < prev_end or end > ADDRESS_LIMIT:
+            if end > ADDRESS_LIMIT:
+                raise ImageError(path, f"entry {number} at {vaddr:#x}: absurd nr_pages {nr}")
             what = "overlaps the previous entry" if entries and vaddr >= entries[-1].vaddr else "is out of order"
             raise ImageError(path, f"entry {number} at {vaddr:#x} {what}")
         if flags & PE_PRESENT:
-            entries.append(PagemapEntry(vaddr, nr, flags, offset, page_size))
-            offset += nr * page_size
+            append(PagemapEntry(vaddr, nr, flags, offset, page_size))
+            offset += end - vaddr
         else:
-            entries.append(PagemapEntry(vaddr, nr, flags, -1, page_size))
+            append(PagemapEntry(vaddr, nr, flags, -1, page_size))
+        append_start(vaddr)
         prev_end = end
-    pagemap = Pagemap(path, pages_id, entries, layout, page_size)
+    pagemap = Pagemap(path, pages_id, entries, layout, page_size, starts)
     if offset:
         pages = pagemap.pages_path
         try:

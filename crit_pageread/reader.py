@@ -10,19 +10,22 @@ no entry covers (an error unless `zero_fill`), deferred reads completed by
 from __future__ import annotations
 
 import os
-from bisect import bisect_right
-from collections.abc import Iterator
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import ChainError, CritPageReadError, ImageError, LazyPageError, NotDumpedError
 from .pagemap import PE_PARENT, PE_PRESENT, Pagemap
-from .strategy import PagesFile, ReadRequest, Strategy, Target
+from .strategy import AnyRequest, PagesFile, ReadRequest, ScatterRequest, Strategy, Target
 
 if TYPE_CHECKING:
     from .images import CheckpointImages
 
 SegmentKind = Literal["present", "lazy", "hole"]
+#: What a read does with addresses no entry covers: raise NotDumpedError, zero them, or leave the buffer as is.
+HolesMode = Literal["error", "zero", "skip"]
+_HOLES_MODES = ("error", "zero", "skip")
 MAX_CHAIN_DEPTH = 256
 _ZEROS = bytes(1 << 20)
 
@@ -161,7 +164,9 @@ class PageReader:
         if pos < end:
             yield Segment(pos, end - pos, "hole", 0, None, -1, image, self.depth)
 
-    def _requests(self, vaddr: int, dest: memoryview) -> tuple[list[ReadRequest], list[Segment]]:
+    def _requests(
+        self, vaddr: int, dest: memoryview, holes_mode: HolesMode
+    ) -> tuple[list[AnyRequest], list[tuple[int, int]]]:
         """Plan a read: requests for the strategy (merged where the file is contiguous) and holes."""
         # Fast path (most reads): the range lies inside one entry with data, here or in a parent.
         reader = self
@@ -183,41 +188,114 @@ class PageReader:
             if not entry.flags & PE_PARENT:
                 break
             reader = reader.parent
-        requests: list[ReadRequest] = []
-        holes: list[Segment] = []
-        serves_lazy = self.strategy.serves_lazy
-        last: Segment | None = None
-        last_start = 0
+        requests: list[AnyRequest] = []
+        holes: list[tuple[int, int]] = []
         # Parent ranges to punch once read; owed only if the whole plan succeeds.
-        dedup: list[tuple[PagesFile, int, int]] = []
-        for seg in self.segments(vaddr, len(dest)):
-            if seg.kind == "hole":
-                if not self.zero_fill:
-                    raise NotDumpedError(self.source, seg.vaddr, seg.end)
-                holes.append(seg)
-                continue
-            if seg.kind == "lazy" and not serves_lazy:
-                raise LazyPageError(self.source, seg.vaddr, seg.end)
-            if (
-                last is not None
-                and seg.kind == "present"
-                and last.kind == "present"
-                and seg.pages is last.pages
-                and seg.offset == last.offset + (seg.vaddr - last_start)
-                and seg.depth == last.depth
-                and requests[-1].vaddr + len(requests[-1].dest) == seg.vaddr
-            ):
-                req = requests[-1]
-                req.dest = dest[req.vaddr - vaddr : seg.end - vaddr]
-            else:
-                view = dest[seg.vaddr - vaddr : seg.end - vaddr]
-                requests.append(ReadRequest(seg.pages, seg.offset, view, seg.vaddr, self.target))
-                last_start = seg.vaddr
-            last = seg
-            if seg.depth > 0 and self.auto_dedup and seg.pages is not None:
-                dedup.append((seg.pages, seg.offset, seg.length))
-        self._root._dedup_pending.extend(dedup)
+        dedup: list[tuple[PagesFile, int, int]] | None = [] if self.auto_dedup else None
+        self._plan(vaddr, end, dest, vaddr, requests, holes, dedup, None, holes_mode)
+        if dedup:
+            self._root._dedup_pending.extend(dedup)
         return requests, holes
+
+    def _plan(
+        self,
+        vaddr: int,
+        end: int,
+        dest: memoryview,
+        base: int,
+        requests: list[AnyRequest],
+        holes: list[tuple[int, int]],
+        dedup: list[tuple[PagesFile, int, int]] | None,
+        child: PageReader | None,
+        holes_mode: HolesMode = "error",
+    ) -> None:
+        """Append to `requests` what [vaddr, end) needs from this image and its parents (`dest[0]` is
+        at `base`); requests contiguous in both file and memory are merged, and a stretch of present
+        entries with holes between them becomes one ScatterRequest (unless holes are errors). `child`
+        is set when the range is what a newer image has in parent: then a hole here is a broken chain."""
+        pagemap = self.pagemap
+        entries = pagemap.entries
+        count = len(entries)
+        i = bisect_right(pagemap._starts, vaddr) - 1
+        if i < 0 or entries[i].vaddr + entries[i].nr_pages * entries[i].page_size <= vaddr:
+            i += 1
+        pos = vaddr
+        target = self.target
+        pages: PagesFile | None = None
+        tail = requests[-1] if requests else None
+        last = tail if isinstance(tail, ReadRequest) else None
+        scatter = child is None and holes_mode != "error"
+        while pos < end:
+            if i >= count or entries[i].vaddr >= end:
+                stop = end
+                flags = 0
+            else:
+                entry = entries[i]
+                if entry.vaddr > pos:
+                    stop = entry.vaddr
+                    flags = 0
+                else:
+                    i += 1
+                    stop = entry.vaddr + entry.nr_pages * entry.page_size
+                    if stop > end:
+                        stop = end
+                    flags = entry.flags
+            if flags & PE_PRESENT:
+                if pages is None:
+                    pages = self._pages or self._pages_file()
+                offset = entry.offset + pos - entry.vaddr
+                if scatter and i < count and entries[i].vaddr < end and entries[i].flags & PE_PRESENT:
+                    # Present entries follow within the range: one file range, many pieces of memory.
+                    sizes, run_end = pagemap.present_runs()
+                    starts = pagemap._starts
+                    j = bisect_left(starts, end, i, run_end[i])
+                    offsets = [pos - base]
+                    offsets += [v - base for v in starts[i:j]]
+                    lengths = [stop - pos]
+                    lengths += sizes[i:j]
+                    last_end = starts[j - 1] + sizes[j - 1]
+                    if last_end > end:
+                        lengths[-1] -= last_end - end
+                        last_end = end
+                    if holes_mode == "zero":
+                        for k in range(len(offsets) - 1):
+                            if offsets[k] + lengths[k] < offsets[k + 1]:
+                                holes.append((base + offsets[k] + lengths[k], base + offsets[k + 1]))
+                    requests.append(ScatterRequest(pages, offset, dest, offsets, lengths, base, target))
+                    if dedup is not None and self.depth:
+                        dedup.append((pages, offset, sum(lengths)))
+                    last = None
+                    pos = last_end
+                    i = j
+                    continue
+                if (
+                    last is not None
+                    and last.pages is pages
+                    and last.vaddr + len(last.dest) == pos
+                    and last.offset + len(last.dest) == offset
+                ):
+                    last.dest = dest[last.vaddr - base : stop - base]
+                else:
+                    last = ReadRequest(pages, offset, dest[pos - base : stop - base], pos, target)
+                    requests.append(last)
+                if dedup is not None and self.depth:
+                    dedup.append((pages, offset, stop - pos))
+            elif flags & PE_PARENT:
+                self.parent._plan(pos, stop, dest, base, requests, holes, dedup, self)
+                tail = requests[-1] if requests else None
+                last = tail if isinstance(tail, ReadRequest) else None
+            elif flags:  # PE_LAZY alone: data only on a page server
+                if not self.strategy.serves_lazy:
+                    raise LazyPageError(self._root.source, pos, stop)
+                last = ReadRequest(None, -1, dest[pos - base : stop - base], pos, target)
+                requests.append(last)
+            elif child is not None:
+                raise ChainError(self.source, f"lacks pages at {pos:#x}-{stop:#x} that {child.source} has in parent")
+            elif holes_mode == "zero":
+                holes.append((pos, stop))
+            elif holes_mode == "error":
+                raise NotDumpedError(self.source, pos, stop)
+            pos = stop
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -227,13 +305,18 @@ class PageReader:
         self.readinto(vaddr, buf)
         return bytes(buf)
 
-    def readinto(self, vaddr: int, buffer: Any, *, defer: bool = False) -> int:
+    def readinto(self, vaddr: int, buffer: Any, *, defer: bool = False, holes: HolesMode | None = None) -> int:
         """Fill `buffer` with memory from `vaddr`; with `defer`, complete at `sync()`.
 
         Returns the number of bytes (len of buffer). Errors about the range
         (not dumped, lazy, chain) are raised before any I/O is queued.
+        `holes` says what to do where no entry covers the range: "error"
+        (NotDumpedError), "zero", or "skip" (leave those bytes of `buffer` as
+        they are, like memory that was never written); by default "zero" if
+        the reader was made with `zero_fill`, else "error".
         """
         self._check_open()
+        holes_mode = self._holes_mode(holes)
         dest = memoryview(buffer)
         if dest.readonly:
             raise TypeError("readinto needs a writable buffer")
@@ -246,16 +329,20 @@ class PageReader:
         if not defer and strategy.pending:
             # Flush first: the queue's punches must not include this read's parent pages.
             self._root.sync()
-        requests, holes = self._requests(vaddr, dest)
-        for seg in holes:
-            _zero(dest[seg.vaddr - vaddr : seg.end - vaddr])
+        requests, zeros = self._requests(vaddr, dest, holes_mode)
+        for start, stop in zeros:
+            _zero(dest[start - vaddr : stop - vaddr])
         if defer:
-            for req in requests:
-                strategy.submit(req)
+            if len(requests) == 1 and type(requests[0]) is ReadRequest:
+                strategy.submit(requests[0])
+            else:
+                strategy.submit_many(requests)
         else:
             try:
-                for req in requests:
-                    strategy.read(req)
+                if len(requests) == 1 and type(requests[0]) is ReadRequest:
+                    strategy.read(requests[0])
+                else:
+                    strategy.read_many(requests)
             except BaseException:
                 self._root._dedup_pending.clear()  # never punch what may not have been read
                 raise
@@ -263,6 +350,67 @@ class PageReader:
             if observe is not None:
                 observe.crit_pageread_after_read(reader=self, vaddr=vaddr, data=dest)
         return len(dest)
+
+    def readv(self, iov: Iterable[tuple[int, Any]], *, defer: bool = False, holes: HolesMode | None = None) -> int:
+        """Fill each `(vaddr, buffer)` pair like `readinto`, as one batch; returns the bytes.
+
+        The whole batch is planned before any I/O (an error about any range
+        reads nothing) and handed to the strategy at once, so a queueing
+        strategy merges ranges that are contiguous in a pages file, whatever
+        lies between them in memory (CRIU's restore pattern).
+        """
+        self._check_open()
+        holes_mode = self._holes_mode(holes)
+        observe = self._root._observe
+        strategy = self.strategy
+        if not defer and strategy.pending:
+            self._root.sync()
+        requests: list[AnyRequest] = []
+        zero: list[memoryview] = []
+        views: list[tuple[int, memoryview]] = []
+        total = 0
+        pending = self._root._dedup_pending
+        mark = len(pending)
+        try:
+            for vaddr, buffer in iov:
+                dest = memoryview(buffer)
+                if dest.readonly:
+                    raise TypeError("readv needs writable buffers")
+                if dest.format != "B" or dest.ndim != 1:
+                    dest = dest.cast("B")
+                if observe is not None:
+                    observe.crit_pageread_before_read(reader=self, vaddr=vaddr, length=len(dest), deferred=defer)
+                    views.append((vaddr, dest))
+                got, zeros = self._requests(vaddr, dest, holes_mode)
+                requests.extend(got)
+                for start, stop in zeros:
+                    zero.append(dest[start - vaddr : stop - vaddr])
+                total += len(dest)
+        except BaseException:
+            del pending[mark:]  # nothing of this batch was read: punch none of it
+            raise
+        for view in zero:
+            _zero(view)
+        if defer:
+            strategy.submit_many(requests)
+            return total
+        try:
+            strategy.read_many(requests)
+        except BaseException:
+            self._root._dedup_pending.clear()
+            raise
+        self._root._punch_pending()
+        if observe is not None:
+            for vaddr, dest in views:
+                observe.crit_pageread_after_read(reader=self, vaddr=vaddr, data=dest)
+        return total
+
+    def _holes_mode(self, holes: HolesMode | None) -> HolesMode:
+        if holes is None:
+            return "zero" if self.zero_fill else "error"
+        if holes not in _HOLES_MODES:
+            raise ValueError(f"holes must be one of {', '.join(_HOLES_MODES)}, not {holes!r}")
+        return holes
 
     def sync(self) -> None:
         """Complete every deferred read (and punch what auto-dedup owes)."""

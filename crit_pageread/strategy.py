@@ -3,7 +3,9 @@
 Like CRIU's `struct page_read`, the reader owns the cursor logic (index,
 parents, lazy and hole rules) and a strategy owns only the I/O. Like an httpx
 transport, a strategy is small: `read` (synchronous), `submit` (may be queued),
-`sync` (complete what was submitted) and `close`.
+`sync` (complete what was submitted) and `close`; `read_many`/`submit_many` take
+the requests of one multi-entry read at once, including `ScatterRequest`s (one
+file range into many pieces of memory), by default one piece at a time.
 """
 
 from __future__ import annotations
@@ -69,6 +71,45 @@ class ReadRequest:
     target: Target
 
 
+@dataclass(slots=True)
+class ScatterRequest:
+    """Read back-to-back bytes of a pages file from `offset` into pieces of `dest`.
+
+    Piece k is `dest[dest_offsets[k] : dest_offsets[k] + lengths[k]]`; its
+    bytes follow piece k-1's in the file. `vaddr` is the address of `dest[0]`.
+    The reader makes one for a stretch of pagemap entries that is contiguous
+    in the file but not in memory (holes between them), so that a strategy
+    can read it in one vectored call; `requests()` splits it for others.
+    """
+
+    pages: PagesFile
+    offset: int
+    dest: memoryview
+    dest_offsets: list[int]
+    lengths: list[int]
+    vaddr: int
+    target: Target
+
+    @property
+    def length(self) -> int:
+        """Bytes to read from the pages file."""
+        return sum(self.lengths)
+
+    def requests(self) -> list[ReadRequest]:
+        """The pieces as plain requests, in file order."""
+        out = []
+        offset = self.offset
+        dest = self.dest
+        for start, n in zip(self.dest_offsets, self.lengths, strict=True):
+            out.append(ReadRequest(self.pages, offset, dest[start : start + n], self.vaddr + start, self.target))
+            offset += n
+        return out
+
+
+#: What `read_many`/`submit_many` get from the reader.
+AnyRequest = ReadRequest | ScatterRequest
+
+
 @dataclass
 class StrategyInfo:
     """A strategy as a plugin contributes it: a name, a factory and a description."""
@@ -93,6 +134,24 @@ class Strategy(ABC):
     def submit(self, request: ReadRequest) -> None:
         """Fill `request.dest` now or later, at the latest when `sync()` returns."""
         self.read(request)
+
+    def read_many(self, requests: list[AnyRequest]) -> None:
+        """`read` each request, in order; a ScatterRequest piece by piece unless overridden."""
+        for request in requests:
+            if type(request) is ScatterRequest:
+                for piece in request.requests():
+                    self.read(piece)
+            else:
+                self.read(request)  # type: ignore[arg-type]
+
+    def submit_many(self, requests: list[AnyRequest]) -> None:
+        """`submit` each request, in order; a ScatterRequest piece by piece unless overridden."""
+        for request in requests:
+            if type(request) is ScatterRequest:
+                for piece in request.requests():
+                    self.submit(piece)
+            else:
+                self.submit(request)  # type: ignore[arg-type]
 
     def sync(self) -> None:
         """Complete every submitted request."""

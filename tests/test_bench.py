@@ -15,41 +15,55 @@ from pathlib import Path
 import pytest
 
 from crit_pageread import open_images
-from crit_pageread.cli.bench import LIMIT, allocate, chain_pages_files, file_runs, materialize, materialized_bytes
+from crit_pageread.cli.bench import (
+    LIMIT,
+    allocate,
+    chain_pages_files,
+    file_runs,
+    materialize,
+    materialized_bytes,
+    memory_layout,
+    open_indexed,
+)
 from crit_pageread.cli.main import main
 from crit_pageread.strategies.preadv import IOV_MAX
 
 CASES = {"b_tree": "b_tree", "e2_chain2": "e2_chain2/d2"}
 
 
-def truth_pages(shared_fixtures: Path, case: str, pids: list[int]) -> list[str]:
-    """Page hashes in the order materialize() writes them: pids in image order, vaddrs ascending."""
-    out: list[str] = []
-    for pid in pids:
-        lines = (shared_fixtures / "truth" / case / f"pid-{pid}.sha256").read_text().splitlines()
-        out.extend(line.split()[1] for line in lines if not line.startswith("TOTAL"))
-    return out
+def truth_pages(shared_fixtures: Path, case: str, pid: int) -> dict[int, str]:
+    """Page hashes by address (`/proc/PID/mem` of the restored task)."""
+    lines = (shared_fixtures / "truth" / case / f"pid-{pid}.sha256").read_text().splitlines()
+    return {int(line.split()[0], 16): line.split()[1] for line in lines if not line.startswith("TOTAL")}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("strategy", ["pread", "preadv", "mmap"])
 def test_materialize_fills_the_buffer_with_the_true_pages(shared_fixtures: Path, case: str, strategy: str) -> None:
-    directory = shared_fixtures / "cases" / CASES[case]
-    with open_images(directory) as images:
-        pids = images.pids
+    """Every true page lands at its place in its span; the holes between entries stay untouched."""
+    images, _ = open_indexed(shared_fixtures / "cases" / CASES[case])
+    with images:
         size = materialized_bytes(images)
-    want = truth_pages(shared_fixtures, case, pids)
-    assert size == len(want) * 4096
-    buf = allocate(size + 4096)
-    view = memoryview(buf)
-    try:
-        result = materialize(directory, strategy, view)
-        assert result["bytes"] == size
-        got = [hashlib.sha256(view[i : i + 4096]).hexdigest() for i in range(0, size, 4096)]
-    finally:
-        view.release()
-        buf.close()
-    assert got == want
+        layout, span_bytes = memory_layout(images)
+        buf = allocate(span_bytes)
+        view = memoryview(buf)
+        try:
+            result = materialize(images, strategy, view, layout)
+            assert result["bytes"] == size
+            seen = 0
+            zero = hashlib.sha256(bytes(4096)).hexdigest()
+            for pid, spans in layout.items():
+                want = truth_pages(shared_fixtures, case, pid)
+                for vaddr, off, length, _data in spans:
+                    for a in range(vaddr, vaddr + length, 4096):
+                        got = hashlib.sha256(view[off + a - vaddr : off + a - vaddr + 4096]).hexdigest()
+                        assert got == want.get(a, zero), f"pid {pid} page {a:#x}"
+                        seen += a in want
+                assert seen and all(any(v <= a < v + n for v, _, n, _ in spans) for a in want)
+                seen = 0
+        finally:
+            view.release()
+            buf.close()
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -11,13 +11,15 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from crit_pageread import LazyPageError, Target, open_images
 
 STRATEGIES = ("pread", "preadv", "mmap")
-MODES = ("read", "defer")
+MODES = ("read", "defer", "readv", "span-skip", "span-zero")
+MARK = 0xA5  # what "skip" must leave in place
 TRUTH_CASES = {"a_single": "a_single", "b_tree": "b_tree", "d_shm": "d_shm", "e2_chain2": "e2_chain2/d2"}
 
 
@@ -54,8 +56,39 @@ def runs_of(addresses: list[int], page: int) -> list[tuple[int, int]]:
     return [(a, n) for a, n in runs]
 
 
+def spans_of(runs: list[tuple[int, int]], page: int, gap: int = 1 << 20) -> list[tuple[int, int]]:
+    """(start, end) of groups of runs less than `gap` apart."""
+    spans: list[list[int]] = []
+    for a, n in runs:
+        if spans and a - spans[-1][1] <= gap:
+            spans[-1][1] = a + n * page
+        else:
+            spans.append([a, a + n * page])
+    return [(a, b) for a, b in spans]
+
+
+def read_spans(reader: Any, runs: list[tuple[int, int]], page: int, holes: str) -> bytes:
+    """Each span of runs read by one deferred readinto (holes skipped or zeroed); the listed pages
+    are cut out, and the holes are checked to hold what `holes` says."""
+    listed = {a + i * page for a, n in runs for i in range(n)}
+    out = []
+    for start, end in spans_of(runs, page):
+        buf = bytearray([MARK]) * (end - start)
+        reader.readinto(start, buf, defer=True, holes=holes)
+        reader.sync()
+        fill = bytes([MARK if holes == "skip" else 0]) * page
+        for a in range(start, end, page):
+            chunk = bytes(buf[a - start : a - start + page])
+            if a in listed:
+                out.append(chunk)
+            else:
+                assert chunk == fill, f"hole page {a:#x} not {'left as is' if holes == 'skip' else 'zeroed'}"
+    return b"".join(out)
+
+
 def read_pages(images_dir: Path, target: Target, addresses: list[int], strategy: str, mode: str) -> bytes:
-    """The bytes of every listed page, in address order: read() per run, or deferred + one sync."""
+    """The bytes of every listed page, in address order: read() per run, deferred + one sync, one
+    readv of all runs, or one readinto per span of runs with the holes between them skipped or zeroed."""
     with open_images(images_dir) as images:
         page = images.page_size
         make = images.reader if target.kind == "pid" else images.shmem_reader
@@ -63,6 +96,12 @@ def read_pages(images_dir: Path, target: Target, addresses: list[int], strategy:
         with make(target.id, strategy) as reader:
             if mode == "read":
                 return b"".join(reader.read(a, n * page) for a, n in runs)
+            if mode.startswith("span-"):
+                return read_spans(reader, runs, page, mode.removeprefix("span-"))
+            if mode == "readv":
+                bufs = [bytearray(n * page) for _, n in runs]
+                reader.readv([(a, b) for (a, _), b in zip(runs, bufs, strict=True)])
+                return b"".join(bufs)
             buf = bytearray(len(addresses) * page)
             view = memoryview(buf)
             pos = 0

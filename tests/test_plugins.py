@@ -3,6 +3,7 @@ tracing, entry-point restriction; preadv merging, IOV_MAX, short reads, flush an
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import math
 import os
@@ -24,6 +25,7 @@ from crit_pageread import (
     open_images,
     plugins,
 )
+from crit_pageread.strategies import preadv as preadv_module
 from crit_pageread.strategies.pread import PreadStrategy
 from crit_pageread.strategies.preadv import IOV_MAX, PreadvStrategy
 
@@ -240,18 +242,34 @@ def _truth(images: Any, pid: int, entries: list[Any]) -> list[bytes]:
         return [reader.read(e.vaddr, e.size) for e in entries]
 
 
+@pytest.fixture(params=["libc", "os"])
+def preadv_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with libc's preadv through ctypes (the default) and with the os.preadv fallback."""
+    if request.param == "os":
+        monkeypatch.setattr(preadv_module, "_libc_preadv", None)
+    return str(request.param)
+
+
 @pytest.fixture
-def preadv_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Record the iovec count of every os.preadv call."""
-    real = os.preadv
+def preadv_calls(monkeypatch: pytest.MonkeyPatch, preadv_path: str) -> list[int]:
+    """Record the iovec count of every preadv call, libc's (queued runs) and os.preadv (the rest)."""
     counts: list[int] = []
+    real_os = os.preadv
 
     def counting(fd: int, buffers: Any, offset: int, *flags: int) -> int:
         buffers = list(buffers)
         counts.append(len(buffers))
-        return real(fd, buffers, offset, *flags)
+        return real_os(fd, buffers, offset, *flags)
 
     monkeypatch.setattr(os, "preadv", counting)
+    real_libc = preadv_module._preadv_function()
+    if real_libc is not None:
+
+        def counting_libc(fd: int, iov: int, count: int, offset: int) -> int:
+            counts.append(count)
+            return int(real_libc(fd, iov, count, offset))
+
+        monkeypatch.setattr(preadv_module, "_libc_preadv", counting_libc)
     return counts
 
 
@@ -302,10 +320,10 @@ def test_preadv_respects_iov_max(a_single: Path, preadv_calls: list[int]) -> Non
             assert [bytes(b) for b in bufs] == truth
 
 
-def test_preadv_handles_short_reads(a_single: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_preadv_handles_short_reads(a_single: Path, monkeypatch: pytest.MonkeyPatch, preadv_path: str) -> None:
     """The kernel may return fewer bytes than asked (signals, NFS): advance the iovecs, continue."""
-    real = os.preadv
     limit = 5000  # not a page multiple: splits an iovec in its middle
+    real = os.preadv
 
     def short(fd: int, buffers: Any, offset: int, *flags: int) -> int:
         out, room = [], limit
@@ -317,10 +335,27 @@ def test_preadv_handles_short_reads(a_single: Path, monkeypatch: pytest.MonkeyPa
             room -= len(out[-1])
         return real(fd, out, offset, *flags)
 
+    monkeypatch.setattr(os, "preadv", short)
+    real_libc = preadv_module._preadv_function()
+    if real_libc is not None:
+
+        def short_libc(fd: int, iov: int, count: int, offset: int) -> int:
+            words = (ctypes.c_size_t * (2 * count)).from_address(iov)
+            out, room = [], limit
+            for k in range(count):
+                if room <= 0:
+                    break
+                n = min(words[2 * k + 1], room)
+                out += [words[2 * k], n]
+                room -= n
+            array = (ctypes.c_size_t * len(out))(*out)
+            return int(real_libc(fd, ctypes.addressof(array), len(out) // 2, offset))
+
+        monkeypatch.setattr(preadv_module, "_libc_preadv", short_libc)
     with open_images(a_single) as images:
         pid, entries = _entries(images)
-        truth = _truth(images, pid, entries)
-        monkeypatch.setattr(os, "preadv", short)
+        with images.reader(pid, "pread") as reader:
+            truth = [reader.read(e.vaddr, e.size) for e in entries]
         with images.reader(pid, "preadv") as reader:
             bufs = [bytearray(e.size) for e in entries]
             for e, b in zip(entries, bufs, strict=True):

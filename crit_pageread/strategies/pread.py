@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
-from ..strategy import ReadRequest, Strategy, StrategyInfo, read_fully
+from ..strategy import AnyRequest, ReadRequest, ScatterRequest, Strategy, StrategyInfo, read_fully
 
 
 class PreadStrategy(Strategy):
@@ -19,6 +20,26 @@ class PreadStrategy(Strategy):
         if pages is None:
             raise ConfigError("pread: strategy cannot serve lazy pages")
         read_fully(pages.fd, request.dest, request.offset, pages.path)
+
+    def read_many(self, requests: list[AnyRequest]) -> None:
+        preadv = os.preadv
+        for request in requests:
+            pages = request.pages
+            if pages is None:
+                raise ConfigError("pread: strategy cannot serve lazy pages")
+            if type(request) is ScatterRequest:
+                fd = pages.fd
+                offset = request.offset
+                dest = request.dest
+                for start, n in zip(request.dest_offsets, request.lengths, strict=True):
+                    piece = dest[start : start + n]
+                    if preadv(fd, [piece], offset) != n:
+                        read_fully(fd, piece, offset, pages.path)
+                    offset += n
+            else:
+                read_fully(pages.fd, request.dest, request.offset, pages.path)
+
+    submit_many = read_many
 
 
 def _factory(table: dict[str, Any]) -> Strategy:

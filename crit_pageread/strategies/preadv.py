@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import ConfigError, ImageError
 from ..hookspecs import hookimpl
-from ..strategy import PagesFile, ReadRequest, Strategy, StrategyInfo, read_fully
+from ..strategy import AnyRequest, PagesFile, ReadRequest, ScatterRequest, Strategy, StrategyInfo, read_fully
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 #: Largest gap in a pages file bridged by reading it into scratch memory (0: never).
@@ -28,25 +28,41 @@ DEFAULT_MAX_GAP = 0
 
 addressof = ctypes.addressof
 c_char = ctypes.c_char
+c_size_t = ctypes.c_size_t
+_IOVEC_BYTES = 2 * ctypes.sizeof(c_size_t)  # struct iovec: a pointer and a size_t
+_UNSET: Any = object()
+_libc_preadv: Any = _UNSET
 
 
-def _address(view: memoryview) -> int:
-    return addressof(c_char.from_buffer(view))
+def _preadv_function() -> Any:
+    """libc's preadv(2) taking a ctypes iovec array (no memoryview per iovec), or None."""
+    global _libc_preadv
+    if _libc_preadv is _UNSET:
+        try:
+            func = ctypes.CDLL(None, use_errno=True).preadv
+            func.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
+            func.restype = ctypes.c_ssize_t
+            _libc_preadv = func
+        except (OSError, AttributeError):
+            _libc_preadv = None
+    return _libc_preadv
 
 
 class _Run:
-    """Requests contiguous in one pages file; iovecs are [address, length, view-or-None].
+    """Requests contiguous in one pages file, as iovecs: parallel lists of addresses and lengths.
 
-    A merged iovec (None) spans several caller views; `holders` keeps those alive until the read.
+    `holders` keeps the caller's buffers (exported memoryviews: they can be
+    neither freed nor resized) alive until the run is read.
     """
 
-    __slots__ = ("holders", "iovecs", "length", "offset", "pages")
+    __slots__ = ("addrs", "holders", "length", "lens", "offset", "pages")
 
     def __init__(self, pages: PagesFile, offset: int) -> None:
         self.pages = pages
         self.offset = offset
         self.length = 0
-        self.iovecs: list[list[Any]] = []
+        self.addrs: list[int] = []
+        self.lens: list[int] = []
         self.holders: list[memoryview] = []
 
 
@@ -59,7 +75,8 @@ class PreadvStrategy(Strategy):
         self.iov_max = iov_max
         self.max_queue = max_queue
         self.max_gap = max_gap
-        self._scratch = memoryview(bytearray(max_gap)) if max_gap else None
+        self._scratch = bytearray(max_gap) if max_gap else None
+        self._scratch_addr = addressof(c_char.from_buffer(self._scratch)) if self._scratch else 0
         #: Unwanted bytes read to bridge gaps (for benchmarks and tests).
         self.gap_bytes = 0
         self._runs: list[_Run] = []
@@ -83,6 +100,29 @@ class PreadvStrategy(Strategy):
         self.calls += 1
         read_fully(pages.fd, request.dest, request.offset, pages.path)
 
+    def read_many(self, requests: list[AnyRequest]) -> None:
+        if self._count:
+            self.sync()
+        self.submit_many(requests)
+        self.sync()
+
+    def _run_for(self, pages: PagesFile, offset: int) -> _Run:
+        """The run a request at `offset` of `pages` joins (bridging a small gap), or a new one."""
+        run = self._tails.get(pages)
+        if run is not None:
+            gap = offset - (run.offset + run.length)
+            if not gap:
+                return run
+            if 0 < gap <= self.max_gap:
+                run.addrs.append(self._scratch_addr)
+                run.lens.append(gap)
+                run.length += gap
+                self.gap_bytes += gap
+                return run
+        run = self._tails[pages] = _Run(pages, offset)
+        self._runs.append(run)
+        return run
+
     def submit(self, request: ReadRequest) -> None:
         pages = request.pages
         if pages is None:
@@ -92,93 +132,104 @@ class PreadvStrategy(Strategy):
         if not length:
             return
         addr = addressof(c_char.from_buffer(dest))
-        offset = request.offset
-        run = self._tails.get(pages)
-        if run is not None and 0 < offset - (run.offset + run.length) <= self.max_gap:
-            gap = offset - (run.offset + run.length)
-            assert self._scratch is not None
-            scratch = self._scratch[:gap]
-            run.iovecs.append([addressof(c_char.from_buffer(scratch)), gap, scratch])
-            run.length += gap
-            self.gap_bytes += gap
-        if run is not None and run.offset + run.length == offset:
-            last = run.iovecs[-1]
-            if last[0] + last[1] == addr:
-                # Spans two caller views: rebuilt from the address at flush; the views stay referenced.
-                if last[2] is not None:
-                    run.holders.append(last[2])
-                    last[2] = None
-                run.holders.append(dest)
-                last[1] += length
-            else:
-                run.iovecs.append([addr, length, dest])
-            run.length += length
+        run = self._run_for(pages, request.offset)
+        run.holders.append(dest)
+        if run.addrs and run.addrs[-1] + run.lens[-1] == addr:
+            run.lens[-1] += length  # continues the previous destination: one iovec
         else:
-            run = self._tails[pages] = _Run(pages, offset)
-            run.iovecs.append([addr, length, dest])
-            run.length = length
-            self._runs.append(run)
+            run.addrs.append(addr)
+            run.lens.append(length)
+        run.length += length
         self._count += 1
         if self._count >= self.max_queue:
             self.sync()
+
+    def submit_many(self, requests: list[AnyRequest]) -> None:
+        # A scatter request's pieces become iovecs by arithmetic on its buffer's address: no
+        # per-piece Python object (the reader already merged what is contiguous in memory).
+        for request in requests:
+            if type(request) is not ScatterRequest:
+                self.submit(request)  # type: ignore[arg-type]
+                continue
+            pages = request.pages
+            dest = request.dest
+            base = addressof(c_char.from_buffer(dest))
+            run = self._run_for(pages, request.offset)
+            run.holders.append(dest)
+            run.addrs += [base + start for start in request.dest_offsets]
+            run.lens += request.lengths
+            run.length += sum(request.lengths)
+            self._count += len(request.lengths)
+            if self._count >= self.max_queue:
+                self.sync()
 
     def sync(self) -> None:
         runs, self._runs = self._runs, []
         self._tails = {}
         self._count = 0
         for run in runs:
-            self._read_run(run)
+            try:
+                self._read_run(run)
+            finally:
+                run.holders.clear()
 
     def _read_run(self, run: _Run) -> None:
+        preadv = _preadv_function()
+        if preadv is None:
+            self._read_run_views(run)
+            return
         fd = run.pages.fd
         offset = run.offset
-        iovecs = run.iovecs
-        if len(iovecs) == 1:
-            addr, length, view = iovecs[0]
-            iovs: list[Any] = [view if view is not None else memoryview((c_char * length).from_address(addr))]
-        elif len(iovecs) <= self.iov_max:
-            iovs = [
-                view if view is not None else memoryview((c_char * length).from_address(addr))
-                for addr, length, view in iovecs
-            ]
-        else:
-            iovs = []
-        if iovs:
-            # Common case: the whole run in one call.
-            got = os.preadv(fd, iovs, offset)
-            self.calls += 1
-            if got == run.length:
-                run.holders.clear()
-                return
-            if got <= 0:
-                raise ImageError(run.pages.path, f"short pages file: no data at offset {offset}")
-            self._continue(run, iovs, 0, offset, got)
-            return
-        iovs = [
-            view if view is not None else memoryview((c_char * length).from_address(addr))
-            for addr, length, view in iovecs
-        ]
-        self._continue(run, iovs, 0, offset, 0)
-
-    def _continue(self, run: _Run, iovs: list[Any], i: int, offset: int, got: int) -> None:
-        """Finish a run after `got` bytes at `offset` (iovecs from index `i`): short reads, IOV_MAX batches."""
-        fd = run.pages.fd
+        addrs, lens = run.addrs, run.lens
+        n = len(addrs)
+        iovecs = (c_size_t * (2 * n))()
+        iovecs[0::2] = addrs  # type: ignore[assignment]  # ctypes converts the ints
+        iovecs[1::2] = lens  # type: ignore[assignment]
+        base = addressof(iovecs)
         iov_max = self.iov_max
-        while True:
+        i = 0
+        while i < n:
+            count = min(iov_max, n - i)
+            want = run.length if count == n else sum(lens[i : i + count])
+            got = preadv(fd, base + i * _IOVEC_BYTES, count, offset)
+            self.calls += 1
+            if got == want:
+                i += count
+                offset += got
+                continue
+            if got < 0:
+                err = ctypes.get_errno()
+                raise ImageError(run.pages.path, f"cannot read at offset {offset}: {os.strerror(err)}")
+            if got == 0:
+                raise ImageError(run.pages.path, f"short pages file: no data at offset {offset}")
+            # Short read (signals, NFS): skip what was read, trim the iovec it stopped in, go on.
             offset += got
-            while i < len(iovs) and got >= len(iovs[i]):
-                got -= len(iovs[i])
+            while got >= lens[i]:
+                got -= lens[i]
                 i += 1
             if got:
-                iovs[i] = iovs[i][got:]
-            if i >= len(iovs):
-                break
-            batch = iovs[i : i + iov_max]
-            got = os.preadv(fd, batch, offset)
+                addrs[i] += got
+                lens[i] -= got
+                iovecs[2 * i] = addrs[i]
+                iovecs[2 * i + 1] = lens[i]
+
+    def _read_run_views(self, run: _Run) -> None:
+        """`_read_run` without libc's preadv: os.preadv over memoryviews of the iovecs."""
+        done = 0
+        views = [memoryview((c_char * n).from_address(a)).cast("B") for a, n in zip(run.addrs, run.lens, strict=True)]
+        i = 0
+        while i < len(views):
+            batch = views[i : i + self.iov_max]
+            got = os.preadv(run.pages.fd, batch, run.offset + done)
             self.calls += 1
             if got <= 0:
-                raise ImageError(run.pages.path, f"short pages file: no data at offset {offset}")
-        run.holders.clear()
+                raise ImageError(run.pages.path, f"short pages file: no data at offset {run.offset + done}")
+            done += got
+            while i < len(views) and got >= len(views[i]):
+                got -= len(views[i])
+                i += 1
+            if got:
+                views[i] = views[i][got:]
 
     def close(self) -> None:
         self._runs = []
