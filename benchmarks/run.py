@@ -246,6 +246,8 @@ def bench_stream(directory: Path, plan: dict[str, Any], modes: list[str], runs: 
             for name, (cmd, stdout_path) in pairs.items():
                 shutil.rmtree(scratch / "out", ignore_errors=True)
                 (scratch / "cat.out").unlink(missing_ok=True)
+                # No command pays for writing back an earlier one's output.
+                os.sync()
                 if mode == "cold":
                     drop()
                 res = run_child(cmd, stdout_path=stdout_path, cwd=ROOT)

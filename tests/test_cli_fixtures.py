@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from crit_pageread import open_images
 from crit_pageread.cli.main import main
 
 
@@ -99,3 +102,37 @@ def test_pages_shows_parent_entries_resolved_into_the_parent_image(shared_fixtur
     assert main(["pages", str(d2)]) == 0
     out = capsys.readouterr().out
     assert "(parent 1)" in out and "total" in out
+
+
+def _hole_between_runs(images: Any) -> tuple[int, Any, Any]:
+    """A pid and two present entries back to back in its pages file with a hole between them in memory."""
+    for pid in images.pids:
+        entries = [e for e in images.pagemap(pid).entries if e.present]
+        for a, b in itertools.pairwise(entries):
+            if a.end < b.vaddr and a.offset + a.size == b.offset:
+                return pid, a, b
+    raise AssertionError("no hole between two present entries")
+
+
+@pytest.mark.parametrize("strategy", [None, "pread"])
+def test_grep_in_place_never_matches_across_a_hole(shared_fixtures: Path, capsys: pytest.CaptureFixture[str],
+                                                   strategy: str | None) -> None:
+    """Entries back to back in the pages file but apart in memory: bytes that straddle the file boundary
+    are no match (they are not adjacent in memory); the same bytes inside one run are found at their vaddr."""
+    case = shared_fixtures / "cases" / "a_single"
+    with open_images(case) as images:
+        pid, a, b = _hole_between_runs(images)
+        data = (case / f"pages-{images.pagemap(pid).pages_id}.img").read_bytes()
+        straddle = data[b.offset - 8 : b.offset + 8]
+        inside = data[b.offset : b.offset + 16]
+        with images.reader(pid, "pread") as reader:
+            memory = b"".join(reader.read(e.vaddr, e.size) for e in images.pagemap(pid).entries if e.present)
+    opts = ["--strategy", strategy] if strategy else []
+    rc = main(["grep", str(case), "--hex", straddle.hex(), "--json", *opts])
+    found = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    # Only genuine occurrences (whole inside memory that is contiguous) may be reported.
+    assert all(int(f["vaddr"]) != a.end - 8 for f in found)
+    assert (rc == 0) == bool(found) and len(found) <= memory.count(straddle)
+    assert main(["grep", str(case), "--hex", inside.hex(), "--json", *opts]) == 0
+    found = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert b.vaddr in [int(f["vaddr"]) for f in found]

@@ -10,6 +10,7 @@ itself is `bytearray.find` or `re` over the whole chunk: no per-page work.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import mmap
 import re
@@ -20,10 +21,13 @@ from typing import Any
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
 from ..plugins import observer
+from ..reader import Segment
 from .common import add_common_options, open_from_args, selected_pids
 from .memscan import Area, Progress, Readers, Span, add_vma_filters, spans, vma_filter_from_args
 
 CHUNK = 8 << 20
+#: Bytes of a pages file mapped at a time when runs are searched in place.
+STRETCH_WINDOW = 32 << 20
 MAX_WINDOW = 1 << 20
 DIRECT_STRATEGIES = ("preadv", "pread", "mmap")
 PRINTABLE = frozenset(range(0x20, 0x7F)) | {9, 10, 13}
@@ -133,7 +137,8 @@ SMALL_RUN = 64 << 10
 def _file_piece(span: Span, rs: int, re_: int) -> tuple[int, int] | None:
     """(fd, offset) if the run's bytes are one contiguous range of one local pages file, else None."""
     fd = offset = expect = -1
-    for seg in span.reader.segments(rs + span.delta, re_ - rs):
+    delta = span.delta
+    for seg in _segments_in(span, rs + delta, re_ + delta):
         if seg.kind != "present" or seg.pages is None:
             return None
         if fd < 0:
@@ -142,6 +147,26 @@ def _file_piece(span: Span, rs: int, re_: int) -> tuple[int, int] | None:
             return None
         expect += seg.length
     return (fd, offset) if fd >= 0 else None
+
+
+def _segments_in(span: Span, start: int, end: int) -> Iterator[Segment]:
+    """The span's planned segments that overlap [start, end) (reader addresses), clipped to it."""
+    for area in span.areas:
+        if area.end + span.delta <= start or area.start + span.delta >= end:
+            continue
+        segs = area.segments()
+        i = bisect.bisect_right(area.segment_starts(), start) - 1
+        for seg in segs[max(i, 0) :]:
+            if seg.vaddr >= end:
+                break
+            if seg.end <= start:
+                continue
+            lo, hi = max(seg.vaddr, start), min(seg.end, end)
+            if (lo, hi) == (seg.vaddr, seg.end):
+                yield seg
+            else:
+                off = seg.offset + lo - seg.vaddr if seg.offset >= 0 else -1
+                yield Segment(lo, hi - lo, seg.kind, seg.flags, seg.pages, off, seg.image, seg.depth)
 
 
 def scan_span(span: Span, buf: bytearray, matcher: Matcher, context: int, emit: Emit, progress: Progress,
@@ -212,12 +237,80 @@ def scan_span(span: Span, buf: bytearray, matcher: Matcher, context: int, emit: 
                 found += 1
             progress.add(n)
 
+    def scan_stretch(fd: int, pieces: list[tuple[int, int, int]]) -> None:
+        """Literal search of runs that lie back to back in one pages file (`(vaddr, end, file offset)`
+        each), in read-only maps of STRETCH_WINDOW bytes: one search per run and window, bounded by the
+        run, so no match crosses from one run into the next (they are not adjacent in memory)."""
+        nonlocal found
+        lit = matcher.literal
+        assert lit is not None
+        size = len(lit)
+        f_start = pieces[0][2]
+        f_end = pieces[-1][2] + pieces[-1][1] - pieces[-1][0]
+        last_end = f_start
+        k = 0  # first piece not yet finished
+        for ws in range(f_start, f_end, STRETCH_WINDOW):
+            we = min(ws + STRETCH_WINDOW, f_end)
+            map_start = max(f_start, ws - context)
+            map_start -= map_start % mmap.ALLOCATIONGRANULARITY
+            map_end = min(f_end, we + size - 1 + context)
+            data = mmap.mmap(fd, map_end - map_start, prot=mmap.PROT_READ, offset=map_start)
+            try:
+                j = k
+                while j < len(pieces):
+                    vs, ve, fs = pieces[j]
+                    fe = fs + ve - vs
+                    if fs >= we:
+                        break
+                    bound = min(fe, we + size - 1) - map_start
+                    i = data.find(lit, max(fs, ws, last_end) - map_start, bound)
+                    while i >= 0 and i + map_start < we:
+                        s = i + map_start
+                        e = s + size
+                        before = bytes(data[max(fs, s - context) - map_start : i]) if context else b""
+                        after = bytes(data[e - map_start : min(fe, e + context) - map_start]) if context else b""
+                        vaddr = vs + s - fs
+                        emit(span.area_at(vaddr), vaddr, lit, before, after)
+                        found += 1
+                        last_end = e
+                        i = data.find(lit, e - map_start, bound)
+                    if fe <= we:
+                        progress.add(ve - vs)
+                        k = j + 1
+                    j += 1
+            finally:
+                data.close()
+
+    # Runs back to back in one local pages file are searched together in place (literal patterns).
+    stretch: list[tuple[int, int, int]] = []
+    stretch_fd = stretch_end = -1
+
+    def flush_stretch() -> None:
+        nonlocal stretch, stretch_fd, stretch_end
+        if stretch:
+            scan_stretch(stretch_fd, stretch)
+        stretch, stretch_fd, stretch_end = [], -1, -1
+
     # Small runs (fragmented memory: pages with holes between them) are batched into buf, so the
     # cost per run is a deferred read and a search, not a map or a system call of its own.
     batch: list[tuple[int, int, int]] = []
     used = 0
+    in_place = direct and matcher.literal is not None
     for rs, re_ in span.runs():
         n = re_ - rs
+        piece = _file_piece(span, rs, re_) if in_place else None
+        if piece is not None:
+            if batch:
+                scan_small(batch)
+                batch, used = [], 0
+            fd, offset = piece
+            if fd != stretch_fd or offset != stretch_end:
+                flush_stretch()
+                stretch_fd = fd
+            stretch.append((rs, re_, offset))
+            stretch_end = offset + n
+            continue
+        flush_stretch()
         if n >= SMALL_RUN or n > len(buf):
             if batch:
                 scan_small(batch)
@@ -232,6 +325,7 @@ def scan_span(span: Span, buf: bytearray, matcher: Matcher, context: int, emit: 
         used += n
     if batch:
         scan_small(batch)
+    flush_stretch()
     return found
 
 

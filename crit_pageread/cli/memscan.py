@@ -12,7 +12,7 @@ import fnmatch
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
@@ -28,7 +28,7 @@ from ..reader import PageReader, Segment
 from .common import progress_enabled
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(eq=False, slots=True)
 class Area:
     """[start, end) of `vma` in `pid`; its bytes are read by `reader` at `vaddr + delta`."""
 
@@ -38,14 +38,24 @@ class Area:
     end: int
     reader: PageReader
     delta: int
+    _segments: list[Segment] | None = field(default=None, repr=False)
+    _starts: list[int] | None = field(default=None, repr=False)
 
     @property
     def shmem(self) -> bool:
         return self.reader.target.kind == "shmem"
 
-    def segments(self) -> Iterator[Segment]:
-        """Where each piece of the area is (addresses in the reader's space)."""
-        return self.reader.segments(self.start + self.delta, self.end - self.start)
+    def segments(self) -> list[Segment]:
+        """Where each piece of the area is (addresses in the reader's space); planned once."""
+        if self._segments is None:
+            self._segments = list(self.reader.segments(self.start + self.delta, self.end - self.start))
+        return self._segments
+
+    def segment_starts(self) -> list[int]:
+        """Each planned segment's address (for bisect)."""
+        if self._starts is None:
+            self._starts = [seg.vaddr for seg in self.segments()]
+        return self._starts
 
     def runs(self) -> Iterator[tuple[int, int]]:
         """Maximal vaddr ranges whose bytes can be read (present, or lazy if the strategy serves it)."""
@@ -269,7 +279,7 @@ class Progress:
         self._last = 0.0
 
     def add(self, n: int) -> None:
-        self.done += n
+        self.done += n  # may come from several writer threads: a lost update only skews the bar
         if self.enabled:
             now = time.monotonic()
             if now - self._last >= 0.2:
