@@ -47,6 +47,7 @@ STRATEGIES = ["pread", "preadv", "mmap"]
 LIMIT = "readinto-limit"
 PATTERN = "CRIT-PAGEREAD-SECRET-7-spans"  # the victim's secret (seed 7): a rare literal
 RSS_TARGET_MIB = 128
+STREAM_TARGET_MIN_BYTES = 256 << 20
 
 
 def run_child(cmd: list[str], stdout_path: str | None = None, cwd: Path | None = None) -> dict[str, Any]:
@@ -175,6 +176,7 @@ def bench_syscalls(directory: Path, plan: dict[str, Any]) -> dict[str, Any]:
         return {"skipped": "strace not installed"}
     out: dict[str, Any] = {}
     runs_by_pid = plan["file_runs_by_pid"]
+    iovecs_by_pid = plan["iovec_runs_by_pid"]
     iov_max = plan["iov_max"]
     base: dict[str, int] = {}
     for method in ["baseline", LIMIT, *STRATEGIES]:
@@ -202,17 +204,20 @@ def bench_syscalls(directory: Path, plan: dict[str, Any]) -> dict[str, Any]:
         }
         if method == "preadv":
             by_pid = inner["calls_by_pid"]
-            bound = {pid: math.ceil(runs_by_pid[pid] / iov_max) + 1 for pid in by_pid}
+            # A run here is what one iovec holds: contiguous in a pages file and in memory.
+            bound = {pid: math.ceil(iovecs_by_pid[pid] / iov_max) + 1 for pid in by_pid}
             entry["calls_by_pid"] = by_pid
             entry["bound_by_pid"] = bound
             entry["within_bound"] = all(by_pid[p] <= bound[p] for p in by_pid)
         out[method] = entry
     out["file_runs"] = sum(runs_by_pid.values())
     out["file_runs_by_pid"] = runs_by_pid
+    out["iovec_runs"] = sum(iovecs_by_pid.values())
     out["entries_read"] = sum(plan["read_entries_by_pid"].values())
     print("  syscalls: " + ", ".join(
         f"{m} {v['positioned_read_calls']}" for m, v in out.items() if isinstance(v, dict) and "syscalls" in v
-    ) + f" (file runs {out['file_runs']}, entries {out['entries_read']})", flush=True)
+    ) + f" (file runs {out['file_runs']}, iovec runs {out['iovec_runs']}, entries {out['entries_read']})",
+          flush=True)
     return out
 
 
@@ -314,9 +319,11 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     for name, shape in shapes.items():
         sc = shape.get("syscalls", {}).get("preadv")
         if sc:
-            targets.append({"target": f"preadv calls <= ceil(runs/IOV_MAX)+1 per pagemap ({name})",
+            targets.append({"target": f"preadv calls <= ceil(iovec runs/IOV_MAX)+1 per pagemap ({name})",
                             "value": {"calls": sc["calls_by_pid"], "bound": sc["bound_by_pid"]},
                             "met": sc["within_bound"]})
+        # The issue sets the streaming speed targets on checkpoints of >= 256 MiB; smaller ones are shown.
+        big_enough = shape.get("plan", {}).get("pages_file_bytes", 0) >= STREAM_TARGET_MIN_BYTES
         for mode, res in shape.get("stream", {}).items():
             if not isinstance(res, dict):
                 continue
@@ -328,11 +335,11 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             if "crit-pageread grep" in res:
                 v = res["crit-pageread grep"]["vs_baseline"]
                 targets.append({"target": f"grep >= 0.5x grep -c -a -F ({name}, {mode})", "value": round(v, 3),
-                                "met": v >= 0.5})
+                                "met": v >= 0.5 if big_enough else None})
             if "crit-pageread extract" in res:
                 v = res["crit-pageread extract"]["vs_baseline"]
                 targets.append({"target": f"extract >= 0.8x cat > file ({name}, {mode})", "value": round(v, 3),
-                                "met": v >= 0.8})
+                                "met": v >= 0.8 if big_enough else None})
     return targets
 
 
@@ -360,7 +367,8 @@ def tables(results: dict[str, Any]) -> str:
         if "preadv" in sc:
             lines.append("")
             lines.append(f"Syscalls (strace -c -f, net of a run that does everything but the reads), "
-                         f"{sc['entries_read']} entries read, {sc['file_runs']} file runs:")
+                         f"{sc['entries_read']} entries read, {sc['file_runs']} file runs, "
+                         f"{sc.get('iovec_runs', '?')} iovec runs (contiguous in file and memory):")
             lines.append("")
             lines.append("| method | positioned reads | read | mmap | preadv calls by pid (bound) |")
             lines.append("|---|---:|---:|---:|---|")
@@ -415,7 +423,8 @@ def tables(results: dict[str, Any]) -> str:
     lines.append("| target | measured | met |")
     lines.append("|---|---|---|")
     for t in results["targets"]:
-        lines.append(f"| {t['target']} | {t['value']} | {'yes' if t['met'] else 'NO'} |")
+        met = "shown only (target is for >= 256 MiB)" if t["met"] is None else "yes" if t["met"] else "NO"
+        lines.append(f"| {t['target']} | {t['value']} | {met} |")
     if results.get("cold_note"):
         lines.append("")
         lines.append(f"Cold cache: {results['cold_note']}")

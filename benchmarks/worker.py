@@ -17,6 +17,7 @@ from crit_pageread.cli.bench import (
     allocate,
     chain_pages_files,
     file_runs,
+    iovec_runs,
     materialize,
     materialized_bytes,
     memory_layout,
@@ -30,6 +31,7 @@ def plan(path: str) -> dict[str, object]:
     with open_images(path) as images:
         files = chain_pages_files(images)
         runs = file_runs(images)
+        iovecs = iovec_runs(images)
         entries = {str(pid): len(images.pagemap(pid).entries) for pid in images.pids}
         read_entries = {
             str(pid): sum(1 for e in images.pagemap(pid).entries if e.flags & (PE_PRESENT | PE_PARENT))
@@ -41,6 +43,7 @@ def plan(path: str) -> dict[str, object]:
             "pages_files": [str(p) for p in files],
             "pages_file_bytes": sum(p.stat().st_size for p in files),
             "file_runs_by_pid": {str(k): v for k, v in runs.items()},
+            "iovec_runs_by_pid": {str(k): v for k, v in iovecs.items()},
             "entries_by_pid": entries,
             "read_entries_by_pid": read_entries,
             "vmas_by_pid": vmas,

@@ -6,8 +6,8 @@ span of neighbouring entries (holes between them stay untouched, as in a
 restored process), `readinto(span, defer=True, holes="skip")` of each span
 and one `sync()` per pid. The
 time is the read phase: the checkpoint is opened and its pagemaps indexed
-first (that time, the same for every strategy, is reported apart as
-`open_s`). The limit is `readinto` of the same pages files (the whole chain)
+first and the plugins loaded (that time, the same for every strategy, is
+reported apart as `open_s`). The limit is `readinto` of the same pages files (the whole chain)
 in 64 MiB chunks into the same buffer. Methods run interleaved, one round per
 run after a warm-up round; medians are reported. The functions here are also
 what `benchmarks/` runs in subprocesses.
@@ -30,6 +30,7 @@ from ..hookspecs import hookimpl
 from ..images import CheckpointImages, open_images
 from ..pagemap import PE_PARENT, PE_PRESENT
 from ..plugins import configure, make_strategy, strategies
+from ..strategy import Target
 from .common import add_common_options, print_json
 
 LIMIT = "readinto-limit"
@@ -115,25 +116,45 @@ def materialize(
     return {"seconds": seconds, "bytes": nbytes, "calls": sum(calls.values()), "calls_by_pid": calls}
 
 
+def _data_segments(images: CheckpointImages, pid: int) -> list[tuple[int, int, int, int]]:
+    """(pages file key, offset, end offset, vaddr) of every piece materializing reads for `pid`."""
+    out: list[tuple[int, int, int, int]] = []
+    with images.reader(pid, "pread") as reader:
+        for entry in images.pagemap(pid).entries:
+            if entry.flags & (PE_PRESENT | PE_PARENT):
+                for seg in reader.segments(entry.vaddr, entry.size):
+                    if seg.pages is not None:
+                        out.append((id(seg.pages), seg.offset, seg.offset + seg.length, seg.vaddr))
+    out.sort()
+    return out
+
+
 def file_runs(images: CheckpointImages) -> dict[int, int]:
-    """Per pid: contiguous byte ranges of pages files that materializing reads (the fewest preadv calls
-    that can read them without reading bytes nobody asked for)."""
+    """Per pid: contiguous byte ranges of pages files that materializing reads (the fewest positioned
+    reads that can read them without reading bytes nobody asked for: one preadv reads one file range)."""
     out: dict[int, int] = {}
     for pid in images.pids:
-        ranges: list[tuple[int, int, int]] = []
-        with images.reader(pid, "pread") as reader:
-            for entry in images.pagemap(pid).entries:
-                if entry.flags & (PE_PRESENT | PE_PARENT):
-                    for seg in reader.segments(entry.vaddr, entry.size):
-                        if seg.pages is not None:
-                            ranges.append((id(seg.pages), seg.offset, seg.offset + seg.length))
-        ranges.sort()
         runs = 0
         last: tuple[int, int] | None = None
-        for key, start, end in ranges:
+        for key, start, end, _ in _data_segments(images, pid):
             if last is None or last != (key, start):
                 runs += 1
             last = (key, end)
+        out[pid] = runs
+    return out
+
+
+def iovec_runs(images: CheckpointImages) -> dict[int, int]:
+    """Per pid: ranges contiguous both in a pages file and in memory, i.e. the iovecs materializing
+    needs (runs back to back in a file share a preadv; IOV_MAX of them per call)."""
+    out: dict[int, int] = {}
+    for pid in images.pids:
+        runs = 0
+        last: tuple[int, int, int] | None = None
+        for key, start, end, vaddr in _data_segments(images, pid):
+            if last is None or last != (key, start, vaddr):
+                runs += 1
+            last = (key, end, vaddr + end - start)
         out[pid] = runs
     return out
 
@@ -149,12 +170,22 @@ def allocate(size: int) -> mmap.mmap:
 
 
 def open_indexed(path: str | os.PathLike[str], config: Config | None = None) -> tuple[CheckpointImages, float]:
-    """The checkpoint opened with every pid's pagemap indexed, and the seconds that took."""
+    """The checkpoint opened with every pid's pagemap indexed (bulk-planning columns included) and the
+    plugins loaded, and the seconds that took."""
     start = time.perf_counter()
     images = open_images(path, config)
     try:
+        strategies()
         for pid in images.pids:
-            images.pagemap(pid)
+            images.pagemap(pid).present_runs()
+        level = images.parent
+        while level is not None:  # a chain's parents too (they may hold only pagemaps and pages)
+            for pid in images.pids:
+                try:
+                    level.pagemap_for(Target("pid", pid)).present_runs()
+                except CritPageReadError:
+                    pass  # no pagemap for it there: a read that needs one reports it
+            level = level.parent
     except BaseException:
         images.close()
         raise
@@ -212,6 +243,7 @@ def run_bench(path: str, methods: list[str], runs: int, warmup: int, cold: bool,
         files = chain_pages_files(images)
         need = materialized_bytes(images)
         runs_by_pid = file_runs(images)
+        iovecs_by_pid = iovec_runs(images)
         layout, span_bytes = memory_layout(images)
         file_bytes = sum(p.stat().st_size for p in files)
         buf = allocate(max(span_bytes, file_bytes))
@@ -248,6 +280,8 @@ def run_bench(path: str, methods: list[str], runs: int, warmup: int, cold: bool,
         "pages_file_bytes": file_bytes,
         "file_runs": sum(runs_by_pid.values()),
         "file_runs_by_pid": {str(k): v for k, v in runs_by_pid.items()},
+        "iovec_runs": sum(iovecs_by_pid.values()),
+        "iovec_runs_by_pid": {str(k): v for k, v in iovecs_by_pid.items()},
         "methods": results,
     }
 
