@@ -16,5 +16,5 @@ lint: setup
 
 # Benchmarks on large real checkpoints (cached in ~/.cache/crit-pageread/bench); not part of the tests.
 bench: setup
-	@.venv/bin/python -c 'import matplotlib' 2>/dev/null || .venv/bin/python -m pip install -q -e '.[dev,bench]'
+	@.venv/bin/python -c 'import matplotlib' 2>/dev/null || .venv/bin/python -m pip install -q -e '.[dev,bench]' --config-settings editable_mode=compat
 	.venv/bin/python -m benchmarks.run $(BENCH_ARGS)

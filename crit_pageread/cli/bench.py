@@ -19,7 +19,6 @@ import argparse
 import math
 import mmap
 import os
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -222,6 +221,8 @@ def drop_caches() -> str | None:
 def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Median seconds and GB/s (10^9 bytes per second) of runs that read the same bytes."""
     seconds = [s["seconds"] for s in samples]
+    import statistics  # only here: it costs start-up time to every command
+
     med = statistics.median(seconds)
     nbytes = samples[0]["bytes"]
     return {

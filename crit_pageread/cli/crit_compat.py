@@ -18,7 +18,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -90,6 +89,8 @@ def _atomic_out(opts: dict[str, Any]) -> Iterator[None]:
         yield
         return
     path = Path(out)
+    import tempfile
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     opts["out"] = tmp

@@ -13,9 +13,8 @@ import errno
 import json
 import os
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CritPageReadError, ImageError
 from ..hookspecs import hookimpl
@@ -24,6 +23,9 @@ from ..strategy import PagesFile
 from .common import add_common_options, atomic_dir, open_from_args, selected_pids
 from .grep import mapping_name
 from .memscan import Area, Progress, Readers, add_vma_filters, vma_filter_from_args
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 CHUNK = 8 << 20
 #: Threads copying files in the kernel at once (the copies are bound by page-cache work, per core).
@@ -191,6 +193,8 @@ def run(args: argparse.Namespace) -> int:
                     continue
                 plans[pid].append((area, data, lazy))
                 total += sum(s.length for s in data)
+        from concurrent.futures import ThreadPoolExecutor  # here: it imports logging (5 ms at start-up)
+
         copier = Copier()
         progress = Progress("extract", total)
         files: list[dict[str, Any]] = []
