@@ -12,8 +12,7 @@ from __future__ import annotations
 import os
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from .errors import ChainError, CritPageReadError, ImageError, LazyPageError, NotDumpedError
 from .pagemap import PE_PARENT, PE_PRESENT, Pagemap
@@ -30,13 +29,13 @@ MAX_CHAIN_DEPTH = 256
 _ZEROS = bytes(1 << 20)
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
+class Segment(NamedTuple):
     """A piece of an address range and where its bytes are.
 
     `kind` is "present" (in `pages` at `offset`), "lazy" (on a page server
     only) or "hole" (not dumped). `image` is the image directory that holds
-    the entry, `depth` its distance from the newest image (0 = newest).
+    the entry, `depth` its distance from the newest image (0 = newest). A
+    named tuple: a fragmented dump has tens of thousands of them.
     """
 
     vaddr: int

@@ -10,7 +10,6 @@ itself is `bytearray.find` or `re` over the whole chunk: no per-page work.
 from __future__ import annotations
 
 import argparse
-import bisect
 import json
 import mmap
 import re
@@ -21,7 +20,6 @@ from typing import Any
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
 from ..plugins import observer
-from ..reader import Segment
 from .common import add_common_options, open_from_args, selected_pids
 from .memscan import Area, Progress, Readers, Span, add_vma_filters, spans, vma_filter_from_args
 
@@ -134,39 +132,34 @@ Emit = Callable[[Area, int, bytes, bytes, bytes], None]
 SMALL_RUN = 64 << 10
 
 
-def _file_piece(span: Span, rs: int, re_: int) -> tuple[int, int] | None:
-    """(fd, offset) if the run's bytes are one contiguous range of one local pages file, else None."""
-    fd = offset = expect = -1
+def _run_pieces(span: Span) -> Iterator[tuple[int, int, tuple[int, int] | None]]:
+    """The span's readable runs (as `Span.runs`), each with (fd, offset) when its bytes are one
+    contiguous range of one local pages file, else None; one pass over the planned segments."""
+    lazy_ok = span.reader.strategy.serves_lazy
     delta = span.delta
-    for seg in _segments_in(span, rs + delta, re_ + delta):
-        if seg.kind != "present" or seg.pages is None:
-            return None
-        if fd < 0:
-            fd, offset, expect = seg.pages.fd, seg.offset, seg.offset
-        elif seg.pages.fd != fd or seg.offset != expect:
-            return None
-        expect += seg.length
-    return (fd, offset) if fd >= 0 else None
-
-
-def _segments_in(span: Span, start: int, end: int) -> Iterator[Segment]:
-    """The span's planned segments that overlap [start, end) (reader addresses), clipped to it."""
+    start = end = -1
+    fd = offset = expect = -1
     for area in span.areas:
-        if area.end + span.delta <= start or area.start + span.delta >= end:
-            continue
-        segs = area.segments()
-        i = bisect.bisect_right(area.segment_starts(), start) - 1
-        for seg in segs[max(i, 0) :]:
-            if seg.vaddr >= end:
-                break
-            if seg.end <= start:
+        for seg in area.segments():
+            kind = seg.kind
+            if kind != "present" and not (kind == "lazy" and lazy_ok):
                 continue
-            lo, hi = max(seg.vaddr, start), min(seg.end, end)
-            if (lo, hi) == (seg.vaddr, seg.end):
-                yield seg
+            vaddr = seg.vaddr - delta
+            if vaddr == end:
+                end += seg.length
+                if fd >= 0 and (kind != "present" or seg.pages is None or seg.pages.fd != fd or seg.offset != expect):
+                    fd = -2  # this run is not one file range
+                expect += seg.length
+                continue
+            if end > start:
+                yield start, end, ((fd, offset) if fd >= 0 else None)
+            start, end = vaddr, vaddr + seg.length
+            if kind == "present" and seg.pages is not None:
+                fd, offset, expect = seg.pages.fd, seg.offset, seg.offset + seg.length
             else:
-                off = seg.offset + lo - seg.vaddr if seg.offset >= 0 else -1
-                yield Segment(lo, hi - lo, seg.kind, seg.flags, seg.pages, off, seg.image, seg.depth)
+                fd = -2
+    if end > start:
+        yield start, end, ((fd, offset) if fd >= 0 else None)
 
 
 def scan_span(span: Span, buf: bytearray, matcher: Matcher, context: int, emit: Emit, progress: Progress,
@@ -183,9 +176,8 @@ def scan_span(span: Span, buf: bytearray, matcher: Matcher, context: int, emit: 
     window = matcher.window + context
     found = 0
 
-    def scan_run(rs: int, re_: int) -> None:
+    def scan_run(rs: int, re_: int, piece: tuple[int, int] | None) -> None:
         nonlocal found
-        piece = _file_piece(span, rs, re_) if direct else None
         pos = base = rs
         covered = rs
         while True:
@@ -296,10 +288,10 @@ def scan_span(span: Span, buf: bytearray, matcher: Matcher, context: int, emit: 
     batch: list[tuple[int, int, int]] = []
     used = 0
     in_place = direct and matcher.literal is not None
-    for rs, re_ in span.runs():
+    for rs, re_, file_piece in _run_pieces(span):
         n = re_ - rs
-        piece = _file_piece(span, rs, re_) if in_place else None
-        if piece is not None:
+        piece = file_piece if direct else None
+        if piece is not None and in_place:
             if batch:
                 scan_small(batch)
                 batch, used = [], 0
@@ -315,7 +307,7 @@ def scan_span(span: Span, buf: bytearray, matcher: Matcher, context: int, emit: 
             if batch:
                 scan_small(batch)
                 batch, used = [], 0
-            scan_run(rs, re_)
+            scan_run(rs, re_, piece)
             continue
         if used + n > len(buf):
             scan_small(batch)
