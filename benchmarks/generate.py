@@ -6,6 +6,7 @@ Each shape is a real `criu dump` of the test victim (victim.c) with bulk memory,
 
 - `big`: 1 GiB over hundreds of VMAs, one untouched page in every 48, so the
   pagemap has thousands of entries (runs of 47 pages);
+- `plain`: 1 GiB over 256 VMAs with no holes (a typical dump: large entries);
 - `frag`: every other page untouched: tens of thousands of single-page entries
   with holes between them;
 - `chain`: a 3-level incremental chain made from a real dump by tests/chains.py
@@ -14,7 +15,7 @@ Each shape is a real `criu dump` of the test victim (victim.c) with bulk memory,
   levels mark it `PE_PARENT`, older ones hold stale bytes; homes change every
   few pages, so entries are short and reads hop between the three pages files.
 
-usage: python -m benchmarks.generate [--shape big|frag|chain|all] [--force] [--verify]
+usage: python -m benchmarks.generate [--shape big|plain|frag|chain|all] [--force] [--verify]
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class Shape:
 
 SHAPES = {
     "big": Shape("big", 1048, 400, 48),
+    # a typical dump: no holes, so large entries (the streaming commands against grep and cat)
+    "plain": Shape("plain", 1024, 256, 0),
     "frag": Shape("frag", 256, 128, 2),
     "chain": Shape("chain", 256, 64, 16, levels=3),
 }

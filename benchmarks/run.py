@@ -507,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-cold", action="store_true", help="skip cold-cache rounds")
     parser.add_argument("--no-stream", action="store_true", help="skip grep/extract")
-    parser.add_argument("--stream-shapes", default="big,frag", help="shapes the streaming commands run on")
+    parser.add_argument("--stream-shapes", default="big,plain,frag", help="shapes the streaming commands run on")
     parser.add_argument("--no-strace", action="store_true")
     parser.add_argument("--no-materialize", action="store_true", help="skip materializing (and strace)")
     parser.add_argument("--no-remote", action="store_true", help="skip benchmarks/remote_bench.py")
