@@ -109,6 +109,9 @@ def interrupted_run(patch_module: str, argv: list[str], after_calls: int = 1) ->
     once `after_calls` copies were made (so the interrupt lands in the middle of writing output)."""
     code = textwrap.dedent(f"""
         import os, signal, sys, time
+        # A shell that starts a job in the background (CI runners may) leaves SIGINT ignored, and
+        # Python then keeps it ignored: restore the handler that raises KeyboardInterrupt.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         import {patch_module} as m
         real = m.copy_range
         calls = [0]
