@@ -9,12 +9,12 @@ no entry covers (an error unless `zero_fill`), deferred reads completed by
 
 from __future__ import annotations
 
-import os
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-from .errors import ChainError, CritPageReadError, ImageError, LazyPageError, NotDumpedError
+from .dedup import punch_hole
+from .errors import ChainError, CritPageReadError, LazyPageError, NotDumpedError
 from .pagemap import PE_PARENT, PE_PRESENT, Pagemap
 from .strategy import AnyRequest, PagesFile, ReadRequest, ScatterRequest, Strategy, Target
 
@@ -485,24 +485,3 @@ def _zero(view: memoryview) -> None:
         n = min(len(view) - done, len(_ZEROS))
         view[done : done + n] = _ZEROS[:n]
         done += n
-
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-_libc: Any = None
-
-
-def punch_hole(pages: PagesFile, offset: int, length: int) -> None:
-    """Free [offset, offset+length) of a pages file, keeping its size (CRIU's dedup)."""
-    global _libc
-    import ctypes  # only auto-dedup needs libc
-    import ctypes.util
-
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    if not pages.writable:
-        raise ImageError(pages.path, "auto-dedup needs the pages file opened writable")
-    if _libc.fallocate(pages.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise ImageError(pages.path, f"cannot punch hole for dedup: {os.strerror(err)}")
