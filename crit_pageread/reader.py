@@ -316,38 +316,19 @@ class PageReader:
         """
         self._check_open()
         holes_mode = self._holes_mode(holes)
-        dest = memoryview(buffer)
-        if dest.readonly:
-            raise TypeError("readinto needs a writable buffer")
-        if dest.format != "B" or dest.ndim != 1:
-            dest = dest.cast("B")
+        dest = _byte_view(buffer, "readinto")
         observe = self._root._observe
         if observe is not None:
             observe.crit_pageread_before_read(reader=self, vaddr=vaddr, length=len(dest), deferred=defer)
-        strategy = self.strategy
-        if not defer and strategy.pending:
+        if not defer and self.strategy.pending:
             # Flush first: the queue's punches must not include this read's parent pages.
             self._root.sync()
         requests, zeros = self._requests(vaddr, dest, holes_mode)
         for start, stop in zeros:
             _zero(dest[start - vaddr : stop - vaddr])
-        if defer:
-            if len(requests) == 1 and type(requests[0]) is ReadRequest:
-                strategy.submit(requests[0])
-            else:
-                strategy.submit_many(requests)
-        else:
-            try:
-                if len(requests) == 1 and type(requests[0]) is ReadRequest:
-                    strategy.read(requests[0])
-                else:
-                    strategy.read_many(requests)
-            except BaseException:
-                self._root._dedup_pending.clear()  # never punch what may not have been read
-                raise
-            self._root._punch_pending()
-            if observe is not None:
-                observe.crit_pageread_after_read(reader=self, vaddr=vaddr, data=dest)
+        self._issue(requests, defer)
+        if observe is not None and not defer:
+            observe.crit_pageread_after_read(reader=self, vaddr=vaddr, data=dest)
         return len(dest)
 
     def readv(self, iov: Iterable[tuple[int, Any]], *, defer: bool = False, holes: HolesMode | None = None) -> int:
@@ -361,8 +342,7 @@ class PageReader:
         self._check_open()
         holes_mode = self._holes_mode(holes)
         observe = self._root._observe
-        strategy = self.strategy
-        if not defer and strategy.pending:
+        if not defer and self.strategy.pending:
             self._root.sync()
         requests: list[AnyRequest] = []
         zero: list[memoryview] = []
@@ -372,11 +352,7 @@ class PageReader:
         mark = len(pending)
         try:
             for vaddr, buffer in iov:
-                dest = memoryview(buffer)
-                if dest.readonly:
-                    raise TypeError("readv needs writable buffers")
-                if dest.format != "B" or dest.ndim != 1:
-                    dest = dest.cast("B")
+                dest = _byte_view(buffer, "readv")
                 if observe is not None:
                     observe.crit_pageread_before_read(reader=self, vaddr=vaddr, length=len(dest), deferred=defer)
                     views.append((vaddr, dest))
@@ -390,19 +366,31 @@ class PageReader:
             raise
         for view in zero:
             _zero(view)
-        if defer:
-            strategy.submit_many(requests)
-            return total
-        try:
-            strategy.read_many(requests)
-        except BaseException:
-            self._root._dedup_pending.clear()
-            raise
-        self._root._punch_pending()
-        if observe is not None:
+        self._issue(requests, defer)
+        if observe is not None and not defer:
             for vaddr, dest in views:
                 observe.crit_pageread_after_read(reader=self, vaddr=vaddr, data=dest)
         return total
+
+    def _issue(self, requests: list[AnyRequest], defer: bool) -> None:
+        """Hand planned requests to the strategy: queued, or read now and what auto-dedup owes punched."""
+        strategy = self.strategy
+        single = len(requests) == 1 and type(requests[0]) is ReadRequest
+        if defer:
+            if single:
+                strategy.submit(requests[0])  # type: ignore[arg-type]
+            else:
+                strategy.submit_many(requests)
+            return
+        try:
+            if single:
+                strategy.read(requests[0])  # type: ignore[arg-type]
+            else:
+                strategy.read_many(requests)
+        except BaseException:
+            self._root._dedup_pending.clear()  # never punch what may not have been read
+            raise
+        self._root._punch_pending()
 
     def _holes_mode(self, holes: HolesMode | None) -> HolesMode:
         if holes is None:
@@ -477,6 +465,16 @@ class PageReader:
 
     def __repr__(self) -> str:
         return f"<PageReader {self.target} of {self.images.path} via {self.strategy.name}>"
+
+
+def _byte_view(buffer: Any, what: str) -> memoryview:
+    """`buffer` as a writable one-dimensional byte view."""
+    dest = memoryview(buffer)
+    if dest.readonly:
+        raise TypeError(f"{what} needs a writable buffer")
+    if dest.format != "B" or dest.ndim != 1:
+        dest = dest.cast("B")
+    return dest
 
 
 def _zero(view: memoryview) -> None:
