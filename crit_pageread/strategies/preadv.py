@@ -174,7 +174,7 @@ class PreadvStrategy(Strategy):
                 run.holders.clear()
 
     def _read_run(self, run: _Run) -> None:
-        if len(run.addrs) == 1 and len(run.holders) == 1:
+        if len(run.addrs) == 1 and len(run.holders) == 1 and len(run.holders[0]) == run.length:
             # One request alone in its run (chains are full of them): a plain call is cheaper than ctypes.
             self.calls += 1
             read_fully(run.pages.fd, run.holders[0], run.offset, run.pages.path)
