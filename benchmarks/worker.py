@@ -16,12 +16,11 @@ from crit_pageread.cli.bench import (
     LIMIT,
     allocate,
     chain_pages_files,
-    file_runs,
-    iovec_runs,
     materialize,
     materialized_bytes,
     memory_layout,
     open_indexed,
+    run_counts,
 )
 from crit_pageread.pagemap import PE_PARENT, PE_PRESENT
 from crit_pageread.strategies.preadv import IOV_MAX
@@ -30,8 +29,7 @@ from crit_pageread.strategies.preadv import IOV_MAX
 def plan(path: str) -> dict[str, object]:
     with open_images(path) as images:
         files = chain_pages_files(images)
-        runs = file_runs(images)
-        iovecs = iovec_runs(images)
+        runs, iovecs = run_counts(images)
         entries = {str(pid): len(images.pagemap(pid).entries) for pid in images.pids}
         read_entries = {
             str(pid): sum(1 for e in images.pagemap(pid).entries if e.flags & (PE_PRESENT | PE_PARENT))

@@ -19,11 +19,11 @@ from crit_pageread.cli.bench import (
     LIMIT,
     allocate,
     chain_pages_files,
-    file_runs,
     materialize,
     materialized_bytes,
     memory_layout,
     open_indexed,
+    run_counts,
 )
 from crit_pageread.cli.main import main
 from crit_pageread.strategies.preadv import IOV_MAX
@@ -74,11 +74,12 @@ def test_bench_json_report_adds_up(shared_fixtures: Path, case: str, capsys: pyt
     with open_images(directory) as images:
         need = materialized_bytes(images)
         files = chain_pages_files(images)
-        runs = file_runs(images)
+        runs, iovecs_by_pid = run_counts(images)
     assert set(report["methods"]) >= {LIMIT, "pread", "preadv", "mmap"}
     assert report["materialized_bytes"] == need
     assert report["pages_file_bytes"] == sum(p.stat().st_size for p in files)
     assert report["file_runs"] == sum(runs.values())
+    assert report["iovec_runs"] == sum(iovecs_by_pid.values())
     assert report["methods"][LIMIT]["bytes"] == report["pages_file_bytes"]
     for name, res in report["methods"].items():
         assert res["runs"] == 2

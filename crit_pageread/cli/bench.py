@@ -128,34 +128,27 @@ def _data_segments(images: CheckpointImages, pid: int) -> list[tuple[int, int, i
     return out
 
 
-def file_runs(images: CheckpointImages) -> dict[int, int]:
-    """Per pid: contiguous byte ranges of pages files that materializing reads (the fewest positioned
-    reads that can read them without reading bytes nobody asked for: one preadv reads one file range)."""
-    out: dict[int, int] = {}
+def run_counts(images: CheckpointImages) -> tuple[dict[int, int], dict[int, int]]:
+    """Per pid, from one plan of the reads: file runs, the contiguous byte ranges of pages files that
+    materializing reads (one preadv reads one: the fewest positioned reads that read no byte nobody asked
+    for), and iovec runs, the ranges contiguous both in a pages file and in memory (what one iovec holds;
+    runs back to back in a file share a preadv, IOV_MAX of them per call)."""
+    files: dict[int, int] = {}
+    iovecs: dict[int, int] = {}
     for pid in images.pids:
-        runs = 0
-        last: tuple[int, int] | None = None
-        for key, start, end, _ in _data_segments(images, pid):
-            if last is None or last != (key, start):
-                runs += 1
-            last = (key, end)
-        out[pid] = runs
-    return out
-
-
-def iovec_runs(images: CheckpointImages) -> dict[int, int]:
-    """Per pid: ranges contiguous both in a pages file and in memory, i.e. the iovecs materializing
-    needs (runs back to back in a file share a preadv; IOV_MAX of them per call)."""
-    out: dict[int, int] = {}
-    for pid in images.pids:
-        runs = 0
-        last: tuple[int, int, int] | None = None
+        n_files = n_iovecs = 0
+        last_file: tuple[int, int] | None = None
+        last_iovec: tuple[int, int, int] | None = None
         for key, start, end, vaddr in _data_segments(images, pid):
-            if last is None or last != (key, start, vaddr):
-                runs += 1
-            last = (key, end, vaddr + end - start)
-        out[pid] = runs
-    return out
+            if last_file != (key, start):
+                n_files += 1
+            if last_iovec != (key, start, vaddr):
+                n_iovecs += 1
+            last_file = (key, end)
+            last_iovec = (key, end, vaddr + end - start)
+        files[pid] = n_files
+        iovecs[pid] = n_iovecs
+    return files, iovecs
 
 
 def allocate(size: int) -> mmap.mmap:
@@ -243,8 +236,7 @@ def run_bench(path: str, methods: list[str], runs: int, warmup: int, cold: bool,
     with images:  # kept open: an archive stays unpacked
         files = chain_pages_files(images)
         need = materialized_bytes(images)
-        runs_by_pid = file_runs(images)
-        iovecs_by_pid = iovec_runs(images)
+        runs_by_pid, iovecs_by_pid = run_counts(images)
         layout, span_bytes = memory_layout(images)
         file_bytes = sum(p.stat().st_size for p in files)
         buf = allocate(max(span_bytes, file_bytes))

@@ -132,36 +132,6 @@ Emit = Callable[[Area, int, bytes, bytes, bytes], None]
 SMALL_RUN = 64 << 10
 
 
-def _run_pieces(span: Span) -> Iterator[tuple[int, int, tuple[int, int] | None]]:
-    """The span's readable runs (as `Span.runs`), each with (fd, offset) when its bytes are one
-    contiguous range of one local pages file, else None; one pass over the planned segments."""
-    lazy_ok = span.reader.strategy.serves_lazy
-    delta = span.delta
-    start = end = -1
-    fd = offset = expect = -1
-    for area in span.areas:
-        for seg in area.segments():
-            kind = seg.kind
-            if kind != "present" and not (kind == "lazy" and lazy_ok):
-                continue
-            vaddr = seg.vaddr - delta
-            if vaddr == end:
-                end += seg.length
-                if fd >= 0 and (kind != "present" or seg.pages is None or seg.pages.fd != fd or seg.offset != expect):
-                    fd = -2  # this run is not one file range
-                expect += seg.length
-                continue
-            if end > start:
-                yield start, end, ((fd, offset) if fd >= 0 else None)
-            start, end = vaddr, vaddr + seg.length
-            if kind == "present" and seg.pages is not None:
-                fd, offset, expect = seg.pages.fd, seg.offset, seg.offset + seg.length
-            else:
-                fd = -2
-    if end > start:
-        yield start, end, ((fd, offset) if fd >= 0 else None)
-
-
 def scan_span(span: Span, buf: bytearray, matcher: Matcher, context: int, emit: Emit, progress: Progress,
               direct: bool = False) -> int:
     """Search every readable run of `span`; returns the number of matches.
@@ -288,7 +258,7 @@ def scan_span(span: Span, buf: bytearray, matcher: Matcher, context: int, emit: 
     batch: list[tuple[int, int, int]] = []
     used = 0
     in_place = direct and matcher.literal is not None
-    for rs, re_, file_piece in _run_pieces(span):
+    for rs, re_, file_piece in span.runs():
         n = re_ - rs
         piece = file_piece if direct else None
         if piece is not None and in_place:

@@ -39,7 +39,6 @@ class Area:
     reader: PageReader
     delta: int
     _segments: list[Segment] | None = field(default=None, repr=False)
-    _starts: list[int] | None = field(default=None, repr=False)
 
     @property
     def shmem(self) -> bool:
@@ -50,35 +49,6 @@ class Area:
         if self._segments is None:
             self._segments = list(self.reader.segments(self.start + self.delta, self.end - self.start))
         return self._segments
-
-    def segment_starts(self) -> list[int]:
-        """Each planned segment's address (for bisect)."""
-        if self._starts is None:
-            self._starts = [seg.vaddr for seg in self.segments()]
-        return self._starts
-
-    def runs(self) -> Iterator[tuple[int, int]]:
-        """Maximal vaddr ranges whose bytes can be read (present, or lazy if the strategy serves it)."""
-        lazy_ok = self.reader.strategy.serves_lazy
-        return merge_runs(
-            (seg.vaddr - self.delta, seg.end - self.delta)
-            for seg in self.segments()
-            if seg.kind == "present" or (seg.kind == "lazy" and lazy_ok)
-        )
-
-
-def merge_runs(ranges: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
-    """Join ranges, given in address order, that touch end to start."""
-    run_start = run_end = -1
-    for start, end in ranges:
-        if start == run_end:
-            run_end = end
-        else:
-            if run_end > run_start:
-                yield run_start, run_end
-            run_start, run_end = start, end
-    if run_end > run_start:
-        yield run_start, run_end
 
 
 @dataclass
@@ -100,9 +70,36 @@ class Span:
         i = bisect.bisect_right([a.start for a in self.areas], vaddr) - 1
         return self.areas[max(i, 0)]
 
-    def runs(self) -> Iterator[tuple[int, int]]:
-        """Maximal readable vaddr ranges of the span (they may cross VMA boundaries)."""
-        return merge_runs(run for area in self.areas for run in area.runs())
+    def runs(self) -> Iterator[tuple[int, int, tuple[int, int] | None]]:
+        """Maximal readable vaddr ranges of the span (present, or lazy if the strategy serves it; they may
+        cross VMA boundaries), each with (fd, offset) when its bytes are one contiguous range of one local
+        pages file, else None: one pass over the planned segments."""
+        lazy_ok = self.reader.strategy.serves_lazy
+        delta = self.delta
+        start = end = -1
+        fd = offset = expect = -1
+        for area in self.areas:
+            for seg in area.segments():
+                kind = seg.kind
+                if kind != "present" and not (kind == "lazy" and lazy_ok):
+                    continue
+                vaddr = seg.vaddr - delta
+                if vaddr == end:
+                    end += seg.length
+                    pages = seg.pages
+                    if fd >= 0 and (kind != "present" or pages is None or pages.fd != fd or seg.offset != expect):
+                        fd = -2  # this run is not one file range
+                    expect += seg.length
+                    continue
+                if end > start:
+                    yield start, end, ((fd, offset) if fd >= 0 else None)
+                start, end = vaddr, vaddr + seg.length
+                if kind == "present" and seg.pages is not None:
+                    fd, offset, expect = seg.pages.fd, seg.offset, seg.offset + seg.length
+                else:
+                    fd = -2
+        if end > start:
+            yield start, end, ((fd, offset) if fd >= 0 else None)
 
 
 def spans(areas: list[Area]) -> list[Span]:
