@@ -13,6 +13,7 @@ test: setup
 lint: setup
 	.venv/bin/ruff check crit_pageread tests hooks benchmarks
 	.venv/bin/mypy
+	@out=$$(.venv/bin/lint-imports --no-cache 2>&1) || { echo "$$out"; exit 1; }; echo "lint-imports: $$(echo "$$out" | tail -n 1)"
 
 # Benchmarks on large real checkpoints (cached in ~/.cache/crit-pageread/bench); not part of the tests.
 bench: setup

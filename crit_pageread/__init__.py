@@ -19,6 +19,7 @@ from .errors import (
     NotDumpedError,
     PageError,
     RemoteError,
+    RestoreError,
 )
 from .hookspecs import hookimpl
 from .images import CheckpointImages, Process, Vma, open_images
@@ -49,6 +50,7 @@ __all__ = [
     "Process",
     "ReadRequest",
     "RemoteError",
+    "RestoreError",
     "Segment",
     "Strategy",
     "StrategyInfo",

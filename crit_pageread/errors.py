@@ -68,3 +68,11 @@ class RemoteError(CritPageReadError):
 
 class CriuNotFoundError(CritPageReadError):
     """CRIU or pycriu cannot be found on this machine."""
+
+
+class RestoreError(CritPageReadError):
+    """CRIU could not restore the checkpoint; the message ends with the tail of CRIU's log."""
+
+    def __init__(self, images_dir: object, problem: str) -> None:
+        self.images_dir = str(images_dir)
+        super().__init__(f"{images_dir}: {problem}")

@@ -1,6 +1,8 @@
 """The plugin manager: default plugins, entry-point plugins, tracing, strategies by name.
 
-Built-in features register exactly like third-party plugins. Third-party
+Built-in features register exactly like third-party plugins: the library's
+strategies (`DEFAULT_PLUGINS`) with the manager, the commands
+(`cli.main.COMMAND_PLUGINS`) only when the command line runs. Third-party
 plugins load from the entry-point group `crit_pageread`;
 `CRIT_PAGEREAD_LOAD_PLUGINS=a,b` restricts which load (empty: none);
 `CRIT_PAGEREAD_TRACE_HOOKS=1` prints every hook call and result to stderr.
@@ -21,24 +23,12 @@ from .config import Config
 from .errors import ConfigError
 from .strategy import Strategy, StrategyInfo
 
+#: Plugins of the library: they load with `open_images()` (strategies; no command-line code).
 DEFAULT_PLUGINS = (
     "crit_pageread.strategies.pread",
     "crit_pageread.strategies.preadv",
     "crit_pageread.strategies.mmap",
-    "crit_pageread.cli.crit_compat",
-    "crit_pageread.cli.read",
-    "crit_pageread.cli.extract",
-    "crit_pageread.cli.grep",
-    "crit_pageread.cli.ps",
-    "crit_pageread.cli.pages",
-    "crit_pageread.cli.plugins_cmd",
     "crit_pageread.strategies.remote",
-    "crit_pageread.cli.serve",
-    "crit_pageread.cli.push",
-    "crit_pageread.cli.bench",
-    "crit_pageread.cli.squash",
-    "crit_pageread.cli.coredump",
-    "crit_pageread.cli.restore",
 )
 ENTRY_POINT_GROUP = "crit_pageread"
 
@@ -52,13 +42,19 @@ def get_plugin_manager() -> pluggy.PluginManager:
     if _pm is None:
         pm = pluggy.PluginManager("crit_pageread")
         pm.add_hookspecs(hookspecs)
-        for name in DEFAULT_PLUGINS:
-            pm.register(importlib.import_module(name), name=name)
+        register_modules(pm, DEFAULT_PLUGINS)
         _load_entry_points(pm)
         if os.environ.get("CRIT_PAGEREAD_TRACE_HOOKS"):
             _trace(pm)
         _pm = pm
     return _pm
+
+
+def register_modules(pm: pluggy.PluginManager, names: Sequence[str]) -> None:
+    """Import and register each module of `names` not registered yet (the CLI adds its commands so)."""
+    for name in names:
+        if pm.get_plugin(name) is None:
+            pm.register(importlib.import_module(name), name=name)
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:

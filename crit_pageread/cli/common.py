@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
-from collections.abc import Iterator
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from ..config import Config, load_config
 from ..errors import ConfigError
 from ..images import CheckpointImages, open_images
 from ..plugins import configure
+from ..restore.fileio import atomic_dir, atomic_file
+
+__all__ = ["atomic_dir", "atomic_file"]  # for the commands: atomic output lives in restore/fileio.py
 
 
 def add_common_options(parser: argparse.ArgumentParser, *, pid: bool = True) -> None:
@@ -48,42 +47,6 @@ def selected_pids(images: CheckpointImages, args: argparse.Namespace) -> list[in
         if pid not in images.processes:
             raise ConfigError(f"--pid {pid}: no such process in {images.path} (pids: {images.pids})")
     return list(pids)
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
-    """Write to a temporary name beside `path`; rename into place only on success."""
-    path = Path(path)
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Build a directory beside `path` and rename it into place only on success (OUT is complete or absent)."""
-    path = Path(path)
-    if path.exists():
-        raise ConfigError(f"{path}: output already exists")
-    import tempfile
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        os.rename(tmp, path)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def print_json(obj: Any) -> None:

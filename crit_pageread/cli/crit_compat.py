@@ -280,7 +280,7 @@ def _counts_text(c: dict[str, int]) -> str:
 
 def _explore_mems_pages(args: argparse.Namespace, opts: dict[str, Any]) -> None:
     """crit's `x mems` output, each VMA line followed by its page counts."""
-    from .memscan import Readers, area_page_counts
+    from ..memory import Readers, area_page_counts
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), _crit_errors("x mems", opts["dir"]):
@@ -302,8 +302,8 @@ def _explore_mems_pages(args: argparse.Namespace, opts: dict[str, Any]) -> None:
 
 def _explore_pages(args: argparse.Namespace, directory: str) -> None:
     """Per pid, per VMA: pages present, in the parent image, lazy only, not dumped."""
+    from ..memory import PAGE_CLASSES, Readers, area_page_counts
     from .grep import mapping_name
-    from .memscan import PAGE_CLASSES, Readers, area_page_counts
 
     with CheckpointImages(directory, config_from_args(args)) as images, Readers(images, args.strategy) as readers:
         for pid in images.pids:

@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CritPageReadError, ImageError
 from ..hookspecs import hookimpl
+from ..memory import Area, Readers
 from ..reader import Segment
 from ..strategy import PagesFile
 from .common import add_common_options, atomic_dir, open_from_args, selected_pids
 from .grep import mapping_name
-from .memscan import Area, Progress, Readers, add_vma_filters, vma_filter_from_args
+from .memscan import Progress, add_vma_filters, vma_filter_from_args
 
 if TYPE_CHECKING:
     from concurrent.futures import Future

@@ -19,9 +19,10 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
+from ..memory import Area, Readers, Span, spans
 from ..plugins import observer
 from .common import add_common_options, open_from_args, selected_pids
-from .memscan import Area, Progress, Readers, Span, add_vma_filters, spans, vma_filter_from_args
+from .memscan import Progress, add_vma_filters, vma_filter_from_args
 
 CHUNK = 8 << 20
 #: Bytes of a pages file mapped at a time when runs are searched in place.

@@ -7,10 +7,35 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .. import __version__
 from ..errors import CritPageReadError
-from ..plugins import get_plugin_manager
+from ..plugins import get_plugin_manager, register_modules
+
+#: The commands, each a plugin registered like a third-party one, only when the command line runs.
+COMMAND_PLUGINS = (
+    "crit_pageread.cli.crit_compat",
+    "crit_pageread.cli.read",
+    "crit_pageread.cli.extract",
+    "crit_pageread.cli.grep",
+    "crit_pageread.cli.ps",
+    "crit_pageread.cli.pages",
+    "crit_pageread.cli.plugins_cmd",
+    "crit_pageread.cli.serve",
+    "crit_pageread.cli.push",
+    "crit_pageread.cli.bench",
+    "crit_pageread.cli.squash",
+    "crit_pageread.cli.coredump",
+    "crit_pageread.cli.restore",
+)
+
+
+def plugin_manager() -> Any:
+    """The plugin manager with the command plugins registered."""
+    pm = get_plugin_manager()
+    register_modules(pm, COMMAND_PLUGINS)
+    return pm
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    get_plugin_manager().hook.crit_pageread_add_commands(subparsers=subparsers)
+    plugin_manager().hook.crit_pageread_add_commands(subparsers=subparsers)
     return parser
 
 

@@ -9,8 +9,8 @@ from typing import IO, Any
 
 from ..errors import ConfigError, LazyPageError, NotDumpedError
 from ..hookspecs import hookimpl
+from ..memory import parse_addr
 from .common import add_common_options, atomic_file, open_from_args, print_json, selected_pids
-from .memscan import parse_addr
 
 CHUNK = 8 << 20
 

@@ -30,9 +30,7 @@ from ..images import (
     PROT_EXEC,
     PROT_READ,
     PROT_WRITE,
-    VMA_ANON_SHARED,
     VMA_AREA_MEMFD,
-    VMA_AREA_SYSVIPC,
     VMA_AREA_VSYSCALL,
     VMA_AREA_VVAR,
     VMA_FILE_PRIVATE,
@@ -40,10 +38,11 @@ from ..images import (
     CheckpointImages,
     Vma,
 )
+from ..memory import shmem_id
 from ..plugins import make_strategy
 from ..reader import PageReader
 from ..strategy import Strategy
-from .fileio import chunks, copy_range
+from .fileio import atomic_dir, chunks, copy_range
 
 EM_X86_64 = 62
 ET_CORE = 4
@@ -377,14 +376,6 @@ def gnu_build_id(fd: int) -> bytes | None:
 # --- VMA bytes ------------------------------------------------------------------------------
 
 
-def _shmem_id(images: CheckpointImages, v: Vma) -> int | None:
-    if v.status & VMA_AREA_MEMFD:
-        return images.memfd_shmids.get(v.shmid)
-    if v.status & (VMA_ANON_SHARED | VMA_AREA_SYSVIPC):
-        return v.shmid
-    return None
-
-
 def _write_vma(
     images: CheckpointImages, reader: PageReader, v: Vma, fd: int, base: int,
     files: dict[int, _MappedFile], report: CoreReport, missing: list[dict[str, Any]],
@@ -409,7 +400,7 @@ def _fill_hole(
     images: CheckpointImages, reader: PageReader, v: Vma, start: int, length: int, fd: int, base: int,
     files: dict[int, _MappedFile], report: CoreReport, missing: list[dict[str, Any]],
 ) -> None:
-    shmid = _shmem_id(images, v)
+    shmid = shmem_id(images, v)
     if shmid is not None:
         if shmid not in images.shmem_ids:
             _add_missing(missing, start, start + length, f"no pagemap-shmem-{shmid}.img")
@@ -493,8 +484,6 @@ def coredump(
     import contextlib
     import shutil
     import tempfile
-
-    from ..cli.common import atomic_dir
 
     outdir = Path(outdir)
     if pids is None:

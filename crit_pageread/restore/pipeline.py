@@ -38,7 +38,7 @@ from typing import Any
 
 from ..config import Config, load_config
 from ..criu_env import criu_binary, pycriu
-from ..errors import ConfigError, CritPageReadError, ImageError
+from ..errors import ConfigError, ImageError, RestoreError
 from ..hookspecs import hookimpl
 from ..plugins import get_plugin_manager
 
@@ -46,14 +46,6 @@ METHODS = ("binary", "swrk")
 TABLE_KEYS: dict[str, Any] = {
     "method": str, "leave_stopped": bool, "lazy": bool, "timeout": (int, float), "protocol": str, "cpus": list,
 }
-
-
-class RestoreError(CritPageReadError):
-    """CRIU could not restore the checkpoint; the message ends with the tail of CRIU's log."""
-
-    def __init__(self, images_dir: str | os.PathLike[str], problem: str) -> None:
-        self.images_dir = str(images_dir)
-        super().__init__(f"{images_dir}: {problem}")
 
 
 @dataclass

@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..cli.common import atomic_dir
 from ..config import Config, load_config
 from ..errors import ImageError
 from ..images import CheckpointImages, open_images
@@ -33,7 +32,7 @@ from ..pagemap import LAYOUTS, PE_LAZY, PE_PRESENT, encode_pagemap
 from ..plugins import make_strategy
 from ..reader import PageReader
 from ..strategy import Strategy, Target
-from .fileio import chunks, copy_range
+from .fileio import atomic_dir, chunks, copy_range
 
 _PAGEMAP_RE = re.compile(r"^pagemap-(\d+)\.img$")
 _SHMEM_RE = re.compile(r"^pagemap-shmem-(\d+)\.img$")
