@@ -25,7 +25,7 @@ from .hookspecs import hookimpl
 from .images import CheckpointImages, Process, Vma, open_images
 from .pagemap import PE_LAZY, PE_PARENT, PE_PRESENT, Pagemap, PagemapEntry
 from .reader import PageReader, Segment
-from .strategy import PagesFile, ReadRequest, Strategy, StrategyInfo, Target
+from .strategy import CopyRequest, PagesFile, ReadRequest, ScatterRequest, Strategy, StrategyInfo, Target, View
 
 __version__ = "0.1.0"
 
@@ -37,6 +37,7 @@ __all__ = [
     "CheckpointImages",
     "Config",
     "ConfigError",
+    "CopyRequest",
     "CritPageReadError",
     "CriuNotFoundError",
     "ImageError",
@@ -51,10 +52,12 @@ __all__ = [
     "ReadRequest",
     "RemoteError",
     "RestoreError",
+    "ScatterRequest",
     "Segment",
     "Strategy",
     "StrategyInfo",
     "Target",
+    "View",
     "Vma",
     "hookimpl",
     "load_config",

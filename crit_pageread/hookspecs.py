@@ -61,7 +61,7 @@ def crit_pageread_images_opened(images: CheckpointImages) -> None:
     """Called after `open_images()` opened an image directory (nothing is parsed yet)."""
 
 
-# --- Reads: observers around PageReader.readinto --------------------------------------------
+# --- Reads: observers around PageReader's reads and copies ------------------------------
 
 
 @hookspec
@@ -79,6 +79,18 @@ def crit_pageread_after_read(reader: PageReader, vaddr: int, data: memoryview) -
     """Called after a synchronous read filled `data` (the caller's buffer) from `vaddr`.
 
     Deferred reads are reported by `crit_pageread_synced` instead.
+    """
+
+
+@hookspec
+def crit_pageread_after_copy(reader: PageReader, vaddr: int, length: int) -> None:
+    """Called after `write_to` or `send` moved [vaddr, vaddr+length) of memory to an output.
+
+    The bytes went from the pages files to the output through the strategy
+    (a kernel copy for the local strategies) without a caller's buffer, so
+    there is no `data`; the range may include holes (zeroed or skipped as the
+    caller asked). `crit_pageread_before_read` was called for it first.
+    `view` reports with `crit_pageread_after_read` (its `data` is read-only).
     """
 
 

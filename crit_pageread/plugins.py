@@ -195,10 +195,15 @@ def configure(config: Config) -> None:
     get_plugin_manager().hook.crit_pageread_configure(config=config)
 
 
+_OBSERVER_HOOKS = (
+    "crit_pageread_before_read", "crit_pageread_after_read", "crit_pageread_after_copy", "crit_pageread_synced",
+)
+
+
 def observer() -> Any:
     """The hook relay if any plugin observes reads, else None (no cost on the hot path)."""
     hook = get_plugin_manager().hook
-    for name in ("crit_pageread_before_read", "crit_pageread_after_read", "crit_pageread_synced"):
+    for name in _OBSERVER_HOOKS:
         if getattr(hook, name).get_hookimpls():
             return _Observer(hook)
     return None
@@ -208,7 +213,7 @@ class _Observer:
     """Calls the observer hooks that have implementations; the others are no-ops."""
 
     def __init__(self, hook: Any) -> None:
-        for name in ("crit_pageread_before_read", "crit_pageread_after_read", "crit_pageread_synced"):
+        for name in _OBSERVER_HOOKS:
             caller = getattr(hook, name)
             setattr(self, name, caller if caller.get_hookimpls() else _noop)
 

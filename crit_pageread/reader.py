@@ -9,6 +9,7 @@ no entry covers (an error unless `zero_fill`), deferred reads completed by
 
 from __future__ import annotations
 
+import os
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
@@ -16,7 +17,18 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from .dedup import punch_hole
 from .errors import ChainError, CritPageReadError, LazyPageError, NotDumpedError
 from .pagemap import PE_PARENT, PE_PRESENT, Pagemap
-from .strategy import AnyRequest, PagesFile, ReadRequest, ScatterRequest, Strategy, Target
+from .strategy import (
+    AnyRequest,
+    CopyRequest,
+    PagesFile,
+    ReadRequest,
+    ScatterRequest,
+    Sink,
+    Strategy,
+    Target,
+    View,
+    write_all,
+)
 
 if TYPE_CHECKING:
     from .images import CheckpointImages
@@ -392,6 +404,180 @@ class PageReader:
             raise
         self._root._punch_pending()
 
+    # --- moving bytes elsewhere: planned here, moved by the strategy -------------------------
+
+    def copy_plan(
+        self, iov: Iterable[tuple[int, int, int]], holes: HolesMode | None = None
+    ) -> tuple[list[CopyRequest], list[tuple[int, int]]]:
+        """Plan copies of `(vaddr, length, out_offset)` ranges: the strategy's requests and the holes.
+
+        Requests are in iov order, one per piece contiguous in memory, in one
+        pages file and in the output; holes are `(out_offset, length)` pairs,
+        returned only with holes="zero" ("error" raises NotDumpedError, "skip"
+        drops them). Lazy pieces are requests with `pages` None if the strategy
+        serves them, else a LazyPageError. Nothing is read.
+        """
+        holes_mode = self._holes_mode(holes)
+        lazy_ok = self.strategy.serves_lazy
+        target = self.target
+        requests: list[CopyRequest] = []
+        zeros: list[tuple[int, int]] = []
+        dedup = self._root._dedup_pending if self.auto_dedup else None
+        last: CopyRequest | None = None
+        for vaddr, length, out in iov:
+            for seg in self.segments(vaddr, length):
+                kind = seg.kind
+                pos = out + seg.vaddr - vaddr
+                if kind == "present":
+                    pages = seg.pages
+                    if (
+                        last is not None
+                        and last.pages is pages
+                        and last.offset + last.length == seg.offset
+                        and last.vaddr + last.length == seg.vaddr
+                        and last.out_offset + last.length == pos
+                    ):
+                        last.length += seg.length
+                    else:
+                        last = CopyRequest(pages, seg.offset, seg.length, seg.vaddr, target, pos)
+                        requests.append(last)
+                    if dedup is not None and seg.depth:
+                        dedup.append((pages, seg.offset, seg.length))  # type: ignore[arg-type]
+                    continue
+                last = None
+                if kind == "lazy":
+                    if not lazy_ok:
+                        raise LazyPageError(self._root.source, seg.vaddr, seg.end)
+                    requests.append(CopyRequest(None, -1, seg.length, seg.vaddr, target, pos))
+                elif holes_mode == "error":
+                    raise NotDumpedError(self.source, seg.vaddr, seg.end)
+                elif holes_mode == "zero":
+                    zeros.append((pos, seg.length))
+        return requests, zeros
+
+    def write_to(self, fd: int, iov: Iterable[tuple[int, int, int]], *, holes: HolesMode | None = None) -> int:
+        """Copy each `(vaddr, length, out_offset)` range of memory to `out_offset` of the regular file `fd`.
+
+        The strategy moves the bytes (`Strategy.write_to`: kernel copies for
+        the local strategies). Holes follow `holes` as in `readinto`; "skip"
+        leaves the output as it is there (a sparse file keeps its holes).
+        Returns the bytes of memory covered (holes included unless skipped).
+        """
+        self._check_open()
+        ranges = list(iov)
+        observe = self._root._observe
+        if observe is not None:
+            for vaddr, length, _ in ranges:
+                observe.crit_pageread_before_read(reader=self, vaddr=vaddr, length=length, deferred=False)
+        if self.strategy.pending:
+            self._root.sync()
+        pending = self._root._dedup_pending
+        mark = len(pending)
+        try:
+            requests, zeros = self.copy_plan(ranges, holes)
+        except BaseException:
+            del pending[mark:]
+            raise
+        for out, n in zeros:
+            _pwrite_zeros(fd, out, n)
+        self._moved(lambda: self.strategy.write_to(requests, fd))
+        if observe is not None:
+            for vaddr, length, _ in ranges:
+                observe.crit_pageread_after_copy(reader=self, vaddr=vaddr, length=length)
+        return sum(r.length for r in requests) + sum(n for _, n in zeros)
+
+    def send(self, out: Sink, vaddr: int, length: int, *, holes: HolesMode | None = None) -> int:
+        """Write [vaddr, vaddr+length) in address order to `out`: a socket object (TLS too) or a file
+        descriptor (pipe, socket, or a file at its position).
+
+        The strategy moves the bytes (`Strategy.send`: sendfile for the local
+        strategies). With holes="zero" holes are sent as zeros; with "skip"
+        they are left out of the stream. Returns the bytes sent.
+        """
+        self._check_open()
+        observe = self._root._observe
+        if observe is not None:
+            observe.crit_pageread_before_read(reader=self, vaddr=vaddr, length=length, deferred=False)
+        if self.strategy.pending:
+            self._root.sync()
+        pending = self._root._dedup_pending
+        mark = len(pending)
+        try:
+            requests, zeros = self.copy_plan([(vaddr, length, 0)], holes)
+        except BaseException:
+            del pending[mark:]
+            raise
+        strategy = self.strategy
+
+        def move() -> None:
+            if not zeros:
+                strategy.send(requests, out)
+                return
+            # Requests and zero runs in stream order (both sorted by out_offset).
+            items: list[Any] = sorted([*requests, *zeros], key=lambda x: x[0] if type(x) is tuple else x.out_offset)
+            group: list[CopyRequest] = []
+            for item in items:
+                if type(item) is tuple:
+                    if group:
+                        strategy.send(group, out)
+                        group = []
+                    for _, n in _zero_chunks(item[1]):
+                        write_all(out, _ZEROS[:n])
+                else:
+                    group.append(item)
+            if group:
+                strategy.send(group, out)
+
+        self._moved(move)
+        if observe is not None:
+            observe.crit_pageread_after_copy(reader=self, vaddr=vaddr, length=length)
+        return sum(r.length for r in requests) + sum(n for _, n in zeros)
+
+    def view(self, vaddr: int, length: int, scratch: bytearray | None = None) -> View:
+        """A read-only view of [vaddr, vaddr+length) for in-place search (close it when done).
+
+        One contiguous range of a pages file is the strategy's view (an mmap
+        window for the local strategies); anything else (several pieces,
+        holes, lazy pages) is read into `scratch` (or a new buffer) like
+        `readinto`. The caller bounds `length`.
+        """
+        self._check_open()
+        pending = self._root._dedup_pending
+        mark = len(pending)
+        try:
+            requests, zeros = self.copy_plan([(vaddr, length, 0)])
+        except CritPageReadError:
+            requests, zeros = [], []  # readinto below raises it again, or reads what a lazy strategy serves
+        # A view of parent pages that auto-dedup punches would show the punched zeros: copy those.
+        direct = len(requests) == 1 and not zeros and requests[0].pages is not None and not self.auto_dedup
+        if direct and requests[0].length == length:
+            observe = self._root._observe
+            if observe is not None:
+                observe.crit_pageread_before_read(reader=self, vaddr=vaddr, length=length, deferred=False)
+            if self.strategy.pending:
+                self._root.sync()
+            view = self._root._moved(lambda: self.strategy.view(requests[0], scratch))
+            if observe is not None:
+                with memoryview(view.data) as data:
+                    observe.crit_pageread_after_read(
+                        reader=self, vaddr=vaddr, data=data[view.start : view.start + length]
+                    )
+            return view
+        del pending[mark:]  # readinto plans (and owes) its own
+        buf = scratch if scratch is not None and len(scratch) >= length else bytearray(length)
+        self.readinto(vaddr, memoryview(buf)[:length])
+        return View(buf, 0, length)
+
+    def _moved(self, op: Any) -> Any:
+        """Run a strategy operation and return its result; punch what auto-dedup owes only if it succeeded."""
+        try:
+            result = op()
+        except BaseException:
+            self._root._dedup_pending.clear()
+            raise
+        self._root._punch_pending()
+        return result
+
     def _holes_mode(self, holes: HolesMode | None) -> HolesMode:
         if holes is None:
             return "zero" if self.zero_fill else "error"
@@ -475,6 +661,24 @@ def _byte_view(buffer: Any, what: str) -> memoryview:
     if dest.format != "B" or dest.ndim != 1:
         dest = dest.cast("B")
     return dest
+
+
+def _zero_chunks(length: int) -> Iterator[tuple[int, int]]:
+    done = 0
+    while done < length:
+        n = min(length - done, len(_ZEROS))
+        yield done, n
+        done += n
+
+
+def _pwrite_zeros(fd: int, pos: int, length: int) -> None:
+    for done, n in _zero_chunks(length):
+        data = memoryview(_ZEROS)[:n]
+        at = pos + done
+        while data:
+            w = os.pwrite(fd, data, at)
+            data = data[w:]
+            at += w
 
 
 def _zero(view: memoryview) -> None:

@@ -6,17 +6,29 @@ transport, a strategy is small: `read` (synchronous), `submit` (may be queued),
 `sync` (complete what was submitted) and `close`; `read_many`/`submit_many` take
 the requests of one multi-entry read at once, including `ScatterRequest`s (one
 file range into many pieces of memory), by default one piece at a time.
+
+Consumers that need the bytes elsewhere than in a buffer of theirs use three
+more operations on `CopyRequest`s (planned ranges without a buffer):
+`write_to` (positioned writes into a regular file), `send` (in order to a
+socket, pipe or file) and `view` (a read-only window for in-place search).
+Their defaults are built on `read`/`submit` through a bounded buffer, so a
+strategy that implements only `read` serves every command; the local
+strategies override them with kernel copies (strategies/kernel.py).
 """
 
 from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union
 
 from .errors import ImageError
+
+if TYPE_CHECKING:  # not imported at start-up: a sink is checked by `isinstance(out, int)`
+    import socket
 
 TargetKind = Literal["pid", "shmem"]
 
@@ -109,6 +121,66 @@ class ScatterRequest:
 #: What `read_many`/`submit_many` get from the reader.
 AnyRequest = ReadRequest | ScatterRequest
 
+#: Bytes the default `write_to`/`send` move per round through their buffer.
+COPY_CHUNK = 1 << 20
+
+
+@dataclass(slots=True)
+class CopyRequest:
+    """Move `length` bytes of `target`'s memory at `vaddr` to `out_offset` of an output.
+
+    Like `ReadRequest` but without a buffer: `pages`/`offset` locate the bytes
+    in a local pages file (`pages` None: lazy, only a strategy that serves
+    lazy pages has them). The range is contiguous in memory. `out_offset` is
+    the position in the output file for `write_to`; `send` writes requests in
+    order and ignores it.
+    """
+
+    pages: PagesFile | None
+    offset: int
+    length: int
+    vaddr: int
+    target: Target
+    out_offset: int = 0
+
+    def read_request(self, dest: memoryview, skip: int = 0) -> ReadRequest:
+        """The plain read of this request's bytes from `skip` on into `dest`."""
+        offset = self.offset + skip if self.pages is not None else -1
+        return ReadRequest(self.pages, offset, dest, self.vaddr + skip, self.target)
+
+
+#: Where `send` writes: a file descriptor (pipe, socket, file at its position) or a socket object (TLS too).
+Sink = Union[int, "socket.socket"]
+
+
+class View:
+    """Read-only bytes of a planned range: `data[start : start + length]`.
+
+    `data` is an mmap window of a pages file or a buffer (both have `find`
+    and the buffer protocol); do not write to it. `close()` (or leaving the
+    `with` block) releases a window; slices taken from `data` must be copied
+    (`bytes(...)`) before that.
+    """
+
+    __slots__ = ("_release", "data", "length", "start")
+
+    def __init__(self, data: Any, start: int, length: int, release: Any = None) -> None:
+        self.data = data
+        self.start = start
+        self.length = length
+        self._release = release
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def __enter__(self) -> View:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 @dataclass
 class StrategyInfo:
@@ -126,6 +198,8 @@ class Strategy(ABC):
     name: ClassVar[str] = "?"
     #: True if the strategy can serve ranges that have no local data (`ReadRequest.pages is None`).
     serves_lazy: ClassVar[bool] = False
+    #: True if `write_to` may run in several threads at once (each with its own output).
+    concurrent_writes: ClassVar[bool] = False
 
     @abstractmethod
     def read(self, request: ReadRequest) -> None:
@@ -163,6 +237,95 @@ class Strategy(ABC):
 
     def close(self) -> None:
         """Release what the strategy holds (maps, sockets). Pages files are not its own."""
+
+    # --- moving bytes elsewhere: defaults on read/submit, a bounded buffer -------------------
+
+    def write_to(self, requests: list[CopyRequest], fd: int) -> None:
+        """Write each request's bytes at its `out_offset` of the regular file `fd`.
+
+        Default: requests are read (`submit_many`, `sync`) into a buffer of at
+        most COPY_CHUNK bytes, then written with `pwrite`.
+        """
+        for batch, buf in _batches(self, requests):
+            for req, start, skip, n in batch:
+                _pwrite_all(fd, buf[start : start + n], req.out_offset + skip)
+
+    def send(self, requests: list[CopyRequest], out: Sink) -> None:
+        """Write the requests' bytes, in order, to `out` (a socket object, or a pipe, socket or file fd).
+
+        A socket's timeout bounds each wait for it to drain (TimeoutError).
+        Default: read through a bounded buffer, then `sendall`/`write`.
+        """
+        for batch, buf in _batches(self, requests):
+            start = batch[0][1]
+            end = batch[-1][1] + batch[-1][3]
+            write_all(out, buf[start:end])
+
+    def view(self, request: CopyRequest, scratch: bytearray | None = None) -> View:
+        """A read-only view of one request's bytes (for in-place search); the caller bounds its length.
+
+        Default: the bytes are read into `scratch` (or a new buffer) with `read`.
+        """
+        buf = scratch if scratch is not None and len(scratch) >= request.length else bytearray(request.length)
+        self.read(request.read_request(memoryview(buf)[: request.length]))
+        return View(buf, 0, request.length)
+
+
+_Piece = tuple[CopyRequest, int, int, int]
+
+
+def _batches(strategy: Strategy, requests: list[CopyRequest]) -> Iterator[tuple[list[_Piece], memoryview]]:
+    """Read `requests` through `strategy` into one reused buffer, a buffer-full at a time.
+
+    Yields (pieces, buffer) once the pieces are read; a piece is (request, start
+    in the buffer, offset in the request, length), pieces in request order and
+    back to back in the buffer.
+    """
+    if not requests:
+        return
+    size = min(COPY_CHUNK, max(sum(r.length for r in requests), 1))
+    buf = memoryview(bytearray(size))
+    batch: list[_Piece] = []
+    used = 0
+    for req in requests:
+        skip = 0
+        while skip < req.length:
+            if used == size:
+                strategy.sync()
+                yield batch, buf
+                batch, used = [], 0
+            n = min(req.length - skip, size - used)
+            strategy.submit(req.read_request(buf[used : used + n], skip))
+            batch.append((req, used, skip, n))
+            used += n
+            skip += n
+    if batch:
+        strategy.sync()
+        yield batch, buf
+
+
+def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, pos)
+        data = data[n:]
+        pos += n
+
+
+def write_all(out: Sink, data: memoryview | bytes) -> None:
+    """Write all of `data` to a socket object or a file descriptor (waiting out a full non-blocking one)."""
+    if not isinstance(out, int):
+        out.sendall(data)
+        return
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(out, view)
+        except BlockingIOError:
+            import select
+
+            select.select([], [out], [])
+            continue
+        view = view[n:]
 
 
 def read_fully(fd: int, dest: memoryview, offset: int, path: Path) -> None:

@@ -7,7 +7,8 @@ from typing import Any
 
 from ..errors import ConfigError, ImageError
 from ..hookspecs import hookimpl
-from ..strategy import PagesFile, ReadRequest, Strategy, StrategyInfo
+from ..strategy import CopyRequest, PagesFile, ReadRequest, Strategy, StrategyInfo, View
+from .kernel import KernelCopies
 
 _ADVICE = {
     "normal": mmap.MADV_NORMAL,
@@ -17,7 +18,7 @@ _ADVICE = {
 }
 
 
-class MmapStrategy(Strategy):
+class MmapStrategy(KernelCopies, Strategy):
     """Copies from a read-only shared mapping of the pages file (one copy, no syscalls per read)."""
 
     name = "mmap"
@@ -45,6 +46,17 @@ class MmapStrategy(Strategy):
         if end > len(view):
             raise ImageError(pages.path, f"short pages file: no data at offset {len(view)}")
         request.dest[:] = view[request.offset : end]
+
+    def view(self, request: CopyRequest, scratch: bytearray | None = None) -> View:
+        """A window of the whole-file map: no system call."""
+        pages = request.pages
+        if pages is None:
+            raise ConfigError("mmap: strategy cannot serve lazy pages")
+        self._view(pages)
+        mm = self._maps[pages][0]
+        if request.offset + request.length > len(mm):
+            raise ImageError(pages.path, f"short pages file: no data at offset {len(mm)}")
+        return View(mm, request.offset, request.length)
 
     def close(self) -> None:
         for mm, view in self._maps.values():

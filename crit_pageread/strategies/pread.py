@@ -8,9 +8,10 @@ from typing import Any
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
 from ..strategy import AnyRequest, ReadRequest, ScatterRequest, Strategy, StrategyInfo, read_fully
+from .kernel import KernelCopies
 
 
-class PreadStrategy(Strategy):
+class PreadStrategy(KernelCopies, Strategy):
     """Every request is read at once: one `preadv` with a single iovec (pread into the buffer)."""
 
     name = "pread"

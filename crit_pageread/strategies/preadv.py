@@ -20,6 +20,7 @@ from typing import Any
 from ..errors import ConfigError, ImageError
 from ..hookspecs import hookimpl
 from ..strategy import AnyRequest, PagesFile, ReadRequest, ScatterRequest, Strategy, StrategyInfo, read_fully
+from .kernel import KernelCopies
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 #: Largest gap in a pages file bridged by reading it into scratch memory (0: never).
@@ -66,7 +67,7 @@ class _Run:
         self.holders: list[memoryview] = []
 
 
-class PreadvStrategy(Strategy):
+class PreadvStrategy(KernelCopies, Strategy):
     """Queues requests; `sync()` reads each contiguous run with few preadv calls."""
 
     name = "preadv"

@@ -1,0 +1,155 @@
+"""Kernel copies for the strategies that read local pages files (pread, preadv, mmap).
+
+`write_to` coalesces requests that are contiguous both in one pages file and
+in the output and moves each run with `copy_file_range` (else `sendfile`,
+else a bounded `preadv`/`pwrite`); `send` uses `sendfile` to a plain socket,
+pipe or file (a TLS socket goes through the default buffered path); `view`
+maps a read-only window of the pages file.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import sys
+from typing import Any, ClassVar
+
+from ..errors import ConfigError, ImageError
+from ..strategy import CopyRequest, PagesFile, Sink, Strategy, View
+
+#: errnos after which copy_file_range (or sendfile) is not tried again by this strategy.
+_FALLBACK = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+#: Largest single kernel copy (copy_file_range and sendfile take a size_t, but keep calls bounded).
+_MAX_COPY = 1 << 30
+_BUF = 1 << 20
+
+
+def coalesce(requests: list[CopyRequest]) -> list[list[Any]]:
+    """[pages, offset, length, out_offset] runs: requests contiguous in one pages file and in the output join."""
+    runs: list[list[Any]] = []
+    last: list[Any] | None = None
+    for req in requests:
+        pages = req.pages
+        if pages is None:
+            raise ConfigError("local strategies cannot serve lazy pages")
+        if (last is not None and last[0] is pages and last[1] + last[2] == req.offset
+                and last[3] + last[2] == req.out_offset):
+            last[2] += req.length
+            continue
+        last = [pages, req.offset, req.length, req.out_offset]
+        runs.append(last)
+    return runs
+
+
+class KernelCopies:
+    """Mixin (before `Strategy` in the bases): `write_to`, `send` and `view` without a Python buffer."""
+
+    concurrent_writes: ClassVar[bool] = True
+    #: Kernel copy system calls issued by write_to/send (for benchmarks and tests).
+    copies = 0
+    _no_copy_file_range = False
+    _no_sendfile = False
+
+    def write_to(self, requests: list[CopyRequest], fd: int) -> None:
+        for pages, offset, length, out in coalesce(requests):
+            self._copy_run(pages, offset, length, fd, out)
+
+    def _copy_run(self, pages: PagesFile, offset: int, length: int, fd: int, out: int) -> None:
+        src = pages.fd
+        while length:
+            n = self._copy_step(src, offset, fd, out, min(length, _MAX_COPY))
+            if n <= 0:
+                raise ImageError(pages.path, f"short pages file: no data at offset {offset}")
+            offset += n
+            out += n
+            length -= n
+
+    def _copy_step(self, src: int, src_pos: int, dst: int, dst_pos: int, count: int) -> int:
+        self.copies += 1
+        if not self._no_copy_file_range:
+            try:
+                return os.copy_file_range(src, dst, count, src_pos, dst_pos)
+            except OSError as exc:
+                if exc.errno not in _FALLBACK:
+                    raise
+                self._no_copy_file_range = True
+        buf = bytearray(min(count, _BUF))
+        n = os.preadv(src, [buf], src_pos)
+        view = memoryview(buf)[: max(n, 0)]
+        while view:
+            w = os.pwrite(dst, view, dst_pos)
+            view = view[w:]
+            dst_pos += w
+        return n
+
+    def send(self, requests: list[CopyRequest], out: Sink) -> None:
+        ssl = sys.modules.get("ssl")
+        if self._no_sendfile or (ssl is not None and isinstance(out, ssl.SSLSocket)):
+            Strategy.send(self, requests, out)  # type: ignore[arg-type]
+            return
+        if isinstance(out, int):
+            fd, timeout = out, None
+        else:
+            fd, timeout = out.fileno(), out.gettimeout()
+        # In a stream every request follows the last: requests contiguous in one pages file join.
+        for pages, offset, length in _stream_runs(requests):
+            done = self._sendfile(pages, offset, length, fd, timeout)
+            if done < length:  # sendfile refused this output: the rest through a buffer
+                rest = CopyRequest(pages, offset + done, length - done, requests[0].vaddr, requests[0].target)
+                Strategy.send(self, [rest], out)  # type: ignore[arg-type]
+
+    def _sendfile(self, pages: PagesFile, offset: int, count: int, fd: int, timeout: float | None) -> int:
+        """sendfile `count` bytes; returns how many were sent (fewer only once sendfile is refused)."""
+        poller = None
+        done = 0
+        while done < count and not self._no_sendfile:
+            self.copies += 1
+            try:
+                sent = os.sendfile(fd, pages.fd, offset + done, min(count - done, _MAX_COPY))
+            except BlockingIOError:
+                if poller is None:
+                    import select
+
+                    poller = select.poll()
+                    poller.register(fd, select.POLLOUT)
+                if not poller.poll(None if timeout is None else int(timeout * 1000)):
+                    raise TimeoutError(f"output stopped reading for {timeout:g} s") from None
+                continue
+            except OSError as exc:
+                if exc.errno not in _FALLBACK:
+                    raise
+                self._no_sendfile = True
+                break
+            if sent == 0:
+                raise ImageError(pages.path, f"short pages file: no data at offset {offset + done}")
+            done += sent
+        return done
+
+    def view(self, request: CopyRequest, scratch: bytearray | None = None) -> View:
+        pages = request.pages
+        if pages is None:
+            raise ConfigError("local strategies cannot serve lazy pages")
+        if request.offset + request.length > pages.size:
+            raise ImageError(pages.path, f"short pages file: no data at offset {pages.size}")
+        shift = request.offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            mm = mmap.mmap(pages.fd, request.length + shift, prot=mmap.PROT_READ, offset=request.offset - shift)
+        except OSError:  # a file system that cannot map: read instead
+            return Strategy.view(self, request, scratch)  # type: ignore[arg-type]
+        return View(mm, shift, request.length, mm.close)
+
+
+def _stream_runs(requests: list[CopyRequest]) -> list[list[Any]]:
+    """[pages, offset, length] runs of requests that follow each other in one pages file."""
+    out: list[list[Any]] = []
+    last: list[Any] | None = None
+    for req in requests:
+        if req.pages is None:
+            raise ConfigError("local strategies cannot serve lazy pages")
+        if last is not None and last[0] is req.pages and last[1] + last[2] == req.offset:
+            last[2] += req.length
+        else:
+            last = [req.pages, req.offset, req.length]
+            out.append(last)
+    return out
