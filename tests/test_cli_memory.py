@@ -89,20 +89,25 @@ def test_grep_finds_the_secret_across_page_and_entry_boundary_and_read_returns_i
 
 @pytest.mark.parametrize(("chunk", "strategy"), [(10_007, []), (1 << 16, []), (12_345, ["--strategy", "preadv"]),
                                                  (1 << 16, ["--strategy", "mmap"])])
+@pytest.mark.parametrize("engine", ["hyperscan", "python"])
 def test_grep_finds_exactly_what_re_finds_in_restored_memory(
     dumped: Dumped, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, chunk: int,
-    strategy: list[str],
+    strategy: list[str], engine: str, tmp_path: Path,
 ) -> None:
-    """Small chunks force thousands of chunk boundaries; every match is found once (in place or copied)."""
+    """Small chunks force thousands of chunk boundaries; every match is found once (in place or copied),
+    by Hyperscan and by the built-in engine alike, for a regex, a literal and many literals (-f)."""
     monkeypatch.setattr(grep_mod, "CHUNK", chunk)
+    patterns = tmp_path / "patterns"
+    patterns.write_bytes(b"\xab\xcd\n\xef\x01\x02\n\x10\x20\n")
     for argv, rx in ((["-E", r"\xab[\x00-\x0f]"], re.compile(rb"\xab[\x00-\x0f]")),
-                     (["--hex", "abcd"], re.compile(re.escape(b"\xab\xcd")))):
+                     (["--hex", "abcd"], re.compile(re.escape(b"\xab\xcd"))),
+                     (["-f", str(patterns)], re.compile(b"\xef\x01\x02|\xab\xcd|\x10\x20"))):
         want = set()
         for pid in dumped.pids:
             for s, e in _runs(pagemap_pages(dumped.images, pid)):
                 data = dumped.restored.read(pid, s, e - s)
                 want |= {(pid, s + m.start()) for m in rx.finditer(data)}
-        code, out, err = cli(["grep", str(dumped.images), *argv, "--json", *strategy], capsys)
+        code, out, err = cli(["grep", str(dumped.images), *argv, "--json", "--engine", engine, *strategy], capsys)
         assert code == 0, err
         got = [(m["pid"], m["vaddr"]) for m in map(json.loads, out.splitlines())]
         assert len(got) == len(set(got))
@@ -309,3 +314,17 @@ def test_progress_bar_on_a_tty_only(dumped: Dumped, tmp_path: Path) -> None:
     piped = subprocess.run([sys.executable, "-m", "crit_pageread", "extract", str(dumped.images), "-o",
                             str(tmp_path / "pipe")], capture_output=True, timeout=120)
     assert piped.returncode == 0 and piped.stderr == b""
+
+
+def test_grep_without_hyperscan_says_so_once_and_finds_the_same(
+    dumped: Dumped, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from crit_pageread import search
+
+    secret = dumped.victim.info["secret"]["text"]
+    code, fast, _ = cli(["grep", str(dumped.images), secret, "--json"], capsys)
+    monkeypatch.setattr(search, "hyperscan_module", lambda: None)
+    monkeypatch.setattr(grep_mod, "hyperscan_module", lambda: None)
+    code2, slow, err = cli(["grep", str(dumped.images), secret, "--json"], capsys)
+    assert code == code2 == 0 and fast == slow
+    assert err.count("hyperscan is not installed") == 1 and "crit-pageread[fast]" in err

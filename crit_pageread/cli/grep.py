@@ -3,8 +3,10 @@
 Each run of dumped bytes (adjacent VMAs join, as a secret may cross from a
 file mapping into the anonymous page after it) is streamed in 8 MiB chunks into one reused buffer;
 consecutive chunks overlap by the longest match (plus the context),
-so a match that crosses a page, pagemap-entry or VMA boundary is found once. The search
-itself is `bytearray.find` or `re` over the whole chunk: no per-page work.
+so a match that crosses a page, pagemap-entry or VMA boundary is found once. Runs that lie
+back to back in a local pages file are searched in place (read-only maps). The search itself
+is crit_pageread.search (Hyperscan where installed, else `bytes.find`/`re`) over whole
+chunks: no per-page work.
 """
 
 from __future__ import annotations
@@ -12,15 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import mmap
-import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
 from ..memory import Area, Readers, Span, spans
 from ..plugins import observer
+from ..search import ENGINES, FAST_HINT, Searcher, SearchError, compile_search, hyperscan_module
 from .common import add_common_options, open_from_args, selected_pids
 from .memscan import Progress, add_vma_filters, vma_filter_from_args
 
@@ -41,10 +43,14 @@ def crit_pageread_add_commands(subparsers: Any) -> None:
         "Prints pid, vaddr, VMA and mapping per match; exit 0 if something matched, 1 if not.",
     )
     p.add_argument("dir", help="image directory or checkpoint archive")
-    p.add_argument("pattern", help="literal bytes (default), a regex with -E, hex with --hex; "
-                   "with --strings, only strings that contain it (\"\" for all)")
+    p.add_argument("pattern", nargs="?", help="literal bytes (default), a regex with -E, hex with --hex; "
+                   "with --strings, only strings that contain it (\"\" for all); optional with -f")
+    p.add_argument("-f", "--file", dest="pattern_files", action="append", default=[], metavar="FILE",
+                   help="patterns from FILE, one a line (like grep -f); searched at once, with PATTERN if given")
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="search engine: hyperscan (the 'fast' extra), python, or auto (hyperscan if installed)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("-E", "--regex", action="store_true", help="PATTERN is a Python regex over bytes")
+    mode.add_argument("-E", "--regex", action="store_true", help="PATTERN is a regex over bytes (Python re syntax)")
     mode.add_argument("--hex", action="store_true", help="PATTERN is hex bytes (spaces allowed); matches shown in hex")
     p.add_argument("--strings", action="store_true",
                    help="print printable strings that contain PATTERN, like strings(1)")
@@ -56,76 +62,92 @@ def crit_pageread_add_commands(subparsers: Any) -> None:
     add_vma_filters(p)
     add_common_options(p)
     p.set_defaults(func=run)
+    # PATTERN is optional (with -f): positionals are parsed wherever they are, as `grep DIR -E PATTERN` needs.
+    p.__class__ = _intermixed(type(p))
+
+
+def _intermixed(cls: type[argparse.ArgumentParser]) -> type[argparse.ArgumentParser]:
+    """`cls` parsing optionals and positionals intermixed (argparse's parse_known_intermixed_args)."""
+
+    class Intermixed(cls):  # type: ignore[valid-type,misc]
+        _mixing = False
+
+        def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+            if self._mixing:  # parse_known_intermixed_args calls back here
+                return super().parse_known_args(args, namespace)
+            self._mixing = True
+            try:
+                return self.parse_known_intermixed_args(args, namespace)
+            finally:
+                self._mixing = False
+
+    return Intermixed
 
 
 class Matcher:
-    """Finds matches in a buffer; `window` is the longest match it needs whole."""
+    """The patterns of the command line, compiled once (crit_pageread.search); `window` is the longest
+    match it needs whole."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.hex_output = bool(args.hex)
-        pattern: bytes | None = None
-        if args.pattern or not args.strings:
+        texts: list[str] = []
+        if args.pattern is not None and (args.pattern or not args.strings or not args.pattern_files):
+            texts.append(args.pattern)
+        for path in args.pattern_files or ():
+            texts.extend(_pattern_lines(path))
+        if args.pattern is None and not args.pattern_files:
+            raise ConfigError("grep: no PATTERN (give one, or -f FILE)")
+        patterns: list[bytes] = []
+        for text in texts:
             if args.hex:
                 try:
-                    pattern = bytes.fromhex(args.pattern.replace(":", " "))
+                    patterns.append(bytes.fromhex(text.replace(":", " ")))
                 except ValueError:
-                    raise ConfigError(f"--hex pattern {args.pattern!r}: not hex bytes") from None
+                    raise ConfigError(f"--hex pattern {text!r}: not hex bytes") from None
             else:
-                pattern = args.pattern.encode("utf-8", "surrogateescape")
-            if not pattern:
-                raise ConfigError("grep: empty PATTERN (allowed only with --strings)")
-        flags = re.IGNORECASE if args.ignore_case else 0
+                patterns.append(text.encode("utf-8", "surrogateescape"))
+        if not args.strings and (not patterns or not all(patterns)):
+            raise ConfigError("grep: empty PATTERN (allowed only with --strings)")
+        if args.strings and len(patterns) > 1:
+            raise ConfigError("grep --strings: one PATTERN only")
         if not 1 <= args.max_match <= MAX_WINDOW:
             raise ConfigError(f"--max-match {args.max_match}: must be 1..{MAX_WINDOW}")
-        self.literal: bytes | None = None
-        self.regex: re.Pattern[bytes] | None = None
-        self.contains: bytes | None = None
-        if args.strings:
-            if args.min_len < 1:
-                raise ConfigError(f"--min-len {args.min_len}: must be >= 1")
-            self.regex = re.compile(rb"[\x20-\x7e\t]{%d,}" % args.min_len)
-            self.contains = pattern.lower() if (pattern and args.ignore_case) else pattern
-            self.ignore_case = args.ignore_case
-            self.window = args.max_match
-        elif args.regex:
-            assert pattern is not None
-            try:
-                self.regex = re.compile(pattern, flags)
-            except re.error as exc:
-                raise ConfigError(f"grep -E {args.pattern!r}: bad regex: {exc}") from None
-            self.window = args.max_match
-        elif args.ignore_case:
-            assert pattern is not None
-            self.regex = re.compile(re.escape(pattern), flags)
-            self.window = len(pattern)
-        else:
-            assert pattern is not None
-            self.literal = pattern
-            self.window = len(pattern)
+        if args.strings and args.min_len < 1:
+            raise ConfigError(f"--min-len {args.min_len}: must be >= 1")
+        engine = args.engine
+        self.hint: str | None = None
+        if engine == "auto" and hyperscan_module() is None:
+            self.hint = FAST_HINT
+        try:
+            self.searcher: Searcher = compile_search(
+                patterns, regex=bool(args.regex), ignore_case=bool(args.ignore_case), strings=bool(args.strings),
+                min_len=args.min_len, max_match=args.max_match, engine=engine,
+            )
+        except SearchError as exc:
+            what = f"grep -E {texts[0]!r}" if args.regex and len(texts) == 1 else "grep"
+            raise ConfigError(f"{what}: {exc}") from None
+        self.window = self.searcher.window
         if self.window > MAX_WINDOW:
             raise ConfigError(f"grep: PATTERN longer than {MAX_WINDOW} bytes")
+        self.find = self.searcher.find
 
-    def find(self, buf: Any, pos: int, end: int) -> Iterator[tuple[int, int]]:
-        """(start, end) of each match in buf[pos:end], in order, not overlapping."""
-        lit = self.literal
-        if lit is not None:
-            n = len(lit)
-            i = buf.find(lit, pos, end)
-            while i >= 0:
-                yield i, i + n
-                i = buf.find(lit, i + n, end)
-            return
-        assert self.regex is not None
-        contains = self.contains
-        for m in self.regex.finditer(buf, pos, end):
-            s, e = m.span()
-            if s == e:
-                continue
-            if contains is not None:
-                text = bytes(buf[s:e])
-                if (text.lower() if self.ignore_case else text).find(contains) < 0:
-                    continue
-            yield s, e
+
+def _pattern_lines(path: str) -> list[str]:
+    """Patterns of a -f FILE: one a line, like grep (a trailing newline ends the last; "-" is stdin)."""
+    try:
+        if path == "-":
+            text = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as f:
+                text = f.read(64 << 20)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read patterns: {exc.strerror}") from None
+    lines = text.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    if not lines:
+        raise ConfigError(f"{path}: no patterns")
+    return [line.decode("utf-8", "surrogateescape") for line in lines]
 
 
 Emit = Callable[[Area, int, bytes, bytes, bytes], None]
@@ -201,13 +223,12 @@ def scan_span(span: Span, buf: bytearray, matcher: Matcher, context: int, emit: 
             progress.add(n)
 
     def scan_stretch(fd: int, pieces: list[tuple[int, int, int]]) -> None:
-        """Literal search of runs that lie back to back in one pages file (`(vaddr, end, file offset)`
+        """Search of runs that lie back to back in one pages file (`(vaddr, end, file offset)`
         each), in read-only maps of STRETCH_WINDOW bytes: one search per run and window, bounded by the
         run, so no match crosses from one run into the next (they are not adjacent in memory)."""
         nonlocal found
-        lit = matcher.literal
-        assert lit is not None
-        size = len(lit)
+        find = matcher.find
+        size = matcher.window
         f_start = pieces[0][2]
         f_end = pieces[-1][2] + pieces[-1][1] - pieces[-1][0]
         last_end = f_start
@@ -226,17 +247,18 @@ def scan_span(span: Span, buf: bytearray, matcher: Matcher, context: int, emit: 
                     if fs >= we:
                         break
                     bound = min(fe, we + size - 1) - map_start
-                    i = data.find(lit, max(fs, ws, last_end) - map_start, bound)
-                    while i >= 0 and i + map_start < we:
+                    start = max(fs, ws, last_end) - map_start
+                    for i, j_end in find(data, start, bound) if start < bound else ():
                         s = i + map_start
-                        e = s + size
+                        if s >= we:
+                            break
+                        e = j_end + map_start
                         before = bytes(data[max(fs, s - context) - map_start : i]) if context else b""
-                        after = bytes(data[e - map_start : min(fe, e + context) - map_start]) if context else b""
+                        after = bytes(data[j_end : min(fe, e + context) - map_start]) if context else b""
                         vaddr = vs + s - fs
-                        emit(span.area_at(vaddr), vaddr, lit, before, after)
+                        emit(span.area_at(vaddr), vaddr, bytes(data[i:j_end]), before, after)
                         found += 1
                         last_end = e
-                        i = data.find(lit, e - map_start, bound)
                     if fe <= we:
                         progress.add(ve - vs)
                         k = j + 1
@@ -244,7 +266,7 @@ def scan_span(span: Span, buf: bytearray, matcher: Matcher, context: int, emit: 
             finally:
                 data.close()
 
-    # Runs back to back in one local pages file are searched together in place (literal patterns).
+    # Runs back to back in one local pages file are searched together in place.
     stretch: list[tuple[int, int, int]] = []
     stretch_fd = stretch_end = -1
 
@@ -258,7 +280,7 @@ def scan_span(span: Span, buf: bytearray, matcher: Matcher, context: int, emit: 
     # cost per run is a deferred read and a search, not a map or a system call of its own.
     batch: list[tuple[int, int, int]] = []
     used = 0
-    in_place = direct and matcher.literal is not None
+    in_place = direct
     for rs, re_, file_piece in span.runs():
         n = re_ - rs
         piece = file_piece if direct else None
@@ -364,6 +386,8 @@ def run(args: argparse.Namespace) -> int:
             found += scan_span(span, buf, matcher, context, emit, progress, direct)
         progress.finish()
         page_size = images.page_size
+    if matcher.hint:
+        print(f"crit-pageread: grep: {matcher.hint}", file=sys.stderr)
     if lazy_skipped:
         print(
             f"crit-pageread: grep: {lazy_skipped // page_size} lazy pages not searched "

@@ -1,0 +1,99 @@
+"""The search engine behind grep: Hyperscan and the built-in fallback find exactly the same matches."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from crit_pageread.search import SearchError, compile_search, hyperscan_module
+
+ALPHABET = b"abAB\x00\n\t xy"
+REGEXES = [rb"a+b", rb"[ab]{2,3}", rb"x.y", rb"(?:ab|ba)+", rb"\bab", rb"A[^\n]*?b", rb"b\x00?a"]
+
+needs_hyperscan = pytest.mark.skipif(hyperscan_module() is None, reason="hyperscan is not installed")
+
+
+def _reference(pats: list[bytes], data: bytes, pos: int, end: int, **kw: object) -> list[tuple[int, int]]:
+    """What grep reports, computed the obvious way (no engine of ours)."""
+    flags = re.IGNORECASE if kw.get("ignore_case") else 0
+    if kw.get("strings"):
+        out = []
+        for m in re.finditer(rb"[\x20-\x7e\t]{%d,}" % kw["min_len"], data[pos:end]):  # type: ignore[str-format]
+            text = m.group()
+            if not pats[0] or re.search(re.escape(pats[0]), text, flags):
+                out.append((m.start() + pos, m.end() + pos))
+        return out
+    if kw.get("regex"):
+        rx = re.compile(b"|".join(b"(?:" + p + b")" for p in pats), flags)
+        return [m.span() for m in rx.finditer(data, pos, end) if m.start() != m.end()]
+    # literals: leftmost, then longest, not overlapping
+    out = []
+    i = pos
+    low = data.lower() if flags else data
+    lits = [p.lower() if flags else p for p in pats]
+    while i < end:
+        best = max((len(p) for p in lits if low.startswith(p, i) and i + len(p) <= end), default=0)
+        if best:
+            out.append((i, i + best))
+            i += best
+        else:
+            i += 1
+    return out
+
+
+def _cases(seed: int, count: int) -> list[tuple[list[bytes], dict[str, object]]]:
+    rng = random.Random(seed)
+    cases: list[tuple[list[bytes], dict[str, object]]] = []
+    for n in range(count):
+        kind = n % 4
+        ic = bool(n & 4)
+        if kind == 0:
+            pats = [bytes(rng.choice(b"abAB\x00") for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(1, 6))]
+            cases.append((pats, {"ignore_case": ic}))
+        elif kind == 1:
+            cases.append(([rng.choice(REGEXES) for _ in range(rng.randint(1, 3))], {"regex": True, "ignore_case": ic}))
+        elif kind == 2:
+            pat = bytes(rng.choice(b"abAB ") for _ in range(rng.randint(1, 2)))
+            cases.append(([pat], {"strings": True, "min_len": 3, "ignore_case": ic}))
+        else:
+            cases.append(([b""], {"strings": True, "min_len": 2}))
+    return cases
+
+
+@pytest.mark.parametrize("engine", [pytest.param("hyperscan", marks=needs_hyperscan), "python"])
+def test_every_engine_finds_what_the_obvious_search_finds(engine: str) -> None:
+    rng = random.Random(11)
+    for pats, kw in _cases(5, 400):
+        data = bytes(rng.choice(ALPHABET) for _ in range(rng.randint(0, 300)))
+        pos = rng.randint(0, 8)
+        end = max(pos, len(data) - rng.randint(0, 8))
+        searcher = compile_search(pats, engine=engine, **kw)  # type: ignore[arg-type]
+        got = list(searcher.find(bytearray(data), pos, end))
+        assert got == _reference(pats, data, pos, end, **kw), (pats, kw, data, pos, end)
+
+
+@needs_hyperscan
+def test_hyperscan_is_used_where_it_can_compile_and_python_is_the_fallback() -> None:
+    assert compile_search([b"secret"]).engine == "hyperscan"
+    assert compile_search([b"a\x00b", b"cd"], ignore_case=True).engine == "hyperscan"
+    assert compile_search([rb"(a)\1"], regex=True).engine == "python"  # backreference: re only
+    assert compile_search([rb"(?<=x)y"], regex=True).engine == "python"  # lookbehind: re only
+    with pytest.raises(SearchError):
+        compile_search([rb"(a)\1"], regex=True, engine="hyperscan")
+
+
+def test_bad_and_empty_patterns_are_one_line_errors() -> None:
+    with pytest.raises(SearchError, match="bad regex"):
+        compile_search([b"(unclosed"], regex=True)
+    with pytest.raises(SearchError, match="empty pattern"):
+        compile_search([b"x", b""])
+    with pytest.raises(SearchError, match="unknown search engine"):
+        compile_search([b"x"], engine="grep")  # type: ignore[arg-type]
+
+
+def test_many_literals_take_the_longest_at_each_position() -> None:
+    for engine in ("python", "hyperscan") if hyperscan_module() else ("python",):
+        s = compile_search([b"ab", b"abcd", b"cde", b"x"], engine=engine)  # type: ignore[arg-type]
+        assert list(s.find(b"zabcdex abx", 0, 11)) == [(1, 5), (6, 7), (8, 10), (10, 11)]
