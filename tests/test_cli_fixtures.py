@@ -93,7 +93,7 @@ def test_pages_shows_parent_entries_resolved_into_the_parent_image(shared_fixtur
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     d2 = shared_fixtures / "cases" / "e2_chain2" / "d2"
     assert main(["pages", str(d2), "--json"]) == 0
-    secs = json.loads(capsys.readouterr().out)
+    secs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     parent = [e for s in secs for e in s["entries"] if e["flag_names"] == "parent"]
     assert parent
     for e in parent:

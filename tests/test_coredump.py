@@ -167,7 +167,7 @@ def test_cores_of_the_fixture_chain_and_shared_memory_hold_the_truth_pages(share
         proc = run_cli("coredump", str(images), "-o", str(out), "--json")
         assert proc.returncode == 0, proc.stderr
         truth_dir = shared_fixtures / "truth" / name
-        for report in json.loads(proc.stdout):
+        for report in map(json.loads, proc.stdout.splitlines()):
             pid = report["pid"]
             want = _truth(truth_dir / f"pid-{pid}.sha256")
             vmas = _vmas(images, pid)
@@ -232,12 +232,13 @@ def test_pages_of_a_changed_mapped_file_are_zeros_listed_in_a_note(criu_ok: None
         victim.kill()
     ok = run_cli("coredump", str(tmp_path / "dump"), "-o", str(tmp_path / "good"), "--json")
     assert ok.returncode == 0, ok.stderr
-    assert json.loads(ok.stdout)[0]["missing"] == [] and json.loads(ok.stdout)[0]["file_bytes"] > 0
+    first = json.loads(ok.stdout.splitlines()[0])
+    assert first["missing"] == [] and first["file_bytes"] > 0
     with open(exe, "ab") as f:
         f.write(b"\0" * 100)  # the program changed since the dump: its pages cannot be trusted
     proc = run_cli("coredump", str(tmp_path / "dump"), "-o", str(tmp_path / "cores"), "--json")
     assert proc.returncode == 0, proc.stderr
-    missing = json.loads(proc.stdout)[0]["missing"]
+    missing = json.loads(proc.stdout.splitlines()[0])["missing"]
     assert missing and all(str(exe) in m["reason"] and "changed" in m["reason"] for m in missing)
     core = tmp_path / "cores" / f"core.{victim.pid}"
     notes = subprocess.run(["readelf", "-n", "-W", str(core)], capture_output=True, text=True).stdout
@@ -319,7 +320,7 @@ def test_cores_of_a_lazy_dump_get_lazy_pages_from_the_page_server_or_list_them(
                 criu.wait()
     finally:
         victim.kill()
-    assert all(r["missing"] == [] for r in json.loads(proc.stdout))
+    assert all(r["missing"] == [] for r in map(json.loads, proc.stdout.splitlines()))
     for pid, rs in regions.items():
         got = _gdb_pages(tmp_path / "cores" / f"core.{pid}",
                          [a for r in rs for a in range(r.start, r.start + r.len, PAGE)], tmp_path / "m")
@@ -328,5 +329,5 @@ def test_cores_of_a_lazy_dump_get_lazy_pages_from_the_page_server_or_list_them(
     # no page server: the lazy ranges are zeros, and listed
     proc = run_cli("coredump", str(tmp_path / "copy"), "-o", str(tmp_path / "zeros"), "--json")
     assert proc.returncode == 0, proc.stderr
-    missing = [m for r in json.loads(proc.stdout) for m in r["missing"]]
+    missing = [m for r in map(json.loads, proc.stdout.splitlines()) for m in r["missing"]]
     assert missing and all("lazy pages" in m["reason"] for m in missing)

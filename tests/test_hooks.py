@@ -154,10 +154,10 @@ def _with_plugin(site: Path, **more: str) -> dict[str, str]:
 def test_example_plugin_is_loaded_from_its_entry_point(example_site: Path):
     proc = run_cli("plugins", "--json", env=_with_plugin(example_site))
     assert proc.returncode == 0, proc.stderr
-    plugins = {p["name"]: p for p in json.loads(proc.stdout)}
+    plugins = {p["name"]: p for p in map(json.loads, proc.stdout.splitlines())}
     assert plugins["example"]["strategies"] == ["counting"]
     assert "crit_pageread_pages_served" in plugins["example"]["hooks"]
-    assert "example" not in {p["name"] for p in json.loads(run_cli("plugins", "--json").stdout)}
+    assert "example" not in {p["name"] for p in map(json.loads, run_cli("plugins", "--json").stdout.splitlines())}
 
 
 def test_example_strategy_reads_the_truth_and_its_observer_logs_each_read(

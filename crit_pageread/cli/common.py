@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 from ..config import Config, load_config
@@ -16,10 +17,13 @@ from ..restore.fileio import atomic_dir, atomic_file
 __all__ = ["atomic_dir", "atomic_file"]  # for the commands: atomic output lives in restore/fileio.py
 
 
-def add_common_options(parser: argparse.ArgumentParser, *, pid: bool = True) -> None:
-    """--pid, --strategy, --config, --json (and --zero-fill) for a page-reading command."""
-    if pid:
-        parser.add_argument("--pid", type=int, action="append", help="process id (repeatable; default: all or root)")
+def add_common_options(parser: argparse.ArgumentParser, *, pid: bool = True, one_pid: bool = False) -> None:
+    """--pid (repeatable, or one with `one_pid`), --strategy, --config, --json for a page-reading command."""
+    if one_pid:
+        parser.add_argument("--pid", type=int, action="append",
+                            help="the process id (one; may be left out for a one-process checkpoint)")
+    elif pid:
+        parser.add_argument("--pid", type=int, action="append", help="process id (repeatable; default: all)")
     parser.add_argument("--strategy", help="page-read strategy (pread, preadv, mmap, remote, ...)")
     parser.add_argument("--config", help="TOML config file (else $CRIT_PAGEREAD_CONFIG, ./crit-pageread.toml)")
     parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
@@ -50,8 +54,25 @@ def selected_pids(images: CheckpointImages, args: argparse.Namespace) -> list[in
 
 
 def print_json(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=2, sort_keys=False)
-    sys.stdout.write("\n")
+    """A single result: one JSON document on one line (the README's --json convention)."""
+    sys.stdout.write(json.dumps(obj) + "\n")
+
+
+def print_ndjson(items: Iterable[Any]) -> None:
+    """A stream: one JSON object per line, one per item, written as each comes."""
+    write = sys.stdout.write
+    for item in items:
+        write(json.dumps(item) + "\n")
+
+
+def target_keys(item: dict[str, Any]) -> dict[str, Any]:
+    """`{"target": "pid 12", ...}` as the convention has it: `{"pid": 12, ...}` (or `{"shmem": 3, ...}`)."""
+    out = dict(item)
+    target = out.pop("target", None)
+    if isinstance(target, str) and " " in target:
+        kind, _, ident = target.partition(" ")
+        return {kind: int(ident), **out}
+    return item
 
 
 def progress_enabled() -> bool:

@@ -1,4 +1,4 @@
-"""`crit-pageread coredump DIR -o OUTDIR`: one ELF core per process, for gdb."""
+"""`crit-pageread coredump DIR -o OUTPUT`: one ELF core per process, for gdb."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import sys
 from typing import Any
 
 from ..hookspecs import hookimpl
-from .common import add_common_options, open_from_args, print_json, progress_enabled, selected_pids
+from .common import add_common_options, open_from_args, print_ndjson, progress_enabled, selected_pids
 
 
 @hookimpl
 def crit_pageread_add_commands(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "coredump",
-        help="write an ELF core per process (gdb PROGRAM OUTDIR/core.PID)",
-        description="Write OUTDIR/core.<pid> for each process: every dumped page (parents, shmem, memfd "
+        help="write an ELF core per process (gdb PROGRAM OUTPUT/core.PID)",
+        description="Write OUTPUT/core.<pid> for each process: every dumped page (parents, shmem, memfd "
         "included), never-dumped file pages from the mapped file when it is unchanged, registers of every "
         "thread. Ranges left as zeros for want of data are listed. x86_64 only.",
     )
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     if progress_enabled():
         sys.stderr.write("\n")
     if args.json:
-        print_json([r.as_dict() for r in reports])
+        print_ndjson(_core_json(r.as_dict()) for r in reports)
         return 0
     for r in reports:
         print(f"{r.path}: {r.threads} threads, {r.loads} loads, {r.dumped_bytes >> 10} KiB dumped pages, "
@@ -43,6 +43,13 @@ def run(args: argparse.Namespace) -> int:
         for m in r.missing:
             print(f"  zeros {m['start']:#x}-{m['end']:#x}: {m['reason']}")
     return 0
+
+
+def _core_json(report: dict[str, Any]) -> dict[str, Any]:
+    """A core's report with the convention's keys (`output` for the file written)."""
+    out = {"pid": report.pop("pid"), "output": report.pop("path")}
+    out.update(report)
+    return out
 
 
 def _progress(what: str, done: int, total: int) -> None:

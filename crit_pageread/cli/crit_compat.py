@@ -70,6 +70,7 @@ def crit_pageread_add_commands(subparsers: Any) -> None:
     x.add_argument("what", choices=["ps", "fds", "mems", "rss", "pages"])
     x.add_argument("--pages", action="store_true", help="mems: add each VMA's page counts")
     x.add_argument("--config", help="TOML config file")
+    x.add_argument("--json", action="store_true", help="one JSON object per process (NDJSON)")
     x.set_defaults(func=run_explore, strategy=None)
 
     s = subparsers.add_parser("show", help="convert criu image from binary to human-readable json (crit show)")
@@ -259,7 +260,14 @@ def run_explore(args: argparse.Namespace) -> int:
     try:
         opts = _opts(args)
         opts["dir"] = directory
-        if args.what == "pages":
+        if args.pages and args.what not in ("mems", "pages"):
+            raise ConfigError("--pages goes with `x DIR mems` (or use `x DIR pages`)")
+        if args.json:
+            from .common import print_ndjson
+
+            with _crit_errors(f"x {args.what}", directory):
+                print_ndjson(_explore_json(args, opts))
+        elif args.what == "pages":
             _explore_pages(args, directory)
         elif args.what == "mems" and args.pages:
             _explore_mems_pages(args, opts)
@@ -272,6 +280,50 @@ def run_explore(args: argparse.Namespace) -> int:
         if cleanup is not None:
             cleanup()
     return 0
+
+
+def _explore_json(args: argparse.Namespace, opts: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """`x DIR WHAT --json`: one object per process, with the README's keys."""
+    from .grep import mapping_name
+    from .memscan import Readers, area_page_counts
+
+    what = args.what
+    with CheckpointImages(opts["dir"], config_from_args(args)) as images, Readers(images, args.strategy) as readers:
+        crit = crit_main() if what == "fds" else None
+        for pid in images.pids:
+            proc = images.processes[pid]
+            if what == "ps":
+                yield {"pid": pid, "ppid": proc.ppid, "pgid": proc.pgid, "sid": proc.sid,
+                       "threads": list(proc.threads), "comm": images.core(pid).tc.comm}
+            elif what == "fds":
+                assert crit is not None
+                load = crit.pycriu.images.load
+                files_id = load(crit.dinf(opts, f"ids-{pid}.img"))["entries"][0]["files_id"]
+                fdinfo = load(crit.dinf(opts, f"fdinfo-{files_id}.img"))["entries"]
+                fs = load(crit.dinf(opts, f"fs-{pid}.img"))["entries"][0]
+                yield {"pid": pid, "fds": [{"fd": fd["fd"], "type": fd["type"], "file": crit.get_file_str(opts, fd)}
+                                           for fd in fdinfo],
+                       "cwd": crit.get_file_str(opts, {"type": "REG", "id": fs["cwd_id"]}),
+                       "root": crit.get_file_str(opts, {"type": "REG", "id": fs["root_id"]})}
+            elif what == "rss":
+                pm = images.pagemap(pid)
+                vmas = images.vmas(pid)
+                entries = []
+                for e in pm.entries:
+                    covered = [{"start": v.start, "end": v.end, "mapping": v.name or f"[{v.kind}]"}
+                               for v in vmas if v.start < e.end and v.end > e.vaddr]
+                    entries.append({"start": e.vaddr, "end": e.end, "pages": e.nr_pages, "vmas": covered})
+                yield {"pid": pid, "entries": entries}
+            else:  # mems, pages
+                out = []
+                for vma in images.vmas(pid):
+                    area = readers.area(pid, vma)
+                    item: dict[str, Any] = {"start": vma.start, "end": vma.end, "perms": vma.perms,
+                                            "kind": vma.kind, "mapping": mapping_name(area)}
+                    if what == "pages" or args.pages:
+                        item.update(area_page_counts(area))
+                    out.append(item)
+                yield {"pid": pid, "vmas": out}
 
 
 def _counts_text(c: dict[str, int]) -> str:

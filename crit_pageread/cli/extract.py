@@ -21,7 +21,7 @@ from ..hookspecs import hookimpl
 from ..memory import Area, Readers
 from ..reader import Segment
 from ..strategy import PagesFile
-from .common import add_common_options, atomic_dir, open_from_args, selected_pids
+from .common import add_common_options, atomic_dir, open_from_args, print_json, selected_pids
 from .grep import mapping_name
 from .memscan import Progress, add_vma_filters, vma_filter_from_args
 
@@ -179,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
         plans: dict[int, list[tuple[Area, list[Segment], list[Segment]]]] = {}
         skipped: list[dict[str, Any]] = []
         total = 0
+        lazy_bytes = 0
         for pid in selected_pids(images, args):
             plans[pid] = []
             for vma in images.vmas(pid):
@@ -187,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
                     continue
                 area = readers.area(pid, vma, *clipped)
                 data, lazy = _plan(area)
+                lazy_bytes += sum(s.length for s in lazy)
                 if not data:
                     skipped.append({"pid": pid, "start": area.start, "end": area.end, "perms": vma.perms,
                                     "mapping": mapping_name(area),
@@ -246,12 +248,15 @@ def run(args: argparse.Namespace) -> int:
                 "totals": {"files": len(files), "bytes": sum(v["bytes"] for f in files for v in f["vmas"])},
             }
             (tmp / INDEX).write_text(index_text(index))
+    if lazy_bytes:
+        print(f"crit-pageread: extract: {lazy_bytes // images.page_size} lazy pages left out as holes "
+              "(their data is on a page server; use --strategy remote)", file=sys.stderr)
     if args.json:
-        sys.stdout.write(index_text(index))
+        print_json({"checkpoint": index["checkpoint"], "output": str(out),
+                    **{k: v for k, v in index.items() if k != "checkpoint"}})
     else:
-        lazy_note = sum(len(v.get("lazy_not_written", [])) for f in files for v in f["vmas"])
         print(f"{out}: {len(files)} files, {index['totals']['bytes']} bytes of memory"
-              + (f", {lazy_note} lazy ranges left as holes" if lazy_note else "")
+              + (f", {lazy_bytes // images.page_size} lazy pages left as holes" if lazy_bytes else "")
               + f" (index: {out / INDEX})")
     return 0
 

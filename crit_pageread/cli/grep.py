@@ -342,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             text, enc = _encode(match, hex_output)
             obj: dict[str, Any] = {
-                "pid": area.pid, "vaddr": vaddr, "vma": f"{vma.start:x}-{vma.end:x}", "perms": vma.perms,
+                "pid": area.pid, "vaddr": vaddr, "start": vma.start, "end": vma.end, "perms": vma.perms,
                 "kind": vma.kind, "mapping": mapping_name(area), "match": text, "encoding": enc,
                 "length": len(match),
             }

@@ -47,8 +47,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    plugin_manager().hook.crit_pageread_add_commands(subparsers=subparsers)
+    pm = plugin_manager()
+    pm.hook.crit_pageread_add_commands(subparsers=subparsers)
+    _in_registration_order(subparsers, pm)
     return parser
+
+
+def _in_registration_order(subparsers: Any, pm: Any) -> None:
+    """List commands as the plugins were registered (crit's five first), not in pluggy's LIFO call order."""
+    order = {name: i for i, name in enumerate(COMMAND_PLUGINS)}
+    for name, plugin in pm.list_name_plugin():
+        order.setdefault(getattr(plugin, "__name__", name), len(order))
+
+    def rank(action: argparse.Action) -> int:
+        func = subparsers.choices[action.dest].get_default("func")
+        return order.get(getattr(func, "__module__", None), len(order))
+
+    subparsers._choices_actions.sort(key=rank)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

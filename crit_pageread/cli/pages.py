@@ -9,7 +9,7 @@ from ..hookspecs import hookimpl
 from ..images import CheckpointImages
 from ..pagemap import PE_PARENT, PE_PRESENT, flag_names
 from ..reader import PageReader
-from .common import add_common_options, open_from_args, print_json, selected_pids
+from .common import add_common_options, open_from_args, print_ndjson, selected_pids
 
 
 @hookimpl
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
                 with images.shmem_reader(shmid, args.strategy) as reader:
                     sections.append({"shmem": shmid, **table(reader)})
         if args.json:
-            print_json(sections)
+            print_ndjson(sections)
             return 0
         for sec in sections:
             title = f"pid {sec['pid']}" if "pid" in sec else f"shmem {sec['shmem']}"

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..hookspecs import hookimpl
 from ..plugins import describe_plugins, strategies
-from .common import print_json
+from .common import print_ndjson
 
 
 @hookimpl
@@ -20,7 +20,7 @@ def crit_pageread_add_commands(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     plugins = describe_plugins()
     if args.json:
-        print_json(plugins)
+        print_ndjson(plugins)
         return 0
     known = strategies()
     for plugin in plugins:

@@ -8,7 +8,7 @@ from typing import Any
 from ..errors import PageError
 from ..hookspecs import hookimpl
 from ..images import CheckpointImages
-from .common import add_common_options, open_from_args, print_json, selected_pids
+from .common import add_common_options, open_from_args, print_ndjson, selected_pids
 
 MAX_AREA = 16 << 20  # argv or environ larger than this is a corrupt mm entry
 
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         pids = selected_pids(images, args)
         infos = {pid: process_info(images, pid, args.strategy, not args.no_env) for pid in pids}
     if args.json:
-        print_json([infos[p] for p in pids])
+        print_ndjson(infos[p] for p in pids)
         return 0
     children: dict[int, list[int]] = {}
     roots = []

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..hookspecs import hookimpl
 from ..pageserver.protocol import PROTOCOLS
-from .common import add_common_options, open_from_args, print_json, selected_pids
+from .common import add_common_options, open_from_args, print_json, selected_pids, target_keys
 from .serve import _port, _seconds, add_tls_options, tls_from_args
 
 
@@ -42,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
         report = push(images, server, pids=selected_pids(images, args), shmem=not args.pid, strategy=args.strategy)
     report["seconds"] = round(time.monotonic() - started, 3)
     if args.json:
-        print_json(report)
+        server_peer = report.pop("server")
+        print_json({"checkpoint": args.dir, "server": server_peer, "address": args.address, "port": args.port,
+                    **{k: ([target_keys(t) for t in v] if k == "targets" else v) for k, v in report.items()}})
     else:
         print(f"{args.dir}: pushed {report['pages']} pages ({report['bytes']} bytes) of {len(report['targets'])} "
               f"pagemaps to {server.peer} in {report['seconds']} s")

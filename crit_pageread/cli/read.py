@@ -13,6 +13,7 @@ from ..memory import parse_addr
 from .common import add_common_options, atomic_file, open_from_args, print_json, selected_pids
 
 CHUNK = 8 << 20
+ADDRESS_LIMIT = 1 << 64
 
 
 @hookimpl
@@ -29,7 +30,7 @@ def crit_pageread_add_commands(subparsers: Any) -> None:
     p.add_argument("-v", "--no-squeeze", action="store_true", help="with --hexdump: show repeated rows too")
     p.add_argument("--zero-fill", action="store_true", help="read pages that were not dumped as zeros")
     p.add_argument("-o", "--output", help="write to this file (atomically) instead of stdout")
-    add_common_options(p)
+    add_common_options(p, one_pid=True)
     p.set_defaults(func=run)
 
 
@@ -92,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"read: give one --pid (pids: {images.pids})")
         pid = pids[0]
         length = _length(args.length, images.page_size)
+        top = max((v.end for v in images.vmas(pid)), default=0)
+        if vaddr >= top or vaddr + length > ADDRESS_LIMIT:
+            raise ConfigError(f"ADDR {vaddr:#x}: out of range (the address space of pid {pid} ends at {top:#x})")
         with images.reader(pid, args.strategy, zero_fill=args.zero_fill) as reader:
             # Check the whole range before writing anything: no partial output on a bad range.
             for seg in reader.segments(vaddr, length):
@@ -110,13 +114,16 @@ def run(args: argparse.Namespace) -> int:
                     yield bytes(view[:n])
                     done += n
 
-            if args.json:
+            doc = {"checkpoint": args.dir, "pid": pid, "vaddr": vaddr, "length": length}
+            if args.json and not args.output:
                 data = b"".join(chunks())
-                print_json({"pid": pid, "vaddr": vaddr, "length": length, "hex": data.hex()})
+                print_json({**doc, "hex": data.hex()})
                 return 0
             if args.output:
                 with atomic_file(args.output, "wb") as f:
                     _write(f, chunks(), vaddr, args)
+                if args.json:
+                    print_json({**doc, "output": args.output})
             else:
                 _write(sys.stdout.buffer if not args.hexdump else sys.stdout, chunks(), vaddr, args)
     return 0

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     server = PageServer(args.dir, config, options, default_log)
     if args.json:
         # One line, so a supervisor can read it before the sessions start.
-        print(json.dumps({"address": server.address, "port": server.port, "dir": args.dir,
+        print(json.dumps({"address": server.address, "port": server.port, "checkpoint": args.dir,
                           "protocol": args.protocol, "tls": options.tls is not None}))
     else:
         print(f"crit-pageread serve: listening on {server.address}:{server.port} ({args.dir})")

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..hookspecs import hookimpl
 from ..pagemap import LAYOUTS
-from .common import add_common_options, config_from_args, print_json, progress_enabled
+from .common import add_common_options, config_from_args, print_json, progress_enabled, target_keys
 
 
 @hookimpl
@@ -37,7 +37,11 @@ def run(args: argparse.Namespace) -> int:
     if progress_enabled():
         sys.stderr.write("\n")
     if args.json:
-        print_json(report.as_dict())
+        doc = report.as_dict()
+        doc["checkpoint"] = doc.pop("source")
+        doc["output"] = doc.pop("output", args.out)
+        doc["targets"] = [target_keys(t) for t in doc["targets"]]
+        print_json({"checkpoint": doc.pop("checkpoint"), "output": doc.pop("output"), **doc})
         return 0
     print(f"{args.out}: {report.pages} pages in {len(report.targets)} pagemaps "
           f"({report.parent_pages} from parents, {report.lazy_pages} lazy fetched), "

@@ -64,7 +64,7 @@ class RestoreResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "images_dir": self.images_dir, "pid": self.pid, "method": self.method, "lazy": self.lazy,
+            "checkpoint": self.images_dir, "pid": self.pid, "method": self.method, "lazy": self.lazy,
             "leave_stopped": self.leave_stopped, "log": self.log, "pages_served": self.pages_served,
             "seconds": round(self.seconds, 3),
         }
