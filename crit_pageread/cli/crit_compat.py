@@ -284,8 +284,8 @@ def run_explore(args: argparse.Namespace) -> int:
 
 def _explore_json(args: argparse.Namespace, opts: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """`x DIR WHAT --json`: one object per process, with the README's keys."""
+    from ..memory import Readers, area_page_counts
     from .grep import mapping_name
-    from .memscan import Readers, area_page_counts
 
     what = args.what
     with CheckpointImages(opts["dir"], config_from_args(args)) as images, Readers(images, args.strategy) as readers:

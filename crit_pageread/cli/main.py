@@ -61,7 +61,7 @@ def _in_registration_order(subparsers: Any, pm: Any) -> None:
 
     def rank(action: argparse.Action) -> int:
         func = subparsers.choices[action.dest].get_default("func")
-        return order.get(getattr(func, "__module__", None), len(order))
+        return order.get(str(getattr(func, "__module__", "")), len(order))
 
     subparsers._choices_actions.sort(key=rank)
 
