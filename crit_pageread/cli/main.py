@@ -19,6 +19,7 @@ COMMAND_PLUGINS = (
     "crit_pageread.cli.read",
     "crit_pageread.cli.extract",
     "crit_pageread.cli.grep",
+    "crit_pageread.cli.scan",
     "crit_pageread.cli.ps",
     "crit_pageread.cli.pages",
     "crit_pageread.cli.plugins_cmd",

@@ -1,0 +1,444 @@
+"""YARA rules (yara-x) over the memory of checkpoints: one task per checkpoint, run here or anywhere.
+
+A process's VMAs that are adjacent in memory and read by one reader form a
+span; each readable run of a span (dumped, or lazy when the strategy serves
+it; a run never crosses a hole) is scanned as contiguous memory, so a string
+across a page, pagemap-entry or VMA boundary matches. A run longer than the
+window is scanned in windows of `window` bytes that overlap by `overlap`
+bytes; each window owns the matches that start before the next window does,
+so a match of up to `overlap` bytes is found once. A rule's condition is
+evaluated per window (a whole run when it fits: counts, `all of them`,
+offsets and `filesize` refer to that run or window).
+
+Bytes are read through the reader and its strategy, into a reused window.
+`scan_checkpoint` is the task: it takes and returns plain picklable values,
+so a process pool or a Dask worker can run it; it never raises for a broken
+checkpoint, it returns the error.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import os
+import resource
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .archive import is_archive
+from .memory import Area, Readers, Span, VmaFilter, spans
+from .config import Config
+from .errors import ConfigError, CritPageReadError
+from .images import CheckpointImages, open_images
+
+INSTALL_HINT = "scan needs yara-x: pip install 'crit-pageread[scan]' (or pip install yara-x)"
+DASK_HINT = "--dask needs dask.distributed: pip install 'crit-pageread[scan]' (or pip install 'dask[distributed]')"
+#: Bytes scanned at once; longer runs are scanned in overlapping windows.
+WINDOW = 16 << 20
+#: Bytes shared by consecutive windows: the longest match found across a window edge.
+OVERLAP = 64 << 10
+#: Matches kept per pattern and window (yara-x stops recording after that many).
+MAX_MATCHES = 1000
+#: Bytes of a match kept for the excerpt.
+EXCERPT = 64
+RULE_SUFFIXES = (".yar", ".yara")
+
+
+def yara() -> Any:
+    """The yara_x module, or a ConfigError with the install hint."""
+    try:
+        import yara_x
+    except ImportError:
+        raise ConfigError(INSTALL_HINT) from None
+    return yara_x
+
+
+# --- rules --------------------------------------------------------------------------------------
+
+
+def rule_files(paths: Sequence[str]) -> list[Path]:
+    """The rule files named: files as given, directories' *.yar/*.yara (sorted, not recursive)."""
+    out: list[Path] = []
+    for name in paths:
+        p = Path(name)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix in RULE_SUFFIXES and f.is_file())
+            if not found:
+                raise ConfigError(f"{p}: no .yar or .yara files in this directory")
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise ConfigError(f"{p}: no such rules file")
+    return out
+
+
+def compile_rules(paths: Sequence[str]) -> bytes:
+    """Compile the rule files into yara-x's serialized form (what every task receives)."""
+    yx = yara()
+    compiler = yx.Compiler()
+    for path in rule_files(paths):
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read rules: {exc}") from None
+        try:
+            compiler.add_source(source, origin=str(path))
+        except yx.CompileError as exc:
+            raise ConfigError(f"{path}: {_one_line(str(exc))}") from None
+    rules = compiler.build()
+    out = io.BytesIO()
+    rules.serialize_into(out)
+    return out.getvalue()
+
+
+def _one_line(message: str) -> str:
+    """yara-x's multi-line diagnostic as one line: the error and where it is."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    where = next((line[4:] for line in lines if line.startswith("--> ")), "")
+    head = lines[0] if lines else "compile error"
+    return f"{head} (at {where})" if where else head
+
+
+_RULES_CACHE: dict[str, Any] = {}
+
+
+def _rules(blob: bytes) -> Any:
+    """Deserialized rules, once per process (a worker runs many tasks with the same rules)."""
+    key = hashlib.sha256(blob).hexdigest()
+    rules = _RULES_CACHE.get(key)
+    if rules is None:
+        _RULES_CACHE.clear()
+        rules = _RULES_CACHE[key] = yara().Rules.deserialize_from(io.BytesIO(blob))
+    return rules
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """A checkpoint to scan: `name` as the user sees it, `path` what is opened."""
+
+    name: str
+    path: str
+
+
+def _images_dir(p: Path) -> Path | None:
+    """The directory of CRIU images `p` is (or holds under `checkpoint/`, as Podman/kubelet lay it out)."""
+    for d in (p, p / "checkpoint"):
+        if (d / "pstree.img").is_file() or (d / "inventory.img").is_file():
+            return d
+    return None
+
+
+def expand_checkpoints(args: Sequence[str]) -> tuple[list[Target], list[tuple[str, str]]]:
+    """Checkpoints named by `args` (directories, archives, globs, directories of those), in order,
+    each once; and (name, error) for the arguments that name none."""
+    targets: list[Target] = []
+    errors: list[tuple[str, str]] = []
+    seen: set[str] = set()
+
+    def add(name: str, path: Path) -> None:
+        key = os.path.realpath(path)
+        if key not in seen:
+            seen.add(key)
+            targets.append(Target(name, str(path)))
+
+    for arg in args:
+        names = sorted(glob.glob(arg)) if glob.has_magic(arg) else [arg]
+        if not names:
+            errors.append((arg, "no file matches this pattern"))
+        for name in names:
+            p = Path(name)
+            if is_archive(p):
+                add(name, p)
+                continue
+            if not p.is_dir():
+                errors.append((name, "no such checkpoint" if not p.exists() else "not a checkpoint archive"))
+                continue
+            d = _images_dir(p)
+            if d is not None:
+                add(name, d)
+                continue
+            found = 0
+            for child in sorted(p.iterdir()):
+                if child.is_file() and is_archive(child):
+                    add(str(child), child)
+                    found += 1
+                elif child.is_dir() and (cd := _images_dir(child)) is not None:
+                    add(str(child), cd)
+                    found += 1
+            if not found:
+                errors.append((name, "no CRIU images (pstree.img) or checkpoint archives in this directory"))
+    return targets, errors
+
+
+# --- the task -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """What every task of one scan shares (picklable)."""
+
+    config: Config
+    pids: tuple[int, ...] = ()
+    vfilter: VmaFilter = field(default_factory=lambda: VmaFilter([], [], None, None))
+    window: int = WINDOW
+    overlap: int = OVERLAP
+    max_matches: int = MAX_MATCHES
+    timeout: int = 0
+
+
+@dataclass(frozen=True)
+class Match:
+    """One match of one rule's string (identifier None: a rule that matched with no string match)."""
+
+    pid: int
+    vaddr: int
+    length: int
+    rule: str
+    namespace: str
+    tags: tuple[str, ...]
+    metadata: tuple[tuple[str, Any], ...]
+    identifier: str | None
+    start: int
+    end: int
+    perms: str
+    kind: str
+    mapping: str
+    data: bytes
+
+    def sort_key(self) -> tuple[Any, ...]:
+        return (self.pid, self.vaddr, self.namespace, self.rule, self.identifier or "", self.length)
+
+
+@dataclass
+class CheckpointResult:
+    """What a task returns: the matches sorted, the counts, or the error that stopped it."""
+
+    checkpoint: str
+    matches: list[Match] = field(default_factory=list)
+    error: str | None = None
+    pids: int = 0
+    spans: int = 0
+    bytes: int = 0
+    lazy_skipped: int = 0
+    seconds: float = 0.0
+    #: Peak RSS of the process that ran the task, MiB (ru_maxrss so far).
+    peak_rss_mib: float = 0.0
+    #: Matches not recorded because a pattern had more than max_matches in a window.
+    truncated: bool = False
+
+    @property
+    def rules(self) -> int:
+        return len({(m.namespace, m.rule) for m in self.matches})
+
+
+def mapping_name(vma: Any) -> str:
+    return str(vma.name) if vma.name else f"[{vma.kind}]"
+
+
+def scan_checkpoint(target: Target, rules_blob: bytes, options: ScanOptions) -> CheckpointResult:
+    """Scan every selected process of one checkpoint; errors come back in the result."""
+    t0 = time.perf_counter()
+    result = CheckpointResult(target.name)
+    try:
+        from .plugins import configure
+
+        configure(options.config)
+        scanner = _Scanner(_rules(rules_blob), options)
+        with open_images(target.path, options.config) as images, Readers(images, options.config.strategy) as rd:
+            _scan_images(images, rd, scanner, options, result)
+        result.matches.sort(key=Match.sort_key)
+        result.truncated = scanner.truncated
+    except CritPageReadError as exc:
+        result.error = str(exc)
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        result.error = f"{where}{exc.strerror or exc}"
+    except Exception as exc:  # one bad checkpoint must not end a fleet scan: report it, go on
+        result.error = f"{type(exc).__name__}: {exc}"
+    if result.error is not None:
+        result.matches = []
+    result.seconds = time.perf_counter() - t0
+    result.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def _scan_images(images: CheckpointImages, readers: Readers, scanner: _Scanner, options: ScanOptions,
+                 result: CheckpointResult) -> None:
+    wanted = set(options.pids)
+    pids = [p for p in images.pids if not wanted or p in wanted]
+    result.pids = len(pids)
+    vfilter = options.vfilter
+    for pid in pids:
+        areas: list[Area] = []
+        for vma in images.vmas(pid):
+            clipped = vfilter.clip(vma)
+            if clipped is not None:
+                areas.append(readers.area(pid, vma, *clipped))
+        rule_only: set[tuple[str, str]] = set()
+        for span in spans(areas):
+            result.spans += 1
+            if not span.reader.strategy.serves_lazy:
+                for area in span.areas:
+                    result.lazy_skipped += sum(s.length for s in area.segments() if s.kind == "lazy")
+            for rs, re_, _piece in span.runs():
+                result.bytes += re_ - rs
+                scanner.scan_run(span, rs, re_, result.matches, rule_only)
+
+
+class _Scanner:
+    """yara-x's scanner over windows of runs, with a reused window buffer."""
+
+    def __init__(self, rules: Any, options: ScanOptions) -> None:
+        if options.overlap < 0 or options.window <= options.overlap:
+            raise ConfigError(f"window {options.window} must be larger than the overlap {options.overlap}")
+        self.scanner = yara().Scanner(rules)
+        self.max_matches = options.max_matches
+        self.scanner.max_matches_per_pattern(options.max_matches)
+        if options.timeout:
+            self.scanner.set_timeout(options.timeout)
+        self.window = options.window
+        self.overlap = options.overlap
+        self._full: tuple[bytes, memoryview] | None = None
+        self.truncated = False
+
+    def _buffer(self, n: int) -> tuple[bytes, memoryview]:
+        """A bytes object of n bytes and a writable view of it: yara-x scans only `bytes`, and a new
+        `bytes(buffer)` per window would copy every byte once more. The full-size window is reused."""
+        if n == self.window:
+            if self._full is None:
+                self._full = writable_bytes(n)
+            return self._full
+        return writable_bytes(n)
+
+    def scan_run(self, span: Span, rs: int, re_: int, out: list[Match], rule_only: set[tuple[str, str]]) -> None:
+        """Scan [rs, re_) of `span` (all readable) window by window; append the matches each owns.
+
+        Each window owns [own_start, own_end): up to `overlap` bytes before its end, the rest
+        is the next window's. A run's last window is moved back to be a full one when the run is
+        long enough, so the reused buffer serves it.
+        """
+        reader, delta = span.reader, span.delta
+        window = self.window
+        own_start = rs
+        while True:
+            base = own_start if re_ - own_start >= window else max(rs, re_ - window)
+            n = min(window, re_ - base)
+            last = base + n >= re_
+            own_end = re_ if last else base + n - self.overlap
+            data, view = self._buffer(n)
+            reader.readinto(base + delta, view)
+            results = self.scanner.scan(data)
+            for rule in results.matching_rules:
+                any_match = False
+                for pattern in rule.patterns:
+                    matches = pattern.matches
+                    if not matches:
+                        continue
+                    any_match = True
+                    if len(matches) >= self.max_matches:
+                        self.truncated = True
+                    for m in matches:
+                        vaddr = base + m.offset
+                        if own_start <= vaddr < own_end:
+                            out.append(_match(span, rule, pattern.identifier, vaddr, m.length,
+                                              data[m.offset : m.offset + min(m.length, EXCERPT)]))
+                if not any_match and (rule.namespace, rule.identifier) not in rule_only:
+                    # A condition with no string match (e.g. `not $a`, `filesize > 0`): once per process.
+                    rule_only.add((rule.namespace, rule.identifier))
+                    out.append(_match(span, rule, None, base, 0, b""))
+            if last:
+                return
+            own_start = own_end
+
+
+def _match(span: Span, rule: Any, identifier: str | None, vaddr: int, length: int, data: bytes) -> Match:
+    area = span.area_at(vaddr)
+    vma = area.vma
+    return Match(
+        pid=area.pid, vaddr=vaddr, length=length, rule=rule.identifier, namespace=rule.namespace,
+        tags=tuple(rule.tags), metadata=tuple(rule.metadata), identifier=identifier, start=vma.start,
+        end=vma.end, perms=vma.perms, kind=vma.kind, mapping=mapping_name(vma), data=bytes(data),
+    )
+
+
+_BYTES_DATA_OFFSET = bytes.__basicsize__ - 1  # where a bytes object's storage starts (CPython)
+
+
+def writable_bytes(n: int) -> tuple[bytes, memoryview]:
+    """A new zeroed bytes object of `n` bytes (n >= 2) and a writable view of its storage.
+
+    CPython's bytes object keeps its storage right after its header; one that
+    nobody else holds may be filled (by the reader) before it is handed out (to
+    yara-x, which scans only `bytes`). Never use the view while yara-x scans.
+    """
+    if n < 2:
+        raise ValueError("writable_bytes: bytes of length 0 and 1 are shared singletons")
+    import ctypes
+
+    data = bytes(n)
+    array = (ctypes.c_char * n).from_address(id(data) + _BYTES_DATA_OFFSET)
+    return data, memoryview(array).cast("B")
+
+
+# --- many checkpoints ---------------------------------------------------------------------------
+
+
+def run_local(targets: Sequence[Target], rules_blob: bytes, options: ScanOptions,
+              jobs: int) -> Iterator[tuple[int, CheckpointResult]]:
+    """(index, result) of every target as each finishes, in `jobs` worker processes (inline for 1)."""
+    if jobs <= 1 or len(targets) <= 1:
+        for i, target in enumerate(targets):
+            yield i, scan_checkpoint(target, rules_blob, options)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # forkserver: workers start from a clean process (no threads of ours or of yara-x forked)
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["crit_pageread.scan"])
+    with ProcessPoolExecutor(max_workers=min(jobs, len(targets)), mp_context=ctx) as pool:
+        futures = {pool.submit(scan_checkpoint, t, rules_blob, options): i for i, t in enumerate(targets)}
+        try:
+            for fut in as_completed(futures):
+                yield futures[fut], fut.result()
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
+
+
+def run_dask(targets: Sequence[Target], rules_blob: bytes, options: ScanOptions,
+             address: str) -> Iterator[tuple[int, CheckpointResult]]:
+    """The same tasks on an existing dask.distributed cluster; results as they finish."""
+    try:
+        from distributed import Client, as_completed
+    except ImportError:
+        raise ConfigError(DASK_HINT) from None
+    try:
+        client = Client(address, timeout="10s")
+    except (OSError, TimeoutError) as exc:
+        raise ConfigError(f"--dask {address}: cannot connect to the scheduler: {exc}") from None
+    try:
+        [blob] = client.scatter([rules_blob], broadcast=True)
+        run_id = uuid.uuid4().hex
+        futures = {
+            client.submit(scan_checkpoint, t, blob, options, pure=False, key=f"crit-pageread-scan-{i}-{run_id}"): i
+            for i, t in enumerate(targets)
+        }
+        for fut in as_completed(futures):
+            try:
+                res = fut.result()
+            except Exception as exc:  # the worker died or could not import crit_pageread
+                res = CheckpointResult(targets[futures[fut]].name, error=f"dask task failed: {exc}")
+            yield futures[fut], res
+    finally:
+        client.close()

@@ -1,0 +1,386 @@
+"""scan: YARA rules (yara-x) over real CRIU checkpoints, checked against the restored processes' memory.
+
+The victim (crit_pageread/data/victim.c) holds a secret across a page boundary that is also a
+pagemap-entry and VMA boundary, fills shared memory (anonymous shared, memfd, SysV) and bulk memory
+with a pattern that depends only on (seed, region, page, word): the rules' hex strings are that
+pattern at known addresses, so the expected matches come from the program, not from a reader of ours.
+Every reported match is read back from the restored process (`/proc/PID/mem`) and with `read`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cli_driver import run_jobs
+from criu_harness import Restored, Victim, dump, restore_stopped, start_victim
+
+from crit_pageread.pagemap import load_pagemap
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGE = 4096
+MASK = (1 << 64) - 1
+SEEDS = (31, 32, 33)
+CLI = [sys.executable, "-m", "crit_pageread"]
+
+
+def word(seed: int, rid: int, page: int, w: int) -> int:
+    """victim.c's word(): the pattern's 64-bit word w of page `page` of region `rid`."""
+    x = ((seed * 0x9E3779B97F4A7C15) & MASK) ^ (rid << 40) ^ (page << 12) ^ w
+    x ^= x >> 33
+    x = (x * 0xFF51AFD7ED558CCD) & MASK
+    x ^= x >> 33
+    x = (x * 0xC4CEB9FE1A85EC53) & MASK
+    x ^= x >> 33
+    return x
+
+
+def pattern_bytes(seed: int, rid: int, offset: int, length: int) -> bytes:
+    """`length` bytes of a region's pattern from byte `offset` (8-aligned) of the region."""
+    assert offset % 8 == 0 and length % 8 == 0
+    out = b""
+    for i in range(offset // 8, (offset + length) // 8):
+        out += word(seed, rid, i // (PAGE // 8), i % (PAGE // 8)).to_bytes(8, "little")
+    return out
+
+
+def hexstr(data: bytes) -> str:
+    return " ".join(f"{b:02x}" for b in data)
+
+
+@dataclass
+class Dumped:
+    seed: int
+    victim: Victim
+    images: Path
+
+    @property
+    def pid(self) -> int:
+        return self.victim.pid
+
+    def region(self, name: str) -> dict[str, Any]:
+        return next(r for r in self.victim.info["regions"] if r["name"] == name)
+
+    @property
+    def secret(self) -> tuple[int, bytes]:
+        s = self.victim.info["secret"]
+        return int(s["addr"]), s["text"].encode()
+
+    def bulk_offsets(self) -> list[int]:
+        """Offsets in bulk0 of the bulk strings: spread so that some fall on window edges and overlaps."""
+        size = self.region("bulk0")["len"]
+        return [off for off in range(8, size - 32, 40_968) if off % 8 == 0]
+
+
+def rules_for(d: Dumped) -> str:
+    """Rules with text, hex (with wildcards and jumps) and regex strings, and conditions on them."""
+    _, text = d.secret
+    anon = d.region("anon-shared")
+    memfd = d.region("memfd")
+    sysv = d.region("sysv-shm")
+    cross = pattern_bytes(d.seed, anon["id"], 4 * PAGE - 8, 16)  # across anon-shared's 4th page boundary
+    mcross = pattern_bytes(d.seed, memfd["id"], 2 * PAGE - 8, 16)
+    scross = pattern_bytes(d.seed, sysv["id"], 3 * PAGE - 8, 16)
+    bulk = d.region("bulk0")
+    bulk_strings = "\n".join(
+        f"    $b{i} = {{ {hexstr(pattern_bytes(d.seed, bulk['id'], off, 16))} }}"
+        for i, off in enumerate(d.bulk_offsets())
+    )
+    return f"""
+rule secret_text : credential demo {{
+  meta:
+    author = "tests"
+    severity = 3
+  strings:
+    $text = "{text.decode()}"
+    $re = /SECRET-[0-9]+-spans-two/
+    $wild = {{ 43 52 49 54 2D ?? 41 47 45 [1-6] 45 41 44 }}
+  condition:
+    $text and $re and #wild >= 1
+}}
+
+rule secret_with_missing_string {{
+  strings:
+    $text = "{text.decode()}"
+    $nope = "this string is nowhere in memory 0123456789"
+  condition:
+    $text and $nope
+}}
+
+rule shared_memory {{
+  strings:
+    $anon = {{ {hexstr(cross)} }}
+    $memfd = {{ {hexstr(mcross[:7])} ?? {hexstr(mcross[8:])} }}
+    $sysv = {{ {hexstr(scross)} }}
+  condition:
+    any of them
+}}
+
+rule bulk_edges {{
+  strings:
+{bulk_strings}
+  condition:
+    any of them
+}}
+"""
+
+
+@dataclass
+class Fleet:
+    dumps: list[Dumped]
+    rules: Path
+    directory: Path
+    tar: Path
+    tzst: Path
+    broken: Path
+    restored: Restored
+
+
+def _tar(src: Path, out: Path, prefix: str) -> None:
+    with tarfile.open(out, "w") as tar:
+        for p in sorted(src.iterdir()):
+            if p.name.endswith(".log") or p.name == "restore.pid":
+                continue
+            tar.add(p, arcname=f"{prefix}{p.name}")
+
+
+@pytest.fixture(scope="module")
+def fleet(victim_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    work = tmp_path_factory.mktemp("scan")
+    dumps = []
+    for seed in SEEDS:
+        victim = start_victim(victim_exe, work / f"run{seed}", "--shm", "--mib", "2", "--seed", str(seed),
+                              ipc_ns=True)
+        try:
+            dumps.append(Dumped(seed, victim, dump(victim, work / f"images{seed}")))
+        finally:
+            victim.kill()
+    rules = work / "rules.yar"
+    rules.write_text("".join(rules_for(d).replace("rule ", f"rule s{d.seed}_") for d in dumps))
+    tar = work / "second.tar"
+    _tar(dumps[1].images, tar, "")
+    plain = work / "third.tar"
+    _tar(dumps[2].images, plain, "checkpoint/")  # images under checkpoint/, as Podman and kubelet write them
+    tzst = work / "third.tar.zst"
+    subprocess.run(["zstd", "-q", "--rm", str(plain), "-o", str(tzst)], check=True)
+    broken = work / "broken.tar"
+    broken.write_bytes(tar.read_bytes()[: 3 * 512 + 100])
+    with restore_stopped(dumps[0].images) as restored:
+        yield Fleet(dumps, rules, dumps[0].images, tar, tzst, broken, restored)
+
+
+def scan(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, "scan", *argv], capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+def matches(out: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def maps_runs(host_pid: int) -> list[tuple[int, int]]:
+    """Readable ranges of /proc/PID/maps, adjacent ones joined (the restored process's memory)."""
+    runs: list[tuple[int, int]] = []
+    for line in Path(f"/proc/{host_pid}/maps").read_text().splitlines():
+        rng, perms = line.split()[:2]
+        start, end = (int(x, 16) for x in rng.split("-"))
+        if "r" not in perms or line.rstrip().endswith(("[vvar]", "[vsyscall]")):
+            continue
+        if runs and runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], end)
+        else:
+            runs.append((start, end))
+    return runs
+
+
+def restored_finds(restored: Restored, pid: int, regex: bytes) -> set[int]:
+    """Addresses where `regex` matches in the restored process's memory (Python's re, not ours)."""
+    found: set[int] = set()
+    fd = os.open(f"/proc/{restored.host_pid(pid)}/mem", os.O_RDONLY)
+    try:
+        for start, end in maps_runs(restored.host_pid(pid)):
+            try:
+                data = os.pread(fd, end - start, start)
+            except OSError:
+                continue
+            found.update(start + m.start() for m in re.finditer(regex, data))
+    finally:
+        os.close(fd)
+    return found
+
+
+def test_scan_finds_every_string_where_the_program_put_it_and_read_returns_it(fleet: Fleet) -> None:
+    d = fleet.dumps[0]
+    proc = scan("--rules", str(fleet.rules), str(fleet.directory), "--json", "--jobs", "1")
+    assert proc.returncode == 0, proc.stderr
+    got = matches(proc.stdout)
+    mine = [m for m in got if m["rule"].startswith(f"s{d.seed}_")]
+    assert all(m["checkpoint"] == str(fleet.directory) and m["pid"] == d.pid for m in mine)
+    by = {(m["rule"], m["identifier"]): sorted(x["vaddr"] for x in mine if (x["rule"], x["identifier"]) ==
+                                             (m["rule"], m["identifier"])) for m in mine}
+    addr, text = d.secret
+    # the secret crosses a page, a pagemap entry and a VMA (file mapping -> anonymous page)
+    assert addr // PAGE != (addr + len(text) - 1) // PAGE
+    pm = load_pagemap(d.images / f"pagemap-{d.pid}.img", PAGE)
+    assert pm.find(addr) != pm.find(addr + len(text) - 1)
+    hit = next(m for m in mine if m["identifier"] == "$text" and m["vaddr"] == addr)
+    assert hit["mapping"].endswith(".file") and hit["start"] < addr < hit["end"] < addr + len(text)
+    assert hit["vma"] == f"{hit['start']:x}-{hit['end']:x}" and hit["kind"] == "file-private"
+    assert hit["tags"] == ["credential", "demo"] and hit["meta"] == {"author": "tests", "severity": 3}
+    assert hit["hex"] == text.hex() and hit["length"] == len(text)
+    # text and regex: exactly where Python finds them in the restored process's memory
+    restored = fleet.restored
+    assert by[(f"s{d.seed}_secret_text", "$text")] == sorted(restored_finds(restored, d.pid, re.escape(text)))
+    assert by[(f"s{d.seed}_secret_text", "$re")] == sorted(
+        restored_finds(restored, d.pid, rb"SECRET-[0-9]+-spans-two"))
+    assert addr in by[(f"s{d.seed}_secret_text", "$wild")]
+    assert not any(m["rule"] == f"s{d.seed}_secret_with_missing_string" for m in got)
+    # shared memory: anonymous shared, memfd and SysV, each across a page boundary
+    for ident, name, off in (("$anon", "anon-shared", 4), ("$memfd", "memfd", 2), ("$sysv", "sysv-shm", 3)):
+        want = d.region(name)["start"] + off * PAGE - 8
+        assert by[(f"s{d.seed}_shared_memory", ident)] == [want], ident
+        vma = next(m for m in mine if m["identifier"] == ident)
+        assert vma["start"] <= want < vma["end"] and vma["perms"] == "rw-s", vma
+    # bulk strings: each once, at its place
+    bulk = d.region("bulk0")
+    for i, off in enumerate(d.bulk_offsets()):
+        assert by[(f"s{d.seed}_bulk_edges", f"$b{i}")] == [bulk["start"] + off]
+    # the rules of the other checkpoints' secrets do not match here
+    assert not any(m["rule"].startswith(f"s{fleet.dumps[1].seed}_secret") for m in got)
+    # every match: the restored process and `read` hold its bytes at its vaddr
+    for m in got:
+        assert restored.read(m["pid"], m["vaddr"], m["length"]).hex() == m["hex"], m
+    private = [m for m in got if not m["perms"].endswith("s")]  # `read` reads a pid's own pagemap only
+    reads = run_jobs("crit_pageread", [
+        {"argv": ["read", str(fleet.directory), "--pid", str(m["pid"]), hex(m["vaddr"]), str(m["length"])]}
+        for m in private
+    ])
+    for m, r in zip(private, reads, strict=True):
+        assert r["rc"] == 0 and r["out"].hex() == m["hex"], (m, r["err"])
+
+
+def test_scan_windows_find_each_match_once_whatever_the_window(fleet: Fleet) -> None:
+    base = scan("--rules", str(fleet.rules), str(fleet.directory), "--json", "--jobs", "1")
+    assert base.returncode == 0, base.stderr
+    for window, overlap in ((65536, 4096), (65536 + 4096 * 3, 64), (1 << 20, 1000)):
+        small = scan("--rules", str(fleet.rules), str(fleet.directory), "--json", "--window", str(window),
+                     "--overlap", str(overlap))
+        assert small.returncode == 0, small.stderr
+        assert small.stdout == base.stdout, (window, overlap)
+
+
+def test_scan_many_checkpoints_directory_tar_and_zst_with_a_broken_one(fleet: Fleet) -> None:
+    args = [str(fleet.directory), str(fleet.tar), str(fleet.broken), str(fleet.tzst)]
+    proc = scan("--rules", str(fleet.rules), *args, "--json", "--jobs", "2")
+    assert proc.returncode == 2, proc.stderr
+    got = matches(proc.stdout)
+    names = [m["checkpoint"] for m in got]
+    # in the order named, each checkpoint's matches together
+    assert sorted(set(names), key=names.index) == [str(fleet.directory), str(fleet.tar), str(fleet.tzst)]
+    for name, d in zip((fleet.directory, fleet.tar, fleet.tzst), fleet.dumps, strict=True):
+        addr, _ = d.secret
+        own = [m for m in got if m["checkpoint"] == str(name)]
+        assert {(m["rule"], m["vaddr"]) for m in own if m["identifier"] == "$text"} >= {
+            (f"s{d.seed}_secret_text", addr)}
+        assert not any(m["rule"].startswith("s") and not m["rule"].startswith(f"s{d.seed}_")
+                       and "secret" in m["rule"] for m in own)
+    err = [line for line in proc.stderr.splitlines() if str(fleet.broken) in line]
+    assert len(err) == 1 and err[0].startswith(f"crit-pageread: scan: {fleet.broken}: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    summaries = [line for line in proc.stderr.splitlines() if " matches of " in line]
+    assert len(summaries) == 3
+    assert proc.stderr.splitlines()[-1] == f"crit-pageread: scan: 4 checkpoints, {len(got)} matches, 1 errors"
+    # the same as scanning each alone, in one process
+    alone = scan("--rules", str(fleet.rules), str(fleet.tzst), "--json", "--jobs", "1")
+    assert alone.returncode == 0, alone.stderr
+    assert [m for m in got if m["checkpoint"] == str(fleet.tzst)] == matches(alone.stdout)
+
+
+def test_scan_a_directory_of_checkpoints_and_a_glob(fleet: Fleet, tmp_path: Path) -> None:
+    store = tmp_path / "checkpoints"
+    store.mkdir()
+    shutil.copy(fleet.tar, store / "a.tar")
+    shutil.copy(fleet.tzst, store / "b.tar.zst")
+    (store / "notes.txt").write_text("not a checkpoint\n")
+    by_dir = scan("--rules", str(fleet.rules), str(store), "--json")
+    by_glob = scan("--rules", str(fleet.rules), str(store / "*.tar*"), "--json")
+    assert by_dir.returncode == by_glob.returncode == 0, by_dir.stderr + by_glob.stderr
+    assert by_dir.stdout == by_glob.stdout
+    names = {m["checkpoint"] for m in matches(by_dir.stdout)}
+    assert names == {str(store / "a.tar"), str(store / "b.tar.zst")}
+    none = scan("--rules", str(fleet.rules), str(tmp_path / "nothing-*"))
+    assert none.returncode == 2 and "no file matches" in none.stderr
+
+
+def test_scan_filters_text_output_and_exit_codes(fleet: Fleet, tmp_path: Path) -> None:
+    d = fleet.dumps[0]
+    addr, text = d.secret
+    proc = scan("--rules", str(fleet.rules), str(fleet.directory), "--kind", "memfd")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines and all(" memfd" in line or "/memfd:" in line for line in lines), lines
+    assert all(line.startswith(f"s{d.seed}_shared_memory ") for line in lines)
+    memfd = d.region("memfd")
+    want = memfd["start"] + 2 * PAGE - 8
+    assert any(f"{fleet.directory}:{d.pid}:{want:#x}:" in line and " $memfd: " in line for line in lines)
+    text_line = scan("--rules", str(fleet.rules), str(fleet.directory), "--range",
+                     f"{addr - 64:x}-{addr + 64:x}")
+    assert text_line.returncode == 0
+    first = next(line for line in text_line.stdout.splitlines() if " $text: " in line)
+    assert first.startswith(f"s{d.seed}_secret_text [credential,demo] [author=\"tests\",severity=3] "
+                            f"{fleet.directory}:{d.pid}:{addr:#x}:")
+    assert first.endswith(f"$text: {text[:32].decode()}...")
+    nothing = tmp_path / "none.yar"
+    nothing.write_text('rule absent { strings: $a = "no such bytes in any checkpoint 9f8e7d" condition: $a }\n')
+    proc = scan("--rules", str(nothing), str(fleet.directory))
+    assert proc.returncode == 1 and proc.stdout == "" and " 0 matches of 0 rules" in proc.stderr
+    bad = tmp_path / "bad.yar"
+    bad.write_text("rule broken { condition: $missing }\n")
+    proc = scan("--rules", str(bad), str(fleet.directory))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and str(bad) in proc.stderr, proc.stderr
+    proc = scan("--rules", str(fleet.rules), str(fleet.directory), "--pid", "999999")
+    assert proc.returncode == 1 and " 0 processes" in proc.stderr
+
+
+def test_scan_without_yara_x_says_how_to_install_it(fleet: Fleet) -> None:
+    code = ("import sys; sys.modules['yara_x'] = None\n"
+            "from crit_pageread.cli.main import main\n"
+            f"sys.exit(main(['scan', '--rules', {str(fleet.rules)!r}, {str(fleet.directory)!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr == ("crit-pageread: scan needs yara-x: pip install 'crit-pageread[scan]' "
+                           "(or pip install yara-x)\n")
+
+
+def test_example_rules_of_the_readme_find_the_demo_secret(fleet: Fleet) -> None:
+    d = fleet.dumps[0]
+    addr, _ = d.secret
+    proc = scan("--rules", str(ROOT / "examples" / "rules.yar"), str(fleet.directory), "--json")
+    assert proc.returncode == 0, proc.stderr
+    got = matches(proc.stdout)
+    assert {"crit_pageread_demo_secret"} == {m["rule"] for m in got}
+    assert any(m["vaddr"] == addr and m["identifier"] == "$secret" for m in got)
+
+
+def test_scan_on_a_dask_cluster_gives_the_local_output(fleet: Fleet) -> None:
+    import distributed
+    args = ["--rules", str(fleet.rules), str(fleet.directory), str(fleet.tar), str(fleet.broken), str(fleet.tzst),
+            "--json"]
+    local = scan(*args, "--jobs", "2")
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, host="127.0.0.1",
+                                  dashboard_address=None, protocol="tcp") as cluster:
+        remote = scan(*args, "--dask", cluster.scheduler_address)
+    assert remote.returncode == local.returncode == 2, remote.stderr
+    assert remote.stdout == local.stdout and remote.stdout
+    def strip(err: str) -> list[str]:
+        return [re.sub(r", [0-9.]+ s$", "", line) for line in err.splitlines()]
+    assert strip(remote.stderr) == strip(local.stderr)
