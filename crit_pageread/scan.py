@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from .archive import is_archive
-from .memory import Area, Readers, Span, VmaFilter, spans
 from .config import Config
 from .errors import ConfigError, CritPageReadError
 from .images import CheckpointImages, open_images
+from .memory import Area, Readers, Span, VmaFilter, spans
 
 INSTALL_HINT = "scan needs yara-x: pip install 'crit-pageread[scan]' (or pip install yara-x)"
 DASK_HINT = "--dask needs dask.distributed: pip install 'crit-pageread[scan]' (or pip install 'dask[distributed]')"
