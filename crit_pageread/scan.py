@@ -18,11 +18,13 @@ checkpoint, it returns the error.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
 import os
 import resource
+import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -44,6 +46,10 @@ WINDOW = 16 << 20
 OVERLAP = 64 << 10
 #: Matches kept per pattern and window (yara-x stops recording after that many).
 MAX_MATCHES = 1000
+#: Runs up to this long are read in batches (one readv for many) and scanned one by one.
+SMALL_RUN = 256 << 10
+#: Bytes of small runs read at once.
+BATCH = 4 << 20
 #: Bytes of a match kept for the excerpt.
 EXCERPT = 64
 RULE_SUFFIXES = (".yar", ".yara")
@@ -289,13 +295,17 @@ def _scan_images(images: CheckpointImages, readers: Readers, scanner: _Scanner, 
             if not span.reader.strategy.serves_lazy:
                 for area in span.areas:
                     result.lazy_skipped += sum(s.length for s in area.segments() if s.kind == "lazy")
-            for rs, re_, _piece in span.runs():
-                result.bytes += re_ - rs
-                scanner.scan_run(span, rs, re_, result.matches, rule_only)
+            result.bytes += scanner.scan_span(span, result.matches, rule_only)
 
 
 class _Scanner:
-    """yara-x's scanner over windows of runs, with a reused window buffer."""
+    """yara-x's scanner over the runs of spans, with reused buffers.
+
+    A run longer than SMALL_RUN is read into the window buffer window by
+    window. Shorter runs (fragmented memory) are read together with one
+    `readv` into the batch buffer, then each is copied to the window buffer
+    and scanned on its own: one plan and a few system calls per batch, not per run.
+    """
 
     def __init__(self, rules: Any, options: ScanOptions) -> None:
         if options.overlap < 0 or options.window <= options.overlap:
@@ -307,24 +317,47 @@ class _Scanner:
             self.scanner.set_timeout(options.timeout)
         self.window = options.window
         self.overlap = options.overlap
-        self._full: tuple[bytes, memoryview] | None = None
+        self.buffer = WindowBuffer(self.window)
+        self.small = min(SMALL_RUN, self.window)
+        self.batch = bytearray(min(BATCH, self.window))
         self.truncated = False
 
-    def _buffer(self, n: int) -> tuple[bytes, memoryview]:
-        """A bytes object of n bytes and a writable view of it: yara-x scans only `bytes`, and a new
-        `bytes(buffer)` per window would copy every byte once more. The full-size window is reused."""
-        if n == self.window:
-            if self._full is None:
-                self._full = writable_bytes(n)
-            return self._full
-        return writable_bytes(n)
+    def scan_span(self, span: Span, out: list[Match], rule_only: set[tuple[str, str]]) -> int:
+        """Scan every readable run of `span`; append the matches; return the bytes scanned."""
+        total = 0
+        batch: list[tuple[int, int, int]] = []  # (vaddr, length, offset in self.batch)
+        used = 0
+        for rs, re_, _piece in span.runs():
+            n = re_ - rs
+            total += n
+            if n > self.small:
+                self.scan_run(span, rs, re_, out, rule_only)
+                continue
+            if used + n > len(self.batch):
+                self._scan_batch(span, batch, out, rule_only)
+                batch, used = [], 0
+            batch.append((rs, n, used))
+            used += n
+        if batch:
+            self._scan_batch(span, batch, out, rule_only)
+        return total
+
+    def _scan_batch(self, span: Span, batch: list[tuple[int, int, int]], out: list[Match],
+                    rule_only: set[tuple[str, str]]) -> None:
+        delta = span.delta
+        bview = memoryview(self.batch)
+        span.reader.readv([(rs + delta, bview[off : off + n]) for rs, n, off in batch])
+        view = self.buffer.view
+        for rs, n, off in batch:
+            view[:n] = bview[off : off + n]
+            self._scan_window(span, rs, n, rs, rs + n, out, rule_only)
 
     def scan_run(self, span: Span, rs: int, re_: int, out: list[Match], rule_only: set[tuple[str, str]]) -> None:
         """Scan [rs, re_) of `span` (all readable) window by window; append the matches each owns.
 
         Each window owns [own_start, own_end): up to `overlap` bytes before its end, the rest
         is the next window's. A run's last window is moved back to be a full one when the run is
-        long enough, so the reused buffer serves it.
+        long enough.
         """
         reader, delta = span.reader, span.delta
         window = self.window
@@ -334,8 +367,17 @@ class _Scanner:
             n = min(window, re_ - base)
             last = base + n >= re_
             own_end = re_ if last else base + n - self.overlap
-            data, view = self._buffer(n)
-            reader.readinto(base + delta, view)
+            reader.readinto(base + delta, self.buffer.view[:n])
+            self._scan_window(span, base, n, own_start, own_end, out, rule_only)
+            if last:
+                return
+            own_start = own_end
+
+    def _scan_window(self, span: Span, base: int, n: int, own_start: int, own_end: int, out: list[Match],
+                     rule_only: set[tuple[str, str]]) -> None:
+        """Scan the first n bytes of the window buffer (memory from `base`); keep the matches that start
+        in [own_start, own_end)."""
+        with self.buffer.scannable(n) as data:
             results = self.scanner.scan(data)
             for rule in results.matching_rules:
                 any_match = False
@@ -355,9 +397,6 @@ class _Scanner:
                     # A condition with no string match (e.g. `not $a`, `filesize > 0`): once per process.
                     rule_only.add((rule.namespace, rule.identifier))
                     out.append(_match(span, rule, None, base, 0, b""))
-            if last:
-                return
-            own_start = own_end
 
 
 def _match(span: Span, rule: Any, identifier: str | None, vaddr: int, length: int, data: bytes) -> Match:
@@ -370,23 +409,48 @@ def _match(span: Span, rule: Any, identifier: str | None, vaddr: int, length: in
     )
 
 
-_BYTES_DATA_OFFSET = bytes.__basicsize__ - 1  # where a bytes object's storage starts (CPython)
+class WindowBuffer:
+    """One buffer of `size` bytes that the reader fills and yara-x scans, reused for every window.
 
-
-def writable_bytes(n: int) -> tuple[bytes, memoryview]:
-    """A new zeroed bytes object of `n` bytes (n >= 2) and a writable view of its storage.
-
-    CPython's bytes object keeps its storage right after its header; one that
-    nobody else holds may be filled (by the reader) before it is handed out (to
-    yara-x, which scans only `bytes`). Never use the view while yara-x scans.
+    yara-x's Python `scan()` takes only `bytes`, and a new bytes object per
+    window costs an allocation, its page faults and one more copy (measured:
+    more time than the scan itself). So on CPython the buffer is one bytes
+    object: its storage (right after the header) is filled through a writable
+    view, and while yara-x scans a shorter window its length field says that
+    window's length (restored after; nothing else holds the object). Where
+    that layout is not found, each window is copied into a new bytes object.
     """
-    if n < 2:
-        raise ValueError("writable_bytes: bytes of length 0 and 1 are shared singletons")
-    import ctypes
 
-    data = bytes(n)
-    array = (ctypes.c_char * n).from_address(id(data) + _BYTES_DATA_OFFSET)
-    return data, memoryview(array).cast("B")
+    def __init__(self, size: int) -> None:
+        import ctypes
+
+        self.size = size
+        self._data = bytes(size)
+        self._len: Any = None
+        addr = id(self._data)
+        size_field = ctypes.c_ssize_t.from_address(addr + object.__basicsize__)
+        storage = (ctypes.c_char * (size + 1)).from_address(addr + bytes.__basicsize__ - 1)
+        if sys.implementation.name == "cpython" and size_field.value == size and storage[size] == b"\0":
+            self._len = size_field
+            self._storage = memoryview(storage).cast("B")
+            self.view = self._storage[:size]
+        else:
+            self._storage = memoryview(bytearray(size + 1))
+            self.view = self._storage[:size]
+
+    @contextlib.contextmanager
+    def scannable(self, n: int) -> Iterator[bytes]:
+        """The first `n` bytes of the buffer as `bytes`, valid inside the `with` only."""
+        if self._len is None:
+            yield bytes(self.view[:n])
+            return
+        self._storage[n] = 0  # bytes objects end with a NUL
+        self._len.value = n
+        try:
+            yield self._data
+        finally:
+            self._len.value = self.size
+            self._storage[self.size] = 0
 
 
 # --- many checkpoints ---------------------------------------------------------------------------
@@ -409,7 +473,11 @@ def run_local(targets: Sequence[Target], rules_blob: bytes, options: ScanOptions
         futures = {pool.submit(scan_checkpoint, t, rules_blob, options): i for i, t in enumerate(targets)}
         try:
             for fut in as_completed(futures):
-                yield futures[fut], fut.result()
+                try:
+                    res = fut.result()
+                except Exception as exc:  # the worker died (killed, out of memory)
+                    res = CheckpointResult(targets[futures[fut]].name, error=f"worker failed: {exc}")
+                yield futures[fut], res
         except BaseException:
             for fut in futures:
                 fut.cancel()

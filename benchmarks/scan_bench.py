@@ -1,0 +1,114 @@
+"""`crit-pageread scan` against yara-x scanning the extracted memory files of the same checkpoint.
+
+Side by side on real CRIU checkpoints (benchmarks/generate.py), warm cache, rounds interleaved after a
+warm-up, medians. Each method runs in its own process (peak RSS from wait4), on one core:
+
+- scan: `crit-pageread scan --rules RULES DIR --jobs 1` (open, read through the strategy, yara-x);
+- yara-x on files: a Python process that compiles the same rules and runs `Scanner.scan_file` on every
+  file of `crit-pageread extract DIR --layout vma` (made once, not timed): the same memory as plain files.
+
+Throughput is bytes of memory scanned per second of wall time (one process, one core); the ratio is
+scan's throughput over yara-x's on files (>= 0.8 is the target).
+
+usage: python -m benchmarks.scan_bench [--shapes plain,big,frag] [--runs 5] [--rules FILE] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.generate import SHAPES, generate
+from benchmarks.run import run_child
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+PIN = ["taskset", "-c", "0"] if shutil.which("taskset") else []
+
+YARA_FILES = """
+import sys, time, yara_x
+rules = yara_x.Compiler()
+rules.add_source(open(sys.argv[1]).read())
+scanner = yara_x.Scanner(rules.build())
+scanner.max_matches_per_pattern(1000)
+n = hits = 0
+t0 = time.perf_counter()
+for path in sys.argv[2:]:
+    res = scanner.scan_file(path)
+    hits += sum(len(m.matches) for r in res.matching_rules for m in r.patterns)
+    n += 1
+print(n, hits, time.perf_counter() - t0)
+"""
+
+
+def measure(shape_name: str, runs: int, rules: Path, work: Path) -> dict[str, Any]:
+    images = generate(SHAPES[shape_name])
+    out = work / f"extract-{shape_name}"
+    if not out.exists():
+        subprocess.run([PY, "-m", "crit_pageread", "extract", str(images), "-o", str(out)], check=True,
+                       stdout=subprocess.DEVNULL)
+    files = sorted(str(p) for p in out.rglob("*.bin"))
+    file_bytes = sum(os.path.getsize(f) for f in files)
+    methods = {
+        "scan": [*PIN, PY, "-m", "crit_pageread", "scan", "--rules", str(rules), str(images), "--jobs", "1",
+                 "--json"],
+        "yara-x-files": [*PIN, PY, "-c", YARA_FILES, str(rules), *files],
+    }
+    samples: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    for round_ in range(runs + 1):  # round 0 warms the cache and is not counted
+        for name, cmd in methods.items():
+            r = run_child(cmd)
+            if r["code"] not in (0, 1):
+                raise SystemExit(f"{name} failed ({r['code']}): {r['stderr'].decode()[-500:]}")
+            if round_:
+                samples[name].append(r)
+    scanned = 0
+    last = samples["scan"][-1]
+    for line in last["stderr"].decode().splitlines():
+        if " MiB in " in line:
+            scanned = int(float(line.split(" processes, ")[1].split(" MiB")[0]) * (1 << 20))
+    matches_scan = len(last["stdout"].splitlines())
+    result: dict[str, Any] = {"shape": shape_name, "checkpoint": str(images), "runs": runs,
+                              "scanned_bytes": scanned, "file_bytes": file_bytes, "files": len(files),
+                              "scan_matches": matches_scan,
+                              "files_matches": int(samples["yara-x-files"][-1]["stdout"].split()[1])}
+    for name, rs in samples.items():
+        secs = statistics.median(r["seconds"] for r in rs)
+        size = scanned if name == "scan" else file_bytes
+        result[name] = {"median_s": round(secs, 3), "min_s": round(min(r["seconds"] for r in rs), 3),
+                        "mib_per_s": round(size / secs / (1 << 20), 1),
+                        "peak_rss_mib": round(max(r["rss_mib"] for r in rs), 1)}
+    result["ratio"] = round(result["scan"]["mib_per_s"] / result["yara-x-files"]["mib_per_s"], 3)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="plain,big,frag")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--rules", default=str(ROOT / "examples" / "rules.yar"))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="scan-bench-") as tmp:
+        results = [measure(s, args.runs, Path(args.rules), Path(tmp)) for s in args.shapes.split(",")]
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print("| shape | memory scanned | scan MiB/s | yara-x on files MiB/s | ratio | scan peak RSS | files peak RSS |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['shape']} | {r['scanned_bytes'] >> 20} MiB | {r['scan']['mib_per_s']} | "
+              f"{r['yara-x-files']['mib_per_s']} | {r['ratio']}x | {r['scan']['peak_rss_mib']} MiB | "
+              f"{r['yara-x-files']['peak_rss_mib']} MiB |")
+
+
+if __name__ == "__main__":
+    main()
