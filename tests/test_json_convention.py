@@ -27,7 +27,7 @@ CRIT_JSON = {"decode", "encode", "info", "show"}
 RETIRED = {"source", "images_dir", "dir", "target", "vma", "path"}
 INT_KEYS = {"pid", "ppid", "pgid", "sid", "shmem", "vaddr", "start", "end", "length", "pages", "bytes"}
 STR_KEYS = {"checkpoint", "perms", "kind", "mapping", "output"}
-STREAMS = {"grep", "ps", "pages", "coredump", "plugins", "x"}
+STREAMS = {"grep", "ps", "pages", "coredump", "plugins", "x", "scan"}
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +96,9 @@ def test_every_command_json_is_ndjson_or_one_document_with_the_shared_keys(
     assert doc["output"] == str(out) and "hex" not in doc and out.read_bytes() == secret["text"].encode()
     hits = case("grep", d, secret["text"])
     assert any(h["vaddr"] == secret["addr"] and h["start"] <= h["vaddr"] < h["end"] for h in hits)
+    found = case("scan", "--rules", str(REPO / "examples" / "rules.yar"), d)
+    assert any(m["vaddr"] == secret["addr"] and m["checkpoint"] == d and m["start"] <= m["vaddr"] < m["end"]
+               for m in found)
     index = case("extract", d, "-o", str(tmp_path / "ex"))[0]
     assert index["output"] == str(tmp_path / "ex") and index["files"]
     procs = case("ps", d)

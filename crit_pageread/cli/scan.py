@@ -75,7 +75,7 @@ def match_json(checkpoint: str, m: Match) -> dict[str, Any]:
     return {
         "checkpoint": checkpoint, "pid": m.pid, "vaddr": m.vaddr, "length": m.length, "rule": m.rule,
         "namespace": m.namespace, "tags": list(m.tags), "meta": dict(m.metadata), "identifier": m.identifier,
-        "vma": f"{m.start:x}-{m.end:x}", "start": m.start, "end": m.end, "perms": m.perms, "kind": m.kind,
+        "start": m.start, "end": m.end, "perms": m.perms, "kind": m.kind,
         "mapping": m.mapping, "hex": m.data.hex(), "excerpt": _escape(m.data[:EXCERPT_SHOWN]),
     }
 
