@@ -11,7 +11,6 @@ from typing import Any
 
 from .. import __version__
 from ..errors import CritPageReadError
-from ..plugins import get_plugin_manager, register_modules
 
 #: The commands, each a plugin registered like a third-party one, only when the command line runs.
 COMMAND_PLUGINS = (
@@ -31,15 +30,36 @@ COMMAND_PLUGINS = (
     "crit_pageread.cli.restore",
 )
 
+#: The module of each built-in command: a command line that names one loads only that module (and
+#: third-party plugins), so start-up does not import every command; anything else loads them all.
+COMMAND_MODULES = {
+    **dict.fromkeys(("decode", "encode", "info", "x", "show"), "crit_pageread.cli.crit_compat"),
+    "plugins": None,  # lists every plugin: needs them all
+    **{name: f"crit_pageread.cli.{name}" for name in (
+        "read", "extract", "grep", "ps", "pages", "serve", "push", "bench", "squash", "coredump", "restore")},
+}
 
-def plugin_manager() -> Any:
-    """The plugin manager with the command plugins registered."""
+
+def plugin_manager(command: str | None = None) -> Any:
+    """The plugin manager with the command plugins registered (only `command`'s if it is built in)."""
+    from ..plugins import get_plugin_manager, register_modules
+
     pm = get_plugin_manager()
-    register_modules(pm, COMMAND_PLUGINS)
+    module = COMMAND_MODULES.get(command) if command else None
+    register_modules(pm, (module,) if module else COMMAND_PLUGINS)
     return pm
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The command named by `argv` (its first word that is not an option), if any."""
+    for word in argv:
+        if word == "--debug":
+            continue
+        return None if word.startswith("-") else word
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crit-pageread",
         description="CRIU image tool (crit) with page reading: decode, explore, read, extract, grep, serve.",
@@ -48,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    pm = plugin_manager()
+    pm = plugin_manager(command)
     pm.hook.crit_pageread_add_commands(subparsers=subparsers)
     _in_registration_order(subparsers, pm)
     return parser
@@ -69,9 +89,13 @@ def _in_registration_order(subparsers: Any, pm: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `crit-pageread ARGS`; return the exit code (also the console script's)."""
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    words = list(argv if argv is not None else sys.argv[1:])
+    debug = "--debug" in words
+    if words == ["--version"]:  # answered before any plugin loads
+        print(f"crit-pageread {__version__}")
+        return 0
     try:
-        parser = build_parser()
+        parser = build_parser(_command_of(words))
         args = parser.parse_args(argv)
         code = args.func(args)
         sys.stdout.flush()

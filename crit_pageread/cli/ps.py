@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..errors import PageError
+from ..errors import CritPageReadError, ImageError, PageError
 from ..hookspecs import hookimpl
+from ..imagefile import load_raw_messages
 from ..images import CheckpointImages
 from .common import add_common_options, open_from_args, print_ndjson, selected_pids
 
@@ -47,21 +48,41 @@ def read_area(images: CheckpointImages, pid: int, start: int, end: int, strategy
         return [], str(exc)
 
 
+def _mm_areas(images: CheckpointImages, pid: int) -> tuple[int, int, int, int]:
+    """mm_arg_start/end and mm_env_start/end (mm_entry fields 8-11), decoded without protobuf (start-up)."""
+    path = images.path / f"mm-{pid}.img"
+    msgs = load_raw_messages(path, "MM")
+    if len(msgs) != 1:
+        raise ImageError(path, f"expected one mm entry, found {len(msgs)}")
+    mm = msgs[0]
+    return (mm.req(8, "mm_arg_start"), mm.req(9, "mm_arg_end"), mm.req(10, "mm_env_start"),
+            mm.req(11, "mm_env_end"))
+
+
+def _comm(images: CheckpointImages, pid: int) -> str:
+    """core_entry.tc.comm (fields 3 and 6) of the main thread, or "" if the image lacks it."""
+    try:
+        core = load_raw_messages(images.path / f"core-{pid}.img", "CORE")
+        tc = core[0].message(3) if len(core) == 1 else None
+        comm = tc.blob(6) if tc is not None else None
+    except CritPageReadError:
+        return ""
+    return comm.decode("utf-8", "replace") if comm is not None else ""
+
+
 def process_info(images: CheckpointImages, pid: int, strategy: str | None, env: bool) -> dict[str, Any]:
     proc = images.processes[pid]
-    mm = images.mm(pid)
-    try:
-        comm = images.core(pid).tc.comm
-    except Exception:
-        comm = ""
-    argv, argv_err = read_area(images, pid, mm.mm_arg_start, mm.mm_arg_end, strategy)
+    images._check_pid(pid)
+    arg_start, arg_end, env_start, env_end = _mm_areas(images, pid)
+    comm = _comm(images, pid)
+    argv, argv_err = read_area(images, pid, arg_start, arg_end, strategy)
     info: dict[str, Any] = {
         "pid": pid, "ppid": proc.ppid, "pgid": proc.pgid, "sid": proc.sid, "threads": list(proc.threads),
         "comm": comm, "argv": argv,
     }
     errors = [argv_err] if argv_err else []
     if env:
-        environ, env_err = read_area(images, pid, mm.mm_env_start, mm.mm_env_end, strategy)
+        environ, env_err = read_area(images, pid, env_start, env_end, strategy)
         info["environ"] = environ
         if env_err:
             errors.append(env_err)
