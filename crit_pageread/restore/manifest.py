@@ -214,5 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def console() -> None:
+    """The `crit-pageread-manifest` console script: the action script when CRIU runs it (no arguments),
+    else `write|verify DIR` by hand."""
+    by_criu = not sys.argv[1:] and "CRTOOLS_SCRIPT_ACTION" in os.environ
+    sys.exit(action_main() if by_criu else main())
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import subprocess
 import threading
@@ -109,21 +110,23 @@ def restore(
     """
     config = config if config is not None else load_config()
     table = settings(config)
-    images_dir = Path(images_dir)
+    given = str(images_dir)
+    # CRIU works inside the image directory: every path it gets must not depend on our cwd.
+    images_dir = Path(images_dir).absolute()
     if not images_dir.is_dir():
-        raise ImageError(images_dir, "no such image directory")
+        raise ImageError(given, "no such image directory")
     options: dict[str, Any] = {
         "method": method or table.get("method", "binary"),
         "leave_stopped": table.get("leave_stopped", False) if leave_stopped is None else leave_stopped,
         "lazy": table.get("lazy", False) if lazy is None else lazy,
-        "pages_dir": str(pages_dir) if pages_dir is not None else str(images_dir),
+        "pages_dir": str(Path(pages_dir).absolute()) if pages_dir is not None else str(images_dir),
         "extra_args": list(extra_args or []),
-        "action_scripts": list(action_scripts or []),
+        "action_scripts": [script_path(s) for s in action_scripts or []],
         "cpus": set(cpus) if cpus is not None else (set(table["cpus"]) if "cpus" in table else None),
         "timeout": float(timeout if timeout is not None else table.get("timeout", 120.0)),
         "protocol": table.get("protocol", config.table("remote").get("protocol", "4.1")),
         "criu": criu_binary(config.criu),
-        "log_file": log_file,
+        "log_file": str(Path(log_file).absolute()) if os.sep in log_file else log_file,
     }
     hook = get_plugin_manager().hook
     started = time.monotonic()
@@ -142,6 +145,7 @@ def restore(
         raise
     result.seconds = time.monotonic() - started
     result.options = options
+    result.images_dir = given
     hook.crit_pageread_after_restore(images_dir=str(images_dir), pid=result.pid)
     return result
 
@@ -152,13 +156,39 @@ def _preexec(cpus: set[int] | None) -> Any:
     return lambda: os.sched_setaffinity(0, cpus)
 
 
-def _log_tail(path: Path, lines: int = 8) -> str:
+def script_path(script: str | os.PathLike[str]) -> str:
+    """An action script as CRIU must get it: absolute if it names a path (CRIU runs it from inside the
+    image directory), else as given (CRIU's execvp looks a bare name up in PATH)."""
+    text = os.fspath(script)
+    return str(Path(text).absolute()) if os.sep in text else text
+
+
+#: CRIU's log lines that say Error but are not why a restore failed (it runs on without them).
+_NOISE = re.compile(r"rlimit: Can't setup RLIMIT_|Can't set up RLIMIT|\bRLIMIT_\w+ for self")
+_STAMP = re.compile(r"^\(\s*\d+\.\d+\)\s*")
+
+
+def criu_cause(path: Path, stderr: str = "") -> str:
+    """Why CRIU failed, cause first: an action script's complaint (the lines it wrote into the log), else
+    CRIU's first real error, then its last one; RLIMIT warnings left out."""
     try:
         text = path.read_text(errors="replace").splitlines()
     except OSError:
-        return "(no log)"
-    errors = [line for line in text if "Error" in line or "error" in line]
-    return " | ".join((errors or text)[-lines:])
+        text = stderr.splitlines()
+    # Lines without CRIU's "(SS.UUUUUU)" stamp were written by its children: action scripts (or exec errors).
+    children = [line.strip() for line in text if line.strip() and not _STAMP.match(line)]
+    errors = [_STAMP.sub("", line) for line in text if "Error" in line and not _NOISE.search(line)]
+    errors = [e for e in errors if e not in children]
+    parts = children[-3:] or errors[:1]
+    if errors and errors[-1] not in parts:
+        parts.append(errors[-1])
+    if not parts:
+        parts = [_STAMP.sub("", line) for line in text[-3:]] or ["(no log)"]
+    return " | ".join(parts)
+
+
+def _log_tail(path: Path, lines: int = 8) -> str:
+    return criu_cause(path)
 
 
 def _restore_binary(images_dir: Path, options: dict[str, Any], more: list[str]) -> RestoreResult:
@@ -178,7 +208,7 @@ def _restore_binary(images_dir: Path, options: dict[str, Any], more: list[str]) 
                               preexec_fn=_preexec(options["cpus"]))
         if proc.returncode != 0:
             said = " | ".join(proc.stderr.strip().splitlines()[-3:])
-            why = _log_tail(log) if log.exists() and log.stat().st_mtime >= started else said or "(no log)"
+            why = criu_cause(log) if log.exists() and log.stat().st_mtime >= started else said or "(no log)"
             raise RestoreError(images_dir, f"criu restore failed (exit {proc.returncode}): {why}")
         try:
             pid = int(pidfile.read_text().strip())
