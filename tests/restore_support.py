@@ -104,24 +104,26 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def interrupted_run(patch_module: str, argv: list[str], after_calls: int = 1) -> subprocess.CompletedProcess[str]:
-    """Run `crit-pageread ARGV` in a child whose `patch_module.copy_range` sends it a real SIGINT
-    once `after_calls` copies were made (so the interrupt lands in the middle of writing output)."""
+def interrupted_run(argv: list[str], after_calls: int = 1) -> subprocess.CompletedProcess[str]:
+    """Run `crit-pageread ARGV` in a child whose `PageReader.write_to` (every copy of pages into an
+    output goes through it) sends it a real SIGINT once `after_calls` copies were made (so the
+    interrupt lands in the middle of writing output)."""
     code = textwrap.dedent(f"""
         import os, signal, sys, time
         # A shell that starts a job in the background (CI runners may) leaves SIGINT ignored, and
         # Python then keeps it ignored: restore the handler that raises KeyboardInterrupt.
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        import {patch_module} as m
-        real = m.copy_range
+        from crit_pageread.reader import PageReader as m
+        real = m.write_to
         calls = [0]
-        def copy_range(*a, **k):
-            real(*a, **k)
+        def write_to(*a, **k):
+            got = real(*a, **k)
             calls[0] += 1
             if calls[0] == {after_calls}:
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(5)
-        m.copy_range = copy_range
+            return got
+        m.write_to = write_to
         from crit_pageread.cli.main import main
         sys.exit(main({argv!r}))
     """)

@@ -287,7 +287,7 @@ def test_sigint_in_the_middle_of_coredump_leaves_no_core(shared_fixtures: Path, 
     if existing:
         out.mkdir()
     images = shared_fixtures / "cases" / "b_tree"
-    proc = interrupted_run("crit_pageread.restore.coredump", ["coredump", str(images), "-o", str(out)],
+    proc = interrupted_run(["coredump", str(images), "-o", str(out)],
                            after_calls=3)
     assert proc.returncode == 130, proc.stderr
     assert "interrupted" in proc.stderr

@@ -1,9 +1,11 @@
 """`extract DIR -o OUT`: memory to files, one per VMA or one sparse file per pid, with a JSON index.
 
-Present bytes are copied from the pages files in the kernel (`copy_file_range`,
-else `sendfile`), several files at once by a few threads; pages that were not
-dumped stay holes. OUT is built in a
-temporary directory beside it and renamed into place only when complete.
+The bytes go through the reader and its strategy (`PageReader.write_to`): the
+local strategies copy them in the kernel (one `copy_file_range` per run
+contiguous in a pages file and in the output), several files at once by a
+few threads when the strategy allows it; pages that were not dumped stay
+holes. OUT is built in a temporary directory beside it and renamed into
+place only when complete.
 """
 
 from __future__ import annotations
@@ -16,11 +18,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CritPageReadError, ImageError
+from ..errors import CritPageReadError
 from ..hookspecs import hookimpl
 from ..memory import Area, Readers
 from ..reader import Segment
-from ..strategy import PagesFile
 from .common import add_common_options, atomic_dir, open_from_args, print_json, selected_pids
 from .grep import mapping_name
 from .memscan import Progress, add_vma_filters, vma_filter_from_args
@@ -28,11 +29,9 @@ from .memscan import Progress, add_vma_filters, vma_filter_from_args
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
-CHUNK = 8 << 20
 #: Threads copying files in the kernel at once (the copies are bound by page-cache work, per core).
 WRITERS = max(1, min(4, os.cpu_count() or 1))
 INDEX = "index.json"
-_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 
 
 @hookimpl
@@ -50,72 +49,6 @@ def crit_pageread_add_commands(subparsers: Any) -> None:
     add_vma_filters(p)
     add_common_options(p)
     p.set_defaults(func=run)
-
-
-class Copier:
-    """Moves bytes from pages files (in the kernel where possible) or readers into output files."""
-
-    def __init__(self) -> None:
-        self.kernel_copy = hasattr(os, "copy_file_range")
-        self.sendfile = True
-        self._buf: bytearray | None = None
-
-    def buffer(self) -> memoryview:
-        if self._buf is None:
-            self._buf = bytearray(CHUNK)
-        return memoryview(self._buf)
-
-    def copy_present(self, pages: PagesFile, offset: int, length: int, out_fd: int, out_pos: int,
-                     progress: Progress) -> None:
-        """Copy `length` bytes at `offset` of a pages file to `out_pos` of the output."""
-        src, src_pos, left = pages.fd, offset, length
-        while left:
-            n = self._copy_step(src, src_pos, out_fd, out_pos, min(left, 1 << 30))
-            if n <= 0:
-                raise ImageError(pages.path, f"short pages file: no data at offset {src_pos}")
-            src_pos += n
-            out_pos += n
-            left -= n
-            progress.add(n)
-
-    def _copy_step(self, src: int, src_pos: int, dst: int, dst_pos: int, count: int) -> int:
-        if self.kernel_copy:
-            try:
-                return os.copy_file_range(src, dst, count, src_pos, dst_pos)
-            except OSError as exc:
-                if exc.errno not in _FALLBACK_ERRNOS:
-                    raise
-                self.kernel_copy = False
-        if self.sendfile:
-            try:
-                os.lseek(dst, dst_pos, os.SEEK_SET)
-                return os.sendfile(dst, src, src_pos, count)
-            except OSError as exc:
-                if exc.errno not in _FALLBACK_ERRNOS:
-                    raise
-                self.sendfile = False
-        view = self.buffer()[: min(count, CHUNK)]
-        n = os.preadv(src, [view], src_pos)
-        if n > 0:
-            _pwrite_all(dst, view[:n], dst_pos)
-        return n
-
-    def copy_via_reader(self, area: Area, seg: Segment, out_fd: int, out_pos: int, progress: Progress) -> None:
-        view = self.buffer()
-        done = 0
-        while done < seg.length:
-            n = min(len(view), seg.length - done)
-            area.reader.readinto(seg.vaddr + done, view[:n])
-            _pwrite_all(out_fd, view[:n], out_pos + done)
-            done += n
-            progress.add(n)
-
-
-def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
-    while data:
-        n = os.pwrite(fd, data, pos)
-        data = data[n:]
-        pos += n
 
 
 def _plan(area: Area) -> tuple[list[Segment], list[Segment]]:
@@ -198,21 +131,21 @@ def run(args: argparse.Namespace) -> int:
                 total += sum(s.length for s in data)
         from concurrent.futures import ThreadPoolExecutor  # here: it imports logging (5 ms at start-up)
 
-        copier = Copier()
         progress = Progress("extract", total)
         files: list[dict[str, Any]] = []
         with atomic_dir(out) as tmp, ThreadPoolExecutor(WRITERS) as pool:
-            # Files whose bytes all come from local pages files are copied in the kernel by WRITERS
-            # threads at once (copy_file_range releases the GIL); the others go through the (not
-            # thread-safe) readers, here.
+            # Files whose bytes all come from local pages files are written by WRITERS threads at once
+            # when the strategy allows it (the kernel copies release the GIL); the others here.
             jobs: list[Future[None]] = []
 
             def write(path: Path, size: int, parts: list[tuple[Area, list[Segment], list[Segment]]],
                       base: int) -> None:
-                if all(seg.kind == "present" and seg.pages is not None for _, data, _ in parts for seg in data):
-                    jobs.append(pool.submit(_write_file, path, size, parts, Copier(), progress, base))
+                if all(a.reader.strategy.concurrent_writes for a, _, _ in parts) and all(
+                    seg.kind == "present" for _, data, _ in parts for seg in data
+                ):
+                    jobs.append(pool.submit(_write_file, path, size, parts, progress, base))
                 else:
-                    _write_file(path, size, parts, copier, progress, base)
+                    _write_file(path, size, parts, progress, base)
 
             try:
                 for pid, areas in plans.items():
@@ -268,25 +201,32 @@ def index_text(index: dict[str, Any]) -> str:
     return f'{{{head},\n "files": [\n  {files}\n]}}\n' if files else f'{{{head}, "files": []}}\n'
 
 
-def _write_file(path: Path, size: int, areas: list[tuple[Area, list[Segment], list[Segment]]], copier: Copier,
+def _write_file(path: Path, size: int, areas: list[tuple[Area, list[Segment], list[Segment]]],
                 progress: Progress, base: int) -> None:
-    """Write the data segments of `areas` into a new file of `size` bytes; file offset = vaddr - base."""
+    """Write the data segments of `areas` into a new file of `size` bytes; file offset = vaddr - base.
+
+    Each reader gets the runs of its areas in one `write_to` (runs adjacent in the output and in a
+    pages file, across VMAs too, become one copy)."""
     fd = _open_out(path, size)
     try:
-        for area, data, _ in areas:
-            run: list[Any] = []  # [pages, offset, length, file position]: contiguous present bytes, one copy
-            for seg in data:
-                pos = seg.vaddr - area.delta - base
-                if seg.kind == "present" and seg.pages is not None:
-                    if run and run[0] is seg.pages and run[1] + run[2] == seg.offset and run[3] + run[2] == pos:
-                        run[2] += seg.length
-                        continue
-                    if run:
-                        copier.copy_present(run[0], run[1], run[2], fd, run[3], progress)
-                    run = [seg.pages, seg.offset, seg.length, pos]
-                else:
-                    copier.copy_via_reader(area, seg, fd, pos, progress)
-            if run:
-                copier.copy_present(run[0], run[1], run[2], fd, run[3], progress)
+        i = 0
+        while i < len(areas):
+            reader = areas[i][0].reader
+            iov: list[tuple[int, int, int]] = []
+            nbytes = 0
+            while i < len(areas) and areas[i][0].reader is reader:
+                area, data, _ = areas[i]
+                shift = area.delta + base
+                for seg in data:
+                    pos = seg.vaddr - shift
+                    last = iov[-1] if iov else None
+                    if last is not None and last[0] + last[1] == seg.vaddr and last[2] + last[1] == pos:
+                        iov[-1] = (last[0], last[1] + seg.length, last[2])
+                    else:
+                        iov.append((seg.vaddr, seg.length, pos))
+                    nbytes += seg.length
+                i += 1
+            reader.write_to(fd, iov, holes="skip")
+            progress.add(nbytes)
     finally:
         os.close(fd)

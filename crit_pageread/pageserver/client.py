@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import socket
 import ssl
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from ..errors import RemoteError
 from .protocol import (
@@ -32,6 +31,9 @@ from .protocol import (
     unpack_status,
 )
 from .tls import TlsOptions, wrap_client
+
+if TYPE_CHECKING:
+    from ..reader import PageReader
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 NO_REPLY_HINT = (
@@ -67,7 +69,6 @@ class Connection:
         self.peer = server.peer
         self.wire = Wire(server.protocol)
         self._sock: socket.socket | None = None
-        self._buf: bytearray | None = None
         try:
             sock = socket.create_connection((server.address, server.port), timeout=server.connect_timeout)
         except TimeoutError:
@@ -121,27 +122,13 @@ class Connection:
         self.recv_into(memoryview(buf), what)
         return bytes(buf)
 
-    def send_file(self, fd: int, offset: int, count: int, what: str) -> None:
-        """Send `count` bytes of `fd` from `offset`: `os.sendfile` in the clear, a bounded buffer over TLS."""
-        sock = self.sock
+    def send_pages(self, reader: PageReader, vaddr: int, length: int, what: str) -> None:
+        """Send [vaddr, vaddr+length) of `reader`'s memory through its strategy (`PageReader.send`:
+        sendfile in the clear for the local strategies, a bounded buffer over TLS)."""
         try:
-            if not self.is_tls:
-                sendfile_all(sock, fd, offset, count, self.server.timeout)
-                return
-            if self._buf is None:
-                self._buf = bytearray(COPY_CHUNK)
-            view = memoryview(self._buf)
-            while count > 0:
-                n = os.preadv(fd, [view[: min(count, len(view))]], offset)
-                if n <= 0:
-                    self._fail(f"{what}: file ended at offset {offset}")
-                sock.sendall(view[:n])
-                offset += n
-                count -= n
+            reader.send(self.sock, vaddr, length)
         except TimeoutError:
             self._fail(f"{what}: server stopped reading for {self.server.timeout:g} s")
-        except EOFError:
-            self._fail(f"{what}: file ended before {count} bytes at offset {offset}")
         except OSError as exc:
             self._fail(f"{what}: cannot send: {exc.strerror or exc}")
 
@@ -267,25 +254,3 @@ class Connection:
             self.close()
         else:
             self.abort()
-
-
-def sendfile_all(sock: socket.socket, fd: int, offset: int, count: int, timeout: float | None) -> None:
-    """`os.sendfile` until `count` bytes are sent; waits up to `timeout` for the socket to drain.
-
-    Raises TimeoutError if the peer stops reading, EOFError if the file ends.
-    """
-    out = sock.fileno()
-    poller = select.poll()
-    poller.register(out, select.POLLOUT)
-    wait_ms = None if timeout is None else int(timeout * 1000)
-    while count > 0:
-        try:
-            sent = os.sendfile(out, fd, offset, count)
-        except BlockingIOError:
-            if not poller.poll(wait_ms):
-                raise TimeoutError from None
-            continue
-        if sent == 0:
-            raise EOFError
-        offset += sent
-        count -= sent

@@ -61,9 +61,8 @@ def _push_target(conn: Connection, images: CheckpointImages, target: Target, str
             keep = entry.flags & PE_LAZY
             for seg in reader.segments(entry.vaddr, entry.size):
                 if seg.kind == "present":
-                    assert seg.pages is not None
                     conn.add_f(kind, id, seg.vaddr, seg.length // ps, PE_PRESENT | keep)
-                    conn.send_file(seg.pages.fd, seg.offset, seg.length, f"ADD_F {kind} {id} at {seg.vaddr:#x}")
+                    conn.send_pages(reader, seg.vaddr, seg.length, f"ADD_F {kind} {id} at {seg.vaddr:#x}")
                 elif seg.kind == "lazy" and not reader.strategy.serves_lazy:
                     conn.add_f(kind, id, seg.vaddr, seg.length // ps, PE_LAZY)
                     continue

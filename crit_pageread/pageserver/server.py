@@ -28,7 +28,7 @@ from ..config import Config
 from ..errors import CritPageReadError, RemoteError
 from ..images import open_images
 from ..reader import PageReader, Segment
-from .client import COPY_CHUNK, sendfile_all
+from .client import COPY_CHUNK
 from .protocol import (
     GET_REPLY_CMD,
     OP_NAMES,
@@ -298,9 +298,8 @@ class _Session:
             self.sock.sendall(data)
         else:
             self.send_header(pid, vaddr, length // ps)
-            for seg in run:
-                assert seg.pages is not None
-                self.send_file(seg.pages.fd, seg.offset, seg.length)
+            # Through the reader and its strategy: sendfile for the local ones (a TLS socket: a buffer).
+            reader.send(self.sock, vaddr, length)
         self.stats.pages += length // ps
         self.stats.bytes += length
         server.served(pid, vaddr, length // ps, self.peer)
@@ -311,22 +310,6 @@ class _Session:
             self.sock.sendall(data)  # one TLS record: CRIU reads the header on its own
         else:
             self.sock.sendall(data, socket.MSG_MORE)
-
-    def send_file(self, fd: int, offset: int, count: int) -> None:
-        if not self.tls:
-            try:
-                sendfile_all(self.sock, fd, offset, count, self.server.options.idle_timeout)
-            except EOFError:
-                raise _Drop(f"pages file ended before offset {offset + count}") from None
-            return
-        view = self.buffer()
-        while count > 0:
-            n = os.preadv(fd, [view[: min(count, len(view))]], offset)
-            if n <= 0:
-                raise _Drop(f"pages file ended at offset {offset}")
-            self.sock.sendall(view[:n])
-            offset += n
-            count -= n
 
     def close_session(self) -> None:
         """CLOSE: answer 0, end TLS, wait for the client to close (as CRIU does)."""

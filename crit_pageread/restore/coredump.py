@@ -42,7 +42,7 @@ from ..memory import shmem_id
 from ..plugins import make_strategy
 from ..reader import PageReader
 from ..strategy import Strategy
-from .fileio import atomic_dir, chunks, copy_range
+from .fileio import atomic_dir, copy_range
 
 EM_X86_64 = 62
 ET_CORE = 4
@@ -62,7 +62,6 @@ _GPREGS = (
     "r15", "r14", "r13", "r12", "bp", "bx", "r11", "r10", "r9", "r8", "ax", "cx", "dx", "si", "di",
     "orig_ax", "ip", "cs", "flags", "sp", "ss", "fs_base", "gs_base", "ds", "es", "fs", "gs",
 )
-_CHUNK = 1 << 20
 
 #: progress(what, done_bytes, total_bytes)
 Progress = Callable[[str, int, int], None]
@@ -380,20 +379,22 @@ def _write_vma(
     images: CheckpointImages, reader: PageReader, v: Vma, fd: int, base: int,
     files: dict[int, _MappedFile], report: CoreReport, missing: list[dict[str, Any]],
 ) -> None:
-    """Stream one VMA's bytes to `fd` at `base`: dumped pages, then shmem, file or zeros for the rest."""
+    """Stream one VMA's bytes to `fd` at `base`: dumped pages, then shmem, file or zeros for the rest.
+
+    Dumped pages go through the reader's `write_to` (the strategy moves them: kernel copies for the
+    local strategies), one call per VMA; `fd` -1 is the planning pass, which only collects what is
+    missing."""
+    iov: list[tuple[int, int, int]] = []
     for seg in reader.segments(v.start, v.size):
-        if seg.kind == "present":
-            assert seg.pages is not None
-            _copy(seg.pages.fd, seg.offset, fd, base + seg.vaddr - v.start, seg.length, seg.pages.path)
+        if seg.kind == "present" or (seg.kind == "lazy" and reader.strategy.serves_lazy):
+            iov.append((seg.vaddr, seg.length, base + seg.vaddr - v.start))
             report.dumped_bytes += seg.length
         elif seg.kind == "lazy":
-            if reader.strategy.serves_lazy:
-                _copy_via_reader(reader, seg.vaddr, seg.length, fd, base + seg.vaddr - v.start)
-                report.dumped_bytes += seg.length
-            else:
-                _add_missing(missing, seg.vaddr, seg.end, "lazy pages (no page server)")
+            _add_missing(missing, seg.vaddr, seg.end, "lazy pages (no page server)")
         else:
             _fill_hole(images, reader, v, seg.vaddr, seg.length, fd, base, files, report, missing)
+    if fd >= 0 and iov:
+        reader.write_to(fd, iov, holes="skip")
 
 
 def _fill_hole(
@@ -406,21 +407,23 @@ def _fill_hole(
             _add_missing(missing, start, start + length, f"no pagemap-shmem-{shmid}.img")
             return
         offset = v.pgoff + (start - v.start)
-        # CRIU never dumps shared memory lazily: its pages are local, read by a local strategy.
-        with images.shmem_reader(shmid, "preadv", zero_fill=True, auto_dedup=False) as shm:
-            for seg in shm.segments(offset, length):
-                dst = base + (seg.vaddr - v.pgoff)
-                if seg.kind == "present":
-                    assert seg.pages is not None
-                    _copy(seg.pages.fd, seg.offset, fd, dst, seg.length, seg.pages.path)
-                    report.dumped_bytes += seg.length
-                elif seg.kind == "lazy":
-                    if shm.strategy.serves_lazy:
-                        _copy_via_reader(shm, seg.vaddr, seg.length, fd, dst)
-                        report.dumped_bytes += seg.length
-                    else:
-                        vstart = v.start + seg.vaddr - v.pgoff
-                        _add_missing(missing, vstart, vstart + seg.length, "lazy shmem pages")
+        # The segment's reader shares the pid's strategy (so it is not closed here: that would close it),
+        # unless that is a page server's: CRIU never dumps shared memory lazily, its pages are local.
+        strategy = reader.strategy if not reader.strategy.serves_lazy else "preadv"
+        shm = images.shmem_reader(shmid, strategy, zero_fill=True, auto_dedup=False)
+        iov: list[tuple[int, int, int]] = []
+        for seg in shm.segments(offset, length):
+            dst = base + (seg.vaddr - v.pgoff)
+            if seg.kind == "present" or (seg.kind == "lazy" and shm.strategy.serves_lazy):
+                iov.append((seg.vaddr, seg.length, dst))
+                report.dumped_bytes += seg.length
+            elif seg.kind == "lazy":
+                vstart = v.start + seg.vaddr - v.pgoff
+                _add_missing(missing, vstart, vstart + seg.length, "lazy shmem pages")
+        if fd >= 0 and iov:
+            shm.write_to(fd, iov, holes="skip")
+        if shm.strategy is not reader.strategy:
+            shm.close()
         return
     if v.status & (VMA_FILE_PRIVATE | VMA_FILE_SHARED):
         f = files.get(v.shmid)
@@ -439,16 +442,6 @@ def _fill_hole(
             report.file_bytes += n
         return
     # Private anonymous memory CRIU did not dump was never touched: zeros, left sparse.
-
-
-def _copy_via_reader(reader: PageReader, vaddr: int, length: int, fd: int, dst: int) -> None:
-    if fd < 0:  # planning pass
-        return
-    buf = bytearray(min(length, _CHUNK))
-    for pos, n in chunks(vaddr, length, _CHUNK):
-        view = memoryview(buf)[:n]
-        reader.readinto(pos, view)
-        _pwrite_all(fd, bytes(view), dst + pos - vaddr)
 
 
 def _add_missing(missing: list[dict[str, Any]], start: int, end: int, reason: str | None) -> None:

@@ -9,8 +9,9 @@ bit is kept where the source had it, as CRIU 4.1 itself writes
 `PE_PRESENT|PE_LAZY` for anonymous pages; a non-lazy restore reads them
 like any present page). `parent` is not carried over.
 
-Memory is bounded: present pages move file-to-file in the kernel
-(`copy_file_range`), lazy pages through one 1 MiB buffer. OUT is built
+Memory is bounded: present pages move through the reader's `write_to`, so
+the strategy carries them (file-to-file in the kernel, `copy_file_range`, for
+the local strategies), lazy pages through one 1 MiB buffer. OUT is built
 beside its final name and renamed at the end, so it is complete or absent.
 """
 
@@ -32,12 +33,14 @@ from ..pagemap import LAYOUTS, PE_LAZY, PE_PRESENT, encode_pagemap
 from ..plugins import make_strategy
 from ..reader import PageReader
 from ..strategy import Strategy, Target
-from .fileio import atomic_dir, chunks, copy_range
+from .fileio import atomic_dir, chunks
 
 _PAGEMAP_RE = re.compile(r"^pagemap-(\d+)\.img$")
 _SHMEM_RE = re.compile(r"^pagemap-shmem-(\d+)\.img$")
 _PAGES_RE = re.compile(r"^pages-(\d+)\.img$")
 _LAZY_CHUNK = 1 << 20
+#: Bytes of present pages queued before they are handed to the strategy (and progress is shown).
+_COPY_BATCH = 64 << 20
 _VERIFY_CHUNK = 4 << 20
 
 #: progress(what, done_bytes, total_bytes), called after each run is written or verified
@@ -179,13 +182,19 @@ def _copy_other_images(src: Path, dst: Path) -> list[str]:
 
 
 class _RunWriter:
-    """Appends runs to an output pages file, merging contiguous copies and pagemap entries."""
+    """Appends runs to an output pages file, merging pagemap entries; the bytes move through the reader.
 
-    def __init__(self, fd: int) -> None:
+    Present ranges queue as `(vaddr, length, out_offset)` and go to `reader.write_to` in batches (the
+    strategy joins what is contiguous in a pages file and in the output: one kernel copy per run).
+    """
+
+    def __init__(self, fd: int, reader: PageReader) -> None:
         self.fd = fd
+        self.reader = reader
         self.offset = 0
         self.runs: list[list[int]] = []  # [vaddr, nr_pages, flags]
-        self._copy: list[Any] = []  # pending copy: [src_fd, src_offset, length, path]
+        self._iov: list[tuple[int, int, int]] = []
+        self._queued = 0
 
     def add_run(self, vaddr: int, length: int, flags: int, page_size: int) -> None:
         last = self.runs[-1] if self.runs else None
@@ -194,13 +203,18 @@ class _RunWriter:
         else:
             self.runs.append([vaddr, length // page_size, flags])
 
-    def copy(self, src_fd: int, src_offset: int, length: int, path: Path) -> None:
-        pending = self._copy
-        if pending and pending[0] == src_fd and pending[1] + pending[2] == src_offset:
-            pending[2] += length
-            return
-        self.flush()
-        self._copy = [src_fd, src_offset, length, path]
+    def copy(self, vaddr: int, length: int) -> None:
+        """Queue `length` bytes of memory at `vaddr` for the end of the output."""
+        iov = self._iov
+        pos = self.offset + self._queued
+        if iov and iov[-1][0] + iov[-1][1] == vaddr:
+            last = iov[-1]
+            iov[-1] = (last[0], last[1] + length, last[2])
+        else:
+            iov.append((vaddr, length, pos))
+        self._queued += length
+        if self._queued >= _COPY_BATCH:
+            self.flush()
 
     def write(self, data: memoryview) -> None:
         self.flush()
@@ -210,11 +224,11 @@ class _RunWriter:
         self.offset += len(data)
 
     def flush(self) -> None:
-        if self._copy:
-            src_fd, src_offset, length, path = self._copy
-            self._copy = []
-            copy_range(src_fd, src_offset, self.fd, self.offset, length, path)
-            self.offset += length
+        if self._iov:
+            iov, self._iov = self._iov, []
+            self.reader.write_to(self.fd, iov)
+            self.offset += self._queued
+            self._queued = 0
 
 
 def _squash_target(
@@ -235,15 +249,15 @@ def _squash_target(
     fd = os.open(out_dir / f"pages-{pm.pages_id}.img", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         # The reader is not closed: that would close the strategy, which the caller shares.
-        w = _RunWriter(fd)
+        w = _RunWriter(fd, reader)
+        shown = 0
         for entry in pm.entries:
             for seg in reader.segments(entry.vaddr, entry.size):
                 if seg.kind == "hole":
                     continue
                 flags = PE_PRESENT | (seg.flags & PE_LAZY)
                 if seg.kind == "present":
-                    assert seg.pages is not None
-                    w.copy(seg.pages.fd, seg.offset, seg.length, seg.pages.path)
+                    w.copy(seg.vaddr, seg.length)
                     if seg.depth:
                         rep.parent_pages += seg.length // page_size
                 else:  # lazy: fetched through the strategy, in bounded chunks
@@ -260,10 +274,13 @@ def _squash_target(
                 w.add_run(seg.vaddr, seg.length, flags, page_size)
                 rep.pages += seg.length // page_size
                 done[0] += seg.length
-            if progress is not None:
+            if progress is not None and done[0] - shown >= _COPY_BATCH:
                 w.flush()
+                shown = done[0]
                 progress(f"squash {target}", done[0], done[1])
         w.flush()
+        if progress is not None:
+            progress(f"squash {target}", done[0], done[1])
     finally:
         os.close(fd)
     runs = [(v, n, f) for v, n, f in w.runs]
