@@ -22,6 +22,7 @@ from .images import (
 )
 from .pagemap import PE_LAZY, PE_PARENT, PE_PRESENT, Pagemap
 from .reader import PageReader, Segment
+from .strategy import PagesFile
 
 
 @dataclass(eq=False, slots=True)
@@ -66,14 +67,15 @@ class Span:
         i = bisect.bisect_right([a.start for a in self.areas], vaddr) - 1
         return self.areas[max(i, 0)]
 
-    def runs(self) -> Iterator[tuple[int, int, tuple[int, int] | None]]:
+    def runs(self) -> Iterator[tuple[int, int, tuple[PagesFile, int] | None]]:
         """Maximal readable vaddr ranges of the span (present, or lazy if the strategy serves it; they may
-        cross VMA boundaries), each with (fd, offset) when its bytes are one contiguous range of one local
-        pages file, else None: one pass over the planned segments."""
+        cross VMA boundaries), each with (pages file, offset) when its bytes are one contiguous range of one
+        local pages file, else None: one pass over the planned segments."""
         lazy_ok = self.reader.strategy.serves_lazy
         delta = self.delta
         start = end = -1
-        fd = offset = expect = -1
+        cur: PagesFile | None = None
+        offset = expect = -1
         for area in self.areas:
             for seg in area.segments():
                 kind = seg.kind
@@ -82,20 +84,19 @@ class Span:
                 vaddr = seg.vaddr - delta
                 if vaddr == end:
                     end += seg.length
-                    pages = seg.pages
-                    if fd >= 0 and (kind != "present" or pages is None or pages.fd != fd or seg.offset != expect):
-                        fd = -2  # this run is not one file range
+                    if cur is not None and (kind != "present" or seg.pages is not cur or seg.offset != expect):
+                        cur = None  # this run is not one file range
                     expect += seg.length
                     continue
                 if end > start:
-                    yield start, end, ((fd, offset) if fd >= 0 else None)
+                    yield start, end, ((cur, offset) if cur is not None else None)
                 start, end = vaddr, vaddr + seg.length
                 if kind == "present" and seg.pages is not None:
-                    fd, offset, expect = seg.pages.fd, seg.offset, seg.offset + seg.length
+                    cur, offset, expect = seg.pages, seg.offset, seg.offset + seg.length
                 else:
-                    fd = -2
+                    cur = None
         if end > start:
-            yield start, end, ((fd, offset) if fd >= 0 else None)
+            yield start, end, ((cur, offset) if cur is not None else None)
 
 
 def spans(areas: list[Area]) -> list[Span]:

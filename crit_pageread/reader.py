@@ -424,25 +424,44 @@ class PageReader:
         zeros: list[tuple[int, int]] = []
         dedup = self._root._dedup_pending if self.auto_dedup else None
         last: CopyRequest | None = None
+        find = self.pagemap.find
         for vaddr, length, out in iov:
+            entry = find(vaddr)
+            if entry is not None and entry.flags & PE_PRESENT and vaddr + length <= entry.end:
+                # Fast path (most ranges): inside one entry with data in this image.
+                pages = self._pages or self._pages_file()
+                offset = entry.offset + vaddr - entry.vaddr
+                if (
+                    last is not None
+                    and last.pages is pages
+                    and last.offset + last.length == offset
+                    and last.vaddr + last.length == vaddr
+                    and last.out_offset + last.length == out
+                ):
+                    last.length += length
+                else:
+                    last = CopyRequest(pages, offset, length, vaddr, target, out)
+                    requests.append(last)
+                continue
             for seg in self.segments(vaddr, length):
                 kind = seg.kind
                 pos = out + seg.vaddr - vaddr
                 if kind == "present":
-                    pages = seg.pages
+                    seg_pages = seg.pages
+                    assert seg_pages is not None
                     if (
                         last is not None
-                        and last.pages is pages
+                        and last.pages is seg_pages
                         and last.offset + last.length == seg.offset
                         and last.vaddr + last.length == seg.vaddr
                         and last.out_offset + last.length == pos
                     ):
                         last.length += seg.length
                     else:
-                        last = CopyRequest(pages, seg.offset, seg.length, seg.vaddr, target, pos)
+                        last = CopyRequest(seg_pages, seg.offset, seg.length, seg.vaddr, target, pos)
                         requests.append(last)
                     if dedup is not None and seg.depth:
-                        dedup.append((pages, seg.offset, seg.length))  # type: ignore[arg-type]
+                        dedup.append((seg_pages, seg.offset, seg.length))
                     continue
                 last = None
                 if kind == "lazy":
@@ -536,37 +555,53 @@ class PageReader:
     def view(self, vaddr: int, length: int, scratch: bytearray | None = None) -> View:
         """A read-only view of [vaddr, vaddr+length) for in-place search (close it when done).
 
-        One contiguous range of a pages file is the strategy's view (an mmap
-        window for the local strategies); anything else (several pieces,
-        holes, lazy pages) is read into `scratch` (or a new buffer) like
-        `readinto`. The caller bounds `length`.
+        The strategy's view (an mmap window of the pages file for the local
+        strategies) when the range is one range of one pages file; otherwise
+        (several files, holes, lazy pages) read into `scratch` (or a new
+        buffer) like `readinto`. The caller bounds `length`.
+        """
+        return self.view_ranges([(vaddr, length)], scratch)
+
+    def view_ranges(self, ranges: list[tuple[int, int]], scratch: bytearray | None = None) -> View:
+        """A read-only view of several `(vaddr, length)` ranges, their bytes back to back in order.
+
+        In place (the strategy's view) when the ranges lie back to back in one
+        pages file, as the entries of a fragmented dump do; else read like
+        `readv` into `scratch` (or a new buffer).
         """
         self._check_open()
         pending = self._root._dedup_pending
         mark = len(pending)
+        iov, pos = [], 0
+        for vaddr, length in ranges:
+            iov.append((vaddr, length, pos))
+            pos += length
+        total = pos
         try:
-            requests, zeros = self.copy_plan([(vaddr, length, 0)])
+            requests, zeros = self.copy_plan(iov)
         except CritPageReadError:
-            requests, zeros = [], []  # readinto below raises it again, or reads what a lazy strategy serves
-        # A view of parent pages that auto-dedup punches would show the punched zeros: copy those.
-        direct = len(requests) == 1 and not zeros and requests[0].pages is not None and not self.auto_dedup
-        if direct and requests[0].length == length:
+            requests, zeros = [], [(0, 0)]  # readv below raises it again, or zeroes what it may
+        # A view of parent pages that auto-dedup punches would show the punched zeros: those are copied.
+        if not zeros and requests and not self.auto_dedup and all(r.pages is not None for r in requests):
             observe = self._root._observe
             if observe is not None:
-                observe.crit_pageread_before_read(reader=self, vaddr=vaddr, length=length, deferred=False)
+                for vaddr, length in ranges:
+                    observe.crit_pageread_before_read(reader=self, vaddr=vaddr, length=length, deferred=False)
             if self.strategy.pending:
                 self._root.sync()
-            view = self._root._moved(lambda: self.strategy.view(requests[0], scratch))
+            view = self._moved(lambda: self.strategy.view(requests, scratch))
             if observe is not None:
                 with memoryview(view.data) as data:
-                    observe.crit_pageread_after_read(
-                        reader=self, vaddr=vaddr, data=data[view.start : view.start + length]
-                    )
+                    at = view.start
+                    for vaddr, length in ranges:
+                        observe.crit_pageread_after_read(reader=self, vaddr=vaddr, data=data[at : at + length])
+                        at += length
             return view
-        del pending[mark:]  # readinto plans (and owes) its own
-        buf = scratch if scratch is not None and len(scratch) >= length else bytearray(length)
-        self.readinto(vaddr, memoryview(buf)[:length])
-        return View(buf, 0, length)
+        del pending[mark:]  # readv plans (and owes) its own
+        buf = scratch if scratch is not None and len(scratch) >= total else bytearray(total)
+        dest = memoryview(buf)
+        self.readv([(vaddr, dest[at : at + length]) for (vaddr, length, at) in iov])
+        return View(buf, 0, total)
 
     def _moved(self, op: Any) -> Any:
         """Run a strategy operation and return its result; punch what auto-dedup owes only if it succeeded."""
@@ -606,7 +641,7 @@ class PageReader:
         if not pending:
             return
         self._dedup_pending = []
-        pending.sort(key=lambda r: (r[0].fd, r[1]))
+        pending.sort(key=lambda r: (id(r[0]), r[1]))
         merged: list[list[Any]] = []
         for pages, offset, length in pending:
             if merged and merged[-1][0] is pages and merged[-1][1] + merged[-1][2] >= offset:

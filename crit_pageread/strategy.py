@@ -10,7 +10,8 @@ file range into many pieces of memory), by default one piece at a time.
 Consumers that need the bytes elsewhere than in a buffer of theirs use three
 more operations on `CopyRequest`s (planned ranges without a buffer):
 `write_to` (positioned writes into a regular file), `send` (in order to a
-socket, pipe or file) and `view` (a read-only window for in-place search).
+socket, pipe or file) and `view` (a read-only window for in-place search:
+an mmap window when the requests lie back to back in one pages file).
 Their defaults are built on `read`/`submit` through a bounded buffer, so a
 strategy that implements only `read` serves every command; the local
 strategies override them with kernel copies (strategies/kernel.py).
@@ -31,6 +32,9 @@ if TYPE_CHECKING:  # not imported at start-up: a sink is checked by `isinstance(
     import socket
 
 TargetKind = Literal["pid", "shmem"]
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc: Any = None
 
 
 class PagesFile:
@@ -46,6 +50,21 @@ class PagesFile:
         except OSError as exc:
             raise ImageError(path, f"cannot open pages file: {exc.strerror}") from None
         self.size = os.fstat(self.fd).st_size
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        """Free [offset, offset+length), keeping the size (`fallocate(PUNCH_HOLE|KEEP_SIZE)`: auto-dedup)."""
+        global _libc
+        import ctypes  # only auto-dedup needs libc
+        import ctypes.util
+
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        if not self.writable:
+            raise ImageError(self.path, "auto-dedup needs the pages file opened writable")
+        if _libc.fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+            err = ctypes.get_errno()
+            raise ImageError(self.path, f"cannot punch hole for dedup: {os.strerror(err)}")
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -261,14 +280,22 @@ class Strategy(ABC):
             end = batch[-1][1] + batch[-1][3]
             write_all(out, buf[start:end])
 
-    def view(self, request: CopyRequest, scratch: bytearray | None = None) -> View:
-        """A read-only view of one request's bytes (for in-place search); the caller bounds its length.
+    def view(self, requests: list[CopyRequest], scratch: bytearray | None = None) -> View:
+        """A read-only view of the requests' bytes back to back, in order (for in-place search).
 
-        Default: the bytes are read into `scratch` (or a new buffer) with `read`.
+        The caller bounds the total length. Default: the bytes are read
+        (`submit` each, `sync`) into `scratch` if it is large enough, else a new
+        buffer.
         """
-        buf = scratch if scratch is not None and len(scratch) >= request.length else bytearray(request.length)
-        self.read(request.read_request(memoryview(buf)[: request.length]))
-        return View(buf, 0, request.length)
+        total = sum(r.length for r in requests)
+        buf = scratch if scratch is not None and len(scratch) >= total else bytearray(total)
+        dest = memoryview(buf)
+        pos = 0
+        for req in requests:
+            self.submit(req.read_request(dest[pos : pos + req.length]))
+            pos += req.length
+        self.sync()
+        return View(buf, 0, total)
 
 
 _Piece = tuple[CopyRequest, int, int, int]

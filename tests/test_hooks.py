@@ -174,7 +174,7 @@ def test_example_strategy_reads_the_truth_and_its_observer_logs_each_read(
                    "--strategy", "counting", "--config", str(config), "-o", str(out), env=_with_plugin(example_site))
     assert proc.returncode == 0, proc.stderr
     assert hashlib.sha256(out.read_bytes()).hexdigest() == digest
-    assert json.loads(report.read_text()) == {"requests": 1, "bytes": PAGE}
+    assert [json.loads(line) for line in report.read_text().splitlines()] == [{"requests": 1, "bytes": PAGE}]
     assert log.read_text() == f"read pid {pid} {int(addr, 16):#x} {PAGE}\n"
 
 

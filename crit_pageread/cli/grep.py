@@ -3,8 +3,10 @@
 Each run of dumped bytes (adjacent VMAs join, as a secret may cross from a
 file mapping into the anonymous page after it) is streamed in 8 MiB chunks into one reused buffer;
 consecutive chunks overlap by the longest match (plus the context),
-so a match that crosses a page, pagemap-entry or VMA boundary is found once. Runs that lie
-back to back in a local pages file are searched in place (read-only maps). The search itself
+so a match that crosses a page, pagemap-entry or VMA boundary is found once. Every byte comes
+through the reader and the configured strategy; runs that lie back to back in a pages file are
+searched in place where the strategy can (`PageReader.view_ranges`: read-only maps for the local
+strategies). The search itself
 is crit_pageread.search (Hyperscan where installed, else `bytes.find`/`re`) over whole
 chunks: no per-page work.
 """
@@ -13,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import sys
+from bisect import bisect_right
 from collections.abc import Callable
 from typing import Any
 
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
 from ..memory import Area, Readers, Span, spans
-from ..plugins import observer
 from ..search import ENGINES, FAST_HINT, Searcher, SearchError, compile_search, hyperscan_module
 from .common import add_common_options, open_from_args, selected_pids
 from .memscan import Progress, add_vma_filters, vma_filter_from_args
@@ -30,7 +31,6 @@ CHUNK = 8 << 20
 #: Bytes of a pages file mapped at a time when runs are searched in place.
 STRETCH_WINDOW = 32 << 20
 MAX_WINDOW = 1 << 20
-DIRECT_STRATEGIES = ("preadv", "pread", "mmap")
 PRINTABLE = frozenset(range(0x20, 0x7F)) | {9, 10, 13}
 
 
@@ -155,58 +155,46 @@ Emit = Callable[[Area, int, bytes, bytes, bytes], None]
 SMALL_RUN = 64 << 10
 
 
-def scan_span(span: Span, buf: bytearray, matcher: Matcher, context: int, emit: Emit, progress: Progress,
-              direct: bool = False) -> int:
+def scan_span(span: Span, buf: bytearray, matcher: Matcher, context: int, emit: Emit, progress: Progress) -> int:
     """Search every readable run of `span`; returns the number of matches.
 
-    A run is read in windows of len(buf) bytes that overlap by the longest
-    match plus the context. With `direct`, a run that is one contiguous range
-    of a local pages file is searched in place (a read-only map of each window,
-    unmapped after it) instead of being copied into `buf`.
+    Every byte comes through the span's reader and its strategy. Runs that lie
+    back to back in one pages file (a fragmented dump's entries) are searched
+    together in views of STRETCH_WINDOW bytes (`PageReader.view_ranges`: an
+    mmap window for the local strategies, a read into a buffer for others).
+    Other runs are read in windows of len(buf) bytes that overlap by the
+    longest match plus the context; small ones are batched into buf.
     """
     reader, delta = span.reader, span.delta
     view = memoryview(buf)
     window = matcher.window + context
     found = 0
+    scratch: bytearray | None = None
 
-    def scan_run(rs: int, re_: int, piece: tuple[int, int] | None) -> None:
+    def scan_run(rs: int, re_: int) -> None:
         nonlocal found
         pos = base = rs
         covered = rs
         while True:
             n = min(len(buf), re_ - base)
-            data: Any = None
-            if piece is not None:
-                file_off = piece[1] + (base - rs)
-                shift = file_off % mmap.ALLOCATIONGRANULARITY
-                try:
-                    data = mmap.mmap(piece[0], n + shift, prot=mmap.PROT_READ, offset=file_off - shift)
-                except OSError:  # a file system that cannot map: copy instead
-                    piece = None
-            if data is None:
-                reader.readinto(base + delta, view[:n])
-                data, shift = buf, 0
-            try:
-                last = base + n >= re_
-                cutoff = shift + (n if last else n - window)
-                last_end = pos - base + shift
-                for s, e in matcher.find(data, pos - base + shift, n + shift):
-                    if s >= cutoff:
-                        break
-                    before = bytes(data[max(shift, s - context) : s]) if context else b""
-                    after = bytes(data[e : min(n + shift, e + context)]) if context else b""
-                    vaddr = base + s - shift
-                    emit(span.area_at(vaddr), vaddr, bytes(data[s:e]), before, after)
-                    found += 1
-                    last_end = e
-            finally:
-                if piece is not None:
-                    data.close()
+            reader.readinto(base + delta, view[:n])
+            last = base + n >= re_
+            cutoff = n if last else n - window
+            last_end = pos - base
+            for s, e in matcher.find(buf, pos - base, n):
+                if s >= cutoff:
+                    break
+                before = bytes(buf[max(0, s - context) : s]) if context else b""
+                after = bytes(buf[e : min(n, e + context)]) if context else b""
+                vaddr = base + s
+                emit(span.area_at(vaddr), vaddr, bytes(buf[s:e]), before, after)
+                found += 1
+                last_end = e
             progress.add(base + n - covered)
             covered = base + n
             if last:
                 break
-            pos = base + max(cutoff, last_end) - shift
+            pos = base + max(cutoff, last_end)
             base = max(rs, pos - context)
 
     def scan_small(batch: list[tuple[int, int, int]]) -> None:
@@ -222,24 +210,43 @@ def scan_span(span: Span, buf: bytearray, matcher: Matcher, context: int, emit: 
                 found += 1
             progress.add(n)
 
-    def scan_stretch(fd: int, pieces: list[tuple[int, int, int]]) -> None:
+    def window_view(pieces: list[tuple[int, int, int]], starts: list[int], lo: int, hi: int) -> Any:
+        """A view of file bytes [lo, hi) of a stretch, through the reader: the pieces of runs it covers."""
+        nonlocal scratch
+        ranges = []
+        j = max(0, bisect_right(starts, lo) - 1)
+        while j < len(pieces) and pieces[j][2] < hi:
+            vs, ve, fs = pieces[j]
+            a, b = max(fs, lo), min(fs + ve - vs, hi)
+            if a < b:
+                ranges.append((vs + a - fs + delta, b - a))
+            j += 1
+        if scratch is None or len(scratch) < hi - lo:
+            scratch = None  # a strategy that cannot view in place reads into this (bounded) buffer
+        got = reader.view_ranges(ranges, scratch)
+        if got.data is not scratch and isinstance(got.data, bytearray):
+            scratch = got.data
+        return got
+
+    def scan_stretch(pieces: list[tuple[int, int, int]]) -> None:
         """Search of runs that lie back to back in one pages file (`(vaddr, end, file offset)`
-        each), in read-only maps of STRETCH_WINDOW bytes: one search per run and window, bounded by the
+        each), in views of STRETCH_WINDOW bytes: one search per run and window, bounded by the
         run, so no match crosses from one run into the next (they are not adjacent in memory)."""
         nonlocal found
         find = matcher.find
         size = matcher.window
+        starts = [p[2] for p in pieces]
         f_start = pieces[0][2]
         f_end = pieces[-1][2] + pieces[-1][1] - pieces[-1][0]
         last_end = f_start
         k = 0  # first piece not yet finished
         for ws in range(f_start, f_end, STRETCH_WINDOW):
             we = min(ws + STRETCH_WINDOW, f_end)
-            map_start = max(f_start, ws - context)
-            map_start -= map_start % mmap.ALLOCATIONGRANULARITY
-            map_end = min(f_end, we + size - 1 + context)
-            data = mmap.mmap(fd, map_end - map_start, prot=mmap.PROT_READ, offset=map_start)
-            try:
+            lo = max(f_start, ws - context)
+            hi = min(f_end, we + size - 1 + context)
+            with window_view(pieces, starts, lo, hi) as got:
+                data = got.data
+                map_start = lo - got.start  # data[x - map_start] is the byte at file offset x
                 j = k
                 while j < len(pieces):
                     vs, ve, fs = pieces[j]
@@ -254,7 +261,7 @@ def scan_span(span: Span, buf: bytearray, matcher: Matcher, context: int, emit: 
                             break
                         e = j_end + map_start
                         before = bytes(data[max(fs, s - context) - map_start : i]) if context else b""
-                        after = bytes(data[j_end : min(fe, e + context) - map_start]) if context else b""
+                        after = bytes(data[j_end : min(fe, e + context, hi) - map_start]) if context else b""
                         vaddr = vs + s - fs
                         emit(span.area_at(vaddr), vaddr, bytes(data[i:j_end]), before, after)
                         found += 1
@@ -263,35 +270,32 @@ def scan_span(span: Span, buf: bytearray, matcher: Matcher, context: int, emit: 
                         progress.add(ve - vs)
                         k = j + 1
                     j += 1
-            finally:
-                data.close()
 
-    # Runs back to back in one local pages file are searched together in place.
+    # Runs back to back in one pages file are searched together (in place for the local strategies).
     stretch: list[tuple[int, int, int]] = []
-    stretch_fd = stretch_end = -1
+    stretch_pages: Any = None
+    stretch_end = -1
 
     def flush_stretch() -> None:
-        nonlocal stretch, stretch_fd, stretch_end
+        nonlocal stretch, stretch_pages, stretch_end
         if stretch:
-            scan_stretch(stretch_fd, stretch)
-        stretch, stretch_fd, stretch_end = [], -1, -1
+            scan_stretch(stretch)
+        stretch, stretch_pages, stretch_end = [], None, -1
 
-    # Small runs (fragmented memory: pages with holes between them) are batched into buf, so the
-    # cost per run is a deferred read and a search, not a map or a system call of its own.
+    # Small runs that are not one file range (lazy, or across files) are batched into buf, so the
+    # cost per run is a deferred read and a search, not a system call of its own.
     batch: list[tuple[int, int, int]] = []
     used = 0
-    in_place = direct
-    for rs, re_, file_piece in span.runs():
+    for rs, re_, piece in span.runs():
         n = re_ - rs
-        piece = file_piece if direct else None
-        if piece is not None and in_place:
+        if piece is not None:
             if batch:
                 scan_small(batch)
                 batch, used = [], 0
-            fd, offset = piece
-            if fd != stretch_fd or offset != stretch_end:
+            pages, offset = piece
+            if pages is not stretch_pages or offset != stretch_end:
                 flush_stretch()
-                stretch_fd = fd
+                stretch_pages = pages
             stretch.append((rs, re_, offset))
             stretch_end = offset + n
             continue
@@ -300,7 +304,7 @@ def scan_span(span: Span, buf: bytearray, matcher: Matcher, context: int, emit: 
             if batch:
                 scan_small(batch)
                 batch, used = [], 0
-            scan_run(rs, re_, piece)
+            scan_run(rs, re_)
             continue
         if used + n > len(buf):
             scan_small(batch)
@@ -380,10 +384,8 @@ def run(args: argparse.Namespace) -> int:
                     lazy_skipped += seg.length
         progress = Progress("grep", total)
         buf = bytearray(CHUNK)
-        # Search local pages files in place unless a strategy or a read observer was asked for.
-        direct = args.strategy is None and images.config.strategy in DIRECT_STRATEGIES and observer() is None
         for span in spans(areas):
-            found += scan_span(span, buf, matcher, context, emit, progress, direct)
+            found += scan_span(span, buf, matcher, context, emit, progress)
         progress.finish()
         page_size = images.page_size
     if matcher.hint:

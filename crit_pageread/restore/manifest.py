@@ -20,9 +20,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..config import host_page_size
+from ..config import host_page_size, load_config
 from ..errors import ImageError
-from ..pagemap import load_pagemap
+from ..images import CheckpointImages, open_images
+from ..strategy import Target
 from .squash import memory_targets, pagemap_name
 
 MANIFEST = "crit-pageread-manifest.json"
@@ -50,36 +51,35 @@ def _image_files(path: Path) -> list[str]:
     )
 
 
-def _page_runs(path: Path, name: str, page_size: int, run_pages: int) -> dict[str, Any]:
-    """[vaddr, nr_pages, pages-file offset, sha256] per run of a pagemap's present pages."""
-    pm = load_pagemap(path / name, page_size)
+def _page_runs(images: CheckpointImages, target: Target, run_pages: int) -> dict[str, Any]:
+    """[vaddr, nr_pages, pages-file offset, sha256] per run of a pagemap's present pages.
+
+    The pages are read through a reader of this image and the configured strategy (a present
+    entry's bytes are at its offset of this image's pages file, whatever the chain holds)."""
+    pm = images.pagemap_for(target)
+    page_size = pm.page_size
     runs = []
     buf = bytearray(run_pages * page_size)
-    fd = os.open(pm.pages_path, os.O_RDONLY | os.O_CLOEXEC) if pm.present_bytes else -1
-    try:
+    reader = (images.reader(target.id, zero_fill=False, auto_dedup=False) if target.kind == "pid"
+              else images.shmem_reader(target.id, zero_fill=False, auto_dedup=False))
+    with reader:
         for e in pm.entries:
             if not e.present:
                 continue
             for first in range(0, e.nr_pages, run_pages):
                 nr = min(run_pages, e.nr_pages - first)
-                offset = e.offset + first * page_size
+                vaddr = e.vaddr + first * page_size
                 view = memoryview(buf)[: nr * page_size]
-                _pread_full(fd, view, offset, pm.pages_path)
-                runs.append([e.vaddr + first * page_size, nr, offset, hashlib.sha256(view).hexdigest()])
-    finally:
-        if fd >= 0:
-            os.close(fd)
-    return {"pagemap": name, "pages_file": pm.pages_path.name, "pages_size": os.stat(pm.pages_path).st_size
+                reader.readinto(vaddr, view)
+                runs.append([vaddr, nr, e.offset + first * page_size, hashlib.sha256(view).hexdigest()])
+    return {"pagemap": pm.path.name, "pages_file": pm.pages_path.name, "pages_size": os.stat(pm.pages_path).st_size
             if pm.pages_path.exists() else 0, "runs": runs}
 
 
-def _pread_full(fd: int, view: memoryview, offset: int, path: Path) -> None:
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise ImageError(path, f"short pages file: no data at offset {offset + done}")
-        done += n
+def _open(path: Path, page_size: int) -> CheckpointImages:
+    """The image directory with the configured strategy, at the manifest's page size."""
+    config = load_config()
+    return open_images(path, config.replace(page_size=page_size) if config.page_size != page_size else config)
 
 
 def build_manifest(images_dir: str | os.PathLike[str], run_pages: int = DEFAULT_RUN_PAGES,
@@ -90,7 +90,8 @@ def build_manifest(images_dir: str | os.PathLike[str], run_pages: int = DEFAULT_
     if not (path / "inventory.img").exists() and not memory_targets(path):
         raise ImageError(path, "not a CRIU image directory (no inventory.img, no pagemaps)")
     files = {name: _sha256_file(path / name) for name in _image_files(path)}
-    pages = {str(t): _page_runs(path, pagemap_name(t), page_size, run_pages) for t in memory_targets(path)}
+    with _open(path, page_size) as images:
+        pages = {str(t): _page_runs(images, t, run_pages) for t in memory_targets(path)}
     return {"version": VERSION, "page_size": page_size, "run_pages": run_pages, "files": files, "pages": pages}
 
 
@@ -154,8 +155,11 @@ def _verify_one(path: Path, mpath: Path) -> None:
     targets = {str(t): pagemap_name(t) for t in memory_targets(path)}
     if set(targets) != set(pages):
         raise ImageError(path, f"pagemaps differ from the manifest: {sorted(targets)} vs {sorted(pages)}")
+    with _open(path, page_size) as images:
+        now = {str(t): t for t in memory_targets(path)}
+        got_pages = {name: _page_runs(images, now[name], run_pages) for name in sorted(pages)}
     for target, want in sorted(pages.items()):
-        got = _page_runs(path, want["pagemap"], page_size, run_pages)
+        got = got_pages[target]
         pages_path = path / want["pages_file"]
         if got["pages_size"] != want["pages_size"]:
             raise ImageError(pages_path, f"size {got['pages_size']}, {want['pages_size']} in the manifest")

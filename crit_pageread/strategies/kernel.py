@@ -4,7 +4,8 @@
 in the output and moves each run with `copy_file_range` (else `sendfile`,
 else a bounded `preadv`/`pwrite`); `send` uses `sendfile` to a plain socket,
 pipe or file (a TLS socket goes through the default buffered path); `view`
-maps a read-only window of the pages file.
+maps a read-only window of the pages file when the requests lie back to back
+in it.
 """
 
 from __future__ import annotations
@@ -126,18 +127,39 @@ class KernelCopies:
             done += sent
         return done
 
-    def view(self, request: CopyRequest, scratch: bytearray | None = None) -> View:
-        pages = request.pages
-        if pages is None:
-            raise ConfigError("local strategies cannot serve lazy pages")
-        if request.offset + request.length > pages.size:
+    def view(self, requests: list[CopyRequest], scratch: bytearray | None = None) -> View:
+        run = file_range(requests)
+        if run is None:  # not one range of one pages file: read the pieces
+            return Strategy.view(self, requests, scratch)  # type: ignore[arg-type]
+        pages, offset, length = run
+        if offset + length > pages.size:
             raise ImageError(pages.path, f"short pages file: no data at offset {pages.size}")
-        shift = request.offset % mmap.ALLOCATIONGRANULARITY
+        shift = offset % mmap.ALLOCATIONGRANULARITY
         try:
-            mm = mmap.mmap(pages.fd, request.length + shift, prot=mmap.PROT_READ, offset=request.offset - shift)
+            mm = mmap.mmap(pages.fd, length + shift, prot=mmap.PROT_READ, offset=offset - shift)
         except OSError:  # a file system that cannot map: read instead
-            return Strategy.view(self, request, scratch)  # type: ignore[arg-type]
-        return View(mm, shift, request.length, mm.close)
+            return Strategy.view(self, requests, scratch)  # type: ignore[arg-type]
+        return View(mm, shift, length, mm.close)
+
+
+def file_range(requests: list[CopyRequest]) -> tuple[PagesFile, int, int] | None:
+    """(pages, offset, length) if the requests lie back to back in one pages file, else None."""
+    if not requests:
+        return None
+    first = requests[0]
+    pages = first.pages
+    if pages is None:
+        raise ConfigError("local strategies cannot serve lazy pages")
+    end = first.offset + first.length
+    for req in requests[1:]:
+        if req.pages is not pages:
+            if req.pages is None:
+                raise ConfigError("local strategies cannot serve lazy pages")
+            return None
+        if req.offset != end:
+            return None
+        end += req.length
+    return pages, first.offset, end - first.offset
 
 
 def _stream_runs(requests: list[CopyRequest]) -> list[list[Any]]:

@@ -8,7 +8,7 @@ from typing import Any
 from ..errors import ConfigError, ImageError
 from ..hookspecs import hookimpl
 from ..strategy import CopyRequest, PagesFile, ReadRequest, Strategy, StrategyInfo, View
-from .kernel import KernelCopies
+from .kernel import KernelCopies, file_range
 
 _ADVICE = {
     "normal": mmap.MADV_NORMAL,
@@ -47,16 +47,17 @@ class MmapStrategy(KernelCopies, Strategy):
             raise ImageError(pages.path, f"short pages file: no data at offset {len(view)}")
         request.dest[:] = view[request.offset : end]
 
-    def view(self, request: CopyRequest, scratch: bytearray | None = None) -> View:
-        """A window of the whole-file map: no system call."""
-        pages = request.pages
-        if pages is None:
-            raise ConfigError("mmap: strategy cannot serve lazy pages")
+    def view(self, requests: list[CopyRequest], scratch: bytearray | None = None) -> View:
+        """A window of the whole-file map when the requests lie back to back in one file: no system call."""
+        run = file_range(requests)
+        if run is None:
+            return Strategy.view(self, requests, scratch)
+        pages, offset, length = run
         self._view(pages)
         mm = self._maps[pages][0]
-        if request.offset + request.length > len(mm):
+        if offset + length > len(mm):
             raise ImageError(pages.path, f"short pages file: no data at offset {len(mm)}")
-        return View(mm, request.offset, request.length)
+        return View(mm, offset, length)
 
     def close(self) -> None:
         for mm, view in self._maps.values():

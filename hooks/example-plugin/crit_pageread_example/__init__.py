@@ -28,7 +28,11 @@ def _log(line: str) -> None:
 
 
 class CountingStrategy(Strategy):
-    """Reads through another strategy and counts requests and bytes."""
+    """Reads through another strategy and counts requests and bytes.
+
+    It implements only `read`/`submit` (and passes `sync`/`pending` on): the base class's
+    `write_to`, `send` and `view` are built on those, so every command's bytes are counted here.
+    """
 
     name = "counting"
 
@@ -57,9 +61,9 @@ class CountingStrategy(Strategy):
 
     def close(self) -> None:
         self.inner.close()
-        if self.report:
-            with open(self.report, "w") as f:
-                json.dump({"requests": self.requests, "bytes": self.bytes}, f)
+        if self.report:  # one line per strategy closed (a command may make one per pid)
+            with _lock, open(self.report, "a") as f:
+                f.write(json.dumps({"requests": self.requests, "bytes": self.bytes}) + "\n")
 
 
 def _counting(table: dict[str, Any]) -> Strategy:
@@ -90,6 +94,10 @@ class _ReadObserver:
     @hookimpl
     def crit_pageread_after_read(self, reader: Any, vaddr: int, data: memoryview) -> None:
         _log(f"read {reader.target} {vaddr:#x} {len(data)}")
+
+    @hookimpl
+    def crit_pageread_after_copy(self, reader: Any, vaddr: int, length: int) -> None:
+        _log(f"copy {reader.target} {vaddr:#x} {length}")
 
 
 @hookimpl
