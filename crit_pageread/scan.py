@@ -18,7 +18,6 @@ checkpoint, it returns the error.
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import io
@@ -34,7 +33,7 @@ from typing import Any
 
 from .archive import is_archive
 from .config import Config
-from .errors import ConfigError, CritPageReadError
+from .errors import ConfigError, CritPageReadError, LazyPageError
 from .images import CheckpointImages, open_images
 from .memory import Area, Readers, Span, VmaFilter, spans
 
@@ -325,30 +324,37 @@ class _Scanner:
     def scan_span(self, span: Span, out: list[Match], rule_only: set[tuple[str, str]]) -> int:
         """Scan every readable run of `span`; append the matches; return the bytes scanned."""
         total = 0
-        batch: list[tuple[int, int, int]] = []  # (vaddr, length, offset in self.batch)
-        used = 0
+        batch: list[tuple[int, int]] = []  # small runs (vaddr, length) within len(self.batch) of batch[0]
+        limit = len(self.batch)
         for rs, re_, _piece in span.runs():
             n = re_ - rs
             total += n
             if n > self.small:
                 self.scan_run(span, rs, re_, out, rule_only)
                 continue
-            if used + n > len(self.batch):
+            if batch and re_ - batch[0][0] > limit:
                 self._scan_batch(span, batch, out, rule_only)
-                batch, used = [], 0
-            batch.append((rs, n, used))
-            used += n
+                batch = []
+            batch.append((rs, n))
         if batch:
             self._scan_batch(span, batch, out, rule_only)
         return total
 
-    def _scan_batch(self, span: Span, batch: list[tuple[int, int, int]], out: list[Match],
+    def _scan_batch(self, span: Span, batch: list[tuple[int, int]], out: list[Match],
                     rule_only: set[tuple[str, str]]) -> None:
+        """Read the memory from the first run to the end of the last into the batch buffer at once
+        (holes between them left as they are), then scan each run on its own."""
         delta = span.delta
+        start = batch[0][0]
+        extent = batch[-1][0] + batch[-1][1] - start
         bview = memoryview(self.batch)
-        span.reader.readv([(rs + delta, bview[off : off + n]) for rs, n, off in batch])
+        try:
+            span.reader.readinto(start + delta, bview[:extent], holes="skip")
+        except LazyPageError:  # lazy pages the strategy does not serve lie between runs: read the runs only
+            span.reader.readv([(rs + delta, bview[rs - start : rs - start + n]) for rs, n in batch])
         view = self.buffer.view
-        for rs, n, off in batch:
+        for rs, n in batch:
+            off = rs - start
             view[:n] = bview[off : off + n]
             self._scan_window(span, rs, n, rs, rs + n, out, rule_only)
 
@@ -377,26 +383,25 @@ class _Scanner:
                      rule_only: set[tuple[str, str]]) -> None:
         """Scan the first n bytes of the window buffer (memory from `base`); keep the matches that start
         in [own_start, own_end)."""
-        with self.buffer.scannable(n) as data:
-            results = self.scanner.scan(data)
-            for rule in results.matching_rules:
-                any_match = False
-                for pattern in rule.patterns:
-                    matches = pattern.matches
-                    if not matches:
-                        continue
-                    any_match = True
-                    if len(matches) >= self.max_matches:
-                        self.truncated = True
-                    for m in matches:
-                        vaddr = base + m.offset
-                        if own_start <= vaddr < own_end:
-                            out.append(_match(span, rule, pattern.identifier, vaddr, m.length,
-                                              data[m.offset : m.offset + min(m.length, EXCERPT)]))
-                if not any_match and (rule.namespace, rule.identifier) not in rule_only:
-                    # A condition with no string match (e.g. `not $a`, `filesize > 0`): once per process.
-                    rule_only.add((rule.namespace, rule.identifier))
-                    out.append(_match(span, rule, None, base, 0, b""))
+        results, data = self.buffer.scan(self.scanner, n)
+        for rule in results.matching_rules:
+            any_match = False
+            for pattern in rule.patterns:
+                matches = pattern.matches
+                if not matches:
+                    continue
+                any_match = True
+                if len(matches) >= self.max_matches:
+                    self.truncated = True
+                for m in matches:
+                    vaddr = base + m.offset
+                    if own_start <= vaddr < own_end:
+                        out.append(_match(span, rule, pattern.identifier, vaddr, m.length,
+                                          data[m.offset : m.offset + min(m.length, EXCERPT)]))
+            if not any_match and (rule.namespace, rule.identifier) not in rule_only:
+                # A condition with no string match (e.g. `not $a`, `filesize > 0`): once per process.
+                rule_only.add((rule.namespace, rule.identifier))
+                out.append(_match(span, rule, None, base, 0, b""))
 
 
 def _match(span: Span, rule: Any, identifier: str | None, vaddr: int, length: int, data: bytes) -> Match:
@@ -438,16 +443,15 @@ class WindowBuffer:
             self._storage = memoryview(bytearray(size + 1))
             self.view = self._storage[:size]
 
-    @contextlib.contextmanager
-    def scannable(self, n: int) -> Iterator[bytes]:
-        """The first `n` bytes of the buffer as `bytes`, valid inside the `with` only."""
+    def scan(self, scanner: Any, n: int) -> tuple[Any, bytes]:
+        """yara-x's results for the first `n` bytes, and a bytes object with those bytes at their offsets."""
         if self._len is None:
-            yield bytes(self.view[:n])
-            return
+            data = bytes(self.view[:n])
+            return scanner.scan(data), data
         self._storage[n] = 0  # bytes objects end with a NUL
         self._len.value = n
         try:
-            yield self._data
+            return scanner.scan(self._data), self._data
         finally:
             self._len.value = self.size
             self._storage[self.size] = 0

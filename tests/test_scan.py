@@ -384,3 +384,33 @@ def test_scan_on_a_dask_cluster_gives_the_local_output(fleet: Fleet) -> None:
     def strip(err: str) -> list[str]:
         return [re.sub(r", [0-9.]+ s$", "", line) for line in err.splitlines()]
     assert strip(remote.stderr) == strip(local.stderr)
+
+
+def test_scan_reads_lazy_pages_from_criu_with_the_remote_strategy(
+    victim_exe: Path, tmp_path: Path, pipe_max_size: None
+) -> None:
+    from criu_harness import start_lazy_dump
+
+    victim = start_victim(victim_exe, tmp_path / "v", "--seed", "34")
+    addr, text = int(victim.info["secret"]["addr"]), victim.info["secret"]["text"]
+    rules = tmp_path / "secret.yar"
+    rules.write_text(f'rule secret {{ strings: $s = "{text}" condition: $s }}\n')
+    images = tmp_path / "img"
+    proc, port = start_lazy_dump(victim, images)
+    try:
+        # the secret's second page is lazy: on CRIU's page server only
+        local = scan("--rules", str(rules), str(images), "--json")
+        assert addr not in {m["vaddr"] for m in matches(local.stdout)}, local.stdout
+        assert "MiB of lazy pages not scanned (use --strategy remote)" in local.stderr
+        config = tmp_path / "remote.toml"
+        config.write_text(f"[remote]\nport = {port}\ntimeout = 20\n")
+        remote = scan("--rules", str(rules), str(images), "--json", "--strategy", "remote", "--config", str(config))
+        assert remote.returncode == 0, remote.stderr
+        assert addr in {m["vaddr"] for m in matches(remote.stdout)}
+        assert "lazy pages not scanned" not in remote.stderr
+        assert proc.wait(30) == 0  # the remote reader's CLOSE ended the lazy dump
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        victim.kill()

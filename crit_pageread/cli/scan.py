@@ -99,7 +99,7 @@ def summary(res: CheckpointResult) -> str:
     text = (f"crit-pageread: scan: {res.checkpoint}: {res.pids} processes, {res.bytes / (1 << 20):.1f} MiB in "
             f"{res.spans} spans, {len(res.matches)} matches of {res.rules} rules, {res.seconds:.2f} s")
     if res.lazy_skipped:
-        text += f"; {res.lazy_skipped >> 20} MiB of lazy pages not scanned (use --strategy remote)"
+        text += f"; {res.lazy_skipped / (1 << 20):.1f} MiB of lazy pages not scanned (use --strategy remote)"
     if res.truncated:
         text += "; some strings matched more than --max-matches times in a window (not all shown)"
     return text
