@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -82,7 +83,9 @@ def measure(shape_name: str, runs: int, rules: Path, work: Path) -> dict[str, An
     def phase(name: str, r: dict[str, Any]) -> float:
         if name == "scan":
             line = next(x for x in r["stderr"].decode().splitlines() if " MiB in " in x)
-            return float(line.rsplit(", ", 1)[1].split(" s")[0])
+            found = re.search(r", ([0-9.]+) s, ", line)
+            assert found, line
+            return float(found.group(1))
         return float(r["stdout"].split()[2])
     matches_scan = len(last["stdout"].splitlines())
     result: dict[str, Any] = {"shape": shape_name, "checkpoint": str(images), "runs": runs,

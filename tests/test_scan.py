@@ -382,7 +382,7 @@ def test_scan_on_a_dask_cluster_gives_the_local_output(fleet: Fleet) -> None:
     assert remote.returncode == local.returncode == 2, remote.stderr
     assert remote.stdout == local.stdout and remote.stdout
     def strip(err: str) -> list[str]:
-        return [re.sub(r", [0-9.]+ s$", "", line) for line in err.splitlines()]
+        return [re.sub(r", [0-9.]+ s, [0-9]+ MiB peak RSS$", "", line) for line in err.splitlines()]
     assert strip(remote.stderr) == strip(local.stderr)
 
 
