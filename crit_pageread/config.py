@@ -13,7 +13,9 @@ that name, which validates it.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +72,20 @@ def user_config_path() -> Path:
     return Path(base) / "crit-pageread" / "config.toml"
 
 
+def _is_file(file: Path, required: bool) -> bool:
+    """Whether to read `file`. A default location that cannot be looked at (EACCES on a parent, as with a
+    HOME kept but unreadable under `sudo -u`) counts as absent; a file named with --config must be there."""
+    try:
+        if stat.S_ISREG(file.stat().st_mode):
+            return True
+        problem = "not a regular file"
+    except OSError as exc:
+        problem = "config file not found" if exc.errno == errno.ENOENT else f"cannot read: {exc.strerror}"
+    if required:
+        raise ConfigError(f"{file}: {problem}")
+    return False
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
@@ -84,9 +100,7 @@ def load_config(
     if named:
         files.append((Path(named), True))
     for file, required in files:
-        if not file.is_file():
-            if required:
-                raise ConfigError(f"{file}: config file not found")
+        if not _is_file(file, required):
             continue
         try:
             with open(file, "rb") as f:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ import pytest
 from crit_pageread import ConfigError, open_images
 from crit_pageread.config import Config, host_page_size, load_config
 from crit_pageread.plugins import configure, make_strategy
+from crit_pageread.testing import ImageBuilder, VmaSpec
 
 
 @pytest.fixture
@@ -176,3 +180,32 @@ def test_config_drives_the_reader(isolated: Path, shared_fixtures: Path) -> None
             assert reader.read(0, 4096) == bytes(4096)
         with images.reader(images.pids[0], "pread", zero_fill=False) as reader:
             assert reader.strategy.name == "pread" and not reader.zero_fill
+
+
+def _as_root_without_dac_override(*args: str, home: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`crit-pageread ARGS` as root that permissions bind (as any other uid): CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH dropped from the bounding set by setpriv."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRIT_PAGEREAD_") and k != "XDG_CONFIG_HOME"}
+    env["HOME"] = str(home)
+    return subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search", sys.executable, "-m",
+                           "crit_pageread", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=60)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_an_unreadable_home_is_skipped_but_an_unreadable_config_flag_is_an_error(tmp_path: Path) -> None:
+    images = ImageBuilder(tmp_path / "img").process(10, vmas=[VmaSpec(0x10000, 0x12000)]) \
+        .pagemap(10, [(0x10000, b"\x5a" * 8192)]).write()
+    home = tmp_path / "home"
+    write(home / ".config" / "crit-pageread" / "config.toml", 'strategy = "pread"\n')
+    named = write(tmp_path / "locked" / "c.toml", 'strategy = "pread"\n')
+    home.chmod(0)
+    named.parent.chmod(0)
+    try:
+        ok = _as_root_without_dac_override("read", str(images), "0x10000", "4", home=home, cwd=tmp_path)
+        bad = _as_root_without_dac_override("read", str(images), "0x10000", "4", "--config", str(named),
+                                            home=home, cwd=tmp_path)
+    finally:
+        home.chmod(0o755)
+        named.parent.chmod(0o755)
+    assert ok.returncode == 0 and ok.stdout == "ZZZZ", ok.stderr
+    assert bad.returncode != 0 and bad.stderr == f"crit-pageread: {named}: cannot read: Permission denied\n"

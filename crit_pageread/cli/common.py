@@ -77,4 +77,6 @@ def target_keys(item: dict[str, Any]) -> dict[str, Any]:
 
 def progress_enabled() -> bool:
     """Progress bars only on a TTY (stderr)."""
-    return sys.stderr.isatty()
+    from .progress import progress_enabled as enabled
+
+    return enabled()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from ..hookspecs import hookimpl
-from .common import add_common_options, open_from_args, print_ndjson, progress_enabled, selected_pids
+from .common import add_common_options, open_from_args, print_ndjson, selected_pids
+from .progress import Progress
 
 
 @hookimpl
@@ -28,12 +28,12 @@ def crit_pageread_add_commands(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..restore.coredump import coredump
 
+    bar = Progress("coredump")
     with open_from_args(args) as images:
         pids = selected_pids(images, args) if args.pid else None
         reports = coredump(images, args.output, pids, strategy=args.strategy,
-                           progress=_progress if progress_enabled() else None)
-    if progress_enabled():
-        sys.stderr.write("\n")
+                           progress=bar.callback if bar.enabled else None)
+    bar.finish()
     if args.json:
         print_ndjson(_core_json(r.as_dict()) for r in reports)
         return 0
@@ -50,9 +50,3 @@ def _core_json(report: dict[str, Any]) -> dict[str, Any]:
     out = {"pid": report.pop("pid"), "output": report.pop("path")}
     out.update(report)
     return out
-
-
-def _progress(what: str, done: int, total: int) -> None:
-    pct = 100 * done // total if total else 100
-    sys.stderr.write(f"\r{what}: {done >> 20}/{total >> 20} MiB ({pct}%)   ")
-    sys.stderr.flush()

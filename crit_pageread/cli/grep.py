@@ -26,6 +26,7 @@ from ..memory import Area, Readers, Span, spans
 from ..search import ENGINES, FAST_HINT, Searcher, SearchError, compile_search, hyperscan_module
 from .common import add_common_options, open_from_args, selected_pids
 from .memscan import Progress, add_vma_filters, vma_filter_from_args
+from .progress import before_output
 
 CHUNK = 8 << 20
 #: Bytes of a pages file mapped at a time when runs are searched in place.
@@ -342,6 +343,7 @@ def run(args: argparse.Namespace) -> int:
     hex_output = matcher.hex_output
 
     def emit(area: Area, vaddr: int, match: bytes, before: bytes, after: bytes) -> None:
+        before_output()  # a progress bar on the terminal is erased before the line
         vma = area.vma
         if args.json:
             text, enc = _encode(match, hex_output)

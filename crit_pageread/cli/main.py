@@ -11,6 +11,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import CritPageReadError
+from .progress import before_output
 
 #: The commands, each a plugin registered like a third-party one, only when the command line runs.
 COMMAND_PLUGINS = (
@@ -103,11 +104,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CritPageReadError as exc:
         if debug:
             raise
+        before_output()
         print(f"crit-pageread: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         if debug:
             raise
+        before_output()
         print("crit-pageread: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
     except BrokenPipeError:
@@ -119,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         where = f"{exc.filename}: " if exc.filename else ""
+        before_output()
         print(f"crit-pageread: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
 

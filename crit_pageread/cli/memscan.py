@@ -1,14 +1,14 @@
-"""What grep and extract share on the command line: VMA filter options and a progress bar."""
+"""What grep and extract share on the command line: VMA filter options (and the progress bar)."""
 
 from __future__ import annotations
 
-import sys
-import time
 from typing import Any
 
 from ..errors import ConfigError
 from ..memory import VmaFilter, parse_range
-from .common import progress_enabled
+from .progress import Progress
+
+__all__ = ["Progress", "add_vma_filters", "vma_filter_from_args"]
 
 
 def add_vma_filters(parser: Any) -> None:
@@ -27,34 +27,3 @@ def vma_filter_from_args(args: Any) -> VmaFilter:
     return VmaFilter(
         list(args.vma_names), list(args.vma_kinds), perms, parse_range(args.vrange) if args.vrange else None
     )
-
-
-class Progress:
-    """A one-line progress bar on stderr, only when stderr is a TTY."""
-
-    def __init__(self, label: str, total: int) -> None:
-        self.label = label
-        self.total = max(total, 1)
-        self.done = 0
-        self.enabled = progress_enabled()
-        self._last = 0.0
-
-    def add(self, n: int) -> None:
-        self.done += n  # may come from several writer threads: a lost update only skews the bar
-        if self.enabled:
-            now = time.monotonic()
-            if now - self._last >= 0.2:
-                self._last = now
-                self._draw()
-
-    def _draw(self) -> None:
-        frac = min(self.done / self.total, 1.0)
-        bar = "#" * int(frac * 30)
-        sys.stderr.write(f"\r{self.label} [{bar:<30}] {frac * 100:5.1f}% {self.done >> 20}/{self.total >> 20} MiB")
-        sys.stderr.flush()
-
-    def finish(self) -> None:
-        if self.enabled:
-            self._draw()
-            sys.stderr.write("\n")
-            sys.stderr.flush()

@@ -126,8 +126,9 @@ class _Bar:
             sys.stderr.flush()
 
     def finish(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
+        if self.enabled:  # the bar goes away: nothing of it stays in the output
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
 
 
 def default_jobs() -> int:

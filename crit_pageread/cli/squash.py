@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from ..hookspecs import hookimpl
 from ..pagemap import LAYOUTS
-from .common import add_common_options, config_from_args, print_json, progress_enabled, target_keys
+from .common import add_common_options, config_from_args, print_json, target_keys
+from .progress import Progress
 
 
 @hookimpl
@@ -32,10 +32,10 @@ def run(args: argparse.Namespace) -> int:
     from ..restore.squash import squash
 
     config = config_from_args(args)
+    bar = Progress("squash")
     report = squash(args.dir, args.out, config=config, strategy=args.strategy, layout=args.layout,
-                    verify=args.verify, progress=_progress if progress_enabled() else None)
-    if progress_enabled():
-        sys.stderr.write("\n")
+                    verify=args.verify, progress=bar.callback if bar.enabled else None)
+    bar.finish()
     if args.json:
         doc = report.as_dict()
         doc["checkpoint"] = doc.pop("source")
@@ -47,9 +47,3 @@ def run(args: argparse.Namespace) -> int:
           f"({report.parent_pages} from parents, {report.lazy_pages} lazy fetched), "
           f"{len(report.copied)} other images copied{', verified' if report.verified else ''}")
     return 0
-
-
-def _progress(what: str, done: int, total: int) -> None:
-    pct = 100 * done // total if total else 100
-    sys.stderr.write(f"\r{what}: {done >> 20}/{total >> 20} MiB ({pct}%)   ")
-    sys.stderr.flush()
