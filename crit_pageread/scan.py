@@ -93,6 +93,7 @@ def compile_rules(paths: Sequence[str]) -> bytes:
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: cannot read rules: {exc}") from None
         try:
+            compiler.add_include_dir(str(path.parent))  # `include "x.yar"` next to the file
             compiler.add_source(source, origin=str(path))
         except yx.CompileError as exc:
             raise ConfigError(f"{path}: {_one_line(str(exc))}") from None
@@ -271,6 +272,9 @@ def scan_checkpoint(target: Target, rules_blob: bytes, options: ScanOptions) -> 
         result.error = f"{type(exc).__name__}: {exc}"
     if result.error is not None:
         result.matches = []
+        for prefix in (f"{target.name}: ", f"{target.path}: "):  # the CLI names the checkpoint already
+            if result.error.startswith(prefix):
+                result.error = result.error[len(prefix) :]
     result.seconds = time.perf_counter() - t0
     result.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
@@ -473,8 +477,10 @@ def run_local(targets: Sequence[Target], rules_blob: bytes, options: ScanOptions
     # forkserver: workers start from a clean process (no threads of ours or of yara-x forked)
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["crit_pageread.scan"])
-    with ProcessPoolExecutor(max_workers=min(jobs, len(targets)), mp_context=ctx) as pool:
-        futures = {pool.submit(scan_checkpoint, t, rules_blob, options): i for i, t in enumerate(targets)}
+    # the rules go to each worker once, not with every task
+    with ProcessPoolExecutor(max_workers=min(jobs, len(targets)), mp_context=ctx, initializer=_worker_rules,
+                             initargs=(rules_blob,)) as pool:
+        futures = {pool.submit(_scan_with_worker_rules, t, options): i for i, t in enumerate(targets)}
         try:
             for fut in as_completed(futures):
                 try:
@@ -486,6 +492,18 @@ def run_local(targets: Sequence[Target], rules_blob: bytes, options: ScanOptions
             for fut in futures:
                 fut.cancel()
             raise
+
+
+_WORKER_RULES = b""
+
+
+def _worker_rules(blob: bytes) -> None:
+    global _WORKER_RULES
+    _WORKER_RULES = blob
+
+
+def _scan_with_worker_rules(target: Target, options: ScanOptions) -> CheckpointResult:
+    return scan_checkpoint(target, _WORKER_RULES, options)
 
 
 def run_dask(targets: Sequence[Target], rules_blob: bytes, options: ScanOptions,
