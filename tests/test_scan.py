@@ -414,3 +414,30 @@ def test_scan_reads_lazy_pages_from_criu_with_the_remote_strategy(
             proc.kill()
             proc.wait()
         victim.kill()
+
+
+def test_scan_progress_bar_on_a_tty_only(fleet: Fleet) -> None:
+    import pty
+
+    args = [*CLI, "scan", "--rules", str(fleet.rules), str(fleet.directory), str(fleet.tar), "--jobs", "1"]
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.run(args, stderr=slave, stdout=subprocess.PIPE, timeout=300)
+        os.close(slave)
+        tty_err = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            tty_err += chunk
+    finally:
+        os.close(master)
+    assert proc.returncode == 0
+    # drawn after the first checkpoint, erased before the next line; nothing left after the last line
+    assert re.search(rb"\rscan \[#+ *\] +50\.0% 1/2 checkpoints\x1b\[K\r\x1b\[Kcrit-pageread: scan: ", tty_err), tty_err
+    assert re.search(rb"crit-pageread: scan: 2 checkpoints, [0-9]+ matches, 0 errors\r\n$", tty_err), tty_err
+    piped = subprocess.run(args, capture_output=True, timeout=300)
+    assert piped.returncode == 0 and b"scan [" not in piped.stderr and b"\x1b" not in piped.stderr

@@ -28,8 +28,9 @@ from ..scan import (
     run_dask,
     run_local,
 )
-from .common import config_from_args, progress_enabled
+from .common import config_from_args
 from .memscan import add_vma_filters, vma_filter_from_args
+from .progress import Progress, before_output
 
 EXCERPT_SHOWN = 32
 
@@ -106,31 +107,6 @@ def summary(res: CheckpointResult) -> str:
     return text
 
 
-class _Bar:
-    """A one-line bar over the checkpoints on stderr, only on a TTY."""
-
-    def __init__(self, total: int) -> None:
-        self.total = max(total, 1)
-        self.done = 0
-        self.enabled = progress_enabled()
-
-    def clear(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\r\x1b[K")
-
-    def step(self) -> None:
-        self.done += 1
-        if self.enabled:
-            frac = self.done / self.total
-            sys.stderr.write(f"\rscan [{'#' * int(frac * 30):<30}] {self.done}/{self.total} checkpoints")
-            sys.stderr.flush()
-
-    def finish(self) -> None:
-        if self.enabled:  # the bar goes away: nothing of it stays in the output
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
-
-
 def default_jobs() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -164,24 +140,24 @@ def run(args: argparse.Namespace) -> int:
     else:
         results = run_local(targets, rules, options, jobs)
     out = sys.stdout
-    bar = _Bar(len(targets))
+    bar = Progress("scan", len(targets), unit="checkpoints")
     done: dict[int, CheckpointResult] = {}
     next_index = 0
     found = 0
     for index, res in results:
         done[index] = res
-        bar.clear()
         while next_index in done:  # print in the order the checkpoints were named
             r = done.pop(next_index)
             next_index += 1
             name = r.checkpoint
+            before_output()
             for m in r.matches:
                 out.write(json.dumps(match_json(name, m)) + "\n" if args.json else match_line(name, m))
             out.flush()
             found += len(r.matches)
             errors += r.error is not None
             print(summary(r), file=sys.stderr)
-        bar.step()
+        bar.add(1)
     bar.finish()
     if len(targets) > 1:
         print(f"crit-pageread: scan: {len(targets)} checkpoints, {found} matches, {errors} errors", file=sys.stderr)
