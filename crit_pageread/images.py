@@ -178,12 +178,16 @@ class CheckpointImages:
             raise ImageError(path, f"expected one mm entry, found {len(msgs)}")
         names = self._file_names
         out = []
+        # CRIU does not flag the main stack; mm_start_stack (field 5) lies in it.
+        stack = msgs[0].opt(5)
         # mm_entry.vmas is field 14; vma_entry: start 1, end 2, pgoff 3, shmid 4, prot 5, flags 6, status 7
         for v in msgs[0].messages(14):
             start, end = v.req(1, "vma start"), v.req(2, "vma end")
             shmid, status = v.req(4, "vma shmid"), v.req(7, "vma status")
             if end <= start:
                 raise ImageError(path, f"corrupt vma {start:#x}-{end:#x}")
+            if start <= stack < end and status & VMA_ANON_PRIVATE:
+                status |= VMA_AREA_STACK
             if status & (VMA_AREA_MEMFD | VMA_FILE_PRIVATE | VMA_FILE_SHARED):
                 name = names.get(shmid, f"file#{shmid}")
             elif status & VMA_AREA_SYSVIPC:

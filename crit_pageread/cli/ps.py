@@ -35,17 +35,35 @@ def _strings(data: bytes) -> list[str]:
     return [p.decode("utf-8", "backslashreplace") for p in parts]
 
 
-def read_area(images: CheckpointImages, pid: int, start: int, end: int, strategy: str | None) -> tuple[list[str], str]:
-    """NUL-separated strings in [start, end) of pid's memory, and "" or why they could not be read."""
+def _read(images: CheckpointImages, pid: int, start: int, end: int, strategy: str | None) -> tuple[bytes, str]:
+    """The bytes of [start, end) of pid's memory, and "" or why they could not be read."""
     if end <= start:
-        return [], ""
+        return b"", ""
     if end - start > MAX_AREA:
-        return [], f"range {start:#x}-{end:#x} too large"
+        return b"", f"range {start:#x}-{end:#x} too large"
     try:
         with images.reader(pid, strategy) as reader:
-            return _strings(reader.read(start, end - start)), ""
+            return reader.read(start, end - start), ""
     except PageError as exc:
-        return [], str(exc)
+        return b"", str(exc)
+
+
+def read_area(images: CheckpointImages, pid: int, start: int, end: int, strategy: str | None) -> tuple[list[str], str]:
+    """NUL-separated strings in [start, end) of pid's memory, and "" or why they could not be read."""
+    data, err = _read(images, pid, start, end, strategy)
+    return _strings(data), err
+
+
+def cmdline(area: bytes, overflow: bytes, page_size: int) -> tuple[bytes, bool]:
+    """What the kernel's /proc/PID/cmdline gives (fs/proc/base.c, get_mm_cmdline): the bytes of argv
+    [arg_start, arg_end), unless its last byte is not NUL (the process rewrote its title past argv, as
+    setproctitle does): then the title from arg_start to its first NUL (included), running on into the environment
+    area (`overflow`, when it starts at arg_end), at most one page. Returns (bytes, title rewritten)."""
+    if not area or area[-1] == 0:
+        return area, False
+    title = (area + overflow)[:page_size]
+    end = title.find(b"\0")
+    return (title if end < 0 else title[: end + 1]), True  # with its NUL, as the kernel gives it
 
 
 def _mm_areas(images: CheckpointImages, pid: int) -> tuple[int, int, int, int]:
@@ -75,15 +93,26 @@ def process_info(images: CheckpointImages, pid: int, strategy: str | None, env: 
     images._check_pid(pid)
     arg_start, arg_end, env_start, env_end = _mm_areas(images, pid)
     comm = _comm(images, pid)
-    argv, argv_err = read_area(images, pid, arg_start, arg_end, strategy)
+    args, argv_err = _read(images, pid, arg_start, arg_end, strategy)
+    # The kernel lets a title run on into the environment only when that area follows argv.
+    follows = env_start == arg_end and env_end >= env_start
+    overflow = b""
+    if args and args[-1] != 0 and follows:
+        overflow, _ = _read(images, pid, env_start, min(env_end, arg_start + images.page_size), strategy)
+    line, retitled = cmdline(args, overflow, images.page_size)
     info: dict[str, Any] = {
         "pid": pid, "ppid": proc.ppid, "pgid": proc.pgid, "sid": proc.sid, "threads": list(proc.threads),
-        "comm": comm, "argv": argv,
+        "comm": comm, "cmdline": line.decode("utf-8", "backslashreplace"),
+        "argv": _strings(line.rstrip(b"\0") + b"\0") if line.rstrip(b"\0") else [],
     }
+    if retitled:
+        info["retitled"] = True
     errors = [argv_err] if argv_err else []
     if env:
-        environ, env_err = read_area(images, pid, env_start, env_end, strategy)
-        info["environ"] = environ
+        environ, env_err = _read(images, pid, env_start, env_end, strategy)
+        if retitled and follows:  # the part of the environment area the title took is not environment
+            environ = environ[max(0, arg_start + len(line) - env_start):]
+        info["environ"] = _strings(environ)
         if env_err:
             errors.append(env_err)
     if errors:
@@ -110,7 +139,9 @@ def run(args: argparse.Namespace) -> int:
 
     def show(pid: int, depth: int) -> None:
         info = infos[pid]
-        words = info["argv"] or [f"[{info['comm']}]"]
+        # As ps shows it: the kernel's command line, its NUL padding trimmed, NULs as spaces.
+        text = info["cmdline"].rstrip("\0").replace("\0", " ")
+        words = [text] if text else [f"[{info['comm']}]"]
         if "environ" in info:
             words = words + info["environ"]
         line = " ".join(words)
