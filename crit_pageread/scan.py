@@ -46,7 +46,7 @@ OVERLAP = 64 << 10
 #: Matches kept per pattern and window (yara-x stops recording after that many).
 MAX_MATCHES = 1000
 #: Runs up to this long are read in batches (one readv for many) and scanned one by one.
-SMALL_RUN = 256 << 10
+SMALL_RUN = 64 << 10
 #: Bytes of small runs read at once.
 BATCH = 4 << 20
 #: Bytes of a match kept for the excerpt.
