@@ -424,12 +424,20 @@ class PageReader:
         zeros: list[tuple[int, int]] = []
         dedup = self._root._dedup_pending if self.auto_dedup else None
         last: CopyRequest | None = None
-        find = self.pagemap.find
+        starts = self.pagemap._starts
+        entries = self.pagemap.entries
+        pages = self._pages
         for vaddr, length, out in iov:
-            entry = find(vaddr)
-            if entry is not None and entry.flags & PE_PRESENT and vaddr + length <= entry.end:
+            i = bisect_right(starts, vaddr) - 1
+            entry = entries[i] if i >= 0 else None
+            if (
+                entry is not None
+                and entry.flags & PE_PRESENT
+                and vaddr + length <= entry.vaddr + entry.nr_pages * entry.page_size
+            ):
                 # Fast path (most ranges): inside one entry with data in this image.
-                pages = self._pages or self._pages_file()
+                if pages is None:
+                    pages = self._pages_file()
                 offset = entry.offset + vaddr - entry.vaddr
                 if (
                     last is not None
@@ -504,6 +512,59 @@ class PageReader:
             for vaddr, length, _ in ranges:
                 observe.crit_pageread_after_copy(reader=self, vaddr=vaddr, length=length)
         return sum(r.length for r in requests) + sum(n for _, n in zeros)
+
+    def write_segments(self, fd: int, pieces: Iterable[tuple[Segment, int]]) -> int:
+        """`write_to` for ranges already planned: each `(segment, out_offset)` with a segment from this
+        reader's `segments()`, copied to `out_offset` of the regular file `fd`.
+
+        Present segments (and lazy ones, when the strategy serves them) go to
+        the strategy's `write_to` (pieces contiguous in a pages file and in the
+        output join); holes and lazy pages it cannot serve are skipped. For
+        consumers that walk the segments anyway (extract, squash, coredump): no
+        second planning pass. Returns the bytes copied.
+        """
+        self._check_open()
+        lazy_ok = self.strategy.serves_lazy
+        target = self.target
+        requests: list[CopyRequest] = []
+        last: CopyRequest | None = None
+        dedup = self._root._dedup_pending if self.auto_dedup else None
+        mark = len(dedup) if dedup is not None else 0
+        for seg, out in pieces:
+            if seg.kind == "present":
+                pages = seg.pages
+                if (
+                    last is not None
+                    and last.pages is pages
+                    and last.offset + last.length == seg.offset
+                    and last.vaddr + last.length == seg.vaddr
+                    and last.out_offset + last.length == out
+                ):
+                    last.length += seg.length
+                else:
+                    last = CopyRequest(pages, seg.offset, seg.length, seg.vaddr, target, out)
+                    requests.append(last)
+                if dedup is not None and seg.depth:
+                    dedup.append((pages, seg.offset, seg.length))  # type: ignore[arg-type]
+            elif seg.kind == "lazy" and lazy_ok:
+                last = None
+                requests.append(CopyRequest(None, -1, seg.length, seg.vaddr, target, out))
+        observe = self._root._observe
+        if observe is not None:
+            try:
+                for r in requests:
+                    observe.crit_pageread_before_read(reader=self, vaddr=r.vaddr, length=r.length, deferred=False)
+            except BaseException:
+                if dedup is not None:
+                    del dedup[mark:]
+                raise
+        if self.strategy.pending:
+            self._root.sync()
+        self._moved(lambda: self.strategy.write_to(requests, fd))
+        if observe is not None:
+            for r in requests:
+                observe.crit_pageread_after_copy(reader=self, vaddr=r.vaddr, length=r.length)
+        return sum(r.length for r in requests)
 
     def send(self, out: Sink, vaddr: int, length: int, *, holes: HolesMode | None = None) -> int:
         """Write [vaddr, vaddr+length) in address order to `out`: a socket object (TLS too) or a file

@@ -105,7 +105,7 @@ def kill_tree(pid: int) -> None:
 
 
 def interrupted_run(argv: list[str], after_calls: int = 1) -> subprocess.CompletedProcess[str]:
-    """Run `crit-pageread ARGV` in a child whose `PageReader.write_to` (every copy of pages into an
+    """Run `crit-pageread ARGV` in a child whose `PageReader.write_segments` (every copy of pages into an
     output goes through it) sends it a real SIGINT once `after_calls` copies were made (so the
     interrupt lands in the middle of writing output)."""
     code = textwrap.dedent(f"""
@@ -114,16 +114,16 @@ def interrupted_run(argv: list[str], after_calls: int = 1) -> subprocess.Complet
         # Python then keeps it ignored: restore the handler that raises KeyboardInterrupt.
         signal.signal(signal.SIGINT, signal.default_int_handler)
         from crit_pageread.reader import PageReader as m
-        real = m.write_to
+        real = m.write_segments
         calls = [0]
-        def write_to(*a, **k):
+        def write_segments(*a, **k):
             got = real(*a, **k)
             calls[0] += 1
             if calls[0] == {after_calls}:
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(5)
             return got
-        m.write_to = write_to
+        m.write_segments = write_segments
         from crit_pageread.cli.main import main
         sys.exit(main({argv!r}))
     """)

@@ -205,28 +205,22 @@ def _write_file(path: Path, size: int, areas: list[tuple[Area, list[Segment], li
                 progress: Progress, base: int) -> None:
     """Write the data segments of `areas` into a new file of `size` bytes; file offset = vaddr - base.
 
-    Each reader gets the runs of its areas in one `write_to` (runs adjacent in the output and in a
-    pages file, across VMAs too, become one copy)."""
+    The planned segments go to the reader's `write_segments`, so the strategy moves the bytes (one kernel
+    copy per run contiguous in a pages file and in the output, for the local strategies)."""
     fd = _open_out(path, size)
     try:
         i = 0
         while i < len(areas):
+            # Consecutive areas of one reader in one call: in the sparse layout, runs of adjacent VMAs that
+            # are back to back in the pages file become one copy.
             reader = areas[i][0].reader
-            iov: list[tuple[int, int, int]] = []
-            nbytes = 0
+            pieces: list[tuple[Segment, int]] = []
             while i < len(areas) and areas[i][0].reader is reader:
                 area, data, _ = areas[i]
                 shift = area.delta + base
-                for seg in data:
-                    pos = seg.vaddr - shift
-                    last = iov[-1] if iov else None
-                    if last is not None and last[0] + last[1] == seg.vaddr and last[2] + last[1] == pos:
-                        iov[-1] = (last[0], last[1] + seg.length, last[2])
-                    else:
-                        iov.append((seg.vaddr, seg.length, pos))
-                    nbytes += seg.length
+                pieces += [(seg, seg.vaddr - shift) for seg in data]
                 i += 1
-            reader.write_to(fd, iov, holes="skip")
-            progress.add(nbytes)
+            reader.write_segments(fd, pieces)
+            progress.add(sum(seg.length for seg, _ in pieces))
     finally:
         os.close(fd)

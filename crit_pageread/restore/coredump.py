@@ -40,7 +40,7 @@ from ..images import (
 )
 from ..memory import shmem_id
 from ..plugins import make_strategy
-from ..reader import PageReader
+from ..reader import PageReader, Segment
 from ..strategy import Strategy
 from .fileio import atomic_dir, copy_range
 
@@ -384,17 +384,17 @@ def _write_vma(
     Dumped pages go through the reader's `write_to` (the strategy moves them: kernel copies for the
     local strategies), one call per VMA; `fd` -1 is the planning pass, which only collects what is
     missing."""
-    iov: list[tuple[int, int, int]] = []
+    pieces: list[tuple[Segment, int]] = []
     for seg in reader.segments(v.start, v.size):
         if seg.kind == "present" or (seg.kind == "lazy" and reader.strategy.serves_lazy):
-            iov.append((seg.vaddr, seg.length, base + seg.vaddr - v.start))
+            pieces.append((seg, base + seg.vaddr - v.start))
             report.dumped_bytes += seg.length
         elif seg.kind == "lazy":
             _add_missing(missing, seg.vaddr, seg.end, "lazy pages (no page server)")
         else:
             _fill_hole(images, reader, v, seg.vaddr, seg.length, fd, base, files, report, missing)
-    if fd >= 0 and iov:
-        reader.write_to(fd, iov, holes="skip")
+    if fd >= 0 and pieces:
+        reader.write_segments(fd, pieces)
 
 
 def _fill_hole(
@@ -411,17 +411,17 @@ def _fill_hole(
         # unless that is a page server's: CRIU never dumps shared memory lazily, its pages are local.
         strategy = reader.strategy if not reader.strategy.serves_lazy else "preadv"
         shm = images.shmem_reader(shmid, strategy, zero_fill=True, auto_dedup=False)
-        iov: list[tuple[int, int, int]] = []
+        pieces: list[tuple[Segment, int]] = []
         for seg in shm.segments(offset, length):
             dst = base + (seg.vaddr - v.pgoff)
             if seg.kind == "present" or (seg.kind == "lazy" and shm.strategy.serves_lazy):
-                iov.append((seg.vaddr, seg.length, dst))
+                pieces.append((seg, dst))
                 report.dumped_bytes += seg.length
             elif seg.kind == "lazy":
                 vstart = v.start + seg.vaddr - v.pgoff
                 _add_missing(missing, vstart, vstart + seg.length, "lazy shmem pages")
-        if fd >= 0 and iov:
-            shm.write_to(fd, iov, holes="skip")
+        if fd >= 0 and pieces:
+            shm.write_segments(fd, pieces)
         if shm.strategy is not reader.strategy:
             shm.close()
         return

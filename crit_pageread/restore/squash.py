@@ -31,7 +31,7 @@ from ..errors import ImageError
 from ..images import CheckpointImages, open_images
 from ..pagemap import LAYOUTS, PE_LAZY, PE_PRESENT, encode_pagemap
 from ..plugins import make_strategy
-from ..reader import PageReader
+from ..reader import PageReader, Segment
 from ..strategy import Strategy, Target
 from .fileio import atomic_dir, chunks
 
@@ -184,7 +184,7 @@ def _copy_other_images(src: Path, dst: Path) -> list[str]:
 class _RunWriter:
     """Appends runs to an output pages file, merging pagemap entries; the bytes move through the reader.
 
-    Present ranges queue as `(vaddr, length, out_offset)` and go to `reader.write_to` in batches (the
+    Present segments queue with their output offsets and go to `reader.write_segments` in batches (the
     strategy joins what is contiguous in a pages file and in the output: one kernel copy per run).
     """
 
@@ -193,7 +193,7 @@ class _RunWriter:
         self.reader = reader
         self.offset = 0
         self.runs: list[list[int]] = []  # [vaddr, nr_pages, flags]
-        self._iov: list[tuple[int, int, int]] = []
+        self._pieces: list[tuple[Segment, int]] = []
         self._queued = 0
 
     def add_run(self, vaddr: int, length: int, flags: int, page_size: int) -> None:
@@ -203,16 +203,10 @@ class _RunWriter:
         else:
             self.runs.append([vaddr, length // page_size, flags])
 
-    def copy(self, vaddr: int, length: int) -> None:
-        """Queue `length` bytes of memory at `vaddr` for the end of the output."""
-        iov = self._iov
-        pos = self.offset + self._queued
-        if iov and iov[-1][0] + iov[-1][1] == vaddr:
-            last = iov[-1]
-            iov[-1] = (last[0], last[1] + length, last[2])
-        else:
-            iov.append((vaddr, length, pos))
-        self._queued += length
+    def copy(self, seg: Segment) -> None:
+        """Queue a planned segment's bytes for the end of the output."""
+        self._pieces.append((seg, self.offset + self._queued))
+        self._queued += seg.length
         if self._queued >= _COPY_BATCH:
             self.flush()
 
@@ -224,9 +218,9 @@ class _RunWriter:
         self.offset += len(data)
 
     def flush(self) -> None:
-        if self._iov:
-            iov, self._iov = self._iov, []
-            self.reader.write_to(self.fd, iov)
+        if self._pieces:
+            pieces, self._pieces = self._pieces, []
+            self.reader.write_segments(self.fd, pieces)
             self.offset += self._queued
             self._queued = 0
 
@@ -257,7 +251,7 @@ def _squash_target(
                     continue
                 flags = PE_PRESENT | (seg.flags & PE_LAZY)
                 if seg.kind == "present":
-                    w.copy(seg.vaddr, seg.length)
+                    w.copy(seg)
                     if seg.depth:
                         rep.parent_pages += seg.length // page_size
                 else:  # lazy: fetched through the strategy, in bounded chunks

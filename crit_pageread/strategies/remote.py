@@ -20,7 +20,7 @@ from ..config import Config
 from ..errors import ConfigError, RemoteError
 from ..hookspecs import hookimpl
 from ..pageserver.protocol import CRIU_MAX_REPLY_PAGES, PROTOCOLS
-from ..strategy import ReadRequest, Strategy, StrategyInfo
+from ..strategy import CopyRequest, ReadRequest, Sink, Strategy, StrategyInfo
 
 if TYPE_CHECKING:  # the client (ssl, sockets) is imported when a remote strategy is made, not at start-up
     from ..pageserver.client import Connection, ServerAddress
@@ -136,6 +136,34 @@ class RemoteStrategy(Strategy):
 
             conn = self._conn = Connection(self.server)
         return conn
+
+    def write_to(self, requests: list[CopyRequest], fd: int) -> None:
+        """Present ranges through the local strategy's `write_to` (kernel copies), the rest fetched."""
+        if self.local is None:
+            super().write_to(requests, fd)
+            return
+        local = [r for r in requests if r.pages is not None]
+        if local:
+            self.local.write_to(local, fd)
+        if len(local) < len(requests):
+            super().write_to([r for r in requests if r.pages is None], fd)
+
+    def send(self, requests: list[CopyRequest], out: Sink) -> None:
+        """Runs of present ranges through the local strategy's `send`, lazy ones fetched, in order."""
+        if self.local is None:
+            super().send(requests, out)
+            return
+        i = 0
+        while i < len(requests):
+            j = i
+            lazy = requests[i].pages is None
+            while j < len(requests) and (requests[j].pages is None) == lazy:
+                j += 1
+            if lazy:
+                super().send(requests[i:j], out)
+            else:
+                self.local.send(requests[i:j], out)
+            i = j
 
     def close(self) -> None:
         self._queue = []

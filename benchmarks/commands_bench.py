@@ -1,0 +1,115 @@
+"""extract, squash and coredump against `cat FILES > file`, side by side, optionally for two source trees.
+
+For each cached benchmark checkpoint (benchmarks/generate.py shapes), interleaved rounds of
+`crit-pageread extract` (both layouts), `squash` and `coredump` against `cat` of the same pages
+files into one file on the same file system; with `--tree NAME=DIR` (repeatable) each command runs
+from each source tree (`python -m crit_pageread` with DIR as the working directory), so a change is
+measured against the code before it in the same run. Every measurement is its own process (peak
+RSS from wait4), one warm-up round, medians of the timed rounds; outputs are removed and the page
+cache written back (`sync`) before each command.
+
+usage: python -m benchmarks.commands_bench [--shapes frag,big,plain] [--runs 5] [--tree NAME=DIR ...]
+                                           [--commands extract,extract-sparse,squash,coredump] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.generate import SHAPES, cache_root, generate
+from benchmarks.run import run_child
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+COMMANDS = ("extract", "extract-sparse", "squash", "coredump")
+
+
+def command(name: str, directory: Path, out: Path) -> list[str]:
+    cli = [PY, "-m", "crit_pageread"]
+    if name == "extract":
+        return [*cli, "extract", str(directory), "-o", str(out)]
+    if name == "extract-sparse":
+        return [*cli, "extract", str(directory), "-o", str(out), "--layout", "sparse"]
+    if name == "squash":
+        return [*cli, "squash", str(directory), str(out)]
+    if name == "coredump":
+        return [*cli, "coredump", str(directory), "-o", str(out)]
+    raise ValueError(name)
+
+
+def bench_shape(directory: Path, trees: dict[str, Path], commands: list[str], runs: int, warmup: int,
+                scratch: Path) -> dict[str, Any]:
+    files = sorted(str(p) for p in directory.glob("pages-*.img"))
+    nbytes = sum(os.path.getsize(f) for f in files)
+    pairs: dict[str, tuple[list[str], Path | None, str | None]] = {"cat > file": (["cat", *files], None, "cat.out")}
+    for cmd in commands:
+        for tree_name, tree in trees.items():
+            pairs[f"{cmd} [{tree_name}]"] = (command(cmd, directory, scratch / "out"), tree, None)
+    samples: dict[str, list[dict[str, Any]]] = {k: [] for k in pairs}
+    for round_ in range(warmup + runs):
+        for name, (cmd, cwd, stdout_name) in pairs.items():
+            shutil.rmtree(scratch / "out", ignore_errors=True)
+            (scratch / "cat.out").unlink(missing_ok=True)
+            os.sync()
+            res = run_child(cmd, stdout_path=str(scratch / stdout_name) if stdout_name else None, cwd=cwd or ROOT)
+            if res["code"] != 0:
+                raise RuntimeError(f"{name} failed ({res['code']}): {res['stderr'].decode()[-2000:]}")
+            if round_ >= warmup:
+                samples[name].append(res)
+    shutil.rmtree(scratch / "out", ignore_errors=True)
+    (scratch / "cat.out").unlink(missing_ok=True)
+    cat = statistics.median(r["seconds"] for r in samples["cat > file"])
+    out: dict[str, Any] = {"pages_file_bytes": nbytes, "results": {}}
+    for name, got in samples.items():
+        secs = sorted(r["seconds"] for r in got)
+        med = statistics.median(secs)
+        out["results"][name] = {
+            "median_s": round(med, 4), "min_s": round(secs[0], 4), "max_s": round(secs[-1], 4),
+            "vs_cat": round(cat / med, 3), "peak_rss_mib": round(max(r["rss_mib"] for r in got), 1),
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", default="frag,big,plain")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
+                        help="a source tree to run the commands from (default: this checkout)")
+    parser.add_argument("--commands", default=",".join(COMMANDS))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    trees = {"this": ROOT} if not args.tree else {
+        t.split("=", 1)[0]: Path(t.split("=", 1)[1]).resolve() for t in args.tree}
+    commands = [c for c in args.commands.split(",") if c]
+    results: dict[str, Any] = {"loadavg_before": Path("/proc/loadavg").read_text().split()[:3], "shapes": {}}
+    scratch = Path(tempfile.mkdtemp(prefix="commands-", dir=cache_root()))
+    try:
+        for name in [s for s in args.shapes.split(",") if s]:
+            directory = generate(SHAPES[name])
+            res = bench_shape(directory, trees, commands, args.runs, args.warmup, scratch)
+            results["shapes"][name] = res
+            if not args.json:
+                print(f"{name}: {res['pages_file_bytes'] / 2**20:.0f} MiB of pages files, medians of {args.runs}")
+                for cmd, r in res["results"].items():
+                    print(f"  {cmd:28} {r['median_s']:7.3f} s  ({r['min_s']:.3f}-{r['max_s']:.3f})  "
+                          f"{r['vs_cat']:5.2f}x cat  rss {r['peak_rss_mib']:.0f} MiB", flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    results["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
+    if args.json:
+        print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
