@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .criu_env import criu_binary
-from .errors import CritPageReadError
+from .errors import CritPageReadError, CriuNotFoundError
 from .images import open_images
 
 MASK64 = (1 << 64) - 1
@@ -280,6 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--mib must be >= 0 and --repeat >= 1")
     try:
         return run_demo(args.mib, args.seed, args.strategy or DEFAULT_STRATEGIES, args.repeat, args.keep)
+    except CriuNotFoundError as exc:  # CRIU missing: 2, as root and gcc missing are
+        print(f"crit-pageread demo: {exc}", file=sys.stderr)
+        return DemoError.exit_code
     except CritPageReadError as exc:
         print(f"crit-pageread demo: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -38,11 +38,16 @@ DROP_CACHES = "/proc/sys/vm/drop_caches"
 
 
 def chain_pages_files(images: CheckpointImages) -> list[Path]:
-    """Every pages file of the image and its parents (what materializing may read)."""
+    """The pages files of the pids' pagemaps, in the image and its parents: what materializing may read
+    (process memory; the pages files of shared memory segments are not, so they are not in the limit)."""
     out: list[Path] = []
     level: CheckpointImages | None = images
     while level is not None:
-        out.extend(sorted(level.path.glob("pages-*.img")))
+        for pid in images.pids:
+            if (level.path / f"pagemap-{pid}.img").exists():
+                path = level.pagemap(pid).pages_path
+                if path not in out and path.exists():
+                    out.append(path)
         level = level.parent
     return out
 

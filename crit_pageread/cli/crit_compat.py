@@ -131,6 +131,21 @@ def _is_pagemap(head: bytes) -> bool:
 # --- decode / show -------------------------------------------------------------------------
 
 
+def check_known_magic(path: str, head: bytes) -> None:
+    """An image crit cannot decode (a pages file, raw data) is one line naming it, as our errors are
+    (crit prints two lines without the file's name)."""
+    pycriu = import_system_package("pycriu")
+    magic = int.from_bytes(head[:4], "little") if len(head) >= 4 else None
+    if magic in (IMG_COMMON, IMG_SERVICE) and len(head) >= 8:
+        magic = int.from_bytes(head[4:8], "little")
+    if magic is not None and magic in pycriu.images.magic.by_val:
+        return
+    what = f"unknown magic {magic:#x}" if magic is not None else f"{len(head)} bytes, no magic"
+    hint = ("a pages file holds raw memory: read it with `crit-pageread read`, `extract`, or "
+            "`decode -i pagemap-ID.img --pages`") if Path(path).name.startswith("pages-") else "not a CRIU image"
+    raise ImageError(path, f"{what}: {hint}")
+
+
 def run_decode(args: argparse.Namespace) -> int:
     opts = _opts(args)
     crit = crit_main()
@@ -138,6 +153,7 @@ def run_decode(args: argparse.Namespace) -> int:
     if src:
         with open(src, "rb") as f:
             head = f.read(8)
+        check_known_magic(src, head)
         if not _is_pagemap(head) and not opts.get("pages"):
             with _crit_errors("decode", src), _atomic_out(opts):
                 crit.decode(opts)
@@ -153,11 +169,9 @@ def run_decode(args: argparse.Namespace) -> int:
     with _crit_errors("decode", src):
         try:
             img = pycriu.images.load(io.BytesIO(data), opts["pretty"], opts["nopl"])
-        except pycriu.images.MagicException as exc:
-            # crit's message, word for word.
-            print(f"Unknown magic {exc.magic:#x}.\nMaybe you are feeding me an image with "
-                  "raw data(i.e. pages.img)?", file=sys.stderr)
-            return 1
+        except pycriu.images.MagicException:
+            check_known_magic(src or "<stdin>", data[:8])
+            raise
     if img.get("magic") == "PAGEMAP":
         _fix_nr_pages(src or "<stdin>", data, img)
         if opts.get("pages"):
@@ -241,6 +255,8 @@ def run_encode(args: argparse.Namespace) -> int:
 
 def run_info(args: argparse.Namespace) -> int:
     opts = _opts(args)
+    with open(opts["in"], "rb") as f:
+        check_known_magic(opts["in"], f.read(8))
     with _crit_errors("info", opts.get("in")):
         crit_main().info(opts)
     return 0
