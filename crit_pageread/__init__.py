@@ -8,6 +8,11 @@
 
 from __future__ import annotations
 
+from . import _interrupt
+
+if _interrupt.is_command_line():  # first thing: Ctrl-C during the imports that follow is one line, exit 130
+    _interrupt.install_early()
+
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the names below load on first use: `import crit_pageread` stays cheap

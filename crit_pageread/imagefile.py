@@ -10,6 +10,7 @@ of pagemap messages itself so that both pagemap layouts (CRIU <= 4.1 and
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -35,21 +36,86 @@ SERVICE_IMAGES = {"STATS", "IRMAP_CACHE"}
 MAX_ENTRY_SIZE = 64 << 20
 _U32 = struct.Struct("=I")
 
+#: The largest image of each kind read whole (bytes); anything larger is refused, not read.
+#: Generous for any real process (a pagemap entry is ~10 bytes, a VMA ~60, a file entry ~100).
+MAX_IMAGE_SIZE = {
+    "PAGEMAP": 512 << 20,
+    "MM": 64 << 20,
+    "CORE": 16 << 20,
+    "PSTREE": 64 << 20,
+    "FILES": 256 << 20,
+    "MEMFD_INODE": 16 << 20,
+    "INVENTORY": 1 << 20,
+}
+DEFAULT_MAX_IMAGE_SIZE = 64 << 20
 
-def read_image(path: str | os.PathLike[str], magic: str, max_size: int = 1 << 30) -> bytes:
-    """Read a whole (small) image file, bounded by `max_size`, and check its magic."""
+_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFLNK: "a symlink",
+}
+
+
+def file_kind(mode: int) -> str:
+    """`a FIFO`, `a character device`, ... for a st_mode that is not a regular file."""
+    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def open_regular(path: str | os.PathLike[str], what: str = "image", *, writable: bool = False) -> int:
+    """Open `path` without ever blocking (O_NONBLOCK: a FIFO does not wait for a writer) and
+    return its descriptor if it is a regular file; anything else is a one-line ImageError."""
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > max_size:
-                raise ImageError(path, f"image is {size} bytes, more than {max_size} allowed")
-            data = f.read()
+        fd = os.open(path, flags)
     except FileNotFoundError:
-        raise ImageError(path, "missing") from None
+        raise ImageError(path, f"{what} is missing") from None
     except IsADirectoryError:
-        raise ImageError(path, "is a directory, not an image") from None
-    except PermissionError as exc:
-        raise ImageError(path, f"cannot read: {exc.strerror}") from None
+        raise ImageError(path, f"is a directory, not {_article(what)}") from None
+    except OSError as exc:
+        raise ImageError(path, f"cannot open {what}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(path, f"is {file_kind(st.st_mode)}, not {_article(what)} (a regular file)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _article(what: str) -> str:
+    return ("an " if what[:1] in "aeiou" else "a ") + what
+
+
+def read_image(path: str | os.PathLike[str], magic: str, max_size: int | None = None) -> bytes:
+    """Read a whole (small) image file, bounded by its kind's limit, and check its magic.
+
+    The file must be a regular file (a FIFO or device is refused at once) and is
+    read in exactly `st_size` bytes: never more, whatever the file does.
+    """
+    limit = max_size if max_size is not None else MAX_IMAGE_SIZE.get(magic, DEFAULT_MAX_IMAGE_SIZE)
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise ImageError(path, f"{magic.lower()} image is {size} bytes, more than the {limit} allowed")
+        parts = []
+        done = 0
+        while done < size:  # one read for a regular file; a loop only if the kernel returns less
+            try:
+                chunk = os.read(fd, size - done)
+            except OSError as exc:
+                raise ImageError(path, f"cannot read: {exc.strerror}") from None
+            if not chunk:
+                raise ImageError(path, f"truncated while reading: {done} of {size} bytes")
+            parts.append(chunk)
+            done += len(chunk)
+    finally:
+        os.close(fd)
+    data = parts[0] if len(parts) == 1 else b"".join(parts)
     check_magic(path, data, magic)
     return data
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .config import Config, load_config
 from .criu_env import pycriu
 from .errors import ChainError, ImageError
-from .imagefile import load_messages, load_raw_messages
+from .imagefile import load_messages, load_raw_messages, open_regular
 from .pagemap import Pagemap, load_pagemap
 from .strategy import PagesFile, Strategy, Target
 
@@ -41,6 +41,8 @@ VMA_AREA_AIORING = 1 << 13
 VMA_AREA_MEMFD = 1 << 14
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+#: pid_t is a signed 32-bit int: no pid, pgid, sid or thread id reaches this.
+PID_LIMIT = 1 << 31
 MAP_SHARED = 1
 
 
@@ -97,6 +99,19 @@ class Vma:
         return "other"
 
 
+#: A `parent` regular file holds a path: longer than PATH_MAX is not one.
+PARENT_FILE_MAX = 4096
+#: Characters of a file's content shown in a message.
+SHOWN_MAX = 120
+
+
+def shown(value: str | bytes, limit: int = SHOWN_MAX) -> str:
+    """`value` safe to print in a one-line message: non-printable characters escaped, at most `limit` shown."""
+    raw = value.encode(errors="surrogateescape") if isinstance(value, str) else value
+    text = "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in raw[:limit])
+    return text + (f"... ({len(raw)} bytes)" if len(raw) > limit else "")
+
+
 _PAGEMAP_RE = re.compile(r"^pagemap-(\d+)\.img$")
 _SHMEM_RE = re.compile(r"^pagemap-shmem-(\d+)\.img$")
 
@@ -133,10 +148,17 @@ class CheckpointImages:
         # pstree_entry: pid 1, ppid 2, pgid 3, sid 4, threads 5 (decoded without protobuf: fast start-up)
         for msg in load_raw_messages(path, "PSTREE"):
             pid = msg.req(1, "pid")
-            if pid <= 0 or pid >= 1 << 32 or pid in out:
+            if pid <= 0 or pid >= PID_LIMIT or pid in out:
                 raise ImageError(path, f"garbage pstree: bad or repeated pid {pid}")
             threads = tuple(msg.ints(5)) or (pid,)
-            out[pid] = Process(pid, msg.req(2, "ppid"), msg.req(3, "pgid"), msg.req(4, "sid"), threads)
+            ids = {"ppid": msg.req(2, "ppid"), "pgid": msg.req(3, "pgid"), "sid": msg.req(4, "sid")}
+            for name, value in ids.items():
+                if value >= PID_LIMIT:  # pid_t is a signed 32-bit int
+                    raise ImageError(path, f"garbage pstree: {name} {value} of pid {pid} is not a pid (>= 2^31)")
+            bad = next((t for t in threads if t <= 0 or t >= PID_LIMIT), None)
+            if bad is not None:
+                raise ImageError(path, f"garbage pstree: thread id {bad} of pid {pid} is not a pid")
+            out[pid] = Process(pid, ids["ppid"], ids["pgid"], ids["sid"], threads)
         if not out:
             raise ImageError(path, "empty pstree: no processes")
         return out
@@ -290,25 +312,38 @@ class CheckpointImages:
             return self._parent
         link = self.path / "parent"
         target: str | None = None
-        if link.is_symlink():
-            target = os.readlink(link)
-        elif link.is_file():
-            # Some copies keep the link as a small file holding its target.
-            raw = link.read_bytes()[:4096]
-            target = raw.decode(errors="replace").strip() or None
-            if target is None:
-                raise ChainError(link, "parent link is empty")
-        elif link.exists():
-            target = str(link)
+        try:
+            if link.is_symlink():
+                target = os.readlink(link)
+            elif link.is_file():
+                # Some copies keep the link as a small file holding its target.
+                fd = open_regular(link, "parent link")
+                try:
+                    raw = os.read(fd, PARENT_FILE_MAX + 1)
+                finally:
+                    os.close(fd)
+                if len(raw) > PARENT_FILE_MAX:
+                    raise ChainError(link, f"parent link file is longer than {PARENT_FILE_MAX} bytes: {shown(raw)}")
+                target = raw.decode(errors="surrogateescape").strip() or None
+                if target is None:
+                    raise ChainError(link, "parent link is empty")
+            elif os.path.lexists(link):
+                target = str(link)
+        except OSError as exc:
+            raise ChainError(link, f"cannot read parent link: {exc.strerror}") from None
         self._parent_checked = True
         if target is None:
             return None
         full = (self.path / target) if not os.path.isabs(target) else Path(target)
-        if not full.is_dir():
-            raise ChainError(link, f"dangling parent link to {target}")
+        try:
+            is_dir = full.is_dir()
+        except OSError as exc:  # ENAMETOOLONG, EACCES, ...
+            raise ChainError(link, f"parent link to {shown(target)}: {exc.strerror}") from None
+        if not is_dir:
+            raise ChainError(link, f"dangling parent link to {shown(target)}")
         real = os.path.realpath(full)
         if real in self._chain:
-            raise ChainError(link, f"parent chain has a cycle through {target}")
+            raise ChainError(link, f"parent chain has a cycle through {shown(target)}")
         self._parent = CheckpointImages(full, self.config, _chain=self._chain)
         return self._parent
 

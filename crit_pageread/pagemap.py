@@ -10,16 +10,27 @@ from __future__ import annotations
 
 import bisect
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from .errors import ImageError
-from .imagefile import check_magic, decode_varint_fields, encode_varint_fields, frame, iter_entries, read_image
+from .imagefile import (
+    check_magic,
+    decode_varint_fields,
+    encode_varint_fields,
+    file_kind,
+    frame,
+    iter_entries,
+    read_image,
+)
 
 PE_PARENT = 1
 PE_LAZY = 2
 PE_PRESENT = 4
+#: Every PE_* bit CRIU defines; an entry with any other bit is refused.
+PE_KNOWN = PE_PARENT | PE_LAZY | PE_PRESENT
 FLAG_NAMES = {PE_PARENT: "parent", PE_LAZY: "lazy", PE_PRESENT: "present"}
 
 # Highest user address plus one on any 64-bit Linux (5-level paging): no entry ends past it.
@@ -90,6 +101,8 @@ class Pagemap:
         self.page_size = page_size
         self._starts = starts if starts is not None else [e.vaddr for e in entries]
         self._runs: tuple[list[int], list[int]] | None = None
+        #: What the loader read as CRIU does but that no CRIU writes (one line each; `check` lists them).
+        self.anomalies: list[str] = []
 
     @property
     def pages_path(self) -> Path:
@@ -192,6 +205,7 @@ def load_pagemap(path: str | os.PathLike[str], page_size: int) -> Pagemap:
     parse = _compiled_entry_parser() if len(data) >= COMPILED_PARSER_MIN_BYTES else None
     append = entries.append
     append_start = starts.append
+    pagemap_anomalies: list[str] = []
     for number, payload in enumerate(payloads, 1):
         # Fast path: pycriu's compiled message parses a well-formed 4.1-layout entry at C speed;
         # anything else (4.2 layout: nr_pages 0; a byte that may be field 5's tag; malformed)
@@ -200,6 +214,10 @@ def load_pagemap(path: str | os.PathLike[str], page_size: int) -> Pagemap:
         if parse is not None and 0x28 not in payload:
             try:
                 msg = parse(payload)
+                # upb keeps the low 32 bits of an over-long uint32 varint (flags, nr_pages) and skips
+                # unknown fields: anything not encoded canonically goes through our own decoder.
+                if msg.ByteSize() != len(payload):
+                    msg = None
             except Exception:
                 msg = None
             if msg is not None:
@@ -213,17 +231,31 @@ def load_pagemap(path: str | os.PathLike[str], page_size: int) -> Pagemap:
             if 1 not in f:
                 raise ImageError(path, f"entry {number} has no vaddr")
             vaddr = f[1]
+            compat = f.get(2, 0)
+            if compat > 0xFFFFFFFF:
+                raise ImageError(path, f"entry {number} at {vaddr:#x}: compat_nr_pages {compat} does not fit uint32")
             if 5 in f:
                 layout = "4.2"
                 nr = f[5]
+                if compat and compat != nr:
+                    # CRIU (init_compat_pagemap_entry) takes field 5 when it is there; so do we, and say so.
+                    pagemap_anomalies.append(
+                        f"entry {number} at {vaddr:#x}: compat_nr_pages (field 2) is {compat} but nr_pages "
+                        f"(field 5) is {nr}; read as {nr} pages, as CRIU does"
+                    )
             else:
-                nr = f.get(2, 0)
+                nr = compat
             if 4 in f:
                 flags = f[4]
             else:
                 flags = PE_PARENT if f.get(3) else PE_PRESENT
             if nr <= 0:
                 raise ImageError(path, f"entry {number} at {vaddr:#x} has no pages (nr_pages 0)")
+        if flags & ~PE_KNOWN or not flags:
+            what = f"unknown flag bits {flags & ~PE_KNOWN:#x}" if flags & ~PE_KNOWN else "no PE_* flag"
+            raise ImageError(
+                path, f"entry {number} at {vaddr:#x}: {what} (flags {flags:#x}; CRIU knows parent 1, lazy 2, present 4)"
+            )
         if vaddr & mask:
             raise ImageError(path, f"entry {number} at {vaddr:#x} is not aligned to {page_size}-byte pages")
         end = vaddr + nr * page_size
@@ -240,19 +272,40 @@ def load_pagemap(path: str | os.PathLike[str], page_size: int) -> Pagemap:
         append_start(vaddr)
         prev_end = end
     pagemap = Pagemap(path, pages_id, entries, layout, page_size, starts)
-    if offset:
-        pages = pagemap.pages_path
-        try:
-            size = os.stat(pages).st_size
-        except FileNotFoundError:
-            raise ImageError(
-                path, f"pages file {pages.name} (pages_id {pages_id}) is missing"
-            ) from None
-        if size < offset:
-            raise ImageError(
-                pages, f"short pages file: {size} bytes, {path.name} needs {offset}"
-            )
+    pagemap.anomalies = pagemap_anomalies
+    check_pages_size(pagemap, offset)
     return pagemap
+
+
+def check_pages_size(pagemap: Pagemap, needed: int) -> None:
+    """The pages file must hold exactly the present pages of its pagemap (as every CRIU-written one does).
+
+    Shorter: pages are missing (CRIU's restore fails too). Longer: CRIU would read
+    its offsets and restore, but a longer file is the mark of an edited pagemap (a
+    dropped entry, flags changed), which shifts every later entry's data: refused.
+    """
+    pages = pagemap.pages_path
+    try:
+        st = os.stat(pages)
+        size = st.st_size
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(pages, f"is {file_kind(st.st_mode)}, not a pages file (a regular file)")
+    except FileNotFoundError:
+        if not needed:
+            return
+        raise ImageError(
+            pagemap.path, f"pages file {pages.name} (pages_id {pagemap.pages_id}) is missing"
+        ) from None
+    except OSError as exc:
+        raise ImageError(pages, f"cannot stat pages file: {exc.strerror}") from None
+    if size < needed:
+        raise ImageError(pages, f"short pages file: {size} bytes, {pagemap.path.name} needs {needed}")
+    if size > needed:
+        raise ImageError(
+            pages,
+            f"pages file is {size} bytes but {pagemap.path.name} accounts for {needed} "
+            f"({size - needed} bytes more): an entry dropped or its flags changed would shift every later page",
+        )
 
 
 def encode_pagemap(pages_id: int, entries: list[tuple[int, int, int]], layout: str = "4.1") -> bytes:

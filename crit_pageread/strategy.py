@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union
 
 from .errors import ImageError
+from .imagefile import open_regular
 
 if TYPE_CHECKING:  # not imported at start-up: a sink is checked by `isinstance(out, int)`
     import socket
@@ -43,12 +44,8 @@ class PagesFile:
     def __init__(self, path: Path, writable: bool = False) -> None:
         self.path = path
         self.writable = writable
-        try:
-            self.fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise ImageError(path, "pages file is missing") from None
-        except OSError as exc:
-            raise ImageError(path, f"cannot open pages file: {exc.strerror}") from None
+        # Never blocks (a FIFO is refused at once) and is a regular file, or a one-line ImageError.
+        self.fd = open_regular(path, "pages file", writable=writable)
         self.size = os.fstat(self.fd).st_size
 
     def punch_hole(self, offset: int, length: int) -> None:

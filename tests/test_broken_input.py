@@ -80,6 +80,12 @@ def rewrite(d: Path, change: Callable[[list[tuple[int, int, int]]], list[tuple[i
     pm = load_pagemap(path, PAGE)
     runs = change([(e.vaddr, e.nr_pages, e.flags) for e in pm.entries])
     path.write_bytes(encode_pagemap(pm.pages_id if pages_id is None else pages_id, runs))
+    if pages_id is None:
+        # Keep the pages file as long as the new runs account for (a longer one is refused by itself).
+        pages = d / f"pages-{pm.pages_id}.img"
+        needed = sum(n * PAGE for _, n, f in runs if f & PE_PRESENT)
+        if needed < os.stat(pages).st_size:
+            os.truncate(pages, needed)
     return path
 
 

@@ -11,10 +11,10 @@ from typing import Any
 from ..config import Config, load_config
 from ..errors import ConfigError
 from ..images import CheckpointImages, open_images
+from ..output import atomic_dir, atomic_file
 from ..plugins import configure
-from ..restore.fileio import atomic_dir, atomic_file
 
-__all__ = ["atomic_dir", "atomic_file"]  # for the commands: atomic output lives in restore/fileio.py
+__all__ = ["atomic_dir", "atomic_file"]  # for the commands: the core's one atomic-output helper (output.py)
 
 
 def add_common_options(parser: argparse.ArgumentParser, *, pid: bool = True, one_pid: bool = False) -> None:

@@ -16,7 +16,6 @@ import contextlib
 import importlib
 import io
 import json
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from ..errors import ConfigError, CritPageReadError, ImageError
 from ..hookspecs import hookimpl
 from ..imagefile import IMG_COMMON, IMG_SERVICE, MAGIC, check_magic, decode_varint_fields, iter_entries
 from ..images import CheckpointImages
+from ..output import atomic_path
 from ..pagemap import PE_LAZY, PE_PARENT, PE_PRESENT
 from ..strategy import Target
 from .common import config_from_args
@@ -84,26 +84,18 @@ def crit_pageread_add_commands(subparsers: Any) -> None:
 
 @contextlib.contextmanager
 def _atomic_out(opts: dict[str, Any]) -> Iterator[None]:
-    """Let crit write `-o OUT` to a temporary name beside it; rename on success."""
+    """Let crit write `-o OUT` to a temporary name beside it, renamed on success (the core's
+    atomic output: a device, FIFO or symlink is written through instead)."""
     out = opts.get("out")
     if not out:
         yield
         return
-    path = Path(out)
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    opts["out"] = tmp
-    try:
-        yield
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    finally:
-        opts["out"] = out
+    with atomic_path(out) as target:
+        opts["out"] = str(target)
+        try:
+            yield
+        finally:
+            opts["out"] = out
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .. import __version__
+from .. import __version__, _interrupt
 from ..errors import CritPageReadError
 from .progress import before_output
 
@@ -29,6 +29,7 @@ COMMAND_PLUGINS = (
     "crit_pageread.cli.squash",
     "crit_pageread.cli.coredump",
     "crit_pageread.cli.restore",
+    "crit_pageread.cli.check",
 )
 
 #: The module of each built-in command: a command line that names one loads only that module (and
@@ -37,7 +38,8 @@ COMMAND_MODULES = {
     **dict.fromkeys(("decode", "encode", "info", "x", "show"), "crit_pageread.cli.crit_compat"),
     "plugins": None,  # lists every plugin: needs them all
     **{name: f"crit_pageread.cli.{name}" for name in (
-        "read", "extract", "grep", "ps", "pages", "serve", "push", "bench", "squash", "coredump", "restore")},
+        "read", "extract", "grep", "ps", "pages", "serve", "push", "bench", "squash", "coredump", "restore",
+        "check")},
 }
 
 
@@ -89,9 +91,33 @@ def _in_registration_order(subparsers: Any, pm: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run `crit-pageread ARGS`; return the exit code (also the console script's)."""
+    """Run `crit-pageread ARGS`; return the exit code (also the console script's).
+
+    In the command-line process, Ctrl-C at any moment is one line and exit 130:
+    inside the command it raises KeyboardInterrupt (so `with` blocks remove
+    temporary outputs); before and after it, `_interrupt.exit_now` exits at once.
+    """
     words = list(argv if argv is not None else sys.argv[1:])
     debug = "--debug" in words
+    cli = _interrupt.is_command_line()
+    try:
+        if cli:
+            _interrupt.raise_keyboard_interrupt()
+        try:
+            return _main(argv, words, debug)
+        finally:
+            if cli:
+                _interrupt.install_early()
+    except KeyboardInterrupt:
+        if cli:
+            _interrupt.install_early()
+        if debug:
+            raise
+        print("crit-pageread: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+def _main(argv: Sequence[str] | None, words: list[str], debug: bool) -> int:
     if words == ["--version"]:  # answered before any plugin loads
         print(f"crit-pageread {__version__}")
         return 0

@@ -71,7 +71,11 @@ def crit_pageread_add_commands(subparsers: Any) -> None:
     p.add_argument("--port", type=_port, default=0, help="TCP port (default 0: any free port, printed)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="4.1", help="header layout: CRIU <= 4.1 or >= 4.2")
     p.add_argument("--idle-timeout", type=_seconds, default=60.0, help="drop a client silent this long (s)")
+    p.add_argument("--request-timeout", type=_seconds, default=30.0,
+                   help="a whole request (header and reply) must finish within this (s, default 30)")
     p.add_argument("--max-clients", type=_count, default=64, help="connections served at once (default 64)")
+    p.add_argument("--max-per-peer", type=_count, default=16,
+                   help="connections from one address at once (default 16)")
     p.add_argument("--once", action="store_true", help="exit after the first session (as CRIU's page server)")
     add_tls_options(p)
     add_common_options(p, pid=False)
@@ -84,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     options = ServeOptions(
         address=args.address, port=args.port, protocol=args.protocol, tls=tls_from_args(args),
-        idle_timeout=args.idle_timeout, max_clients=args.max_clients, once=args.once, strategy=args.strategy,
+        idle_timeout=args.idle_timeout, request_timeout=args.request_timeout, max_clients=args.max_clients,
+        max_per_peer=args.max_per_peer, once=args.once, strategy=args.strategy,
     )
     server = PageServer(args.dir, config, options, default_log)
     if args.json:

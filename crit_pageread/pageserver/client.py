@@ -28,6 +28,7 @@ from .protocol import (
     check_reply,
     encode_cmd,
     encode_dst_id,
+    is_busy,
     unpack_status,
 )
 from .tls import TlsOptions, wrap_client
@@ -40,6 +41,7 @@ NO_REPLY_HINT = (
     " (a page server closes the connection or stays silent when asked for pages it cannot serve,"
     " or when the protocol does not match: check [remote] protocol)"
 )
+BUSY = "{peer}: server busy (it serves too many clients already); try again later"
 #: TLS and fallback copies go through a buffer of at most this size (per connection).
 COPY_CHUNK = 1 << 20
 
@@ -174,7 +176,16 @@ class Connection:
                 self.send(b"".join(batch), f"GET pid {inflight[-1][0]} at {inflight[-1][1]:#x}")
             pid, vaddr, nr, dest = inflight.popleft()
             what = f"GET pid {pid} at {vaddr:#x} ({nr} pages)"
-            self.recv_into(hview, what, NO_REPLY_HINT)
+            header[:4] = b"\0\0\0\0"
+            try:
+                self.recv_into(hview, what, NO_REPLY_HINT)
+            except RemoteError:
+                if is_busy(header):
+                    raise RemoteError(BUSY.format(peer=self.peer)) from None
+                raise
+            if is_busy(header):
+                self.abort()
+                raise RemoteError(BUSY.format(peer=self.peer))
             reply = wire.unpack(header)
             try:
                 check_reply(reply, pid, vaddr, nr, wire.protocol, self.peer)

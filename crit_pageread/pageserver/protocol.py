@@ -27,6 +27,8 @@ PS_IOV_ADD_F = 6
 PS_IOV_GET = 7
 PS_IOV_CLOSE = 0x1023
 PS_IOV_FORCE_CLOSE = 0x1024
+#: Not CRIU's: `crit-pageread serve` answers a connection it cannot take with this command (then closes).
+PS_IOV_BUSY = 0x1B05
 
 OP_NAMES = {
     PS_IOV_ADD: "ADD", PS_IOV_HOLE: "HOLE", PS_IOV_OPEN: "OPEN", PS_IOV_OPEN2: "OPEN2",
@@ -116,6 +118,16 @@ class Wire:
     def unpack(self, data: bytes | bytearray | memoryview) -> Header:
         cmd, nr, vaddr, dst = self._struct.unpack(data)
         return Header(cmd, nr, vaddr, dst)
+
+
+def pack_busy() -> bytes:
+    """The "server busy" answer: a header of either layout (32 bytes, the longer) whose cmd is PS_IOV_BUSY."""
+    return struct.pack("=I28x", PS_IOV_BUSY)
+
+
+def is_busy(data: bytes | bytearray | memoryview) -> bool:
+    """Whether the first bytes a client got are the "server busy" answer."""
+    return len(data) >= 4 and struct.unpack_from("=I", data)[0] == PS_IOV_BUSY
 
 
 def pack_status(status: int) -> bytes:

@@ -9,6 +9,14 @@ on the wire. Like CRIU, a reply may hold fewer pages than asked for, and a
 request the server cannot serve closes the connection. A client that sends
 garbage, says nothing for `idle_timeout` or asks for absurd ranges is
 disconnected; other connections go on. One log line per session.
+
+Connection handling bounds what any client can hold: a whole request (header
+and reply, however slowly it drips) must finish within `request_timeout`; one
+peer address has at most `max_per_peer` connections; when `max_clients` are
+connected, the longest-idle session (waiting for a request for at least
+`IDLE_GRACE` s) makes room, and if none is idle the newcomer is told "server
+busy" (a `PS_IOV_BUSY` header, which our client reports as such) and closed.
+Log lines are written whole, under one lock.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from .protocol import (
     Header,
     Wire,
     check_request,
+    pack_busy,
     pack_status,
 )
 from .tls import TlsOptions, wrap_server
@@ -46,6 +55,10 @@ from .tls import TlsOptions, wrap_server
 MAX_REQUEST_PAGES = 1 << 18
 #: Pages in one reply at most (CRIU's own limit); lazy replies are also bounded by COPY_CHUNK.
 MAX_REPLY_PAGES = 1024
+#: A session waiting this long for its next request may be closed to make room for a newcomer.
+IDLE_GRACE = 1.0
+#: "server busy" refusals being delivered at once at most (each lingers to let the client read it).
+MAX_BUSY_REFUSALS = 32
 
 
 @dataclass
@@ -57,7 +70,9 @@ class ServeOptions:
     protocol: str = "4.1"
     tls: TlsOptions | None = None
     idle_timeout: float = 60.0
+    request_timeout: float = 30.0
     max_clients: int = 64
+    max_per_peer: int = 16
     once: bool = False
     strategy: str | None = None
 
@@ -97,8 +112,13 @@ class PageServer:
         self.wire = Wire(options.protocol)
         self.images = open_images(images_dir, config)
         self.page_size = self.images.page_size
-        self.log = log or (lambda line: None)
+        self._log = log or (lambda line: None)
+        self._log_lock = threading.Lock()
         self._lock = threading.Lock()
+        #: Live sessions: thread -> (peer host, socket, state) for limits and eviction.
+        self._live: dict[threading.Thread, _Live] = {}
+        self._live_lock = threading.Lock()
+        self._busy = threading.BoundedSemaphore(MAX_BUSY_REFUSALS)
         self._stop = threading.Event()
         self._sessions: set[threading.Thread] = set()
         self._sockets: set[socket.socket] = set()
@@ -132,12 +152,16 @@ class PageServer:
                         break
                     raise
                 peer = f"{addr[0]}:{addr[1]}"
-                self._sessions = {t for t in self._sessions if t.is_alive()}
-                if len(self._sessions) >= self.options.max_clients:
-                    self.log(f"serve: {peer}: refused: {self.options.max_clients} clients already")
-                    sock.close()
+                refusal = self._admit(addr[0])
+                if refusal:
+                    self.log(f"serve: {peer}: refused: {refusal}")
+                    self._refuse(sock)
                     continue
-                thread = threading.Thread(target=self._session, args=(sock, peer), daemon=True, name=f"serve {peer}")
+                live = _Live(addr[0], sock)
+                thread = threading.Thread(target=self._session, args=(sock, peer, live), daemon=True,
+                                          name=f"serve {peer}")
+                with self._live_lock:
+                    self._live[thread] = live
                 self._sessions.add(thread)
                 thread.start()
                 if self.options.once:
@@ -145,6 +169,53 @@ class PageServer:
                     break
         finally:
             self.close()
+
+    def log(self, line: str) -> None:
+        """One log line, never interleaved with another session's."""
+        with self._log_lock:
+            self._log(line)
+
+    def _admit(self, host: str) -> str | None:
+        """None if a connection from `host` may start now, else why not (after making room if it can)."""
+        self._sessions = {t for t in self._sessions if t.is_alive()}
+        with self._live_lock:
+            live = {t: v for t, v in self._live.items() if t.is_alive() and not v.evicted}
+            self._live = {t: v for t, v in self._live.items() if t.is_alive()}
+            if sum(v.host == host for v in live.values()) >= self.options.max_per_peer:
+                return f"{self.options.max_per_peer} connections from {host} already (server busy)"
+            if len(live) < self.options.max_clients:
+                return None
+            now = time.monotonic()
+            idle = [v for v in live.values() if v.idle_since is not None and now - v.idle_since >= IDLE_GRACE]
+            if not idle:
+                return f"{self.options.max_clients} clients already, none idle (server busy)"
+            oldest = min(idle, key=lambda v: v.idle_since or now)
+            oldest.evict()
+        return None
+
+    def _refuse(self, sock: socket.socket) -> None:
+        """Tell a refused client "server busy" and close, without blocking the accept loop."""
+        if not self._busy.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                sock.close()
+            return
+
+        def linger() -> None:
+            try:
+                sock.settimeout(1.0)
+                with contextlib.suppress(OSError):
+                    sock.sendall(pack_busy())
+                    sock.shutdown(socket.SHUT_WR)
+                    # Read what the client sent, so that closing does not reset the busy reply away.
+                    deadline = time.monotonic() + 1.0
+                    while time.monotonic() < deadline and sock.recv(65536):
+                        pass
+            finally:
+                with contextlib.suppress(OSError):
+                    sock.close()
+                self._busy.release()
+
+        threading.Thread(target=linger, daemon=True, name="serve busy").start()
 
     def shutdown(self) -> None:
         """Stop accepting; sessions in progress end on their own."""
@@ -164,7 +235,8 @@ class PageServer:
 
     # --- one connection ------------------------------------------------------------------
 
-    def _session(self, sock: socket.socket, peer: str) -> None:
+    def _session(self, sock: socket.socket, peer: str, live: _Live | None = None) -> None:
+        live = live or _Live(peer, sock)
         stats = SessionStats(peer)
         readers: dict[int, PageReader] = {}
         self._sockets.add(sock)
@@ -175,7 +247,8 @@ class PageServer:
             if self._tls_ctx is not None:
                 sock = wrap_server(sock, self._tls_ctx, self.options.address, bool(self.options.tls and
                                    self.options.tls.no_cn_verify), peer)
-            _Session(self, sock, peer, stats, readers).run()
+            live.sock = sock
+            _Session(self, sock, peer, stats, readers, live).run()
         except _Drop as exc:
             stats.end = f"dropped: {exc}"
         except RemoteError as exc:
@@ -184,6 +257,8 @@ class PageServer:
             stats.end = f"dropped: silent for {self.options.idle_timeout:g} s"
         except (OSError, ValueError) as exc:
             stats.end = f"dropped: {getattr(exc, 'strerror', None) or exc}"
+            if live.evicted:
+                stats.end = "dropped: idle while the server was full"
         except CritPageReadError as exc:
             stats.end = f"dropped: {exc}"
         finally:
@@ -220,12 +295,33 @@ class PageServer:
             self._served_hook(images=self.images, pid=pid, vaddr=vaddr, nr_pages=nr_pages, peer=peer)
 
 
+class _Live:
+    """What the accept loop knows of a live session: its peer host, socket, and whether it waits idle."""
+
+    __slots__ = ("evicted", "host", "idle_since", "sock")
+
+    def __init__(self, host: str, sock: socket.socket) -> None:
+        self.host = host
+        self.sock = sock
+        self.idle_since: float | None = None
+        self.evicted = False
+
+    def evict(self) -> None:
+        """Close an idle session to make room (its blocked recv returns at once)."""
+        self.evicted = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+
 class _Session:
     """The request loop of one connection."""
 
     def __init__(
-        self, server: PageServer, sock: socket.socket, peer: str, stats: SessionStats, readers: dict[int, PageReader]
+        self, server: PageServer, sock: socket.socket, peer: str, stats: SessionStats, readers: dict[int, PageReader],
+        live: _Live | None = None,
     ) -> None:
+        self.live = live or _Live(peer, sock)
+        self.deadline = 0.0
         self.server = server
         self.sock = sock
         self.peer = peer
@@ -241,14 +337,42 @@ class _Session:
             self._buf = bytearray(COPY_CHUNK)
         return memoryview(self._buf)
 
+    def remaining(self) -> float:
+        """Seconds left of the current request's deadline (a `_Drop` once it has passed)."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _Drop(f"request not complete within {self.server.options.request_timeout:g} s")
+        return left
+
     def recv_header(self) -> Header | None:
         view = memoryview(self.header)
         done = 0
+        options = self.server.options
+        # Between requests: idle_timeout for the first byte. From then on the whole request, header
+        # and reply, must finish by one deadline however slowly the client drips its bytes.
+        self.sock.settimeout(options.idle_timeout)
+        self.live.idle_since = time.monotonic()
+        try:
+            n = self.sock.recv_into(view)
+        finally:
+            self.live.idle_since = None
+        if n == 0:
+            if self.live.evicted:
+                raise _Drop("idle while the server was full")
+            return None
+        self.deadline = time.monotonic() + options.request_timeout
+        done = n
         while done < len(view):
-            n = self.sock.recv_into(view[done:])
+            left = self.remaining()
+            self.sock.settimeout(min(left, options.idle_timeout))  # silence is bounded too, as between requests
+            try:
+                n = self.sock.recv_into(view[done:])
+            except TimeoutError:
+                if left > options.idle_timeout:
+                    raise
+                raise _Drop(f"request not complete within {options.request_timeout:g} s "
+                            f"({done} of {len(view)} header bytes)") from None
             if n == 0:
-                if done == 0:
-                    return None
                 raise _Drop(f"connection closed in the middle of a header ({done} of {len(view)} bytes)")
             done += n
         return self.wire.unpack(self.header)
@@ -305,6 +429,7 @@ class _Session:
         server.served(pid, vaddr, length // ps, self.peer)
 
     def send_header(self, pid: int, vaddr: int, nr_pages: int) -> None:
+        self.sock.settimeout(self.remaining())  # sendall's timeout bounds the whole send (Python >= 3.5)
         data = self.wire.pack(GET_REPLY_CMD, nr_pages, vaddr, pid)
         if self.tls:
             self.sock.sendall(data)  # one TLS record: CRIU reads the header on its own
@@ -313,6 +438,8 @@ class _Session:
 
     def close_session(self) -> None:
         """CLOSE: answer 0, end TLS, wait for the client to close (as CRIU does)."""
+        self.deadline = time.monotonic() + self.server.options.request_timeout
+        self.sock.settimeout(self.remaining())
         self.sock.sendall(pack_status(0))
         sock: Any = self.sock
         if isinstance(sock, ssl.SSLSocket):
@@ -324,9 +451,11 @@ class _Session:
 
 
 def default_log(line: str) -> None:
+    """A session's line on stderr in one write (the server calls it under its log lock)."""
     import sys
 
-    print(f"crit-pageread {line}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"crit-pageread {line}\n")
+    sys.stderr.flush()
 
 
 def serve(images_dir: str | Path, config: Config, options: ServeOptions) -> PageServer:

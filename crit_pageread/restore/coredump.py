@@ -39,10 +39,11 @@ from ..images import (
     Vma,
 )
 from ..memory import shmem_id
+from ..output import OutputError
 from ..plugins import make_strategy
 from ..reader import PageReader, Segment
 from ..strategy import Strategy
-from .fileio import atomic_dir, copy_range
+from .fileio import copy_range
 
 EM_X86_64 = 62
 ET_CORE = 4
@@ -53,6 +54,8 @@ NT_FILE = 0x46494C45
 #: Our own note (name "CRIT-PAGEREAD"): text lines "start-end reason" of ranges left as zeros.
 NT_CRIT_MISSING = 0x4D495353
 
+#: A VMA larger than this (128 TiB, a whole 47-bit user address space) is a corrupt mm image.
+MAX_VMA_BYTES = 1 << 47
 _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 _PHDR = struct.Struct("<IIQQQQQQ")
 _PRSTATUS = struct.Struct("<iiih2xQQiiii8q27Qi4x")
@@ -132,6 +135,10 @@ def write_core(
     reader = images.reader(pid, shared, zero_fill=True, auto_dedup=False)
     try:
         loads = [(v, 0 if _skip_data(v) else v.size) for v in vmas]
+        for v, filesz in loads:
+            if filesz > MAX_VMA_BYTES:
+                raise ImageError(images.path / f"mm-{pid}.img",
+                                 f"vma {v.start:#x}-{v.end:#x} is {v.size} bytes, more than any user address space")
         # Plan first (index lookups and file checks only), so the notes can list what stays zero.
         missing: list[dict[str, Any]] = []
         plan = CoreReport(pid, str(out), len(threads), len(loads), 0)
@@ -151,7 +158,10 @@ def write_core(
             pos += filesz
         total = pos
         report = CoreReport(pid, str(out), len(threads), len(loads), total)
-        fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise OutputError(out, f"cannot create: {exc.strerror}") from None
         try:
             head = [_elf_header(phnum), _PHDR.pack(PT_NOTE, 0, note_off, 0, 0, len(notes), 0, 4)]
             for (v, filesz), off in zip(loads, offsets, strict=True):
@@ -474,10 +484,6 @@ def coredump(
     `outdir` if it exists, else beside it) and renamed into place only when
     every one is complete.
     """
-    import contextlib
-    import shutil
-    import tempfile
-
     outdir = Path(outdir)
     if pids is None:
         pids = [p for p in images.pids if (images.path / f"mm-{p}.img").exists()]
@@ -489,26 +495,32 @@ def coredump(
     shared = strategy if isinstance(strategy, Strategy) else make_strategy(strategy or images.config.strategy,
                                                                           images.config)
     try:
-        if not outdir.exists():
-            with atomic_dir(outdir) as tmp:
-                os.chmod(tmp, 0o755)
-                reports = [write_core(images, pid, tmp / f"core.{pid}", strategy=shared, progress=progress)
-                           for pid in pids]
-            for r in reports:
-                r.path = str(outdir / Path(r.path).name)
-            return reports
-        tmp = Path(tempfile.mkdtemp(prefix=".coredump.", suffix=".tmp", dir=outdir))
-        try:
-            reports = [write_core(images, pid, tmp / f"core.{pid}", strategy=shared, progress=progress)
-                       for pid in pids]
-            for r in reports:
-                final = outdir / Path(r.path).name
-                os.replace(r.path, final)
-                r.path = str(final)
-        finally:
-            with contextlib.suppress(OSError):
-                shutil.rmtree(tmp)
-        return reports
+        return _write_cores(images, outdir, pids, shared, progress)
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OutputError(outdir, f"cannot write a core: {exc.strerror or exc}") from None
     finally:
         if shared is not strategy:
             shared.close()
+
+
+def _write_cores(images: CheckpointImages, outdir: Path, pids: list[int], shared: Strategy,
+                 progress: Progress | None) -> list[CoreReport]:
+    from ..output import atomic_dir, publish, temp_dir_in
+
+    if not outdir.exists():
+        with atomic_dir(outdir) as tmp:
+            reports = [write_core(images, pid, tmp / f"core.{pid}", strategy=shared, progress=progress)
+                       for pid in pids]
+        for r in reports:
+            r.path = str(outdir / Path(r.path).name)
+        return reports
+    with temp_dir_in(outdir, "coredump") as tmp:
+        reports = [write_core(images, pid, tmp / f"core.{pid}", strategy=shared, progress=progress)
+                   for pid in pids]
+        for r in reports:
+            final = outdir / Path(r.path).name
+            publish(r.path, final)
+            r.path = str(final)
+    return reports

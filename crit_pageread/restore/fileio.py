@@ -1,16 +1,17 @@
-"""File output: zero-copy file-to-file copies (copy_file_range, else sendfile, else preadv) and atomic output
-(a temporary name renamed into place only on success)."""
+"""File output: zero-copy file-to-file copies (copy_file_range, else sendfile, else preadv); atomic output is
+the core's `crit_pageread.output` (re-exported here for the restore flows)."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
 
-from ..errors import ConfigError, ImageError
+from ..errors import ImageError
+from ..output import atomic_dir, atomic_file
+
+__all__ = ["atomic_dir", "atomic_file", "chunks", "copy_range"]
 
 _CHUNK = 1 << 30
 _FALLBACK = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
@@ -63,39 +64,3 @@ def chunks(start: int, length: int, chunk: int) -> Iterator[tuple[int, int]]:
         n = min(chunk, end - start)
         yield start, n
         start += n
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
-    """Write to a temporary name beside `path`; rename into place only on success."""
-    path = Path(path)
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Build a directory beside `path` and rename it into place only on success (OUT is complete or absent)."""
-    path = Path(path)
-    if path.exists():
-        raise ConfigError(f"{path}: output already exists")
-    import tempfile
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        os.rename(tmp, path)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

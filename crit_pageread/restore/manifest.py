@@ -97,7 +97,7 @@ def build_manifest(images_dir: str | os.PathLike[str], run_pages: int = DEFAULT_
 
 def write_manifest(images_dir: str | os.PathLike[str], run_pages: int = DEFAULT_RUN_PAGES) -> Path:
     """Write `crit-pageread-manifest.json` into the image directory (atomically); return its path."""
-    from .fileio import atomic_file
+    from ..output import atomic_file
 
     path = Path(images_dir)
     manifest = build_manifest(path, run_pages)

@@ -138,7 +138,6 @@ def squash(
         total = sum(images.pagemap_for(t).present_bytes + _non_present_bytes(images, t) for t in targets)
         report = SquashReport(str(src_path), str(out_path), layout or "input")
         with atomic_dir(out_path) as tmp:
-            os.chmod(tmp, 0o755)
             report.copied = _copy_other_images(base, tmp)
             done = [0, total]
             lazy_digests: dict[Target, str] = {}

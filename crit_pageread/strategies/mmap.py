@@ -1,4 +1,4 @@
-"""`mmap`: map each pages file read-only once and copy from the mapping."""
+"""`mmap`: map bounded windows of each pages file read-only and copy from them."""
 
 from __future__ import annotations
 
@@ -18,46 +18,88 @@ _ADVICE = {
 }
 
 
+#: Bytes of a pages file mapped at once; a file of any size is read through windows of this size.
+WINDOW = 64 << 20
+#: Windows kept mapped (least recently used goes first): bounded address space whatever the files.
+MAX_WINDOWS = 8
+
+
 class MmapStrategy(KernelCopies, Strategy):
-    """Copies from a read-only shared mapping of the pages file (one copy, no syscalls per read)."""
+    """Copies from read-only shared mappings of the pages file, one bounded window at a time.
+
+    Never maps a whole pages file: a window is `WINDOW` bytes aligned to the
+    mapping granularity, at most `MAX_WINDOWS` are kept, so a (sparse) pages file
+    larger than the address space is read like any other. Errors name the file.
+    """
 
     name = "mmap"
 
-    def __init__(self, advice: str = "normal") -> None:
+    def __init__(self, advice: str = "normal", window: int = WINDOW, max_windows: int = MAX_WINDOWS) -> None:
         self.advice = _ADVICE[advice]
-        self._maps: dict[PagesFile, tuple[mmap.mmap, memoryview]] = {}
+        gran = mmap.ALLOCATIONGRANULARITY
+        self.window = max(gran, window // gran * gran)
+        self.max_windows = max(1, max_windows)
+        self._maps: dict[tuple[PagesFile, int], tuple[mmap.mmap, memoryview]] = {}
 
-    def _view(self, pages: PagesFile) -> memoryview:
-        entry = self._maps.get(pages)
+    def _window(self, pages: PagesFile, start: int) -> memoryview:
+        key = (pages, start)
+        entry = self._maps.pop(key, None)
         if entry is None:
-            mm = mmap.mmap(pages.fd, 0, prot=mmap.PROT_READ)
+            length = min(self.window, pages.size - start)
+            try:
+                mm = mmap.mmap(pages.fd, length, prot=mmap.PROT_READ, offset=start)
+            except (OSError, ValueError) as exc:
+                problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise ImageError(pages.path, f"cannot map {length} bytes at offset {start}: {problem}") from None
             if self.advice != mmap.MADV_NORMAL:
                 mm.madvise(self.advice)
             entry = (mm, memoryview(mm))
-            self._maps[pages] = entry
+            while len(self._maps) >= self.max_windows:
+                oldest = next(iter(self._maps))
+                old_mm, old_view = self._maps.pop(oldest)
+                old_view.release()
+                old_mm.close()
+        self._maps[key] = entry  # most recently used last
         return entry[1]
 
     def read(self, request: ReadRequest) -> None:
         pages = request.pages
         if pages is None:
             raise ConfigError("mmap: strategy cannot serve lazy pages")
-        view = self._view(pages)
-        end = request.offset + len(request.dest)
-        if end > len(view):
-            raise ImageError(pages.path, f"short pages file: no data at offset {len(view)}")
-        request.dest[:] = view[request.offset : end]
+        dest = request.dest
+        offset = request.offset
+        end = offset + len(dest)
+        if end > pages.size:
+            raise ImageError(pages.path, f"short pages file: no data at offset {max(offset, pages.size)}")
+        done = 0
+        while offset + done < end:
+            pos = offset + done
+            start = pos - pos % self.window
+            view = self._window(pages, start)
+            n = min(end - pos, start + len(view) - pos)
+            dest[done : done + n] = view[pos - start : pos - start + n]
+            done += n
 
     def view(self, requests: list[CopyRequest], scratch: bytearray | None = None) -> View:
-        """A window of the whole-file map when the requests lie back to back in one file: no system call."""
+        """A mapping of just the planned range when the requests lie back to back in one file (released with the
+        view): never the whole file."""
         run = file_range(requests)
         if run is None:
             return Strategy.view(self, requests, scratch)
         pages, offset, length = run
-        self._view(pages)
-        mm = self._maps[pages][0]
-        if offset + length > len(mm):
-            raise ImageError(pages.path, f"short pages file: no data at offset {len(mm)}")
-        return View(mm, offset, length)
+        end = offset + length
+        if end > pages.size:
+            raise ImageError(pages.path, f"short pages file: no data at offset {max(offset, pages.size)}")
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        size = max(end - start, 1)
+        try:
+            mm = mmap.mmap(pages.fd, size, prot=mmap.PROT_READ, offset=start)
+        except (OSError, ValueError) as exc:
+            problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ImageError(pages.path, f"cannot map {size} bytes at offset {start}: {problem}") from None
+        if self.advice != mmap.MADV_NORMAL:
+            mm.madvise(self.advice)
+        return View(mm, offset - start, length, mm.close)
 
     def close(self) -> None:
         for mm, view in self._maps.values():
