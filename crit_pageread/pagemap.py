@@ -224,8 +224,10 @@ def load_pagemap(path: str | os.PathLike[str], page_size: int) -> Pagemap:
                 nr = msg.nr_pages
                 vaddr = msg.vaddr
                 flags = msg.flags
-                if not flags and not msg.HasField("flags"):
+                if not msg.HasField("flags"):
                     flags = PE_PARENT if msg.in_parent else PE_PRESENT
+                elif msg.in_parent:
+                    flags |= PE_PARENT  # CRIU's init_compat_pagemap_entry ORs the old bool in
         if not nr:
             f = decode_varint_fields(path, payload)
             if 1 not in f:
@@ -246,13 +248,14 @@ def load_pagemap(path: str | os.PathLike[str], page_size: int) -> Pagemap:
             else:
                 nr = compat
             if 4 in f:
-                flags = f[4]
+                flags = f[4] | (PE_PARENT if f.get(3) else 0)  # as CRIU's init_compat_pagemap_entry
             else:
                 flags = PE_PARENT if f.get(3) else PE_PRESENT
             if nr <= 0:
                 raise ImageError(path, f"entry {number} at {vaddr:#x} has no pages (nr_pages 0)")
-        if flags & ~PE_KNOWN or not flags:
-            what = f"unknown flag bits {flags & ~PE_KNOWN:#x}" if flags & ~PE_KNOWN else "no PE_* flag"
+        if flags & ~PE_KNOWN or not flags or flags & (PE_PRESENT | PE_PARENT) == PE_PRESENT | PE_PARENT:
+            what = (f"unknown flag bits {flags & ~PE_KNOWN:#x}" if flags & ~PE_KNOWN else
+                    "no PE_* flag" if not flags else "both present and in parent")
             raise ImageError(
                 path, f"entry {number} at {vaddr:#x}: {what} (flags {flags:#x}; CRIU knows parent 1, lazy 2, present 4)"
             )

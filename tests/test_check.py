@@ -33,7 +33,10 @@ def small(criu_ok: None, tmp_path_factory: pytest.TempPathFactory) -> Dump:
 def problems(images: Path) -> list[dict[str, str]]:
     proc = run_cli("check", str(images), "--json")
     found = [json.loads(line) for line in proc.stdout.splitlines()]
+    summary = found.pop()
+    assert summary["checkpoint"] == str(images) and "severity" not in summary
     bad = [p for p in found if p["severity"] != "note"]
+    assert summary["ok"] is (not bad) and summary["errors"] == sum(p["severity"] == "error" for p in found)
     assert proc.returncode == (1 if bad else 0), (proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr
     return found

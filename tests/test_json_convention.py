@@ -27,7 +27,7 @@ CRIT_JSON = {"decode", "encode", "info", "show"}
 RETIRED = {"source", "images_dir", "dir", "target", "vma", "path"}
 INT_KEYS = {"pid", "ppid", "pgid", "sid", "shmem", "vaddr", "start", "end", "length", "pages", "bytes"}
 STR_KEYS = {"checkpoint", "perms", "kind", "mapping", "output"}
-STREAMS = {"grep", "ps", "pages", "coredump", "plugins", "x", "scan"}
+STREAMS = {"grep", "ps", "pages", "coredump", "plugins", "x", "scan", "check"}
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +94,8 @@ def test_every_command_json_is_ndjson_or_one_document_with_the_shared_keys(
     out = tmp_path / "secret.bin"
     doc = case("read", d, "--pid", str(pid), hex(secret["addr"]), str(len(secret["text"])), "-o", str(out))[0]
     assert doc["output"] == str(out) and "hex" not in doc and out.read_bytes() == secret["text"].encode()
+    checked = case("check", d)
+    assert checked[-1]["ok"] is True and checked[-1]["checkpoint"] == d and checked[-1]["errors"] == 0
     hits = case("grep", d, secret["text"])
     assert any(h["vaddr"] == secret["addr"] and h["start"] <= h["vaddr"] < h["end"] for h in hits)
     found = case("scan", "--rules", str(REPO / "examples" / "rules.yar"), d)

@@ -22,22 +22,26 @@ def crit_pageread_add_commands(subparsers: Any) -> None:
         "(error, warning or note); exit 0 when there is no error or warning, else 1.",
     )
     p.add_argument("dir", help="image directory or checkpoint archive")
-    p.add_argument("--json", action="store_true", help="one JSON object per problem per line (NDJSON)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per problem per line, then a summary object (NDJSON)")
     p.add_argument("--no-notes", action="store_true", help="leave out notes (lazy pages, stale temporary files)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     report = check_checkpoint(args.dir, notes=not args.no_notes)
+    count = {s: sum(p.severity == s for p in report.problems) for s in ("error", "warning", "note")}
     for problem in report.problems:
         if args.json:
-            sys.stdout.write(json.dumps(problem.as_dict()) + "\n")
+            sys.stdout.write(json.dumps({"checkpoint": args.dir, **problem.as_dict()}) + "\n")
         else:
             sys.stdout.write(problem.line() + "\n")
-    if not args.json:
-        errors = sum(p.severity == "error" for p in report.problems)
-        warnings = sum(p.severity == "warning" for p in report.problems)
+    if args.json:  # NDJSON: one object per problem, then one summary object
+        sys.stdout.write(json.dumps({"checkpoint": args.dir, "ok": report.ok, "errors": count["error"],
+                                     "warnings": count["warning"], "notes": count["note"], "processes": report.pids,
+                                     "pagemaps": report.pagemaps, "pages": report.pages}) + "\n")
+    else:
         verdict = "OK" if report.ok else "FAILED"
         print(f"{verdict}: {args.dir}: {report.pids} processes, {report.pagemaps} pagemaps, {report.pages} pages; "
-              f"{errors} errors, {warnings} warnings", file=sys.stderr)
+              f"{count['error']} errors, {count['warning']} warnings", file=sys.stderr)
     return 0 if report.ok else 1

@@ -191,7 +191,14 @@ def action_main(env: dict[str, str] | None = None) -> int:
         else:
             checked = verify_manifest(images, required=required)
             what = f"{len(checked)} image directories verified" if checked else "no manifest, not verified"
-            print(f"criu-action-manifest: {what}", file=sys.stderr)
+            # Then the checkpoint itself, as `crit-pageread check` does: a broken one is refused before CRIU reads it.
+            from ..check import check_checkpoint
+
+            errors = check_checkpoint(images, notes=False).errors
+            if errors:
+                raise ImageError(errors[0].file, f"{errors[0].message} (and {len(errors) - 1} more problems)"
+                                 if len(errors) > 1 else errors[0].message)
+            print(f"criu-action-manifest: {what}; checkpoint checked", file=sys.stderr)
     except (ImageError, OSError) as exc:
         print(f"criu-action-manifest: {action}: {exc}", file=sys.stderr)
         return 1

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..check import check_checkpoint
 from ..config import Config, load_config
 from ..errors import ImageError
 from ..images import CheckpointImages, open_images
@@ -159,6 +160,10 @@ def squash(
                     shared.close()
             if verify:
                 verify_squash(images, tmp, lazy_digests, progress=progress)
+                # And the output as a checkpoint: every image parses, sizes, flags, VMAs (`check`'s rules).
+                found = check_checkpoint(tmp, notes=False).errors
+                if found:
+                    raise ImageError(found[0].file.replace(str(tmp), str(out_path)), found[0].message)
                 report.verified = True
     return report
 

@@ -1,0 +1,1 @@
+"""The reliability campaign: seeded mutants of real checkpoints against an independent page model."""
