@@ -123,7 +123,9 @@ def mutate(top: Path, rng: random.Random) -> tuple[str, set[str]]:
             return _mutate_bytes(rng.choice(pages), rng), {"pages"}
     if op == "parent":
         return _mutate_parent(top, rng), {"parent"}
-    images = sorted(p for p in top.glob("*.img") if p.is_file())
+    images = sorted(p for p in top.glob("*.img") if p.is_file() and not p.is_symlink())
+    if not images:
+        return "no regular image left to mutate", set()
     target = rng.choice(images)
     kind = "pagemap" if target.name.startswith("pagemap-") else "pages" if target.name.startswith("pages-") else "other"
     if op == "file":
@@ -135,7 +137,12 @@ _FLAG_VALUES = [0, 1, 2, 3, 4, 5, 6, 7, 0x8, 0x10, 0x80000000, 0x80000004, 1 << 
 
 
 def _mutate_pagemap(path: Path, rng: random.Random) -> str:
-    head, entries = read_pagemap(path)
+    if not path.is_file() or path.is_symlink():  # a FIFO or device from an earlier mutation: never read it
+        return f"{path.name}: not a regular file, left so"
+    try:
+        head, entries = read_pagemap(path)
+    except (IndexError, OSError):  # not a decodable pagemap any more (an earlier mutation): bytes instead
+        return _mutate_bytes(path, rng) if path.is_file() else f"{path.name}: left as it is"
     if not entries:
         return _mutate_bytes(path, rng)
     i = rng.randrange(len(entries))
@@ -199,6 +206,8 @@ def _mutate_pagemap(path: Path, rng: random.Random) -> str:
 
 
 def _mutate_bytes(path: Path, rng: random.Random) -> str:
+    if not path.is_file() or path.is_symlink():
+        return _mutate_file(path, rng) if os.path.lexists(path) else f"{path.name}: absent, left so"
     data = bytearray(path.read_bytes())
     what = rng.choice(["flip", "flip", "truncate", "extend", "size_prefix", "zero_page"])
     if what == "flip" and data:
@@ -230,7 +239,10 @@ def _mutate_bytes(path: Path, rng: random.Random) -> str:
 
 def _mutate_file(path: Path, rng: random.Random) -> str:
     what = rng.choice(["fifo", "zero", "urandom", "dir", "missing"])
-    path.unlink()
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
     if what == "fifo":
         os.mkfifo(path)
     elif what in ("zero", "urandom"):

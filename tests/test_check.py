@@ -152,3 +152,24 @@ def test_lazy_pages_and_stale_temporary_files_are_listed_as_notes(small: Dump, t
 def test_library_check_never_raises_on_a_missing_directory(tmp_path: Path):
     report = check_checkpoint(tmp_path / "nothing")
     assert not report.ok and len(report.problems) == 1 and "no such image directory" in report.problems[0].message
+
+
+def test_the_manifest_action_script_refuses_what_check_finds_before_criu_reads_it(small: Dump, tmp_path: Path):
+    """pre-restore, no manifest (not required): the dump is still checked, and a dropped entry is refused."""
+    import subprocess
+    import sys
+
+    from hostile_support import REPO
+
+    def pre_restore(images: Path) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "CRTOOLS_SCRIPT_ACTION": "pre-restore", "CRTOOLS_IMAGE_DIR": str(images)}
+        return subprocess.run([sys.executable, "-m", "crit_pageread.restore.manifest", "action"], env=env,
+                              capture_output=True, text=True, cwd=REPO, timeout=120)
+
+    good = copy_dump(small, tmp_path / "good")
+    proc = pre_restore(good)
+    assert proc.returncode == 0 and "checkpoint checked" in proc.stderr, proc.stderr
+    bad = copy_dump(small, tmp_path / "bad")
+    _edit(bad, small.pid, lambda es: es[: _present(es)] + es[_present(es) + 1 :])
+    proc = pre_restore(bad)
+    assert proc.returncode == 1 and "accounts for" in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
