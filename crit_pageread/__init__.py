@@ -32,8 +32,19 @@ if TYPE_CHECKING:  # the names below load on first use: `import crit_pageread` s
     from .hookspecs import hookimpl
     from .images import CheckpointImages, Process, Vma, open_images
     from .pagemap import PE_LAZY, PE_PARENT, PE_PRESENT, Pagemap, PagemapEntry
+    from .plugins import StrategyContext
     from .reader import PageReader, Segment
-    from .strategy import CopyRequest, PagesFile, ReadRequest, ScatterRequest, Strategy, StrategyInfo, Target, View
+    from .strategy import (
+        AnyRequest,
+        CopyRequest,
+        PagesFile,
+        ReadRequest,
+        ScatterRequest,
+        Strategy,
+        StrategyInfo,
+        Target,
+        View,
+    )
 
 __version__ = "0.1.0"
 
@@ -41,6 +52,7 @@ __all__ = [
     "PE_LAZY",
     "PE_PARENT",
     "PE_PRESENT",
+    "AnyRequest",
     "ChainError",
     "CheckpointImages",
     "Config",
@@ -63,6 +75,7 @@ __all__ = [
     "ScatterRequest",
     "Segment",
     "Strategy",
+    "StrategyContext",
     "StrategyInfo",
     "Target",
     "View",
@@ -75,6 +88,7 @@ __all__ = [
 #: Where each public name lives; imported on first access (PEP 562), so a command that needs little
 #: (`--version`, `ps`) does not pay for the rest.
 _EXPORTS = {
+    "AnyRequest": ".strategy",
     "ChainError": ".errors",
     "CheckpointImages": ".images",
     "Config": ".config",
@@ -100,6 +114,7 @@ _EXPORTS = {
     "ScatterRequest": ".strategy",
     "Segment": ".reader",
     "Strategy": ".strategy",
+    "StrategyContext": ".plugins",
     "StrategyInfo": ".strategy",
     "Target": ".strategy",
     "View": ".strategy",

@@ -2,7 +2,8 @@
 
 Plugins implement these with `@crit_pageread.hookimpl`. Callers pass keyword
 arguments only, so a hook can gain an argument without breaking plugins. The
-built-in strategies are plugins too (see `plugins.DEFAULT_PLUGINS`).
+built-in strategies (`plugins.DEFAULT_PLUGINS`) and commands (`cli.main.COMMAND_PLUGINS`) are
+plugins too.
 """
 
 from __future__ import annotations
@@ -29,18 +30,24 @@ def crit_pageread_strategies() -> list[StrategyInfo]:  # type: ignore[empty-body
     """Contribute page-read strategies.
 
     Return a list of `StrategyInfo(name, factory, description)`. `factory` is
-    called with the strategy's config table (a dict, `[name]` in the config
-    file) and returns a `Strategy`. Names are unique across plugins; a clash is
-    a ConfigError naming both plugins.
+    called with a `StrategyContext` each time a strategy of that name is made:
+    `context.table` is its config table (`[name]` in the config file; the
+    context is also a read-only mapping of it), `context.config` the whole
+    `Config`, and `context.make_strategy(other)` makes an inner strategy from
+    the same config. It returns a `Strategy`. Names are unique across plugins;
+    a clash is a ConfigError naming both plugins.
     """
 
 
-@hookspec
+@hookspec(historic=True)
 def crit_pageread_configure(config: Config) -> None:
-    """Hand plugins the configuration, once it is loaded and before any image is opened.
+    """Hand plugins the configuration: by the command line once it is loaded, and by `open_images()`
+    with the config it opens images with (an equal config is not handed twice).
 
-    `config.table(name)` is a plugin's own section. Raise `ConfigError` naming
-    the key for a bad value.
+    Historic: a plugin registered later is called with every config handed so
+    far, at registration. `config.table(name)` is a plugin's own section.
+    Raise `ConfigError` naming the key for a bad value. Strategy factories get
+    the config through their `StrategyContext`, not through this hook.
     """
 
 

@@ -112,6 +112,9 @@ def shown(value: str | bytes, limit: int = SHOWN_MAX) -> str:
     return text + (f"... ({len(raw)} bytes)" if len(raw) > limit else "")
 
 
+#: Levels of a chain of incremental dumps, newest included, that a checkpoint may have.
+MAX_CHAIN_DEPTH = 256
+
 _PAGEMAP_RE = re.compile(r"^pagemap-(\d+)\.img$")
 _SHMEM_RE = re.compile(r"^pagemap-shmem-(\d+)\.img$")
 
@@ -137,6 +140,11 @@ class CheckpointImages:
         self._cleanup: list[Any] = []
         #: The archive this directory was unpacked from (by `open_images`), else None.
         self.archive: Path | None = None
+        # Like CRIU, open every level of the chain now: a missing, dangling or cyclic `parent` link is
+        # an error at open, even in a level no page needs.
+        if len(self._chain) > MAX_CHAIN_DEPTH:
+            raise ChainError(self.path / "parent", f"parent chain deeper than {MAX_CHAIN_DEPTH}")
+        self.parent  # noqa: B018
 
     # --- processes -------------------------------------------------------------------------
 
@@ -344,19 +352,31 @@ class CheckpointImages:
         real = os.path.realpath(full)
         if real in self._chain:
             raise ChainError(link, f"parent chain has a cycle through {shown(target)}")
-        self._parent = CheckpointImages(full, self.config, _chain=self._chain)
+        # The resolved path (as the kernel resolves `parent/..`), so messages name d1/parent, not d3/../d2/../d1.
+        self._parent = CheckpointImages(real, self.config, _chain=self._chain)
         return self._parent
 
     # --- readers ---------------------------------------------------------------------------
 
     def reader(self, pid: int, strategy: str | Strategy | None = None, **options: Any) -> PageReader:
-        """A PageReader of `pid`'s memory (addresses are virtual addresses)."""
+        """A PageReader of `pid`'s memory (addresses are virtual addresses).
+
+        `strategy` is a name (a new strategy is made from the config, and
+        closed with the reader) or a Strategy instance (shared: its maker
+        closes it). `options`: zero_fill, auto_dedup.
+        """
         self._check_pid(pid)
         return self._reader(Target("pid", pid), strategy, options)
 
     def shmem_reader(self, shmid: int, strategy: str | Strategy | None = None, **options: Any) -> PageReader:
         """A PageReader of a shared-memory segment (addresses are offsets in it)."""
         return self._reader(Target("shmem", shmid), strategy, options)
+
+    def reader_for(self, target: Target, strategy: str | Strategy | None = None, **options: Any) -> PageReader:
+        """A PageReader of one pagemap: a pid's own (`Target("pid", pid)`) or a segment's."""
+        if target.kind == "pid":
+            self._check_pid(target.id)
+        return self._reader(target, strategy, options)
 
     def _reader(self, target: Target, strategy: str | Strategy | None, options: dict[str, Any]) -> PageReader:
         from .plugins import make_strategy, observer
@@ -366,6 +386,7 @@ class CheckpointImages:
         if unknown:
             raise TypeError(f"unknown reader options: {', '.join(sorted(unknown))}")
         pagemap = self.pagemap_for(target)
+        owns = not isinstance(strategy, Strategy)
         if not isinstance(strategy, Strategy):
             strategy = make_strategy(strategy or self.config.strategy, self.config)
         return PageReader(
@@ -376,6 +397,7 @@ class CheckpointImages:
             zero_fill=options.get("zero_fill", self.config.zero_fill),
             auto_dedup=options.get("auto_dedup", self.config.auto_dedup),
             observe=observer(),
+            owns_strategy=owns,
         )
 
     # --- lifetime --------------------------------------------------------------------------
@@ -402,9 +424,14 @@ class CheckpointImages:
 
 
 def open_images(path: str | os.PathLike[str], config: Config | None = None) -> CheckpointImages:
-    """Open a CRIU image directory (or a checkpoint archive) for reading."""
+    """Open a CRIU image directory (or a checkpoint archive) for reading.
+
+    Every level of a chain of incremental dumps is opened now (a bad `parent`
+    link is a ChainError naming it), and the plugins are handed the config
+    (`crit_pageread_configure`) before any reader is made.
+    """
     from .archive import is_archive, unpack_checkpoint
-    from .plugins import get_plugin_manager
+    from .plugins import configure, get_plugin_manager
 
     if is_archive(path):
         directory, cleanup = unpack_checkpoint(path)
@@ -417,5 +444,10 @@ def open_images(path: str | os.PathLike[str], config: Config | None = None) -> C
         images.archive = Path(path)
     else:
         images = CheckpointImages(path, config)
+    try:
+        configure(images.config, check_strategy=False)
+    except BaseException:
+        images.close()
+        raise
     get_plugin_manager().hook.crit_pageread_images_opened(images=images)
     return images

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import pluggy
@@ -34,6 +34,7 @@ ENTRY_POINT_GROUP = "crit_pageread"
 
 _pm: pluggy.PluginManager | None = None
 _strategies: dict[str, StrategyInfo] | None = None
+_configured: Config | None = None
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -144,9 +145,10 @@ def _short(value: Any) -> str:
 
 def reset() -> None:
     """Forget the plugin manager (tests; after changing plugin env vars)."""
-    global _pm, _strategies
+    global _pm, _strategies, _configured
     _pm = None
     _strategies = None
+    _configured = None
 
 
 def strategies() -> dict[str, StrategyInfo]:
@@ -156,43 +158,82 @@ def strategies() -> dict[str, StrategyInfo]:
     if _strategies is None:
         found: dict[str, StrategyInfo] = {}
         hook = pm.hook.crit_pageread_strategies
-        # Called through the hook (so CRIT_PAGEREAD_TRACE_HOOKS shows it); results come in call
-        # order, the reverse of get_hookimpls(), one per implementation that returned a list.
-        impls = list(reversed(hook.get_hookimpls()))
-        results = hook()
-        names = [impl.plugin_name for impl in impls] if len(results) == len(impls) else ["?"] * len(results)
-        for plugin_name, contributed in reversed(list(zip(names, results, strict=True))):  # registration order
-            for info in contributed or []:
-                info.plugin = info.plugin or plugin_name
-                if info.name in found:
-                    raise ConfigError(
-                        f"strategy {info.name!r} is contributed by both {found[info.name].plugin} and {info.plugin}"
-                    )
-                found[info.name] = info
+        impls = hook.get_hookimpls()  # registration order
+        everyone = [impl.plugin for impl in impls]
+        for impl in impls:
+            # Each implementation called on its own (through the hook, so CRIT_PAGEREAD_TRACE_HOOKS
+            # shows it): what it returns is attributed to its plugin, whatever the others return.
+            others = [p for p in everyone if p is not impl.plugin]
+            for contributed in pm.subset_hook_caller("crit_pageread_strategies", others)():
+                for info in contributed or []:
+                    info.plugin = info.plugin or impl.plugin_name
+                    if info.name in found:
+                        raise ConfigError(
+                            f"strategy {info.name!r} is contributed by both {found[info.name].plugin} "
+                            f"and {info.plugin}"
+                        )
+                    found[info.name] = info
         _strategies = dict(sorted(found.items()))
     return _strategies
 
 
+class StrategyContext(Mapping[str, Any]):
+    """What a strategy factory is called with: its own config table, the whole config, and a way to make
+    an inner strategy by name from the same config.
+
+    The context is also a read-only mapping of the strategy's table, so a
+    factory written for the table alone (`table.get("key")`) works as it is.
+    """
+
+    def __init__(self, name: str, config: Config) -> None:
+        self.name = name
+        self.config = config
+        #: The `[name]` table of the config (a copy).
+        self.table: dict[str, Any] = config.table(name)
+
+    def make_strategy(self, name: str) -> Strategy:
+        """A new strategy `name` built from the same config (for strategies that wrap another)."""
+        return make_strategy(name, self.config)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.table[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.table)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __repr__(self) -> str:
+        return f"<StrategyContext [{self.name}] {self.table!r}>"
+
+
 def make_strategy(name: str, config: Config) -> Strategy:
-    """A new strategy instance by name, built from its config table."""
+    """A new strategy instance by name: its factory is called with a `StrategyContext` of `config`."""
     known = strategies()
     info = known.get(name)
     if info is None:
         raise ConfigError(f"strategy: unknown strategy {name!r} (known: {', '.join(known)})")
-    strategy = info.factory(config.table(name))
+    strategy = info.factory(StrategyContext(name, config))
     if not isinstance(strategy, Strategy):
         raise ConfigError(f"strategy {name!r} of plugin {info.plugin}: factory did not return a Strategy")
     return strategy
 
 
-def configure(config: Config) -> None:
-    """Hand every plugin the configuration (the `crit_pageread_configure` hook)."""
+def configure(config: Config, *, check_strategy: bool = True) -> None:
+    """Hand every plugin the configuration (the historic `crit_pageread_configure` hook: a plugin
+    registered later is handed it on registration). Configuring again with an equal config does nothing.
+    With `check_strategy`, an unknown `strategy` is a ConfigError first (else when a reader is made)."""
+    global _configured
     known = strategies()
-    if config.strategy not in known:
+    if check_strategy and config.strategy not in known:
         raise ConfigError(
             f"strategy: unknown strategy {config.strategy!r} (known: {', '.join(known)})"
         )
-    get_plugin_manager().hook.crit_pageread_configure(config=config)
+    if _configured is not None and _configured == config:
+        return
+    get_plugin_manager().hook.crit_pageread_configure.call_historic(kwargs={"config": config})
+    _configured = config
 
 
 _OBSERVER_HOOKS = (

@@ -79,6 +79,7 @@ class PageReader:
         depth: int = 0,
         root: PageReader | None = None,
         observe: Any = None,
+        owns_strategy: bool = True,
     ) -> None:
         self.images = images
         self.target = target
@@ -91,6 +92,8 @@ class PageReader:
         self._parent: PageReader | None = None
         self._pages: PagesFile | None = None
         self._observe = observe
+        #: False for a strategy passed in by the caller: its maker closes it, not this reader.
+        self.owns_strategy = owns_strategy
         self._closed = False
         # Owned by the root reader: ranges read from parent images, to punch once read.
         self._dedup_pending: list[tuple[PagesFile, int, int]] = []
@@ -719,12 +722,15 @@ class PageReader:
             raise CritPageReadError(f"{self.source}: reader is closed")
 
     def close(self) -> None:
-        """Close the reader; reads still queued make this an error (call `sync()` first)."""
+        """Close the reader, and its strategy if it made it; reads still queued in a strategy it owns make
+        this an error (call `sync()` first)."""
         if self._closed:
             return
         if self._root is not self:
             return
         self._closed = True
+        if not self.owns_strategy:
+            return
         pending = self.strategy.pending
         try:
             if pending:
@@ -738,7 +744,7 @@ class PageReader:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is not None and self.strategy.pending:
+        if exc_type is not None and self.owns_strategy and self.strategy.pending:
             # Already failing: drop the queue rather than mask the error.
             self._closed = True
             self.strategy.close()

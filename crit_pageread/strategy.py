@@ -203,7 +203,7 @@ class StrategyInfo:
     """A strategy as a plugin contributes it: a name, a factory and a description."""
 
     name: str
-    factory: Any  # Callable[[dict[str, Any]], Strategy]: called with the strategy's config table
+    factory: Any  # Callable[[plugins.StrategyContext], Strategy]: called each time the strategy is made
     description: str = ""
     plugin: str = field(default="")
 

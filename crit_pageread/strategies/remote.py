@@ -24,6 +24,7 @@ from ..strategy import CopyRequest, ReadRequest, Sink, Strategy, StrategyInfo
 
 if TYPE_CHECKING:  # the client (ssl, sockets) is imported when a remote strategy is made, not at start-up
     from ..pageserver.client import Connection, ServerAddress
+    from ..plugins import StrategyContext
 
 KEYS = (
     "address", "port", "protocol", "tls", "tls_cacert", "tls_cert", "tls_key", "tls_no_cn_verify",
@@ -35,8 +36,6 @@ DEFAULTS: dict[str, Any] = {
 }
 #: Remote requests queued before `submit` syncs by itself.
 MAX_QUEUE = 65536
-
-_config: Config | None = None
 
 
 class RemoteStrategy(Strategy):
@@ -232,19 +231,17 @@ def parse_options(table: dict[str, Any]) -> tuple[ServerAddress, str, int]:
     return server, local, _number(table, "max_in_flight", 1, 4096, True)
 
 
-def _factory(table: dict[str, Any]) -> Strategy:
+def _factory(context: StrategyContext) -> Strategy:
     from ..plugins import strategies
 
-    server, local_name, max_in_flight = parse_options(table)
+    server, local_name, max_in_flight = parse_options(context.table)
     local: Strategy | None = None
     if local_name != "none":
-        info = strategies().get(local_name)
-        if info is None:
+        if local_name not in strategies():
             raise ConfigError(
                 f"[remote]: key 'local' names unknown strategy {local_name!r} (known: {', '.join(strategies())}, none)"
             )
-        local_table = _config.table(local_name) if _config is not None else {}
-        local = info.factory(local_table)
+        local = context.make_strategy(local_name)  # built from the same config as this one
     if server.tls is not None:
         server.tls.client_context()  # bad certificate files are a ConfigError now, not at the first read
     return RemoteStrategy(server, local, max_in_flight)
@@ -252,8 +249,6 @@ def _factory(table: dict[str, Any]) -> Strategy:
 
 @hookimpl
 def crit_pageread_configure(config: Config) -> None:
-    global _config
-    _config = config
     table = config.table("remote")
     if table or config.strategy == "remote":
         parse_options(table)

@@ -10,10 +10,9 @@ import json
 import threading
 from typing import Any
 
-from crit_pageread import ConfigError, ReadRequest, Strategy, StrategyInfo, hookimpl
+from crit_pageread import ConfigError, ReadRequest, Strategy, StrategyContext, StrategyInfo, hookimpl
 
 _log_path: str | None = None
-_config: Any = None
 _lock = threading.Lock()
 
 
@@ -66,18 +65,16 @@ class CountingStrategy(Strategy):
                 f.write(json.dumps({"requests": self.requests, "bytes": self.bytes}) + "\n")
 
 
-def _counting(table: dict[str, Any]) -> Strategy:
-    from crit_pageread.config import load_config
-    from crit_pageread.plugins import make_strategy
-
+def _counting(context: StrategyContext) -> Strategy:
+    """The factory: `context.table` is `[counting]`; the inner strategy is made from the same config."""
+    table = context.table
     unknown = set(table) - {"inner", "report"}
     if unknown:
         raise ConfigError(f"[counting]: unknown key {sorted(unknown)[0]!r} (known: inner, report)")
     inner = table.get("inner", "preadv")
     if inner == "counting":
         raise ConfigError("[counting]: key 'inner' cannot be 'counting'")
-    config = _config if _config is not None else load_config()
-    return CountingStrategy(make_strategy(inner, config), table.get("report"))
+    return CountingStrategy(context.make_strategy(inner), table.get("report"))
 
 
 @hookimpl
@@ -102,7 +99,7 @@ class _ReadObserver:
 
 @hookimpl
 def crit_pageread_configure(config: Any) -> None:
-    global _log_path, _config
+    global _log_path
     from crit_pageread.plugins import get_plugin_manager
 
     table = config.table("example")
@@ -110,7 +107,6 @@ def crit_pageread_configure(config: Any) -> None:
     if unknown:
         raise ConfigError(f"[example]: unknown key {sorted(unknown)[0]!r} (known: log)")
     _log_path = table.get("log")
-    _config = config
     pm = get_plugin_manager()
     if _log_path and pm.get_plugin("example-read-observer") is None:
         pm.register(_ReadObserver(), name="example-read-observer")
