@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .config import Config, load_config
 from .criu_env import pycriu
@@ -23,6 +23,7 @@ from .pagemap import Pagemap, load_pagemap
 from .strategy import PagesFile, Strategy, Target
 
 if TYPE_CHECKING:
+    from .memory import ProcessReader
     from .reader import PageReader
 
 VMA_AREA_REGULAR = 1 << 0
@@ -43,6 +44,8 @@ VMA_AREA_MEMFD = 1 << 14
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 #: pid_t is a signed 32-bit int: no pid, pgid, sid or thread id reaches this.
 PID_LIMIT = 1 << 31
+#: core_entry.tc.task_state of a zombie (CRIU's TASK_DEAD).
+TASK_DEAD = 2
 MAP_SHARED = 1
 
 
@@ -134,6 +137,7 @@ class CheckpointImages:
         self.page_size = self.config.page_size
         self._chain = (*_chain, os.path.realpath(self.path))
         self._pagemaps: dict[Target, Pagemap] = {}
+        self._zombies: dict[int, bool] = {}
         self._pages: dict[tuple[int, bool], PagesFile] = {}
         self._parent: CheckpointImages | None = None
         self._parent_checked = False
@@ -200,8 +204,10 @@ class CheckpointImages:
         return msgs[0]
 
     def vmas(self, pid: int) -> list[Vma]:
-        """The VMAs of `pid` in address order, each with a mapping name."""
+        """The VMAs of `pid` in address order, each with a mapping name (none for a zombie)."""
         self._check_pid(pid)
+        if self.is_zombie(pid):
+            return []
         path = self.path / f"mm-{pid}.img"
         msgs = load_raw_messages(path, "MM")
         if len(msgs) != 1:
@@ -283,6 +289,22 @@ class CheckpointImages:
         inodes = self._memfd_inodes
         return {fid: inodes[inode][1] for fid, _, inode in self._files if inode is not None and inode in inodes}
 
+    def is_zombie(self, pid: int) -> bool:
+        """True for a pstree task CRIU dumped without memory: a zombie (core-<pid>.img says the task is
+        dead; there is no mm-<pid>.img and no pagemap-<pid>.img)."""
+        z = self._zombies.get(pid)
+        if z is None:
+            z = False
+            if not (self.path / f"mm-{pid}.img").exists() and not (self.path / f"pagemap-{pid}.img").exists():
+                core = self.path / f"core-{pid}.img"
+                if core.exists():
+                    # core_entry.tc (3) . task_state (1), decoded without protobuf
+                    msgs = load_raw_messages(core, "CORE")
+                    tc = msgs[0].message(3) if len(msgs) == 1 else None
+                    z = tc is not None and tc.opt(1) == TASK_DEAD
+            self._zombies[pid] = z
+        return z
+
     def _check_pid(self, pid: int) -> None:
         if (self.path / "pstree.img").exists() and pid not in self.processes:
             raise ImageError(self.path / "pstree.img", f"no pid {pid} in the checkpoint (pids: {self.pids})")
@@ -294,7 +316,10 @@ class CheckpointImages:
         pm = self._pagemaps.get(target)
         if pm is None:
             name = f"pagemap-{target.id}.img" if target.kind == "pid" else f"pagemap-shmem-{target.id}.img"
-            pm = load_pagemap(self.path / name, self.page_size)
+            if target.kind == "pid" and self.is_zombie(target.id):
+                pm = Pagemap(self.path / name, 0, [], "4.1", self.page_size)  # a zombie: no memory
+            else:
+                pm = load_pagemap(self.path / name, self.page_size)
             self._pagemaps[target] = pm
         return pm
 
@@ -358,27 +383,32 @@ class CheckpointImages:
 
     # --- readers ---------------------------------------------------------------------------
 
-    def reader(self, pid: int, strategy: str | Strategy | None = None, **options: Any) -> PageReader:
-        """A PageReader of `pid`'s memory (addresses are virtual addresses).
+    def reader(self, pid: int, strategy: str | Strategy | None = None, **options: Any) -> ProcessReader:
+        """The reader of `pid`'s whole dumped address space, like /proc/PID/mem of the restored task:
+        private pages, shared mappings from their segments (`memory.ProcessReader`, a PageReader).
 
         `strategy` is a name (a new strategy is made from the config, and
         closed with the reader) or a Strategy instance (shared: its maker
         closes it). `options`: zero_fill, auto_dedup.
         """
         self._check_pid(pid)
-        return self._reader(Target("pid", pid), strategy, options)
+        return cast("ProcessReader", self._reader(Target("pid", pid), strategy, options, process=True))
 
     def shmem_reader(self, shmid: int, strategy: str | Strategy | None = None, **options: Any) -> PageReader:
         """A PageReader of a shared-memory segment (addresses are offsets in it)."""
         return self._reader(Target("shmem", shmid), strategy, options)
 
     def reader_for(self, target: Target, strategy: str | Strategy | None = None, **options: Any) -> PageReader:
-        """A PageReader of one pagemap: a pid's own (`Target("pid", pid)`) or a segment's."""
+        """A PageReader of one pagemap: a pid's own (`Target("pid", pid)`: no shared mappings, as a page
+        server serves it) or a segment's."""
         if target.kind == "pid":
             self._check_pid(target.id)
         return self._reader(target, strategy, options)
 
-    def _reader(self, target: Target, strategy: str | Strategy | None, options: dict[str, Any]) -> PageReader:
+    def _reader(
+        self, target: Target, strategy: str | Strategy | None, options: dict[str, Any], process: bool = False
+    ) -> PageReader:
+        from .memory import ProcessReader
         from .plugins import make_strategy, observer
         from .reader import PageReader
 
@@ -389,6 +419,18 @@ class CheckpointImages:
         owns = not isinstance(strategy, Strategy)
         if not isinstance(strategy, Strategy):
             strategy = make_strategy(strategy or self.config.strategy, self.config)
+        if process:
+            try:
+                return ProcessReader(
+                    self, target.id, pagemap, strategy,
+                    zero_fill=options.get("zero_fill", self.config.zero_fill),
+                    auto_dedup=options.get("auto_dedup", self.config.auto_dedup),
+                    observe=observer(), owns_strategy=owns, zombie=self.is_zombie(target.id),
+                )
+            except BaseException:
+                if owns:
+                    strategy.close()
+                raise
         return PageReader(
             self,
             target,

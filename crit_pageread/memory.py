@@ -1,8 +1,16 @@
-"""A process's memory as commands scan it: VMAs with their readers, spans of adjacent VMAs, page counts.
+"""A process's memory: the whole dumped address space of a pid, and what commands scan it by.
 
-A VMA's bytes are in the pid's pagemap, or for shared memory (anonymous
-shared, memfd, SysV) in `pagemap-shmem-<id>.img` at the VMA's page offset.
-An `Area` hides that: `reader` reads the VMA at `vaddr + delta`.
+`ProcessReader` (what `images.reader(pid)` returns) reads a pid's memory as
+`/proc/PID/mem` of the restored task has it: private pages from the pid's
+pagemap (through the parent chain), shared mappings (anonymous shared, memfd,
+SysV) from the segment's `pagemap-shmem-<id>.img` at the VMA's page offset,
+lazy pages through a strategy that serves them. For a private mapping of a
+shared object the pid's pagemap comes first (its copy-on-write pages) and the
+segment fills what it lacks, in CRIU's restore order. A zombie has no memory.
+
+`Area` (a part of a VMA), `Span` (adjacent VMAs), `Readers` (one process
+reader per pid), `VmaFilter` and `page_counts` are what grep, extract and the
+page tables scan by.
 """
 
 from __future__ import annotations
@@ -11,8 +19,9 @@ import bisect
 import fnmatch
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
-from .errors import ConfigError
+from .errors import ConfigError, LazyPageError, NotDumpedError
 from .images import (
     VMA_ANON_SHARED,
     VMA_AREA_MEMFD,
@@ -21,46 +30,241 @@ from .images import (
     Vma,
 )
 from .pagemap import PE_LAZY, PE_PARENT, PE_PRESENT, Pagemap
-from .reader import PageReader, Segment
-from .strategy import PagesFile
+from .reader import HolesMode, PageReader, Segment
+from .strategy import AnyRequest, PagesFile, Strategy, Target
+
+
+def shmem_id(images: CheckpointImages, vma: Vma) -> int | None:
+    """The shmem pagemap id holding a shared VMA's pages (or a memfd's, mapped private or shared), or None."""
+    if vma.status & VMA_AREA_MEMFD:
+        return images.memfd_shmids.get(vma.shmid)
+    if vma.status & (VMA_ANON_SHARED | VMA_AREA_SYSVIPC):
+        return vma.shmid
+    return None
+
+
+class _Overlay(NamedTuple):
+    """A VMA whose pages the pid's pagemap lacks are in segment `shmid` at `vaddr + delta`."""
+
+    start: int
+    end: int
+    delta: int
+    shmid: int
+
+
+#: A piece of a planned range: [start, stop) read by the pid's own pagemap (shmid None) or by a segment.
+_Piece = tuple[int, int, "int | None", int]
+
+
+class ProcessReader(PageReader):
+    """A pid's whole dumped address space, like `/proc/PID/mem` of the restored task.
+
+    The same API as `PageReader` (`read`, `readinto`, `readv`, `segments`,
+    defer/`sync`, `holes=`, `write_to`, `send`, `view`, close, `with`); its
+    `pagemap` is the pid's own. Reads that touch a shared mapping are planned
+    across the pid's pagemap and the segments' pagemaps in one batch, so an
+    error about any piece is raised before any I/O. Segment readers share this
+    reader's strategy, its dedup queue and its lifetime.
+    """
+
+    def __init__(
+        self,
+        images: CheckpointImages,
+        pid: int,
+        pagemap: Pagemap,
+        strategy: Strategy,
+        *,
+        zero_fill: bool = False,
+        auto_dedup: bool = False,
+        observe: Any = None,
+        owns_strategy: bool = True,
+        zombie: bool = False,
+    ) -> None:
+        super().__init__(images, Target("pid", pid), pagemap, strategy, zero_fill=zero_fill,
+                         auto_dedup=auto_dedup, observe=observe, owns_strategy=owns_strategy)
+        self.pid = pid
+        #: True for a zombie (a pstree task without memory images): every address is a hole.
+        self.zombie = zombie
+        self._overlay_list: list[_Overlay] | None = None
+        self._overlay_starts: list[int] = []
+        self._segment_readers: dict[int, PageReader] = {}
+
+    @property
+    def _overlays(self) -> list[_Overlay]:
+        """The VMAs read through a segment, from mm-<pid>.img on first use (none without it: a level of
+        a chain may hold only pagemaps)."""
+        if self._overlay_list is None:
+            images = self.images
+            overlays = []
+            if not self.zombie and (images.path / f"mm-{self.pid}.img").exists():
+                have = set(images.shmem_ids)
+                for vma in images.vmas(self.pid):
+                    sid = shmem_id(images, vma)
+                    if sid is not None and sid in have:
+                        overlays.append(_Overlay(vma.start, vma.end, vma.pgoff - vma.start, sid))
+            self._overlay_starts = [o.start for o in overlays]
+            self._overlay_list = overlays
+        return self._overlay_list
+
+    @property
+    def source(self) -> str:
+        if self.zombie:
+            return f"{self.images.path}: pid {self.pid} (a zombie: no memory)"
+        return str(self.pagemap.path)
+
+    def segment_reader(self, shmid: int) -> PageReader:
+        """The reader of segment `shmid` this reader reads shared mappings with (same strategy and lifetime)."""
+        r = self._segment_readers.get(shmid)
+        if r is None:
+            r = self._segment_readers[shmid] = PageReader(
+                self.images, Target("shmem", shmid), self.images.shmem_pagemap(shmid), self.strategy,
+                auto_dedup=self.auto_dedup, root=self, owns_strategy=False,
+            )
+        return r
+
+    def shmem_at(self, vaddr: int) -> tuple[int, int] | None:
+        """(shmid, offset in the segment) of a shared mapping's address, or None for private memory."""
+        overlays = self._overlays
+        i = bisect.bisect_right(self._overlay_starts, vaddr) - 1
+        if i >= 0 and overlays[i].end > vaddr:
+            o = overlays[i]
+            return o.shmid, vaddr + o.delta
+        return None
+
+    # --- planning: split a range between the pid's pagemap and the segments -------------------
+
+    def _pieces(self, vaddr: int, end: int) -> list[_Piece] | None:
+        """The pieces of [vaddr, end), or None when it touches no shared mapping (all the pid's own)."""
+        overlays = self._overlays
+        if not overlays:
+            return None
+        i = bisect.bisect_right(self._overlay_starts, vaddr) - 1
+        if i < 0 or overlays[i].end <= vaddr:
+            i += 1
+        if i >= len(overlays) or overlays[i].start >= end:
+            return None
+        out: list[_Piece] = []
+
+        def add(start: int, stop: int, shmid: int | None, delta: int) -> None:
+            if start >= stop:
+                return
+            if out and out[-1][1] == start and out[-1][2] == shmid and out[-1][3] == delta:
+                out[-1] = (out[-1][0], stop, shmid, delta)
+            else:
+                out.append((start, stop, shmid, delta))
+
+        pos = vaddr
+        pagemap = self.pagemap
+        while pos < end:
+            if i >= len(overlays) or overlays[i].start >= end:
+                add(pos, end, None, 0)
+                break
+            o = overlays[i]
+            add(pos, max(pos, o.start), None, 0)
+            pos = max(pos, o.start)
+            stop = min(o.end, end)
+            # The pid's own entries first (a private mapping's copy-on-write pages), the segment elsewhere.
+            for entry in pagemap.entries_in(pos, stop):
+                if not entry.flags:
+                    continue
+                a, b = max(entry.vaddr, pos), min(entry.end, stop)
+                add(pos, a, o.shmid, o.delta)
+                add(a, b, None, 0)
+                pos = b
+            add(pos, stop, o.shmid, o.delta)
+            pos = stop
+            i += 1
+        return out
+
+    def _requests(
+        self, vaddr: int, dest: memoryview, holes_mode: HolesMode
+    ) -> tuple[list[AnyRequest], list[tuple[int, int]]]:
+        pieces = self._pieces(vaddr, vaddr + len(dest))
+        if pieces is None:
+            return super()._requests(vaddr, dest, holes_mode)
+        requests: list[AnyRequest] = []
+        holes: list[tuple[int, int]] = []
+        for start, stop, shmid, delta in pieces:
+            view = dest[start - vaddr : stop - vaddr]
+            if shmid is None:
+                got, zeros = super()._requests(start, view, holes_mode)
+            else:
+                segment = self.segment_reader(shmid)
+                try:
+                    got, zeros = segment._requests(start + delta, view, holes_mode)
+                except (NotDumpedError, LazyPageError) as exc:  # name the caller's address and the segment's
+                    where = f"{exc.source} (segment offset {exc.start:#x}, mapped by pid {self.pid})"
+                    raise type(exc)(where, exc.start - delta, exc.end - delta) from None
+                zeros = [(a - delta, b - delta) for a, b in zeros]
+            requests.extend(got)
+            holes.extend(zeros)
+        return requests, holes
+
+    def segments(self, vaddr: int, length: int) -> Iterator[Segment]:
+        """Where each piece of [vaddr, vaddr+length) is: the pid's pages or a segment's, in this address space."""
+        pieces = self._pieces(vaddr, vaddr + length) if length > 0 else None
+        if pieces is None:
+            yield from super().segments(vaddr, length)
+            return
+        for start, stop, shmid, delta in pieces:
+            if shmid is None:
+                yield from super().segments(start, stop - start)
+                continue
+            for seg in self.segment_reader(shmid).segments(start + delta, stop - start):
+                yield seg._replace(vaddr=seg.vaddr - delta)
+
+    def page_counts(self, start: int, end: int) -> dict[str, int]:
+        """Pages of [start, end) present, in a parent image, lazy only or not dumped, shared mappings
+        counted in their segment."""
+        pieces = self._pieces(start, end) or [(start, end, None, 0)]
+        counts = dict.fromkeys(PAGE_CLASSES, 0)
+        for a, b, shmid, delta in pieces:
+            pm = self.pagemap if shmid is None else self.images.shmem_pagemap(shmid)
+            for k, n in page_counts(pm, a + delta, b + delta).items():
+                counts[k] += n
+        return counts
+
+    def __repr__(self) -> str:
+        return f"<ProcessReader pid {self.pid} of {self.images.path} via {self.strategy.name}>"
 
 
 @dataclass(eq=False, slots=True)
 class Area:
-    """[start, end) of `vma` in `pid`; its bytes are read by `reader` at `vaddr + delta`."""
+    """[start, end) of `vma` in `pid`, read by the pid's process reader."""
 
     pid: int
     vma: Vma
     start: int
     end: int
-    reader: PageReader
-    delta: int
+    reader: ProcessReader
     _segments: list[Segment] | None = field(default=None, repr=False)
 
     @property
+    def shmid(self) -> int | None:
+        """The segment that holds the area's shared pages (None for private memory)."""
+        at = self.reader.shmem_at(self.start)
+        return at[0] if at is not None else None
+
+    @property
     def shmem(self) -> bool:
-        return self.reader.target.kind == "shmem"
+        return self.shmid is not None
 
     def segments(self) -> list[Segment]:
-        """Where each piece of the area is (addresses in the reader's space); planned once."""
+        """Where each piece of the area is; planned once."""
         if self._segments is None:
-            self._segments = list(self.reader.segments(self.start + self.delta, self.end - self.start))
+            self._segments = list(self.reader.segments(self.start, self.end - self.start))
         return self._segments
 
 
 @dataclass
 class Span:
-    """Adjacent areas read by the same reader: a match may cross from one VMA into the next."""
+    """Adjacent areas of one pid: a match may cross from one VMA into the next."""
 
     areas: list[Area]
 
     @property
-    def reader(self) -> PageReader:
+    def reader(self) -> ProcessReader:
         return self.areas[0].reader
-
-    @property
-    def delta(self) -> int:
-        return self.areas[0].delta
 
     def area_at(self, vaddr: int) -> Area:
         """The area that holds `vaddr` (the last one that starts at or before it)."""
@@ -72,7 +276,6 @@ class Span:
         cross VMA boundaries), each with (pages file, offset) when its bytes are one contiguous range of one
         local pages file, else None: one pass over the planned segments."""
         lazy_ok = self.reader.strategy.serves_lazy
-        delta = self.delta
         start = end = -1
         cur: PagesFile | None = None
         offset = expect = -1
@@ -81,7 +284,7 @@ class Span:
                 kind = seg.kind
                 if kind != "present" and not (kind == "lazy" and lazy_ok):
                     continue
-                vaddr = seg.vaddr - delta
+                vaddr = seg.vaddr
                 if vaddr == end:
                     end += seg.length
                     if cur is not None and (kind != "present" or seg.pages is not cur or seg.offset != expect):
@@ -100,67 +303,37 @@ class Span:
 
 
 def spans(areas: list[Area]) -> list[Span]:
-    """Group address-ordered areas of one pid into spans of adjacent areas with one reader."""
+    """Group address-ordered areas into spans of adjacent areas of one pid."""
     out: list[Span] = []
     for area in areas:
         last = out[-1].areas[-1] if out else None
-        if (
-            last is not None
-            and last.pid == area.pid
-            and last.end == area.start
-            and last.reader is area.reader
-            and last.delta == area.delta
-        ):
+        if last is not None and last.pid == area.pid and last.end == area.start:
             out[-1].areas.append(area)
         else:
             out.append(Span([area]))
     return out
 
 
-def shmem_id(images: CheckpointImages, vma: Vma) -> int | None:
-    """The shmem pagemap id holding a shared VMA's pages, or None for private memory."""
-    if vma.status & VMA_AREA_MEMFD:
-        return images.memfd_shmids.get(vma.shmid)
-    if vma.status & (VMA_ANON_SHARED | VMA_AREA_SYSVIPC):
-        return vma.shmid
-    return None
-
-
 class Readers:
-    """One reader per pid and per shmem segment, made on first use, closed together."""
+    """One process reader per pid, made on first use, closed together."""
 
-    def __init__(self, images: CheckpointImages, strategy: str | None) -> None:
+    def __init__(self, images: CheckpointImages, strategy: str | Strategy | None) -> None:
         self.images = images
         self.strategy = strategy
-        self._pids: dict[int, PageReader] = {}
-        self._shmem: dict[int, PageReader | None] = {}
+        self._pids: dict[int, ProcessReader] = {}
 
-    def pid(self, pid: int) -> PageReader:
+    def pid(self, pid: int) -> ProcessReader:
         r = self._pids.get(pid)
         if r is None:
             r = self._pids[pid] = self.images.reader(pid, self.strategy)
         return r
 
-    def shmem(self, shmid: int) -> PageReader | None:
-        if shmid not in self._shmem:
-            has = shmid in self.images.shmem_ids
-            self._shmem[shmid] = self.images.shmem_reader(shmid, self.strategy) if has else None
-        return self._shmem[shmid]
-
     def area(self, pid: int, vma: Vma, start: int | None = None, end: int | None = None) -> Area:
-        s = vma.start if start is None else start
-        e = vma.end if end is None else end
-        sid = shmem_id(self.images, vma)
-        if sid is not None:
-            reader = self.shmem(sid)
-            if reader is not None:
-                return Area(pid, vma, s, e, reader, vma.pgoff - vma.start)
-        return Area(pid, vma, s, e, self.pid(pid), 0)
+        return Area(pid, vma, vma.start if start is None else start, vma.end if end is None else end, self.pid(pid))
 
     def close(self) -> None:
-        for r in [*self._pids.values(), *self._shmem.values()]:
-            if r is not None:
-                r.close()
+        for r in self._pids.values():
+            r.close()
 
     def __enter__(self) -> Readers:
         return self
@@ -240,5 +413,5 @@ def page_counts(pagemap: Pagemap, start: int, end: int) -> dict[str, int]:
 
 
 def area_page_counts(area: Area) -> dict[str, int]:
-    """page_counts for an area, in the pagemap that holds its pages."""
-    return page_counts(area.reader.pagemap, area.start + area.delta, area.end + area.delta)
+    """page_counts for an area; shared pages counted in their segment."""
+    return area.reader.page_counts(area.start, area.end)

@@ -91,9 +91,9 @@ def read_pages(images_dir: Path, target: Target, addresses: list[int], strategy:
     readv of all runs, or one readinto per span of runs with the holes between them skipped or zeroed."""
     with open_images(images_dir) as images:
         page = images.page_size
-        make = images.reader if target.kind == "pid" else images.shmem_reader
         runs = runs_of(addresses, page)
-        with make(target.id, strategy) as reader:
+        # The truth is per pagemap: a pid's own pages (images.reader(pid) also sees its shared mappings)
+        with images.reader_for(target, strategy) as reader:
             if mode == "read":
                 return b"".join(reader.read(a, n * page) for a, n in runs)
             if mode.startswith("span-"):

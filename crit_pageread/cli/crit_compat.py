@@ -215,11 +215,7 @@ def _embed_pages(args: argparse.Namespace, path: Path, img: dict[str, Any], fmt:
     encode = (lambda b: b.hex()) if fmt == "hex" else (lambda b: base64.b64encode(b).decode("ascii"))
     with CheckpointImages(path.parent, config_from_args(args)) as images:
         pagemap = images.pagemap_for(target)
-        if target.kind == "pid":
-            reader = images.reader(target.id, args.strategy)
-        else:
-            reader = images.shmem_reader(target.id, args.strategy)
-        with reader:
+        with images.reader_for(target, args.strategy) as reader:  # this pagemap's own pages
             for entry, pe in zip(img["entries"][1:], pagemap.entries, strict=True):
                 if pe.flags & PE_PRESENT:
                     entry["pages_source"] = "present"

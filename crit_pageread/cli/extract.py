@@ -67,7 +67,7 @@ def _plan(area: Area) -> tuple[list[Segment], list[Segment]]:
 def _ranges(area: Area, segs: list[Segment]) -> list[list[int]]:
     out: list[list[int]] = []
     for seg in segs:
-        s, e = seg.vaddr - area.delta, seg.end - area.delta
+        s, e = seg.vaddr, seg.end
         if out and out[-1][1] == s:
             out[-1][1] = e
         else:
@@ -81,9 +81,10 @@ def _vma_entry(area: Area, data: list[Segment], lazy: list[Segment], offset: int
         "start": area.start, "end": area.end, "perms": vma.perms, "kind": vma.kind, "mapping": mapping_name(area),
         "file_offset": offset, "data": _ranges(area, data), "bytes": sum(s.length for s in data),
     }
-    if area.shmem:
-        entry["shmem"] = area.reader.target.id
-        entry["shmem_offset"] = area.start + area.delta
+    shmid = area.shmid
+    if shmid is not None:
+        entry["shmem"] = shmid
+        entry["shmem_offset"] = area.start - vma.start + vma.pgoff
     if lazy:
         entry["lazy_not_written"] = _ranges(area, lazy)
     return entry
@@ -216,9 +217,7 @@ def _write_file(path: Path, size: int, areas: list[tuple[Area, list[Segment], li
             reader = areas[i][0].reader
             pieces: list[tuple[Segment, int]] = []
             while i < len(areas) and areas[i][0].reader is reader:
-                area, data, _ = areas[i]
-                shift = area.delta + base
-                pieces += [(seg, seg.vaddr - shift) for seg in data]
+                pieces += [(seg, seg.vaddr - base) for seg in areas[i][1]]
                 i += 1
             reader.write_segments(fd, pieces)
             progress.add(sum(seg.length for seg, _ in pieces))

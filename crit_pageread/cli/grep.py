@@ -166,7 +166,7 @@ def scan_span(span: Span, buf: bytearray, matcher: Matcher, context: int, emit: 
     Other runs are read in windows of len(buf) bytes that overlap by the
     longest match plus the context; small ones are batched into buf.
     """
-    reader, delta = span.reader, span.delta
+    reader = span.reader
     view = memoryview(buf)
     window = matcher.window + context
     found = 0
@@ -178,7 +178,7 @@ def scan_span(span: Span, buf: bytearray, matcher: Matcher, context: int, emit: 
         covered = rs
         while True:
             n = min(len(buf), re_ - base)
-            reader.readinto(base + delta, view[:n])
+            reader.readinto(base, view[:n])
             last = base + n >= re_
             cutoff = n if last else n - window
             last_end = pos - base
@@ -220,7 +220,7 @@ def scan_span(span: Span, buf: bytearray, matcher: Matcher, context: int, emit: 
             vs, ve, fs = pieces[j]
             a, b = max(fs, lo), min(fs + ve - vs, hi)
             if a < b:
-                ranges.append((vs + a - fs + delta, b - a))
+                ranges.append((vs + a - fs, b - a))
             j += 1
         if scratch is None or len(scratch) < hi - lo:
             scratch = None  # a strategy that cannot view in place reads into this (bounded) buffer
@@ -310,7 +310,7 @@ def scan_span(span: Span, buf: bytearray, matcher: Matcher, context: int, emit: 
         if used + n > len(buf):
             scan_small(batch)
             batch, used = [], 0
-        reader.readinto(rs + delta, view[used : used + n], defer=True)
+        reader.readinto(rs, view[used : used + n], defer=True)
         batch.append((rs, used, n))
         used += n
     if batch:

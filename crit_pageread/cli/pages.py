@@ -9,6 +9,7 @@ from ..hookspecs import hookimpl
 from ..images import CheckpointImages
 from ..pagemap import PE_PARENT, PE_PRESENT, flag_names
 from ..reader import PageReader
+from ..strategy import Target
 from .common import add_common_options, open_from_args, print_ndjson, selected_pids
 
 
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     sections: list[dict[str, Any]] = []
     with open_from_args(args) as images:
         for pid in selected_pids(images, args):
-            with images.reader(pid, args.strategy) as reader:
+            with images.reader_for(Target("pid", pid), args.strategy) as reader:
                 sections.append({"pid": pid, **table(reader)})
         if not args.no_shmem and not args.pid:
             for shmid in images.shmem_ids:

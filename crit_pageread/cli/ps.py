@@ -91,8 +91,16 @@ def _comm(images: CheckpointImages, pid: int) -> str:
 def process_info(images: CheckpointImages, pid: int, strategy: str | None, env: bool) -> dict[str, Any]:
     proc = images.processes[pid]
     images._check_pid(pid)
-    arg_start, arg_end, env_start, env_end = _mm_areas(images, pid)
     comm = _comm(images, pid)
+    if images.is_zombie(pid):  # no memory to read argv or environ from
+        zinfo: dict[str, Any] = {
+            "pid": pid, "ppid": proc.ppid, "pgid": proc.pgid, "sid": proc.sid, "threads": list(proc.threads),
+            "comm": comm, "cmdline": "", "argv": [], "zombie": True,
+        }
+        if env:
+            zinfo["environ"] = []
+        return zinfo
+    arg_start, arg_end, env_start, env_end = _mm_areas(images, pid)
     args, argv_err = _read(images, pid, arg_start, arg_end, strategy)
     # The kernel lets a title run on into the environment only when that area follows argv.
     follows = env_start == arg_end and env_end >= env_start
@@ -141,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         info = infos[pid]
         # As ps shows it: the kernel's command line, its NUL padding trimmed, NULs as spaces.
         text = info["cmdline"].rstrip("\0").replace("\0", " ")
-        words = [text] if text else [f"[{info['comm']}]"]
+        words = [text] if text else [f"[{info['comm']}]" + (" <defunct>" if info.get("zombie") else "")]
         if "environ" in info:
             words = words + info["environ"]
         line = " ".join(words)

@@ -1,11 +1,14 @@
 /* A small deterministic program for CRIU to checkpoint in tests and the demo.
  *
  * usage: victim INFO_PATH [--seed S] [--tree N] [--threads N] [--shm] [--mib N] [--vmas M] [--holes K]
+ *               [--private-memfd] [--zombie]
  *
  * It fills memory with a pattern that depends only on (seed, region, page, word), leaves
  * some pages untouched (holes), writes a private file mapping, places a secret across a page
  * boundary that is also a pagemap-entry boundary, and optionally forks children, starts
- * threads, and shares memory (anonymous shared, memfd, SysV). When ready it writes a JSON
+ * threads, and shares memory (anonymous shared, memfd, SysV). --private-memfd maps a memfd full
+ * of 'S' MAP_PRIVATE and writes "PRIVATE-COPY" into the mapping (copy-on-write: the process's
+ * page differs from the memfd's); --zombie leaves an exited child unreaped. When ready it writes a JSON
  * description to INFO_PATH (via a temporary name) and sleeps. On SIGUSR1 it checks every
  * pattern and writes "OK" or "BAD ..." to INFO_PATH.check.
  */
@@ -36,6 +39,8 @@ static unsigned long seed = 1;
 static const char *info_path;
 static char secret[96];
 static uintptr_t secret_addr;
+static uintptr_t pmemfd_addr; /* --private-memfd: the private mapping */
+static pid_t zombie_pid;       /* --zombie: the unreaped child */
 
 static uint64_t word(unsigned id, size_t page, size_t w)
 {
@@ -129,6 +134,7 @@ static void write_info(pid_t *children, int nchildren, pid_t *tids, int ntids)
 	if (!f) { perror("info"); exit(1); }
 	fprintf(f, "{\"pid\": %d, \"seed\": %lu, \"page_size\": %lu,\n \"secret\": {\"addr\": %lu, \"text\": \"%s\"},\n",
 		getpid(), seed, PAGE, (unsigned long)secret_addr, secret);
+	fprintf(f, " \"private_memfd\": %lu, \"zombie\": %d,\n", (unsigned long)pmemfd_addr, (int)zombie_pid);
 	fprintf(f, " \"children\": [");
 	for (int i = 0; i < nchildren; i++) fprintf(f, "%s%d", i ? ", " : "", children[i]);
 	fprintf(f, "],\n \"threads\": [");
@@ -162,7 +168,7 @@ static void child_info(int index)
 
 int main(int argc, char **argv)
 {
-	int tree = 0, threads = 0, shm = 0, mib = 0, vmas = 1, holes = 0;
+	int tree = 0, threads = 0, shm = 0, mib = 0, vmas = 1, holes = 0, pmemfd = 0, zombie = 0;
 	if (argc < 2) { fprintf(stderr, "usage: victim INFO_PATH [options]\n"); return 2; }
 	info_path = argv[1];
 	for (int i = 2; i < argc; i++) {
@@ -173,6 +179,8 @@ int main(int argc, char **argv)
 		else if (!strcmp(argv[i], "--vmas") && i + 1 < argc) vmas = atoi(argv[++i]);
 		else if (!strcmp(argv[i], "--holes") && i + 1 < argc) holes = atoi(argv[++i]);
 		else if (!strcmp(argv[i], "--shm")) shm = 1;
+		else if (!strcmp(argv[i], "--private-memfd")) pmemfd = 1;
+		else if (!strcmp(argv[i], "--zombie")) zombie = 1;
 		else { fprintf(stderr, "victim: unknown option %s\n", argv[i]); return 2; }
 	}
 	signal(SIGUSR1, on_usr1);
@@ -230,6 +238,38 @@ int main(int argc, char **argv)
 		void *s = id < 0 ? (void *)-1 : shmat(id, NULL, 0);
 		if (s == (void *)-1) { perror("shm"); return 1; }
 		fill(add("sysv-shm", s, 4 * PAGE, 0));
+	}
+
+	if (pmemfd) {
+		/* 4 pages of 'S' in a memfd, mapped privately; page 1 then gets a private copy */
+		int pfd = memfd_create("victim-private-memfd", 0);
+		char page[PAGE];
+		memset(page, 'S', PAGE);
+		for (int p = 0; p < 4; p++)
+			if (pfd < 0 || write(pfd, page, PAGE) != (ssize_t)PAGE) { perror("private memfd"); return 1; }
+		char *pm = mmap(NULL, 4 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE, pfd, 0);
+		if (pm == MAP_FAILED) { perror("mmap private memfd"); return 1; }
+		volatile char sink = pm[0] + pm[2 * PAGE] + pm[3 * PAGE]; /* fault the shared pages in */
+		(void)sink;
+		memcpy(pm + PAGE + 100, "PRIVATE-COPY", 12);
+		pmemfd_addr = (uintptr_t)pm;
+	}
+	if (zombie) {
+		zombie_pid = fork();
+		if (zombie_pid < 0) { perror("fork zombie"); return 1; }
+		if (zombie_pid == 0) _exit(7);
+		for (;;) { /* until it has exited (a zombie: state Z, still unreaped) */
+			char st[64], buf[512];
+			snprintf(st, sizeof(st), "/proc/%d/stat", (int)zombie_pid);
+			FILE *zf = fopen(st, "r");
+			if (!zf) break;
+			size_t n = fread(buf, 1, sizeof(buf) - 1, zf);
+			fclose(zf);
+			buf[n] = 0;
+			char *rp = strrchr(buf, ')');
+			if (rp && rp[1] == ' ' && rp[2] == 'Z') break;
+			usleep(1000);
+		}
 	}
 
 	pid_t children[64];

@@ -36,6 +36,7 @@ from ..config import Config
 from ..errors import CritPageReadError, RemoteError
 from ..images import open_images
 from ..reader import PageReader, Segment
+from ..strategy import Target
 from .client import COPY_CHUNK
 from .protocol import (
     GET_REPLY_CMD,
@@ -282,7 +283,8 @@ class PageServer:
             if reader is None:
                 if pid not in self.images.processes:
                     raise _Drop(f"GET for pid {pid}, which is not in the images (pids: {self.images.pids})")
-                reader = self.images.reader(pid, self.options.strategy)
+                # The pid's own pagemap, as CRIU's page server serves it (shared memory is not lazy).
+                reader = self.images.reader_for(Target("pid", pid), self.options.strategy)
                 readers[pid] = reader
             try:
                 segments = list(reader.segments(vaddr, nr_pages * self.page_size))

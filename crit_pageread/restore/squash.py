@@ -288,9 +288,7 @@ def _squash_target(
 
 
 def _reader(images: CheckpointImages, target: Target, strategy: str | Strategy | None) -> PageReader:
-    if target.kind == "pid":
-        return images.reader(target.id, strategy, zero_fill=False, auto_dedup=False)
-    return images.shmem_reader(target.id, strategy, zero_fill=False, auto_dedup=False)
+    return images.reader_for(target, strategy, zero_fill=False, auto_dedup=False)  # one pagemap, rewritten
 
 
 def verify_squash(

@@ -1,0 +1,142 @@
+"""The process view on synthetic images (no CRIU): a pid's reader sees private pages, shared mappings
+through their segments, a private memfd mapping's own copy first, and zombies as processes without memory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from crit_pageread import LazyPageError, NotDumpedError, open_images
+from crit_pageread.images import (
+    VMA_ANON_SHARED,
+    VMA_AREA_MEMFD,
+    VMA_AREA_REGULAR,
+    VMA_AREA_SYSVIPC,
+    VMA_FILE_PRIVATE,
+)
+from crit_pageread.memory import Readers, area_page_counts
+from crit_pageread.testing import LAZY, ImageBuilder, MockStrategy, VmaSpec
+
+PAGE = 4096
+PRIV, ANON_SH, MEMFD, SYSV = 0x10000, 0x20000, 0x30000, 0x40000
+
+
+def pages(*chars: str) -> bytes:
+    return b"".join(c.encode() * PAGE for c in chars)
+
+
+@pytest.fixture
+def d(tmp_path: Path) -> Path:
+    """pid 10: private anon (a hole in the middle), anonymous shared (segment 5 from offset 1 page),
+    a MAP_PRIVATE memfd (file 7 -> segment 9) with one copy-on-write page of its own, SysV segment 6
+    (its last page not dumped), a lazy private page; pid 11: a zombie."""
+    b = ImageBuilder(tmp_path / "d")
+    b.process(10, vmas=[
+        VmaSpec(PRIV, PRIV + 3 * PAGE),
+        VmaSpec(ANON_SH, ANON_SH + 3 * PAGE, VMA_AREA_REGULAR | VMA_ANON_SHARED, shmid=5, pgoff=PAGE, flags=0x21),
+        VmaSpec(MEMFD, MEMFD + 4 * PAGE, VMA_AREA_REGULAR | VMA_AREA_MEMFD | VMA_FILE_PRIVATE, shmid=7, flags=0x02),
+        VmaSpec(SYSV, SYSV + 2 * PAGE, VMA_AREA_REGULAR | VMA_AREA_SYSVIPC, shmid=6, flags=0x01),
+        VmaSpec(0x50000, 0x51000),
+    ])
+    b.process(11, 10, zombie=True)
+    b.pagemap(10, [(PRIV, pages("a")), (PRIV + 2 * PAGE, pages("c")), (MEMFD + PAGE, pages("P")),
+                   (0x50000, 1, LAZY)])
+    b.shmem_pagemap(5, [(0, pages("x", "y", "z", "w"))])
+    b.shmem_pagemap(9, [(0, pages("S", "S", "S", "S"))])
+    b.shmem_pagemap(6, [(0, pages("V"))])
+    b.memfd(7, "victim-private-memfd", 9)
+    return b.write()
+
+
+def test_shared_mappings_read_from_their_segment_at_the_vma_offset(d: Path) -> None:
+    with open_images(d) as images, images.reader(10) as r:
+        assert r.read(ANON_SH, 3 * PAGE) == pages("y", "z", "w")  # pgoff one page into segment 5
+        assert r.read(SYSV, PAGE) == pages("V")
+        assert r.read(ANON_SH + PAGE - 2, 4) == b"yyzz"  # across pages of the segment
+
+
+def test_private_memfd_mapping_reads_the_process_copy_first(d: Path) -> None:
+    with open_images(d) as images, images.reader(10) as r:
+        assert r.read(MEMFD, 4 * PAGE) == pages("S", "P", "S", "S")
+        kinds = [(s.vaddr, s.length, s.kind, s.pages.path.name if s.pages else None)
+                 for s in r.segments(MEMFD, 4 * PAGE)]
+        names = {n for *_, n in kinds}
+        assert [k[:3] for k in kinds] == [(MEMFD, PAGE, "present"), (MEMFD + PAGE, PAGE, "present"),
+                                         (MEMFD + 2 * PAGE, 2 * PAGE, "present")]
+        assert len(names) == 2  # the pid's pages file for its copy, the segment's for the rest
+
+
+def test_zero_fill_zeroes_only_what_was_not_dumped(d: Path) -> None:
+    with open_images(d) as images, images.reader(10, zero_fill=True) as r:
+        assert r.read(SYSV, 2 * PAGE) == pages("V") + bytes(PAGE)
+        assert r.read(PRIV, 3 * PAGE) == pages("a") + bytes(PAGE) + pages("c")
+        assert r.read(ANON_SH, PAGE) == pages("y")
+    with open_images(d) as images, images.reader(10) as r, pytest.raises(NotDumpedError) as err:
+        r.read(SYSV, 2 * PAGE)
+    assert "pagemap-shmem-6.img (segment offset 0x1000, mapped by pid 10)" in str(err.value)
+    assert f"not dumped at {SYSV + PAGE:#x}-{SYSV + 2 * PAGE:#x}" in str(err.value)
+
+
+def test_one_batch_across_private_and_shared_pages_errors_before_io(d: Path) -> None:
+    mock = MockStrategy()
+    with open_images(d) as images, images.reader(10, mock) as r:
+        a, b, c = bytearray(PAGE), bytearray(2 * PAGE), bytearray(PAGE)
+        r.readv([(PRIV, a), (MEMFD + PAGE // 2, b), (ANON_SH, c)])
+        assert bytes(a) == pages("a") and bytes(c) == pages("y")
+        assert bytes(b) == b"S" * (PAGE // 2) + pages("P") + b"S" * (PAGE // 2)
+        assert {x.how for x in mock.log} == {"read_many"}
+        assert {x.target for x in mock.log} == {"pid 10", "shmem 9", "shmem 5"}
+        mock.log.clear()
+        with pytest.raises(NotDumpedError):  # the last range is not dumped: nothing is read
+            r.readv([(ANON_SH, c), (SYSV + PAGE, bytearray(PAGE))])
+        assert mock.log == []
+        buf = bytearray(3 * PAGE)
+        r.readinto(MEMFD, buf, defer=True)
+        assert mock.pending > 0 and bytes(buf) == bytes(3 * PAGE)
+        r.sync()
+        assert bytes(buf) == pages("S", "P", "S")
+
+
+def test_lazy_private_pages_need_a_strategy_that_serves_them(d: Path) -> None:
+    with open_images(d) as images:
+        with images.reader(10) as r, pytest.raises(LazyPageError):
+            r.read(0x50000, 8)
+        with images.reader(10, MockStrategy({0x50000: b"L" * PAGE})) as r:
+            assert r.read(0x50000, 8) == b"L" * 8
+
+
+def test_page_counts_count_shared_pages_in_their_segment(d: Path) -> None:
+    with open_images(d) as images, Readers(images, None) as readers:
+        by_start = {v.start: area_page_counts(readers.area(10, v)) for v in images.vmas(10)}
+        assert by_start[ANON_SH]["present"] == 3
+        assert by_start[MEMFD]["present"] == 4
+        assert by_start[SYSV] == {"present": 1, "parent": 0, "lazy": 0, "not_dumped": 1}
+        assert by_start[PRIV] == {"present": 2, "parent": 0, "lazy": 0, "not_dumped": 1}
+        assert readers.area(10, images.vmas(10)[2]).shmid == 9
+
+
+def test_zombie_is_a_process_without_memory(d: Path) -> None:
+    with open_images(d) as images:
+        assert images.pids == [10, 11] and images.is_zombie(11) and not images.is_zombie(10)
+        assert images.vmas(11) == []
+        with images.reader(11) as r:
+            assert [s.kind for s in r.segments(0x1000, PAGE)] == ["hole"]
+            with pytest.raises(NotDumpedError, match="zombie"):
+                r.read(0x1000, 1)
+            buf = bytearray(b"zz")
+            r.readinto(0x1000, buf, holes="zero")
+            assert buf == b"\0\0"
+
+
+def test_copy_to_a_file_goes_through_the_process_view(d: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    fd = os.open(out, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with open_images(d) as images, images.reader(10) as r:
+            n = r.write_to(fd, [(MEMFD, 4 * PAGE, 0), (ANON_SH, PAGE, 4 * PAGE)])
+        assert n == 5 * PAGE
+    finally:
+        os.close(fd)
+    assert out.read_bytes() == pages("S", "P", "S", "S", "y")
