@@ -348,14 +348,13 @@ class _Scanner:
                     rule_only: set[tuple[str, str]]) -> None:
         """Read the memory from the first run to the end of the last into the batch buffer at once
         (holes between them left as they are), then scan each run on its own."""
-        delta = span.delta
         start = batch[0][0]
         extent = batch[-1][0] + batch[-1][1] - start
         bview = memoryview(self.batch)
         try:
-            span.reader.readinto(start + delta, bview[:extent], holes="skip")
+            span.reader.readinto(start, bview[:extent], holes="skip")
         except LazyPageError:  # lazy pages the strategy does not serve lie between runs: read the runs only
-            span.reader.readv([(rs + delta, bview[rs - start : rs - start + n]) for rs, n in batch])
+            span.reader.readv([(rs, bview[rs - start : rs - start + n]) for rs, n in batch])
         view = self.buffer.view
         for rs, n in batch:
             off = rs - start
@@ -369,7 +368,7 @@ class _Scanner:
         is the next window's. A run's last window is moved back to be a full one when the run is
         long enough.
         """
-        reader, delta = span.reader, span.delta
+        reader = span.reader
         window = self.window
         own_start = rs
         while True:
@@ -377,7 +376,7 @@ class _Scanner:
             n = min(window, re_ - base)
             last = base + n >= re_
             own_end = re_ if last else base + n - self.overlap
-            reader.readinto(base + delta, self.buffer.view[:n])
+            reader.readinto(base, self.buffer.view[:n])
             self._scan_window(span, base, n, own_start, own_end, out, rule_only)
             if last:
                 return
