@@ -95,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         length = _length(args.length, images.page_size)
         top = max((v.end for v in images.vmas(pid)), default=0)
         if vaddr >= top or vaddr + length > ADDRESS_LIMIT:
+            if images.is_zombie(pid):
+                raise ConfigError(f"--pid {pid}: a zombie, it has no memory (no mm-{pid}.img)")
             raise ConfigError(f"ADDR {vaddr:#x}: out of range (the address space of pid {pid} ends at {top:#x})")
         with images.reader(pid, args.strategy, zero_fill=args.zero_fill) as reader:
             # Check the whole range before writing anything: no partial output on a bad range.
