@@ -176,7 +176,6 @@ def test_decode_pages_reads_every_entry_through_the_strategy(dumped: Dumped, tmp
 def test_serve_sends_every_page_through_the_strategy(dumped: Dumped, tmp_path: Path) -> None:
     from crit_pageread import open_images
     from crit_pageread.config import load_config
-    from crit_pageread.plugins import make_strategy
 
     c = Counted(dumped, tmp_path)
     server = subprocess.Popen(
@@ -191,7 +190,8 @@ def test_serve_sends_every_page_through_the_strategy(dumped: Dumped, tmp_path: P
         config = load_config(env={}, overrides={"remote": {"port": port, "local": "none"}})
         pages = pagemap_pages(dumped.images, pid)
         with open_images(dumped.images, config) as images:
-            with images.reader(pid, make_strategy("remote", config)) as remote, images.reader(pid, "pread") as local:
+            # made by name: the reader owns the strategy and closes it (the server sees the client go)
+            with images.reader(pid, "remote") as remote, images.reader(pid, "pread") as local:
                 got = {a: remote.read(a, PAGE) for a in pages}
                 assert all(got[a] == local.read(a, PAGE) for a in pages)
         assert server.wait(60) == 0, server.stderr.read() if server.stderr else ""
