@@ -168,7 +168,9 @@ class CheckpointImages:
                 if value >= PID_LIMIT:  # pid_t is a signed 32-bit int
                     raise ImageError(path, f"garbage pstree: {name} {value} of pid {pid} is not a pid (>= 2^31)")
             bad = next((t for t in threads if t <= 0 or t >= PID_LIMIT), None)
-            if bad is not None:
+            if bad is not None and self.is_zombie(pid):
+                threads = (pid,)  # CRIU leaves a zombie's thread list unset (any value): it has no threads
+            elif bad is not None:
                 raise ImageError(path, f"garbage pstree: thread id {bad} of pid {pid} is not a pid")
             out[pid] = Process(pid, ids["ppid"], ids["pgid"], ids["sid"], threads)
         if not out:
