@@ -93,6 +93,7 @@ class Pagemap:
         layout: str,
         page_size: int,
         starts: list[int] | None = None,
+        columns: tuple[list[int], list[int], list[int]] | None = None,
     ) -> None:
         self.path = path
         self.pages_id = pages_id
@@ -100,9 +101,21 @@ class Pagemap:
         self.layout = layout
         self.page_size = page_size
         self._starts = starts if starts is not None else [e.vaddr for e in entries]
+        self._columns = columns
         self._runs: tuple[list[int], list[int]] | None = None
         #: What the loader read as CRIU does but that no CRIU writes (one line each; `check` lists them).
         self.anomalies: list[str] = []
+
+    def columns(self) -> tuple[list[int], list[int], list[int], list[int]]:
+        """The index as columns (the reader's planning works on them, not on entries): each entry's
+        vaddr, size in bytes, flags and pages-file offset (-1 without data). Read-only: shared."""
+        if self._columns is None:
+            self._columns = (
+                [e.nr_pages * e.page_size for e in self.entries],
+                [e.flags for e in self.entries],
+                [e.offset for e in self.entries],
+            )
+        return (self._starts, *self._columns)
 
     @property
     def pages_path(self) -> Path:
@@ -206,6 +219,10 @@ def load_pagemap(path: str | os.PathLike[str], page_size: int) -> Pagemap:
     append = entries.append
     append_start = starts.append
     pagemap_anomalies: list[str] = []
+    sizes: list[int] = []
+    flag_col: list[int] = []
+    offsets: list[int] = []
+    append_size, append_flags, append_offset = sizes.append, flag_col.append, offsets.append
     for number, payload in enumerate(payloads, 1):
         # Fast path: pycriu's compiled message parses a well-formed 4.1-layout entry at C speed;
         # anything else (4.2 layout: nr_pages 0; a byte that may be field 5's tag; malformed)
@@ -269,12 +286,16 @@ def load_pagemap(path: str | os.PathLike[str], page_size: int) -> Pagemap:
             raise ImageError(path, f"entry {number} at {vaddr:#x} {what}")
         if flags & PE_PRESENT:
             append(PagemapEntry(vaddr, nr, flags, offset, page_size))
+            append_offset(offset)
             offset += end - vaddr
         else:
             append(PagemapEntry(vaddr, nr, flags, -1, page_size))
+            append_offset(-1)
         append_start(vaddr)
+        append_size(end - vaddr)
+        append_flags(flags)
         prev_end = end
-    pagemap = Pagemap(path, pages_id, entries, layout, page_size, starts)
+    pagemap = Pagemap(path, pages_id, entries, layout, page_size, starts, (sizes, flag_col, offsets))
     pagemap.anomalies = pagemap_anomalies
     check_pages_size(pagemap, offset)
     return pagemap

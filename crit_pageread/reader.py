@@ -63,6 +63,137 @@ class Segment(NamedTuple):
     def end(self) -> int:
         return self.vaddr + self.length
 
+PRESENT, LAZY, BROKEN, HOLE = 0, 1, 2, 3
+
+
+class MemoryMap:
+    """A target's memory resolved through its chain: runs in address order, each with where its bytes are.
+
+    Parallel lists, one item per run (a pagemap entry, or the part of a parent's
+    run that an entry of a newer image has in parent): `starts`, `sizes`,
+    `kinds` (PRESENT, LAZY, or BROKEN: a newer image has the range in parent but
+    the chain lacks it, `broken` holds the error a read raises), `flags` (the
+    entry's PE_* flags), `files`/`offsets` (where a present run's bytes are),
+    `depths` (the level that holds them, 0 = newest). Addresses no run covers
+    are holes. Memory is per run, never per page.
+    """
+
+    __slots__ = ("_cont_end", "_file_end", "broken", "depths", "files", "flags", "images", "kinds", "offsets",
+                 "sizes", "starts")
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.sizes: list[int] = []
+        self.kinds: list[int] = []
+        self.flags: list[int] = []
+        self.files: list[PagesFile | None] = []
+        self.offsets: list[int] = []
+        self.depths: list[int] = []
+        self.broken: dict[int, CritPageReadError] = {}
+        self.images: list[str] = []
+        self._cont_end: list[int] | None = None
+        self._file_end: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def index_at(self, vaddr: int) -> int:
+        """Index of the first run whose end is above `vaddr` (len(self) if none)."""
+        i = bisect_right(self.starts, vaddr) - 1
+        if i >= 0 and self.starts[i] + self.sizes[i] > vaddr:
+            return i
+        return i + 1
+
+    def add_broken(self, start: int, size: int, flags: int, depth: int, error: CritPageReadError) -> None:
+        self.broken[len(self.starts)] = error
+        self.starts.append(start)
+        self.sizes.append(size)
+        self.kinds.append(BROKEN)
+        self.flags.append(flags)
+        self.files.append(None)
+        self.offsets.append(-1)
+        self.depths.append(depth)
+
+    def gap_free(self) -> list[int]:
+        """Per run, the index past the last run of the gap-free stretch it is in (covering checks)."""
+        if self._cont_end is None:
+            starts, sizes = self.starts, self.sizes
+            n = len(starts)
+            cont = list(range(1, n + 1))
+            for k in range(n - 2, -1, -1):
+                if starts[k] + sizes[k] == starts[k + 1]:
+                    cont[k] = cont[k + 1]
+            self._cont_end = cont
+        return self._cont_end
+
+    def file_runs(self) -> list[int]:
+        """Per run, the index past the last of the following runs that are present and back to back
+        with it in the same pages file (its own index + 1 if none): a stretch one file range holds."""
+        if self._file_end is None:
+            starts, kinds, files, offsets, sizes = self.starts, self.kinds, self.files, self.offsets, self.sizes
+            n = len(starts)
+            out = list(range(1, n + 1))
+            for k in range(n - 2, -1, -1):
+                if (kinds[k] == PRESENT and kinds[k + 1] == PRESENT and files[k] is files[k + 1]
+                        and offsets[k] + sizes[k] == offsets[k + 1]):
+                    out[k] = out[k + 1]
+            self._file_end = out
+        return self._file_end
+
+    def copy_into(self, out: MemoryMap, start: int, end: int, child: PageReader) -> None:
+        """Append this map's runs over [start, end) to `out` (clipped); gaps are BROKEN runs naming
+        `child`, the newer image that has the range in parent."""
+        starts, sizes = self.starts, self.sizes
+        i = self.index_at(start)
+        j = bisect_left(starts, end, i)
+        cont = self.gap_free()
+        if i < j and starts[i] <= start and cont[i] >= j and starts[j - 1] + sizes[j - 1] >= end:
+            # Covered without a gap (the usual case): slices, then clip the first and the last run.
+            n0 = len(out.starts)
+            out.starts += starts[i:j]
+            out.sizes += sizes[i:j]
+            out.kinds += self.kinds[i:j]
+            out.flags += self.flags[i:j]
+            out.files += self.files[i:j]
+            out.offsets += self.offsets[i:j]
+            out.depths += self.depths[i:j]
+            for k, error in self.broken.items():
+                if i <= k < j:
+                    out.broken[n0 + k - i] = error
+            cut = start - starts[i]
+            if cut:
+                out.starts[n0] = start
+                out.sizes[n0] -= cut
+                if out.offsets[n0] >= 0:
+                    out.offsets[n0] += cut
+            over = out.starts[-1] + out.sizes[-1] - end
+            if over > 0:
+                out.sizes[-1] -= over
+            return
+        pos = start
+        parent = child.parent
+        for k in range(i, j):
+            s = max(starts[k], start)
+            if s > pos:
+                out.add_broken(pos, s - pos, 0, child.depth, _lacks(parent, child, pos, s))
+            e = min(starts[k] + sizes[k], end)
+            if k in self.broken:
+                out.broken[len(out.starts)] = self.broken[k]
+            out.starts.append(s)
+            out.sizes.append(e - s)
+            out.kinds.append(self.kinds[k])
+            out.flags.append(self.flags[k])
+            out.files.append(self.files[k])
+            out.offsets.append(self.offsets[k] + s - starts[k] if self.offsets[k] >= 0 else -1)
+            out.depths.append(self.depths[k])
+            pos = e
+        if pos < end:
+            out.add_broken(pos, end - pos, 0, child.depth, _lacks(parent, child, pos, end))
+
+
+def _lacks(parent: PageReader, child: PageReader, start: int, end: int) -> ChainError:
+    return ChainError(parent.source, f"lacks pages at {start:#x}-{end:#x} that {child.source} has in parent")
+
 
 class PageReader:
     """Reads one target's memory. Made by `CheckpointImages.reader()`/`shmem_reader()`."""
@@ -91,6 +222,7 @@ class PageReader:
         self._root = root or self
         self._parent: PageReader | None = None
         self._pages: PagesFile | None = None
+        self._map: MemoryMap | None = None
         self._observe = observe
         #: False for a strategy passed in by the caller: its maker closes it, not this reader.
         self.owns_strategy = owns_strategy
@@ -139,176 +271,247 @@ class PageReader:
             )
         return self._parent
 
-    # --- planning --------------------------------------------------------------------------
+    # --- planning: one map, one planner ------------------------------------------------------
+
+    def memory_map(self) -> MemoryMap:
+        """Where every page of this target lives, resolved through the chain: built on first use,
+        by one sweep over each level's index (runs, not pages), then shared by every read."""
+        flat = self._map
+        if flat is None:
+            flat = self._map = self._build_map()
+        return flat
+
+    def _build_map(self) -> MemoryMap:
+        flat = MemoryMap()
+        vaddrs, sizes, fl, offs = self.pagemap.columns()
+        if vaddrs and all(f & PE_PRESENT for f in set(fl)):
+            # Every entry has its data here (a flat dump, a chain's oldest level): the map is the
+            # index's columns (shared, never changed), built without a loop in Python; runs one after
+            # another are back to back in the one pages file.
+            n = len(vaddrs)
+            flat.starts, flat.sizes, flat.flags, flat.offsets = vaddrs, sizes, fl, offs
+            flat.kinds = [PRESENT] * n
+            flat.files = [self._pages or self._pages_file()] * n
+            flat.depths = [self.depth] * n
+            flat.images = [str(self.images.path)]
+            flat._file_end = [n] * n
+            return flat
+        add_start, add_size, add_kind, add_flags, add_file, add_offset, add_depth = (
+            flat.starts.append, flat.sizes.append, flat.kinds.append, flat.flags.append, flat.files.append,
+            flat.offsets.append, flat.depths.append)
+        depth = self.depth
+        parent: MemoryMap | None = None
+        parent_error: CritPageReadError | None = None
+        pages: PagesFile | None = None
+        pstarts: list[int] = []
+        for vaddr, nr, f, offset, page_size in self.pagemap.entries:
+            size = nr * page_size
+            if f & PE_PRESENT:
+                if pages is None:
+                    pages = self._pages or self._pages_file()
+                add_start(vaddr)
+                add_size(size)
+                add_kind(PRESENT)
+                add_flags(f)
+                add_file(pages)
+                add_offset(offset)
+                add_depth(depth)
+            elif f & PE_PARENT:
+                if parent is None and parent_error is None:
+                    try:
+                        parent = self.parent.memory_map()
+                    except CritPageReadError as exc:  # no parent link, no pagemap there: only reads of it fail
+                        parent_error = exc
+                    else:
+                        pstarts, psizes, pkinds, pflags, pfiles, poffsets, pdepths = (
+                            parent.starts, parent.sizes, parent.kinds, parent.flags, parent.files,
+                            parent.offsets, parent.depths)
+                if parent is None:
+                    flat.add_broken(vaddr, size, f, depth, parent_error)  # type: ignore[arg-type]
+                    continue
+                # Usually the range lies inside one run of the parent's map: take it, clipped.
+                i = bisect_right(pstarts, vaddr) - 1
+                if i >= 0 and vaddr + size <= pstarts[i] + psizes[i] and pkinds[i] != BROKEN:
+                    add_start(vaddr)
+                    add_size(size)
+                    add_kind(pkinds[i])
+                    add_flags(pflags[i])
+                    add_file(pfiles[i])
+                    off = poffsets[i]
+                    add_offset(off + vaddr - pstarts[i] if off >= 0 else -1)
+                    add_depth(pdepths[i])
+                else:
+                    parent.copy_into(flat, vaddr, vaddr + size, self)
+            elif f:  # PE_LAZY alone: data only on a page server
+                add_start(vaddr)
+                add_size(size)
+                add_kind(LAZY)
+                add_flags(f)
+                add_file(None)
+                add_offset(-1)
+                add_depth(depth)
+        if self._parent is not None:
+            self._parent._map = None  # the parent's own map served only to build this one
+        flat.images = [str(self.images.path)]
+        level = self._parent
+        while level is not None:
+            flat.images.append(str(level.images.path))
+            level = level._parent
+        return flat
 
     def segments(self, vaddr: int, length: int) -> Iterator[Segment]:
-        """Where each piece of [vaddr, vaddr+length) is, resolved through the chain."""
+        """Where each piece of [vaddr, vaddr+length) is, resolved through the chain (a view of the map)."""
         if vaddr < 0 or length < 0:
             raise ValueError("negative address or length")
+        flat = self.memory_map()
         end = vaddr + length
         pos = vaddr
-        image = str(self.images.path)
-        for entry in self.pagemap.entries_in(vaddr, end):
-            if entry.vaddr > pos:
-                yield Segment(pos, entry.vaddr - pos, "hole", 0, None, -1, image, self.depth)
-                pos = entry.vaddr
-            stop = min(entry.end, end)
-            flags = entry.flags
-            if flags & PE_PRESENT:
-                yield Segment(
-                    pos, stop - pos, "present", flags, self._pages_file(),
-                    entry.offset + (pos - entry.vaddr), image, self.depth,
-                )
-            elif flags & PE_PARENT:
-                got = pos
-                for seg in self.parent.segments(pos, stop - pos):
-                    if seg.kind == "hole":
-                        raise ChainError(
-                            self.parent.source,
-                            f"lacks pages at {seg.vaddr:#x}-{seg.end:#x} that {self.source} has in parent",
-                        )
-                    got = seg.end
-                    yield seg
-                assert got == stop
-            elif flags:  # PE_LAZY alone: data only on a page server
-                yield Segment(pos, stop - pos, "lazy", flags, None, -1, image, self.depth)
+        starts, sizes, kinds = flat.starts, flat.sizes, flat.kinds
+        image = flat.images[0]
+        i = flat.index_at(vaddr)
+        count = len(starts)
+        while pos < end:
+            if i >= count or starts[i] >= end:
+                yield Segment(pos, end - pos, "hole", 0, None, -1, image, self.depth)
+                return
+            start = starts[i]
+            if start > pos:
+                yield Segment(pos, start - pos, "hole", 0, None, -1, image, self.depth)
+                pos = start
+            stop = min(start + sizes[i], end)
+            kind = kinds[i]
+            if kind == BROKEN:
+                raise flat.broken[i]
+            d = flat.depths[i]
+            if kind == PRESENT:
+                yield Segment(pos, stop - pos, "present", flat.flags[i], flat.files[i],
+                              flat.offsets[i] + pos - start, flat.images[d - self.depth], d)
             else:
-                yield Segment(pos, stop - pos, "hole", 0, None, -1, image, self.depth)
+                yield Segment(pos, stop - pos, "lazy", flat.flags[i], None, -1, flat.images[d - self.depth], d)
             pos = stop
-        if pos < end:
-            yield Segment(pos, end - pos, "hole", 0, None, -1, image, self.depth)
+            i += 1
 
     def _requests(
         self, vaddr: int, dest: memoryview, holes_mode: HolesMode
     ) -> tuple[list[AnyRequest], list[tuple[int, int]]]:
         """Plan a read: requests for the strategy (merged where the file is contiguous) and holes."""
-        # Fast path (most reads): the range lies inside one entry with data, here or in a parent.
-        reader = self
+        flat = self._map or self.memory_map()
         end = vaddr + len(dest)
-        while dest:
-            pagemap = reader.pagemap
-            i = bisect_right(pagemap._starts, vaddr) - 1
-            if i < 0:
-                break
-            entry = pagemap.entries[i]
-            if end > entry.vaddr + entry.nr_pages * entry.page_size:
-                break
-            if entry.flags & PE_PRESENT:
-                pages = reader._pages or reader._pages_file()
-                offset = entry.offset + vaddr - entry.vaddr
-                if reader.depth and self.auto_dedup:
-                    self._root._dedup_pending.append((pages, offset, len(dest)))
-                return [ReadRequest(pages, offset, dest, vaddr, self.target)], []
-            if not entry.flags & PE_PARENT:
-                break
-            reader = reader.parent
+        # Fast path (most reads): the range lies inside one run with data.
+        i = bisect_right(flat.starts, vaddr) - 1
+        if i >= 0 and end <= flat.starts[i] + flat.sizes[i] and flat.kinds[i] == PRESENT and dest:
+            pages = flat.files[i]
+            offset = flat.offsets[i] + vaddr - flat.starts[i]
+            if flat.depths[i] and self.auto_dedup:
+                self._root._dedup_pending.append((pages, offset, len(dest)))  # type: ignore[arg-type]
+            return [ReadRequest(pages, offset, dest, vaddr, self.target)], []
         requests: list[AnyRequest] = []
         holes: list[tuple[int, int]] = []
         # Parent ranges to punch once read; owed only if the whole plan succeeds.
         dedup: list[tuple[PagesFile, int, int]] | None = [] if self.auto_dedup else None
-        self._plan(vaddr, end, dest, vaddr, requests, holes, dedup, None, holes_mode)
+        self._plan(flat, vaddr, end, dest, requests, holes, dedup, holes_mode)
         if dedup:
             self._root._dedup_pending.extend(dedup)
         return requests, holes
 
     def _plan(
         self,
+        flat: MemoryMap,
         vaddr: int,
         end: int,
         dest: memoryview,
-        base: int,
         requests: list[AnyRequest],
         holes: list[tuple[int, int]],
         dedup: list[tuple[PagesFile, int, int]] | None,
-        child: PageReader | None,
         holes_mode: HolesMode = "error",
     ) -> None:
-        """Append to `requests` what [vaddr, end) needs from this image and its parents (`dest[0]` is
-        at `base`); requests contiguous in both file and memory are merged, and a stretch of present
-        entries with holes between them becomes one ScatterRequest (unless holes are errors). `child`
-        is set when the range is what a newer image has in parent: then a hole here is a broken chain."""
-        pagemap = self.pagemap
-        entries = pagemap.entries
-        count = len(entries)
-        i = bisect_right(pagemap._starts, vaddr) - 1
-        if i < 0 or entries[i].vaddr + entries[i].nr_pages * entries[i].page_size <= vaddr:
-            i += 1
-        pos = vaddr
+        """Append to `requests` what [vaddr, end) needs (`dest[0]` is at `vaddr`): requests contiguous in
+        both file and memory are merged, and a stretch of runs back to back in one pages file with holes
+        between them in memory becomes one ScatterRequest (unless holes are errors)."""
+        starts, sizes, kinds, files, offsets = flat.starts, flat.sizes, flat.kinds, flat.files, flat.offsets
+        count = len(starts)
+        i = flat.index_at(vaddr)
+        base = pos = vaddr
         target = self.target
-        pages: PagesFile | None = None
-        tail = requests[-1] if requests else None
-        last = tail if isinstance(tail, ReadRequest) else None
-        scatter = child is None and holes_mode != "error"
+        # The request the next piece may extend: its end in the file, and in memory.
+        last: ScatterRequest | None = None
+        last_end = last_pos = -1
+        scatter = holes_mode != "error"
+        depths = flat.depths if dedup is not None else None
         while pos < end:
-            if i >= count or entries[i].vaddr >= end:
+            if i >= count or starts[i] >= end:
                 stop = end
-                flags = 0
+                kind = HOLE
             else:
-                entry = entries[i]
-                if entry.vaddr > pos:
-                    stop = entry.vaddr
-                    flags = 0
+                start = starts[i]
+                if start > pos:
+                    stop = start
+                    kind = HOLE
                 else:
-                    i += 1
-                    stop = entry.vaddr + entry.nr_pages * entry.page_size
+                    stop = start + sizes[i]
                     if stop > end:
                         stop = end
-                    flags = entry.flags
-            if flags & PE_PRESENT:
-                if pages is None:
-                    pages = self._pages or self._pages_file()
-                offset = entry.offset + pos - entry.vaddr
-                if scatter and i < count and entries[i].vaddr < end and entries[i].flags & PE_PRESENT:
-                    # Present entries follow within the range: one file range, many pieces of memory.
-                    sizes, run_end = pagemap.present_runs()
-                    starts = pagemap._starts
-                    j = bisect_left(starts, end, i, run_end[i])
-                    offsets = [pos - base]
-                    offsets += [v - base for v in starts[i:j]]
-                    lengths = [stop - pos]
-                    lengths += sizes[i:j]
-                    last_end = starts[j - 1] + sizes[j - 1]
-                    if last_end > end:
-                        lengths[-1] -= last_end - end
-                        last_end = end
-                    if holes_mode == "zero":
-                        for k in range(len(offsets) - 1):
-                            if offsets[k] + lengths[k] < offsets[k + 1]:
-                                holes.append((base + offsets[k] + lengths[k], base + offsets[k + 1]))
-                    requests.append(ScatterRequest(pages, offset, dest, offsets, lengths, base, target))
-                    if dedup is not None and self.depth:
-                        dedup.append((pages, offset, sum(lengths)))
-                    last = None
-                    pos = last_end
-                    i = j
-                    continue
-                if (
-                    last is not None
-                    and last.pages is pages
-                    and last.vaddr + len(last.dest) == pos
-                    and last.offset + len(last.dest) == offset
-                ):
-                    last.dest = dest[last.vaddr - base : stop - base]
+                    kind = kinds[i]
+                    i += 1
+            if kind == PRESENT:
+                k = i - 1
+                pages = files[k]
+                offset = offsets[k] + pos - starts[k]
+                if scatter and i < count and starts[i] < end and kinds[i] == PRESENT:
+                    j = bisect_left(starts, end, i, flat.file_runs()[k])
+                    if j > i:
+                        # Runs back to back in one file follow within the range: one file range, many
+                        # pieces of memory (offsets and lengths by slicing: no per-piece Python).
+                        offs = [pos - base]
+                        offs += map((-base).__add__, starts[i:j])  # C-level iteration
+                        lens = [stop - pos]
+                        lens += sizes[i:j]
+                        stretch_end = starts[j - 1] + sizes[j - 1]
+                        if stretch_end > end:
+                            lens[-1] -= stretch_end - end
+                            stretch_end = end
+                        if holes_mode == "zero":
+                            for n in range(len(offs) - 1):
+                                if offs[n] + lens[n] < offs[n + 1]:
+                                    holes.append((base + offs[n] + lens[n], base + offs[n + 1]))
+                        last = ScatterRequest(pages, offset, dest, offs, lens, base, target)  # type: ignore[arg-type]
+                        requests.append(last)
+                        total = sum(lens)
+                        if depths is not None and depths[k]:
+                            dedup.append((pages, offset, total))  # type: ignore[union-attr,arg-type]
+                        last_end = offset + total
+                        last_pos = pos = stretch_end
+                        i = j
+                        continue
+                n = stop - pos
+                if last is not None and last.pages is pages and last_end == offset:
+                    # Continues the previous piece in the file: same request (same iovec if adjacent in memory).
+                    if last_pos == pos:
+                        last.lengths[-1] += n
+                    else:
+                        last.dest_offsets.append(pos - base)
+                        last.lengths.append(n)
                 else:
-                    last = ReadRequest(pages, offset, dest[pos - base : stop - base], pos, target)
+                    last = ScatterRequest(pages, offset, dest, [pos - base], [n], base, target)  # type: ignore[arg-type]
                     requests.append(last)
-                if dedup is not None and self.depth:
-                    dedup.append((pages, offset, stop - pos))
-            elif flags & PE_PARENT:
-                self.parent._plan(pos, stop, dest, base, requests, holes, dedup, self)
-                tail = requests[-1] if requests else None
-                last = tail if isinstance(tail, ReadRequest) else None
-            elif flags:  # PE_LAZY alone: data only on a page server
+                last_end = offset + n
+                last_pos = stop
+                if depths is not None and depths[k]:
+                    dedup.append((pages, offset, n))  # type: ignore[union-attr,arg-type]
+            elif kind == LAZY:
                 if not self.strategy.serves_lazy:
                     raise LazyPageError(self._root.source, pos, stop)
-                last = ReadRequest(None, -1, dest[pos - base : stop - base], pos, target)
-                requests.append(last)
-            elif child is not None:
-                raise ChainError(self.source, f"lacks pages at {pos:#x}-{stop:#x} that {child.source} has in parent")
+                requests.append(ReadRequest(None, -1, dest[pos - base : stop - base], pos, target))
+                last = None
+            elif kind == BROKEN:
+                raise flat.broken[i - 1]
             elif holes_mode == "zero":
                 holes.append((pos, stop))
+                last = None
             elif holes_mode == "error":
                 raise NotDumpedError(self.source, pos, stop)
+            else:
+                last = None
             pos = stop
 
     # --- reading ---------------------------------------------------------------------------

@@ -147,20 +147,43 @@ class PreadvStrategy(KernelCopies, Strategy):
 
     def submit_many(self, requests: list[AnyRequest]) -> None:
         # A scatter request's pieces become iovecs by arithmetic on its buffer's address: no
-        # per-piece Python object (the reader already merged what is contiguous in memory).
+        # per-piece Python object. The reader's requests of one plan share one buffer, so its
+        # address is taken once.
+        last_dest: Any = None
+        base = 0
+        tails = self._tails
         for request in requests:
             if type(request) is not ScatterRequest:
                 self.submit(request)  # type: ignore[arg-type]
                 continue
             pages = request.pages
             dest = request.dest
-            base = addressof(c_char.from_buffer(dest))
-            run = self._run_for(pages, request.offset)
-            run.holders.append(dest)
-            run.addrs += [base + start for start in request.dest_offsets]
-            run.lens += request.lengths
-            run.length += sum(request.lengths)
-            self._count += len(request.lengths)
+            if dest is not last_dest:
+                base = addressof(c_char.from_buffer(dest))
+                last_dest = dest
+            offset = request.offset
+            run = tails.get(pages)
+            if run is None or run.offset + run.length != offset:
+                run = self._run_for(pages, offset)
+            if not run.holders or run.holders[-1] is not dest:
+                run.holders.append(dest)
+            offs = request.dest_offsets
+            lens = request.lengths
+            if len(offs) == 1:
+                addr = base + offs[0]
+                n = lens[0]
+                if run.addrs and run.addrs[-1] + run.lens[-1] == addr:
+                    run.lens[-1] += n  # continues the previous destination: one iovec
+                else:
+                    run.addrs.append(addr)
+                    run.lens.append(n)
+                run.length += n
+                self._count += 1
+            else:
+                run.addrs += map(base.__add__, offs)  # C-level iteration, no bytecode per piece
+                run.lens += lens
+                run.length += sum(lens)
+                self._count += len(lens)
             if self._count >= self.max_queue:
                 self.sync()
 
@@ -168,56 +191,74 @@ class PreadvStrategy(KernelCopies, Strategy):
         runs, self._runs = self._runs, []
         self._tails = {}
         self._count = 0
-        for run in runs:
-            try:
-                self._read_run(run)
-            finally:
+        if not runs:
+            return
+        try:
+            preadv = _preadv_function()
+            if preadv is None:
+                for run in runs:
+                    self._read_run_views(run)
+                return
+            # Every run's iovecs in one array, built by slice assignment; one preadv per run (per
+            # IOV_MAX iovecs of it), pointing into the array.
+            addrs: list[int] = []
+            lens: list[int] = []
+            for run in runs:
+                addrs += run.addrs
+                lens += run.lens
+            total = len(addrs)
+            iovecs = (c_size_t * (2 * total))()
+            iovecs[0::2] = addrs  # type: ignore[assignment]  # ctypes converts the ints
+            iovecs[1::2] = lens  # type: ignore[assignment]
+            base = addressof(iovecs)
+            iov_max = self.iov_max
+            first = 0
+            for run in runs:
+                n = len(run.addrs)
+                if n <= iov_max:
+                    got = preadv(run.pages.fd, base + first * _IOVEC_BYTES, n, run.offset)
+                    self.calls += 1
+                    if got != run.length:
+                        self._finish_run(run, iovecs, first, got)
+                else:
+                    self._finish_run(run, iovecs, first, None)
+                first += n
+        finally:
+            for run in runs:
                 run.holders.clear()
 
-    def _read_run(self, run: _Run) -> None:
-        if len(run.addrs) == 1 and len(run.holders) == 1 and len(run.holders[0]) == run.length:
-            # One request alone in its run (chains are full of them): a plain call is cheaper than ctypes.
-            self.calls += 1
-            read_fully(run.pages.fd, run.holders[0], run.offset, run.pages.path)
-            return
+    def _finish_run(self, run: _Run, iovecs: Any, first: int, got: int | None) -> None:
+        """Read what is left of `run` (its iovecs from `first` in `iovecs`): more than IOV_MAX iovecs
+        (`got` None: nothing read yet), or a short read of `got` bytes (signals, NFS)."""
         preadv = _preadv_function()
-        if preadv is None:
-            self._read_run_views(run)
-            return
         fd = run.pages.fd
-        offset = run.offset
         addrs, lens = run.addrs, run.lens
         n = len(addrs)
-        iovecs = (c_size_t * (2 * n))()
-        iovecs[0::2] = addrs  # type: ignore[assignment]  # ctypes converts the ints
-        iovecs[1::2] = lens  # type: ignore[assignment]
-        base = addressof(iovecs)
-        iov_max = self.iov_max
+        base = addressof(iovecs) + first * _IOVEC_BYTES
+        offset = run.offset
         i = 0
-        while i < n:
-            count = min(iov_max, n - i)
-            want = run.length if count == n else sum(lens[i : i + count])
+        while True:
+            if got is not None:
+                if got < 0:
+                    err = ctypes.get_errno()
+                    raise ImageError(run.pages.path, f"cannot read at offset {offset}: {os.strerror(err)}")
+                if got == 0:
+                    raise ImageError(run.pages.path, f"short pages file: no data at offset {offset}")
+                # Skip what was read, trim the iovec it stopped in, go on.
+                offset += got
+                while i < n and got >= lens[i]:
+                    got -= lens[i]
+                    i += 1
+                if i >= n:
+                    return
+                if got:
+                    addrs[i] += got
+                    lens[i] -= got
+                    iovecs[2 * (first + i)] = addrs[i]
+                    iovecs[2 * (first + i) + 1] = lens[i]
+            count = min(self.iov_max, n - i)
             got = preadv(fd, base + i * _IOVEC_BYTES, count, offset)
             self.calls += 1
-            if got == want:
-                i += count
-                offset += got
-                continue
-            if got < 0:
-                err = ctypes.get_errno()
-                raise ImageError(run.pages.path, f"cannot read at offset {offset}: {os.strerror(err)}")
-            if got == 0:
-                raise ImageError(run.pages.path, f"short pages file: no data at offset {offset}")
-            # Short read (signals, NFS): skip what was read, trim the iovec it stopped in, go on.
-            offset += got
-            while got >= lens[i]:
-                got -= lens[i]
-                i += 1
-            if got:
-                addrs[i] += got
-                lens[i] -= got
-                iovecs[2 * i] = addrs[i]
-                iovecs[2 * i + 1] = lens[i]
 
     def _read_run_views(self, run: _Run) -> None:
         """`_read_run` without libc's preadv: os.preadv over memoryviews of the iovecs."""
