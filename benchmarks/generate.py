@@ -13,9 +13,17 @@ Each shape is a real `criu dump` of the test victim (victim.c) with bulk memory,
   `build_chain` (the kernel has no soft-dirty tracking, so CRIU cannot write
   incremental dumps here): each page's true bytes live in one level, newer
   levels mark it `PE_PARENT`, older ones hold stale bytes; homes change every
-  few pages, so entries are short and reads hop between the three pages files.
+  few pages, so entries are short and reads hop between the three pages files
+  (an adversarial chain);
+- `chain-real`: the same rewriting with the shape of a chain CRIU writes through
+  pre-dumps (the issue's 256 MiB, 3 levels, about 5,000 runs): the first
+  pre-dump holds every page, the second the ~20% dirtied since, the final dump
+  the ~10% dirtied last, in runs of 2-10 pages;
+- `jvm`: a JVM-like process (benchmarks/jvm_like.c): an 8 GiB reserved heap of
+  which 200 scattered clusters of 350 pages are in use (~70,000 pages in ~200
+  entries, 273 MiB).
 
-usage: python -m benchmarks.generate [--shape big|plain|frag|chain|all] [--force] [--verify]
+usage: python -m benchmarks.generate [--shape big|plain|frag|chain|chain-real|jvm|all] [--force] [--verify]
 """
 
 from __future__ import annotations
@@ -49,12 +57,22 @@ class Shape:
     vmas: int
     holes: int
     levels: int = 1
+    #: chain levels: pages per home (min, max) and home weights, newest first (None: tests/chains.py defaults)
+    runs: tuple[int, int] | None = None
+    weights: tuple[float, ...] | None = None
+    #: "victim" (crit_pageread/data/victim.c) or "jvm" (benchmarks/jvm_like.c: --mib is ignored)
+    program: str = "victim"
 
     @property
     def key(self) -> str:
-        return f"{self.name}-m{self.mib}-v{self.vmas}-h{self.holes}-l{self.levels}-f{FORMAT}"
+        extra = f"-r{self.runs[0]}_{self.runs[1]}" if self.runs else ""
+        extra += "-w" + "_".join(f"{w:g}" for w in self.weights) if self.weights else ""
+        extra += f"-{self.program}" if self.program != "victim" else ""
+        return f"{self.name}-m{self.mib}-v{self.vmas}-h{self.holes}-l{self.levels}{extra}-f{FORMAT}"
 
     def victim_args(self) -> list[str]:
+        if self.program == "jvm":
+            return ["--seed", "7", "--heap-gib", "8", "--clusters", str(self.vmas), "--pages", str(self.holes)]
         return ["--seed", "7", "--mib", str(self.mib), "--vmas", str(self.vmas), "--holes", str(self.holes)]
 
 
@@ -64,6 +82,10 @@ SHAPES = {
     "plain": Shape("plain", 1024, 256, 0),
     "frag": Shape("frag", 256, 128, 2),
     "chain": Shape("chain", 256, 64, 16, levels=3),
+    # a chain as CRIU writes it through pre-dumps: long runs, most pages in the first pre-dump
+    "chain-real": Shape("chain-real", 256, 64, 0, levels=3, runs=(2, 10), weights=(0.1, 0.2, 0.7)),
+    # a JVM: an 8 GiB reserved heap, 200 clusters of 350 pages in use (vmas = clusters, holes = pages)
+    "jvm": Shape("jvm", 273, 200, 350, program="jvm"),
 }
 
 
@@ -72,13 +94,16 @@ def cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "crit-pageread" / "bench"
 
 
-def victim_exe() -> Path:
-    """The victim (crit_pageread/data/victim.c, also tests/victim.c) compiled into the cache, keyed by its source."""
+def victim_exe(program: str = "victim") -> Path:
+    """The victim (crit_pageread/data/victim.c, also tests/victim.c) or benchmarks/jvm_like.c compiled into
+    the cache, keyed by its source."""
     src = ROOT / "crit_pageread" / "data" / "victim.c"
-    if not src.exists():
+    if program == "jvm":
+        src = ROOT / "benchmarks" / "jvm_like.c"
+    elif not src.exists():
         src = ROOT / "tests" / "victim.c"
     digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
-    exe = cache_root() / f"victim-{digest}"
+    exe = cache_root() / f"{program}-{digest}"
     if not exe.exists():
         exe.parent.mkdir(parents=True, exist_ok=True)
         tmp = exe.with_suffix(".tmp")
@@ -105,13 +130,17 @@ def generate(shape: Shape, force: bool = False) -> Path:
     started = time.monotonic()
     try:
         # Dumped in place (not renamed after), so the images' file paths stay valid for `criu restore`.
-        victim = start_victim(victim_exe(), base / "victim", *shape.victim_args(), timeout=300)
+        victim = start_victim(victim_exe(shape.program), base / "victim", *shape.victim_args(), timeout=300)
         try:
             if shape.levels == 1:
                 dump(victim, base / "images", timeout=600)
             else:
                 dump(victim, base / "dump", timeout=600)
-                build_chain(base / "dump", base / "chain", shape.levels, seed=7)
+                extra: dict = {}
+                if shape.runs:
+                    # a first pre-dump holds every page: no page left out of an older level
+                    extra = {"run_pages": shape.runs, "weights": shape.weights, "stale_gap_every": 1 << 62}
+                build_chain(base / "dump", base / "chain", shape.levels, seed=7, **extra)
                 shutil.rmtree(base / "dump")
         finally:
             victim.kill()

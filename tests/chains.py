@@ -75,12 +75,14 @@ def _stale(data: bytes) -> bytes:
     return bytes(b ^ STALE_XOR for b in data)
 
 
-def _homes(npages: int, levels: int, rng: random.Random) -> list[int]:
+def _homes(npages: int, levels: int, rng: random.Random, run_pages: tuple[int, int] = (1, 5),
+           weights: tuple[float, ...] | None = None) -> list[int]:
     """A home depth (0 = newest) per page, changing in runs of 1-5 pages."""
     homes: list[int] = []
     while len(homes) < npages:
-        run = rng.randint(1, 5)
-        homes.extend([rng.randrange(levels)] * run)
+        run = rng.randint(*run_pages)
+        home = rng.choices(range(levels), weights)[0] if weights else rng.randrange(levels)
+        homes.extend([home] * run)
     return homes[:npages]
 
 
@@ -129,6 +131,8 @@ def build_chain(
     layout: str = "4.1",
     stale_gap_every: int = 7,
     page_size: int = 4096,
+    run_pages: tuple[int, int] = (1, 5),
+    weights: tuple[float, ...] | None = None,
 ) -> ChainInfo:
     """`make_chain` with the details: directories and per-level page counts.
 
@@ -136,6 +140,8 @@ def build_chain(
     `PE_PARENT` in the newer levels, and present with stale bytes in the
     older ones, except that every `stale_gap_every`-th such page is left out
     of the older level entirely (a parent need not cover what its child has).
+    Homes change every `run_pages` pages (a random count in that range), each
+    a depth drawn with `weights` (newest first; uniform by default).
     """
     if levels < 2:
         raise ValueError("a chain has at least 2 levels")
@@ -155,7 +161,7 @@ def build_chain(
         pages_name = f"pages-{pages_id}.img"
         rewritten.update({name, pages_name})
         npages = sum(nr for _, nr, flags, _ in entries if flags & PE_PRESENT)
-        homes = _homes(npages, levels, rng)
+        homes = _homes(npages, levels, rng, run_pages, weights)
         # writers[depth], depth 0 = newest
         writers = [_Writer() for _ in range(levels)]
         index = 0
