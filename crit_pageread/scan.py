@@ -35,7 +35,7 @@ from .archive import is_archive
 from .config import Config
 from .errors import ConfigError, CritPageReadError, LazyPageError
 from .images import CheckpointImages, open_images
-from .memory import Area, Readers, Span, VmaFilter, spans
+from .memory import Area, Span, VmaFilter, spans
 
 INSTALL_HINT = "scan needs yara-x: pip install 'crit-pageread[scan]' (or pip install yara-x)"
 DASK_HINT = "--dask needs dask.distributed: pip install 'crit-pageread[scan]' (or pip install 'dask[distributed]')"
@@ -259,8 +259,8 @@ def scan_checkpoint(target: Target, rules_blob: bytes, options: ScanOptions) -> 
 
         configure(options.config)
         scanner = _Scanner(_rules(rules_blob), options)
-        with open_images(target.path, options.config) as images, Readers(images, options.config.strategy) as rd:
-            _scan_images(images, rd, scanner, options, result)
+        with open_images(target.path, options.config) as images:
+            _scan_images(images, scanner, options, result)
         result.matches.sort(key=Match.sort_key)
         result.truncated = scanner.truncated
     except CritPageReadError as exc:
@@ -280,25 +280,28 @@ def scan_checkpoint(target: Target, rules_blob: bytes, options: ScanOptions) -> 
     return result
 
 
-def _scan_images(images: CheckpointImages, readers: Readers, scanner: _Scanner, options: ScanOptions,
-                 result: CheckpointResult) -> None:
+def _scan_images(images: CheckpointImages, scanner: _Scanner, options: ScanOptions, result: CheckpointResult) -> None:
+    """Scan each selected process through its own process reader, closed before the next (memory stays that of
+    one process's plan)."""
     wanted = set(options.pids)
     pids = [p for p in images.pids if not wanted or p in wanted]
     result.pids = len(pids)
     vfilter = options.vfilter
     for pid in pids:
-        areas: list[Area] = []
-        for vma in images.vmas(pid):
-            clipped = vfilter.clip(vma)
-            if clipped is not None:
-                areas.append(readers.area(pid, vma, *clipped))
-        rule_only: set[tuple[str, str]] = set()
-        for span in spans(areas):
-            result.spans += 1
-            if not span.reader.strategy.serves_lazy:
-                for area in span.areas:
-                    result.lazy_skipped += sum(s.length for s in area.segments() if s.kind == "lazy")
-            result.bytes += scanner.scan_span(span, result.matches, rule_only)
+        reader = images.reader(pid, options.config.strategy)
+        with reader:
+            areas: list[Area] = []
+            for vma in images.vmas(pid):
+                clipped = vfilter.clip(vma)
+                if clipped is not None:
+                    areas.append(Area(pid, vma, clipped[0], clipped[1], reader))
+            rule_only: set[tuple[str, str]] = set()
+            for span in spans(areas):
+                result.spans += 1
+                if not span.reader.strategy.serves_lazy:
+                    for area in span.areas:
+                        result.lazy_skipped += sum(s.length for s in area.segments() if s.kind == "lazy")
+                result.bytes += scanner.scan_span(span, result.matches, rule_only)
 
 
 class _Scanner:
