@@ -6,14 +6,27 @@
             data = reader.read(vaddr, 4096)
 """
 
-from __future__ import annotations
+# First thing, before any import of a module file (even `from __future__` is one): on the command line,
+# Ctrl-C during the imports that follow is one line and exit 130 (crit_pageread/_interrupt.py explains).
+import _signal
+import os as _os
+import sys as _sys
 
-from . import _interrupt
 
-if _interrupt.is_command_line():  # first thing: Ctrl-C during the imports that follow is one line, exit 130
-    _interrupt.install_early()
+def _exit_on_interrupt(signum: int, frame: object) -> None:
+    try:
+        _os.write(2, b"crit-pageread: interrupted\n")
+    finally:
+        _os._exit(128 + signum)
 
-from typing import TYPE_CHECKING
+
+if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler and (
+    _os.path.basename(_sys.argv[0] if _sys.argv else "") == "crit-pageread"
+    or "crit_pageread" in getattr(_sys, "orig_argv", [])[1:3]
+):
+    _signal.signal(_signal.SIGINT, _exit_on_interrupt)
+
+from typing import TYPE_CHECKING  # noqa: E402 - after the Ctrl-C handler, on purpose
 
 if TYPE_CHECKING:  # the names below load on first use: `import crit_pageread` stays cheap
     from .config import Config, load_config

@@ -8,24 +8,19 @@ temporary files are cleaned up by their `with` blocks), and puts `exit_now`
 back as soon as `main()` is done. Library use is untouched: this only acts
 when the process is `crit-pageread` or `python -m crit_pageread`. Uses only
 modules loaded before any import (`os`, `sys`, and the built-in `_signal`:
-`signal.py` would import `enum` first).
+`signal.py` would import `enum` first), and no `from __future__` (a module import too).
 """
-
-from __future__ import annotations
 
 import _signal
 import os
 import sys
 
+from . import _exit_on_interrupt
+
 MESSAGE = b"crit-pageread: interrupted\n"
-
-
-def exit_now(signum: int, frame: object) -> None:
-    """SIGINT handler outside `main()`: one line, exit 128 + signal, no clean-up to do."""
-    try:
-        os.write(2, MESSAGE)
-    finally:
-        os._exit(128 + signum)
+#: The handler, defined at the very top of the package (`crit_pageread/__init__.py`) so that it is in
+#: place before the first module file is imported.
+exit_now = _exit_on_interrupt
 
 
 def is_command_line() -> bool:
