@@ -389,3 +389,14 @@ def test_a_parent_file_naming_a_too_long_path_is_one_line(small: Dump, tmp_path:
     (images / "parent").write_bytes(b"x" * 3000)
     line = _parent_error(images)
     assert "File name too long" in line and len(line) < 600
+
+
+@pytest.mark.parametrize("command", ["show", "info", "decode", "x"])
+def test_crit_commands_refuse_a_fifo_image_instead_of_blocking(small: Dump, tmp_path: Path, command: str):
+    """crit opens its inputs itself: a FIFO must be refused before it does (it would wait for a writer forever)."""
+    images = copy_dump(small, tmp_path / "ck")
+    pstree = images / "pstree.img"
+    _fifo_instead(pstree)
+    args = {"show": ["show", str(pstree)], "info": ["info", str(pstree)], "decode": ["decode", "-i", str(pstree)],
+            "x": ["x", str(images), "ps"]}[command]
+    one_line_error(run_cli(*args, timeout=30), "pstree.img", "FIFO")

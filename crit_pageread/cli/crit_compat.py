@@ -16,6 +16,7 @@ import contextlib
 import importlib
 import io
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 from ..criu_env import import_system_package
 from ..errors import ConfigError, CritPageReadError, ImageError
 from ..hookspecs import hookimpl
-from ..imagefile import IMG_COMMON, IMG_SERVICE, MAGIC, check_magic, decode_varint_fields, iter_entries
+from ..imagefile import IMG_COMMON, IMG_SERVICE, MAGIC, check_magic, decode_varint_fields, iter_entries, open_regular
 from ..images import CheckpointImages
 from ..output import atomic_path
 from ..pagemap import PE_LAZY, PE_PARENT, PE_PRESENT
@@ -113,6 +114,21 @@ def _opts(args: argparse.Namespace) -> dict[str, Any]:
     return dict(vars(args))
 
 
+def _regular(path: str | None) -> None:
+    """crit opens its inputs itself: a FIFO would block it forever, a device feed it without end.
+    Refuse anything but a regular file first, in one line (opened O_NONBLOCK: never waits)."""
+    if path:
+        os.close(open_regular(path))
+
+
+def _regular_images(directory: str) -> None:
+    """Every `*.img` of a directory crit will read is a regular file (see `_regular`)."""
+    with contextlib.suppress(OSError):
+        for name in sorted(os.listdir(directory)):
+            if name.endswith(".img"):
+                _regular(os.path.join(directory, name))
+
+
 def _is_pagemap(head: bytes) -> bool:
     if len(head) < 8:
         return False
@@ -142,6 +158,7 @@ def run_decode(args: argparse.Namespace) -> int:
     opts = _opts(args)
     crit = crit_main()
     src = opts.get("in")
+    _regular(src)
     if src:
         with open(src, "rb") as f:
             head = f.read(8)
@@ -236,6 +253,7 @@ def _embed_pages(args: argparse.Namespace, path: Path, img: dict[str, Any], fmt:
 
 def run_encode(args: argparse.Namespace) -> int:
     opts = _opts(args)
+    _regular(opts.get("in"))
     with _crit_errors("encode", opts.get("in")), _atomic_out(opts):
         crit_main().encode(opts)
     return 0
@@ -243,6 +261,7 @@ def run_encode(args: argparse.Namespace) -> int:
 
 def run_info(args: argparse.Namespace) -> int:
     opts = _opts(args)
+    _regular(opts["in"])
     with open(opts["in"], "rb") as f:
         check_known_magic(opts["in"], f.read(8))
     with _crit_errors("info", opts.get("in")):
@@ -262,6 +281,7 @@ def run_explore(args: argparse.Namespace) -> int:
         unpacked, cleanup = unpack_checkpoint(directory)
         directory = str(unpacked)
     try:
+        _regular_images(directory)
         opts = _opts(args)
         opts["dir"] = directory
         if args.pages and args.what not in ("mems", "pages"):
