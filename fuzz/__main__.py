@@ -24,7 +24,13 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         checkpoints = corpus.build(work / "corpus")
         (work / "mutants").mkdir()
-        results = campaign.run(checkpoints, args.mutants, args.seed, work / "mutants")
+        def progress(n: int, desc: str, verdicts: object, results: campaign.Results) -> None:
+            if (n + 1) % 100 == 0:  # a running tally, so an interrupted long run still has its figures
+                print(f"fuzz: {n + 1} mutants, {time.monotonic() - started:.0f} s: library {dict(results.library)}, "
+                      f"commands {dict(results.commands)}, non-clean {results.non_clean()}", file=sys.stderr,
+                      flush=True)
+
+        results = campaign.run(checkpoints, args.mutants, args.seed, work / "mutants", log=progress)
         campaign.fuzz_server(*checkpoints[0], args.server, args.seed, results)
     summary = results.as_dict()
     summary.update(seed=args.seed, seconds=round(time.monotonic() - started, 1),
