@@ -85,7 +85,9 @@ def crit_pageread_before_read(reader: PageReader, vaddr: int, length: int, defer
 def crit_pageread_after_read(reader: PageReader, vaddr: int, data: memoryview) -> None:
     """Called after a synchronous read filled `data` (the caller's buffer) from `vaddr`.
 
-    Deferred reads are reported by `crit_pageread_synced` instead.
+    Also called for each range of `PageReader.view`/`view_ranges`; then `data` is read-only (it may be
+    a map of a pages file: copy what you keep). Deferred reads are reported by `crit_pageread_synced`
+    instead, copies to files and sockets by `crit_pageread_after_copy`.
     """
 
 
