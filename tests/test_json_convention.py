@@ -24,7 +24,7 @@ from crit_pageread.criu_env import criu_binary
 #: crit's own commands: their JSON is crit's (decode/show) or they have none (encode/info).
 CRIT_JSON = {"decode", "encode", "info", "show"}
 #: Keys that used to name the same things as the convention's keys.
-RETIRED = {"source", "images_dir", "dir", "target", "vma", "path"}
+RETIRED = {"source", "images_dir", "dir", "target", "vma", "path", "nr_pages"}
 INT_KEYS = {"pid", "ppid", "pgid", "sid", "shmem", "vaddr", "start", "end", "length", "pages", "bytes"}
 STR_KEYS = {"checkpoint", "perms", "kind", "mapping", "output"}
 STREAMS = {"grep", "ps", "pages", "coredump", "plugins", "x", "scan", "check"}

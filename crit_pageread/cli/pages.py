@@ -47,7 +47,7 @@ def table(reader: PageReader) -> dict[str, Any]:
         names = flag_names(e.flags)
         totals[names] = totals.get(names, 0) + e.nr_pages
         sources = _sources(reader, e.vaddr, e.size) if e.flags & (PE_PRESENT | PE_PARENT) else []
-        entries.append({"start": e.vaddr, "end": e.end, "nr_pages": e.nr_pages, "flags": e.flags,
+        entries.append({"start": e.vaddr, "end": e.end, "pages": e.nr_pages, "flags": e.flags,
                         "flag_names": names, "sources": sources})
     totals["total"] = sum(e.nr_pages for e in reader.pagemap.entries)
     return {"pagemap": str(reader.pagemap.path), "layout": reader.pagemap.layout, "entries": entries,
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{title}: {sec['pagemap']} (layout {sec['layout']})")
             print(f"  {'START':>16} {'END':>16} {'PAGES':>8}  {'FLAGS':<22} SOURCE")
             for e in sec["entries"]:
-                print(f"  {e['start']:>16x} {e['end']:>16x} {e['nr_pages']:>8}  {e['flag_names']:<22} "
+                print(f"  {e['start']:>16x} {e['end']:>16x} {e['pages']:>8}  {e['flag_names']:<22} "
                       f"{_source_text(e, images)}")
             totals = ", ".join(f"{k} {v}" for k, v in sec["totals"].items() if k != "total")
             print(f"  total {sec['totals']['total']} pages: {totals}")
