@@ -98,3 +98,12 @@ def test_bench_with_shared_memory_compares_the_same_bytes(images: Path) -> None:
     counted = {name: m["bytes"] for name, m in report["methods"].items()}
     assert report["materialized_bytes"] == 4 * PAGE == report["pages_file_bytes"]
     assert set(counted.values()) == {4 * PAGE}, counted
+
+
+def test_an_output_that_cannot_be_created_is_named_not_its_temporary_name(images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "no" / "such" / "dir" / "out"
+    for args in (("read", str(images), hex(BASE), "-o", str(out)), ("extract", str(images), "-o", str(out)),
+                 ("squash", str(images), str(out)), ("decode", "-i", str(images / "pstree.img"), "-o", str(out))):
+        proc = cli(*args)
+        assert proc.returncode != 0 and proc.stderr.startswith(f"crit-pageread: {out}: "), (args, proc.stderr)
+        assert ".tmp" not in proc.stderr and proc.stderr.count("\n") == 1
