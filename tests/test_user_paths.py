@@ -107,3 +107,19 @@ def test_a_refused_restore_leads_with_the_scripts_complaint(work: tuple[Victim, 
     assert cause.startswith("criu-action-manifest: pre-restore:"), proc.stderr
     assert pm.pages_path.name in cause and "corrupted" in cause and "RLIMIT" not in proc.stderr
     assert not os.path.exists(f"/proc/{victim.pid}") or not _stopped(victim.pid)
+
+
+def test_a_failed_restore_leads_with_criu_s_first_real_error(work: tuple[Victim, Path]) -> None:
+    _victim, d = work
+    first = cli(d, "restore", "images", "--leave-stopped", "--cpus", "0", "--json")
+    assert first.returncode == 0, first.stderr
+    try:
+        again = cli(d, "restore", "images", "--leave-stopped", "--cpus", "0")  # its pid is taken now
+    finally:
+        kill_tree(json.loads(first.stdout)["pid"])
+    assert again.returncode != 0 and again.stderr.count("\n") == 1, again.stderr
+    cause = again.stderr.split("criu restore failed", 1)[1].split(": ", 1)[1]
+    log = (d / "images" / "restore.log").read_text()
+    errors = [line.split(") ", 1)[1] for line in log.splitlines() if "Error (" in line and "RLIMIT" not in line]
+    assert "RLIMIT" not in again.stderr  # CRIU logs RLIMIT warnings as errors here: never the cause
+    assert cause.startswith(errors[0]), (cause, errors[:3])
