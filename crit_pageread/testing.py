@@ -185,6 +185,8 @@ class Recorded:
     length: int
     pages: str | None
     offset: int
+    #: pieces of memory the request fills: 1, or a ScatterRequest's count
+    pieces: int = 1
 
 
 class MockStrategy(Strategy):
@@ -201,13 +203,18 @@ class MockStrategy(Strategy):
         self.lazy = dict(lazy or {})
         self.serves_lazy = lazy is not None  # type: ignore[misc]
         self.log: list[Recorded] = []
+        #: one (method, number of requests) per call the reader made
+        self.calls: list[tuple[str, int]] = []
         self.queue: list[ReadRequest] = []
         self.closed = 0
 
     def _record(self, how: str, request: AnyRequest) -> None:
         pages = str(request.pages.path) if request.pages is not None else None
-        length = request.length if isinstance(request, ScatterRequest) else len(request.dest)
-        self.log.append(Recorded(how, str(request.target), request.vaddr, length, pages, request.offset))
+        if isinstance(request, ScatterRequest):
+            length, pieces = request.length, len(request.lengths)
+        else:
+            length, pieces = len(request.dest), 1
+        self.log.append(Recorded(how, str(request.target), request.vaddr, length, pages, request.offset, pieces))
 
     def _fill(self, request: ReadRequest) -> None:
         if request.pages is not None:
@@ -221,20 +228,24 @@ class MockStrategy(Strategy):
         raise AssertionError(f"MockStrategy: no lazy data for {request.vaddr:#x}+{len(request.dest)}")
 
     def read(self, request: ReadRequest) -> None:
+        self.calls.append(("read", 1))
         self._record("read", request)
         self._fill(request)
 
     def submit(self, request: ReadRequest) -> None:
+        self.calls.append(("submit", 1))
         self._record("submit", request)
         self.queue.append(request)
 
     def read_many(self, requests: list[AnyRequest]) -> None:
+        self.calls.append(("read_many", len(requests)))
         for request in requests:
             self._record("read_many", request)
             for piece in request.requests() if isinstance(request, ScatterRequest) else [request]:
                 self._fill(piece)
 
     def submit_many(self, requests: list[AnyRequest]) -> None:
+        self.calls.append(("submit_many", len(requests)))
         for request in requests:
             self._record("submit_many", request)
             self.queue.extend(request.requests() if isinstance(request, ScatterRequest) else [request])
