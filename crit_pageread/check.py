@@ -44,6 +44,9 @@ _PAGEMAP = re.compile(r"^pagemap-(\d+)\.img$")
 _SHMEM = re.compile(r"^pagemap-shmem-(\d+)\.img$")
 #: Levels of a parent chain checked (as the reader's bound).
 MAX_DEPTH = 64
+#: The kinds of problem about memory (pagemaps, pages files, the chain, VMAs, shmem): what the manifest action
+#: script and `squash --verify` refuse (the other images are CRIU's to judge at restore).
+MEMORY_KINDS = frozenset({"pagemap", "chain", "outside-vma", "shmem"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +82,11 @@ class CheckReport:
     @property
     def errors(self) -> list[Problem]:
         return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def memory_errors(self) -> list[Problem]:
+        """Errors about memory only (`MEMORY_KINDS`)."""
+        return [p for p in self.errors if p.kind in MEMORY_KINDS]
 
 
 def check_checkpoint(path: str | os.PathLike[str], *, notes: bool = True) -> CheckReport:

@@ -235,8 +235,10 @@ def _in_child(fn: Any, timeout: float, mem_limit: int) -> tuple[str, Any]:
             data = json.dumps(result).encode()
             with os.fdopen(wfd, "wb") as w:
                 w.write(data)
-        except BaseException:
+        except BaseException as exc:
             code = 3
+            with contextlib.suppress(BaseException):
+                os.write(2, f"fuzz child: {type(exc).__name__}: {exc}\n".encode()[:500])
         finally:
             os._exit(code)
     os.close(wfd)
@@ -316,7 +318,7 @@ def run(checkpoints: list[tuple[Path, str]], mutants: int, seed: int, work: Path
         results.mutants += 1
         status, verdicts = _in_child(partial(_library, top, expected, only_pages), timeout, mem_limit)
         if status != "ok":
-            verdicts = [{"strategy": "*", "pid": "*", "outcome": status, "detail": ""}]
+            verdicts = [{"strategy": "*", "pid": "*", "outcome": status, "detail": str(verdicts or "")}]
         for v in verdicts:
             results.library[v["outcome"]] += 1
             if v["outcome"] in NON_CLEAN:
@@ -328,7 +330,7 @@ def run(checkpoints: list[tuple[Path, str]], mutants: int, seed: int, work: Path
             status, v = _in_child(partial(_command, top, pid, command, expected, case / "_out"), timeout,
                                   mem_limit)
             if status != "ok":
-                v = {"command": command, "outcome": status, "detail": ""}
+                v = {"command": command, "outcome": status, "detail": str(v or "")}
             results.commands[v["outcome"]] += 1
             if v["outcome"] in NON_CLEAN:
                 results.failures.append({"mutant": n, "mutation": desc, **v})

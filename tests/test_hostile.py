@@ -132,12 +132,12 @@ def TEMP_TAG_IN(line: str) -> bool:
     return "crit-pageread-" in line and ".tmp" in line
 
 
-@pytest.mark.parametrize("command", ["read", "extract", "squash"])
+@pytest.mark.parametrize("command", ["read", "extract", "squash", "coredump"])
 def test_stale_temporary_names_of_a_killed_run_are_removed_by_the_next_run(small: Dump, tmp_path: Path,
                                                                           command: str):
     """A run killed by SIGKILL leaves `.NAME.crit-pageread-PID.tmp`; the next run on that output removes it."""
     pid = dead_pid()
-    name = {"read": "out.bin", "extract": "out", "squash": "sq"}[command]
+    name = {"read": "out.bin", "extract": "out", "squash": "sq", "coredump": "cores"}[command]
     stale = tmp_path / f".{name}.crit-pageread-{pid}.tmp"
     if command == "read":
         stale.write_bytes(b"partial")
@@ -149,7 +149,8 @@ def test_stale_temporary_names_of_a_killed_run_are_removed_by_the_next_run(small
     assert stale_temps(tmp_path) == [stale]
     out = tmp_path / name
     args = {"read": [*read_args(small), "-o", str(out)], "extract": ["extract", str(small.images), "-o", str(out)],
-            "squash": ["squash", str(small.images), str(out)]}[command]
+            "squash": ["squash", str(small.images), str(out)],
+            "coredump": ["coredump", str(small.images), "-o", str(out)]}[command]
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
     assert not stale.exists() and alive.exists() and out.exists()
@@ -400,3 +401,39 @@ def test_crit_commands_refuse_a_fifo_image_instead_of_blocking(small: Dump, tmp_
     args = {"show": ["show", str(pstree)], "info": ["info", str(pstree)], "decode": ["decode", "-i", str(pstree)],
             "x": ["x", str(images), "ps"]}[command]
     one_line_error(run_cli(*args, timeout=30), "pstree.img", "FIFO")
+
+
+@pytest.mark.parametrize("command", ["extract", "coredump", "squash", "read"])
+def test_runs_killed_by_sigkill_leave_temporaries_that_the_next_run_removes(small: Dump, tmp_path: Path,
+                                                                              command: str):
+    """SIGKILL at random moments of real runs, then one run to the end: no temporary name of ours is left."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from hostile_support import REPO
+
+    out = tmp_path / "out"
+    args = {"extract": ["extract", str(small.images), "-o", str(out)],
+            "coredump": ["coredump", str(small.images), "-o", str(out)],
+            "squash": ["squash", str(small.images), str(out)],
+            "read": [*read_args(small, length=256 * PAGE), "--zero-fill", "-o", str(out)]}[command]
+    rng = random.Random(5)
+    for _ in range(6):
+        proc = subprocess.Popen([sys.executable, "-m", "crit_pageread", *args], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.2, 1.2))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if command != "read" and out.exists():  # it finished first: the next run needs a new name
+            import shutil
+
+            shutil.rmtree(out)
+    final = run_cli(*args)
+    assert final.returncode == 0, final.stderr
+    left = [n for n in os.listdir(tmp_path) if parse_temp_name(n)]
+    if out.is_dir():
+        left += [n for n in os.listdir(out) if parse_temp_name(n)]
+    assert left == []

@@ -191,10 +191,10 @@ def action_main(env: dict[str, str] | None = None) -> int:
         else:
             checked = verify_manifest(images, required=required)
             what = f"{len(checked)} image directories verified" if checked else "no manifest, not verified"
-            # Then the checkpoint itself, as `crit-pageread check` does: a broken one is refused before CRIU reads it.
+            # Then its memory as `crit-pageread check` sees it (pagemaps, pages sizes, chain, VMAs, shmem).
             from ..check import check_checkpoint
 
-            errors = check_checkpoint(images, notes=False).errors
+            errors = check_checkpoint(images, notes=False).memory_errors
             if errors:
                 raise ImageError(errors[0].file, f"{errors[0].message} (and {len(errors) - 1} more problems)"
                                  if len(errors) > 1 else errors[0].message)

@@ -160,8 +160,8 @@ def squash(
                     shared.close()
             if verify:
                 verify_squash(images, tmp, lazy_digests, progress=progress)
-                # And the output as a checkpoint: every image parses, sizes, flags, VMAs (`check`'s rules).
-                found = check_checkpoint(tmp, notes=False).errors
+                # And the output's memory as `check` sees it: pagemaps, pages sizes, flags, VMAs, shmem.
+                found = check_checkpoint(tmp, notes=False).memory_errors
                 if found:
                     raise ImageError(found[0].file.replace(str(tmp), str(out_path)), found[0].message)
                 report.verified = True
