@@ -45,7 +45,7 @@ WINDOW = 16 << 20
 OVERLAP = 64 << 10
 #: Matches kept per pattern and window (yara-x stops recording after that many).
 MAX_MATCHES = 1000
-#: Runs up to this long are read in batches (one readv for many) and scanned one by one.
+#: Runs up to this long are read in batches (one read of the stretch they lie in) and scanned one by one.
 SMALL_RUN = 64 << 10
 #: Bytes of small runs read at once.
 BATCH = 4 << 20
