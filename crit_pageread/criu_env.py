@@ -1,11 +1,15 @@
 """Find pycriu, crit and the criu binary where distributions and our set-up put them.
 
-pycriu is not on PyPI: it ships with the distribution's CRIU packages
-(`python3-pycriu`). We import it from the interpreter's path if it is there,
-else from the usual system locations or a CRIU root provisioned by
-`scripts/setup.sh` (Debian trixie, unpacked under the user's cache dir). Only
-the `pycriu` and `crit` packages are loaded from such a directory, never the
-system's protobuf: the virtual environment's protobuf stays in charge.
+pycriu is not on PyPI: it ships with the distribution's CRIU packages, and
+`crit-pageread setup-criu` (`make setup`) unpacks Debian's CRIU 4.1 and 4.2
+with their pycriu under the user's cache dir. The pycriu used is chosen, in
+this order: CRIT_PAGEREAD_PYCRIU_PATH; the one recorded with (or beside) the
+criu in use (CRIT_PAGEREAD_CRIU, else the provisioned default wrapper); one
+importable from sys.path; the provisioned roots; the system's locations. A
+pycriu older than 4 is skipped, and refused in one line when it is all there
+is. Only the `pycriu` and `crit` packages are loaded from such a directory,
+never the system's protobuf: the virtual environment's protobuf stays in
+charge.
 """
 
 from __future__ import annotations
@@ -19,32 +23,53 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from . import provision
 from .errors import CriuNotFoundError
 
+SETUP_HINT = "run `crit-pageread setup-criu` (it provisions CRIU and a matching pycriu)"
 HOW_TO_GET = (
-    "pycriu not found: install your distribution's python3-pycriu (Debian/Ubuntu: "
-    "apt-get install python3-pycriu; Fedora: dnf install python3-criu), or run "
-    "scripts/setup.sh, or set CRIT_PAGEREAD_PYCRIU_PATH to the directory that holds pycriu/"
+    f"pycriu not found: {SETUP_HINT}, or install your distribution's pycriu >= 4 "
+    "(Fedora: dnf install python3-criu; Debian trixie or newer: apt-get install python3-pycriu), "
+    "or set CRIT_PAGEREAD_PYCRIU_PATH to the directory that holds pycriu/"
 )
+MIN_PYCRIU = 4
+
+#: The directory the loaded pycriu (and crit) came from, once chosen.
+_chosen: dict[str, Path] = {}
 
 
 def cache_dir() -> Path:
-    """The per-user cache that holds a provisioned CRIU root."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "crit-pageread"
+    """The per-user cache that holds provisioned CRIU roots."""
+    return provision.cache_dir()
 
 
 def provisioned_root() -> Path:
-    """Where scripts/setup.sh unpacks Debian trixie's CRIU when the system has none."""
-    return Path(os.environ.get("CRIT_PAGEREAD_CRIU_ROOT") or cache_dir() / "criu-root")
+    """Where Debian trixie's CRIU (4.1) is unpacked when the system has none."""
+    return provision.root_dir(provision.DEFAULT_LINE)
 
 
-def _candidate_dirs() -> list[Path]:
+def criu_in_use() -> str | None:
+    """The criu binary commands run unless configured otherwise (CRIT_PAGEREAD_CRIU, the wrapper, PATH)."""
+    try:
+        return criu_binary()
+    except CriuNotFoundError:
+        return None
+
+
+def pycriu_dir_of(criu: str) -> Path | None:
+    """The pycriu directory recorded with (or lying beside) a criu binary or wrapper."""
+    real = os.path.realpath(criu)
+    for entry in provision.read_manifest().values():
+        if entry.get("pycriu") and os.path.realpath(str(entry.get("criu"))) == real:
+            return Path(str(entry["pycriu"]))
+    path = Path(real)
+    if path.name == "criu" and path.parent.name in ("sbin", "bin") and path.parent.parent.name == "usr":
+        return path.parent.parent / "lib" / "python3" / "dist-packages"
+    return None
+
+
+def _system_dirs() -> list[Path]:
     dirs: list[Path] = []
-    env = os.environ.get("CRIT_PAGEREAD_PYCRIU_PATH")
-    if env:
-        dirs.extend(Path(p) for p in env.split(os.pathsep) if p)
-    roots = [Path("/"), provisioned_root()]
     patterns = [
         "usr/lib/python3/dist-packages",
         "usr/lib/python3*/site-packages",
@@ -52,10 +77,62 @@ def _candidate_dirs() -> list[Path]:
         "usr/local/lib/python3*/dist-packages",
         "usr/local/lib/python3*/site-packages",
     ]
-    for root in roots:
-        for pattern in patterns:
-            dirs.extend(Path(p) for p in sorted(glob.glob(str(root / pattern))))
+    for pattern in patterns:
+        dirs.extend(Path(p) for p in sorted(glob.glob(str(Path("/") / pattern))))
     return dirs
+
+
+def _candidate_dirs() -> list[tuple[Path, str]]:
+    """(directory, why) in the order of the module docstring."""
+    dirs: list[tuple[Path, str]] = []
+    env = os.environ.get("CRIT_PAGEREAD_PYCRIU_PATH")
+    if env:
+        dirs.extend((Path(p), "CRIT_PAGEREAD_PYCRIU_PATH") for p in env.split(os.pathsep) if p)
+    criu = criu_in_use()
+    if criu:
+        own = pycriu_dir_of(criu)
+        if own is not None:
+            dirs.append((own, f"beside {criu}"))
+    with_spec = importlib.util.find_spec("pycriu") if "pycriu" not in sys.modules else None
+    if with_spec is not None and with_spec.origin:
+        dirs.append((Path(with_spec.origin).parent.parent, "sys.path"))
+    for line in provision.LINES:
+        dirs.append((provision.root_dir(line) / "usr/lib/python3/dist-packages", "provisioned"))
+    dirs.extend((d, "system") for d in _system_dirs())
+    return dirs
+
+
+def _major(version: str | None) -> int:
+    try:
+        return int((version or "").split(".")[0])
+    except ValueError:
+        return 0
+
+
+def choose_pycriu_dir() -> Path:
+    """The directory whose pycriu/ is (or will be) loaded; CriuNotFoundError if none fits."""
+    if "pycriu" in _chosen:
+        return _chosen["pycriu"]
+    too_old: list[str] = []
+    for directory, why in _candidate_dirs():
+        version = provision.pycriu_version(directory)
+        if version is None:
+            continue
+        if _major(version) < MIN_PYCRIU:
+            if why == "CRIT_PAGEREAD_PYCRIU_PATH":
+                raise CriuNotFoundError(
+                    f"{directory / 'pycriu'}: pycriu {version} is too old (need >= {MIN_PYCRIU}): "
+                    f"{SETUP_HINT} and unset CRIT_PAGEREAD_PYCRIU_PATH"
+                )
+            too_old.append(f"{directory / 'pycriu'} ({version})")
+            continue
+        _chosen["pycriu"] = directory
+        return directory
+    if too_old:
+        raise CriuNotFoundError(
+            f"pycriu too old (need >= {MIN_PYCRIU}): {', '.join(too_old)}: {SETUP_HINT}"
+        )
+    raise CriuNotFoundError(HOW_TO_GET)
 
 
 def _load_package(name: str, directory: Path) -> ModuleType:
@@ -76,30 +153,58 @@ def _load_package(name: str, directory: Path) -> ModuleType:
 
 
 def import_system_package(name: str) -> ModuleType:
-    """Import `pycriu` or `crit` from sys.path, else from where distributions install it."""
+    """Import `pycriu` or `crit` from the directory `choose_pycriu_dir` picks."""
     if name in sys.modules:
         return sys.modules[name]
+    directory = choose_pycriu_dir()
+    if not (directory / name / "__init__.py").is_file():
+        raise CriuNotFoundError(f"{name} not found beside {directory / 'pycriu'} (it ships with pycriu): {SETUP_HINT}")
     try:
-        return importlib.import_module(name)
-    except ImportError:
-        pass
-    errors = []
-    for directory in _candidate_dirs():
-        if (directory / name / "__init__.py").is_file():
-            try:
-                return _load_package(name, directory)
-            except Exception as exc:  # a broken copy: say which one
-                errors.append(f"{directory / name}: {type(exc).__name__}: {exc}")
-    if errors:
-        raise CriuNotFoundError(f"cannot import {name}: " + "; ".join(errors))
-    if name == "pycriu":
-        raise CriuNotFoundError(HOW_TO_GET)
-    raise CriuNotFoundError(f"{name} not found (it ships with pycriu): " + HOW_TO_GET)
+        return _load_package(name, directory)
+    except Exception as exc:  # a broken copy: say which one
+        raise CriuNotFoundError(f"cannot import {directory / name}: {type(exc).__name__}: {exc}") from None
 
 
 def pycriu() -> ModuleType:
     """The pycriu package (images, magic, pb), found as the module docstring says."""
     return import_system_package("pycriu")
+
+
+def describe() -> dict[str, str | None]:
+    """Which criu and pycriu are used, with their versions (for `--version` and `plugins`)."""
+    criu = criu_in_use()
+    out: dict[str, str | None] = {"criu": criu, "criu_version": None, "pycriu": None, "pycriu_version": None}
+    if criu:
+        recorded = [e for e in provision.read_manifest().values()
+                    if os.path.realpath(str(e.get("criu"))) == os.path.realpath(criu)]
+        out["criu_version"] = str(recorded[0]["version"]) if recorded else provision.criu_version(criu)
+    try:
+        directory = choose_pycriu_dir()
+    except CriuNotFoundError as exc:
+        out["pycriu_error"] = str(exc)
+    else:
+        out["pycriu"] = str(directory / "pycriu")
+        out["pycriu_version"] = provision.pycriu_version(directory)
+    return out
+
+
+def criu_line(criu: str | None = None) -> str | None:
+    """"4.1" or "4.2" for a criu binary (the one in use by default), from criu.json or `criu --version`."""
+    criu = criu or criu_in_use()
+    if not criu:
+        return None
+    real = os.path.realpath(criu)
+    for entry in provision.read_manifest().values():
+        if os.path.realpath(str(entry.get("criu"))) == real and entry.get("version"):
+            return provision.line_of(str(entry["version"]))
+    version = _version_cache.get(real)
+    if version is None:
+        version = provision.criu_version(criu) or ""
+        _version_cache[real] = version
+    return provision.line_of(version) if version else None
+
+
+_version_cache: dict[str, str] = {}
 
 
 def criu_binary(configured: str | None = None) -> str:
@@ -115,5 +220,5 @@ def criu_binary(configured: str | None = None) -> str:
     if found:
         return found
     raise CriuNotFoundError(
-        "criu not found: install CRIU >= 4 or run scripts/setup.sh (set CRIT_PAGEREAD_CRIU to a criu binary)"
+        f"criu not found: install CRIU >= 4 or {SETUP_HINT} (set CRIT_PAGEREAD_CRIU to a criu binary)"
     )

@@ -1,59 +1,23 @@
 #!/usr/bin/env bash
 # Set up everything crit-pageread needs on a fresh machine; quick and idempotent on rerun.
-#  1. a working CRIU >= 4: the system's if `criu check` passes, else Debian trixie's CRIU
-#     unpacked with debootstrap under ~/.cache/crit-pageread/criu-root (outside the clone),
-#     reached through the wrapper ~/.cache/crit-pageread/bin/criu;
+#  1. CRIU >= 4 and a matching pycriu, by crit_pageread/provision.py (the code behind
+#     `crit-pageread setup-criu`, run here with the system's python3 before .venv exists):
+#     the default criu (the system's if `criu check` passes, else Debian trixie's 4.1) and
+#     CRIU 4.2 beside it (Debian sid's), unpacked with debootstrap under ~/.cache/crit-pageread,
+#     reached through the wrappers ~/.cache/crit-pageread/bin/criu and bin/criu-4.2;
 #  2. the virtual environment .venv with crit-pageread installed (editable, with dev tools);
-#  3. pycriu importable from it (crit_pageread.criu_env finds the provisioned copy).
+#  3. pycriu importable from it (crit_pageread.criu_env picks the one matching the criu in use).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/crit-pageread"
-ROOT="${CRIT_PAGEREAD_CRIU_ROOT:-$CACHE/criu-root}"
-WRAPPER="$CACHE/bin/criu"
 log() { printf 'setup: %s\n' "$*" >&2; }
 trap 'log "failed (line $LINENO)"' ERR
 
-criu_works() {
-    local v
-    v=$("$@" --version 2>/dev/null | awk '/^Version/ {print $2}') || return 1
-    [ -n "$v" ] && [ "${v%%.*}" -ge 4 ] || return 1
-    "$@" check >/dev/null 2>&1
-}
-
-write_wrapper() {  # $1: a criu command line to exec
-    mkdir -p "$CACHE/bin"
-    printf '#!/bin/sh\nexec %s "$@"\n' "$1" > "$WRAPPER.tmp"
-    chmod +x "$WRAPPER.tmp"
-    mv "$WRAPPER.tmp" "$WRAPPER"
-}
-
-provision_trixie() {
-    [ "$(id -u)" = 0 ] || { log "CRIU needs root: run as root (CRIU dumps and restores need it too)"; exit 1; }
-    if ! command -v debootstrap >/dev/null; then
-        log "installing debootstrap"
-        apt-get update -qq && apt-get install -y -qq debootstrap >/dev/null
-    fi
-    log "provisioning CRIU from Debian trixie into $ROOT (about 40 s, 280 MB)"
-    rm -rf "$ROOT.tmp"
-    mkdir -p "$(dirname "$ROOT")"
-    debootstrap --variant=minbase --include=criu,python3-pycriu trixie "$ROOT.tmp" >"$CACHE/debootstrap.log" 2>&1 \
-        || { log "debootstrap failed, see $CACHE/debootstrap.log"; exit 1; }
-    rm -rf "$ROOT"
-    mv "$ROOT.tmp" "$ROOT"
-}
-
-if [ -x "$WRAPPER" ] && criu_works "$WRAPPER"; then
-    :
-elif command -v criu >/dev/null && criu_works criu; then
-    write_wrapper "$(command -v criu)"
-    log "using the system's $(criu --version | head -1)"
-else
-    [ -x "$ROOT/usr/sbin/criu" ] || provision_trixie
-    write_wrapper "'$ROOT/usr/lib64/ld-linux-x86-64.so.2' --library-path '$ROOT/usr/lib/x86_64-linux-gnu:$ROOT/lib/x86_64-linux-gnu' '$ROOT/usr/sbin/criu'"
-    criu_works "$WRAPPER" || { log "the provisioned CRIU fails 'criu check': $("$WRAPPER" check 2>&1 | tail -1)"; exit 1; }
-    log "using $("$WRAPPER" --version | head -1) from $ROOT"
-fi
+SYSPY=$(command -v python3 || true)
+[ -n "$SYSPY" ] || { log "python3 is needed"; exit 1; }
+# CRIT_PAGEREAD_SETUP_CRIU=4.1 provisions the default line only (all: both).
+"$SYSPY" crit_pageread/provision.py --criu "${CRIT_PAGEREAD_SETUP_CRIU:-all}" >/dev/null \
+    || { log "provisioning CRIU failed"; exit 1; }
 
 command -v gcc >/dev/null || { log "installing gcc (tests build their victim programs)"; apt-get update -qq && apt-get install -y -qq gcc >/dev/null; }
 

@@ -77,19 +77,19 @@ if __name__ == "__main__":
 # --- for tests ---------------------------------------------------------------------------------
 
 
-def crit_oracle_path(tmp: str) -> str:
-    """A directory holding only the distribution's `pycriu` and `crit` (symlinks): on PYTHONPATH it runs
-    the real crit program with the venv's protobuf."""
+def crit_oracle_path(tmp: str, criu: str | None = None) -> str:
+    """A directory holding only the `pycriu` and `crit` of `criu`'s CRIU (default: the one in use),
+    as symlinks: on PYTHONPATH it runs that real crit program with the venv's protobuf."""
     from pathlib import Path
 
-    from crit_pageread.criu_env import import_system_package
+    from crit_pageread.criu_env import choose_pycriu_dir, pycriu_dir_of
 
+    source = (pycriu_dir_of(criu) if criu else None) or choose_pycriu_dir()
     root = Path(tmp)
     for name in ("pycriu", "crit"):
-        pkg = Path(import_system_package(name).__file__ or "").parent
         link = root / name
         if not link.exists():
-            link.symlink_to(pkg)
+            link.symlink_to(source / name)
     return str(root)
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a CRIU gate (fails under CI=true, skips elsewhere), the victim, fixture paths."""
+"""Shared fixtures: a CRIU gate (fails under CI=true, skips elsewhere), the CRIU versions, the victim,
+the corpus of real checkpoints (tests/corpus.py) and ../shared/fixtures as an extra cross-check."""
 
 from __future__ import annotations
 
@@ -7,16 +8,49 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
+from corpus import Corpus, corpus_for  # noqa: E402
 from criu_harness import build_victim  # noqa: E402
 
+from crit_pageread import provision  # noqa: E402
+
 SHARED_FIXTURES = HERE.parent.parent / "shared" / "fixtures"
+#: The pids of ../shared/fixtures' cases (they were dumped once, long ago).
+SHARED_PIDS = {"a_single": [29993], "b_tree": [30095, 30099, 30100], "d_shm": [30411, 30415],
+               "e2_chain2": [30819], "f_lazy": [31278]}
+
+
+@dataclass(frozen=True)
+class Criu:
+    """One CRIU version the suite runs: its line ("4.1"), wrapper and full version."""
+
+    line: str
+    binary: str
+    version: str
+    #: the run on ../shared/fixtures (made by CRIU 4.1.1), not on a corpus of our own
+    shared: bool = False
+
+
+def _criu_params() -> list[Any]:
+    manifest = provision.read_manifest()
+    out = []
+    for line in provision.LINES:
+        version = str(manifest.get(line, {}).get("version") or line)
+        out.append(pytest.param(line, id=f"criu-{version}"))
+    return out
+
+
+CRIU_PARAMS = _criu_params()
+#: CRIT_PAGEREAD_CRIU as the suite found it: what tests that ask for no CRIU version get.
+DEFAULT_CRIU_ENV = os.environ.get("CRIT_PAGEREAD_CRIU")
 
 
 def _criu_problem() -> str | None:
@@ -68,11 +102,84 @@ def pipe_max_size() -> Iterator[None]:
         path.write_text(old)
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests that use `criu` run once per CRIU version; those that use `corpus` also on
+    ../shared/fixtures where it exists."""
+    if "criu" in metafunc.fixturenames:
+        params = CORPUS_PARAMS if "corpus" in metafunc.fixturenames else CRIU_PARAMS
+        metafunc.parametrize("criu", params, indirect=True, scope="session")
+
+
 @pytest.fixture(scope="session")
-def shared_fixtures() -> Path:
-    """../shared/fixtures beside the checkout (real CRIU 4.1.1 checkpoints with truth)."""
-    if not (SHARED_FIXTURES / "cases").is_dir():
+def criu(request: pytest.FixtureRequest, criu_ok: None) -> Iterator[Criu]:
+    """Each CRIU version in turn (4.1.1, 4.2.1): CRIT_PAGEREAD_CRIU names its criu while the tests
+    of that version run, so the harness, the CLI and pycriu's choice all follow it."""
+    shared = request.param == "shared"
+    line = provision.DEFAULT_LINE if shared else request.param
+    entry = provision.read_manifest().get(line)
+    if not entry or not entry.get("criu") or not os.access(str(entry["criu"]), os.X_OK):
+        msg = f"CRIU {line} is not provisioned: run `make setup` (or `crit-pageread setup-criu`)"
         if os.environ.get("CI") == "true":
-            pytest.fail(f"shared fixtures missing at {SHARED_FIXTURES}")
-        pytest.skip("shared fixtures not found")
-    return SHARED_FIXTURES
+            pytest.fail(msg)
+        pytest.skip(msg)
+    old = os.environ.get("CRIT_PAGEREAD_CRIU")
+    os.environ["CRIT_PAGEREAD_CRIU"] = str(entry["criu"])
+    try:
+        yield Criu(line, str(entry["criu"]), str(entry["version"]), shared)
+    finally:
+        if old is None:
+            os.environ.pop("CRIT_PAGEREAD_CRIU", None)
+        else:
+            os.environ["CRIT_PAGEREAD_CRIU"] = old
+
+
+@pytest.fixture(autouse=True)
+def _default_criu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test that does not ask for a CRIU version gets the default one, whichever ran before."""
+    if "criu" not in request.fixturenames:
+        if DEFAULT_CRIU_ENV is None:
+            monkeypatch.delenv("CRIT_PAGEREAD_CRIU", raising=False)
+        else:
+            monkeypatch.setenv("CRIT_PAGEREAD_CRIU", DEFAULT_CRIU_ENV)
+
+
+def _shared_corpus() -> Corpus:
+    import json
+    import tempfile
+
+    meta = Path(tempfile.mkdtemp(prefix="crit-pageread-shared-"))
+    for name in ("cases", "truth", "live"):
+        (meta / name).symlink_to(SHARED_FIXTURES / name)
+    (meta / "corpus.json").write_text(json.dumps({"criu": None, "layout": "4.1", "pids": SHARED_PIDS}))
+    return Corpus(meta, "", "4.1.1")
+
+
+CORPUS_PARAMS = [*CRIU_PARAMS]
+if (SHARED_FIXTURES / "cases").is_dir():  # the extra cross-check: collected only where it exists
+    CORPUS_PARAMS.append(pytest.param("shared", id="shared-fixtures"))
+
+
+@pytest.fixture(scope="session")
+def corpus(criu: Criu) -> Corpus:
+    """The corpus (tests/corpus.py) of each CRIU version, built once and cached; and
+    ../shared/fixtures as one more corpus where it exists (never needed)."""
+    if criu.shared:
+        return _shared_corpus()
+    return corpus_for(criu.binary, criu.version, provision.cache_dir())
+
+
+@pytest.fixture(scope="session")
+def corpus41(criu_ok: None) -> Corpus:
+    """The default CRIU's (4.1) corpus, for tests about something else than the CRIU version."""
+    entry = provision.read_manifest().get(provision.DEFAULT_LINE) or {}
+    binary = str(entry.get("criu") or provision.wrapper_path(provision.DEFAULT_LINE))
+    version = str(entry.get("version") or provision.criu_version(binary))
+    return corpus_for(binary, version, provision.cache_dir())
+
+
+def corpus_case(corpus: Corpus, name: str) -> Path:
+    """A case of `corpus`, skipped only for ../shared/fixtures, which lacks a few."""
+    path = corpus.case(name)
+    if not path.exists():
+        pytest.skip(f"{corpus.root} has no {name}")
+    return path

@@ -290,14 +290,37 @@ def restore_stopped(images: Path, *extra: str, timeout: float = 120) -> Iterator
         restored.kill()
 
 
+def pycriu_load(path: Path) -> list[dict[str, Any]]:
+    """pycriu's entries of an image, decoded by the pycriu of the CRIU in use (CRIT_PAGEREAD_CRIU):
+    in this process if that is the one loaded, else in a child process that loads it (pycriu 4.1
+    cannot see a 4.2 pagemap's page counts). Pagemap entries get `nr_pages` from either field."""
+    import sys
+
+    from crit_pageread import provision
+    from crit_pageread.criu_env import criu_line, pycriu
+
+    loaded = pycriu()
+    version = provision.pycriu_version(Path(loaded.__file__ or "").parent.parent) or ""
+    if provision.line_of(version) == (criu_line() or provision.line_of(version)):
+        with open(path, "rb") as f:
+            entries = list(loaded.images.load(f)["entries"])
+    else:
+        code = ("import json, sys; from crit_pageread.criu_env import pycriu; "
+                "print(json.dumps(pycriu().images.load(open(sys.argv[1], 'rb'))['entries']))")
+        env = dict(os.environ)
+        env.pop("CRIT_PAGEREAD_PYCRIU_PATH", None)
+        proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env,
+                              check=True, timeout=120)
+        entries = list(json.loads(proc.stdout))
+    if Path(path).name.startswith("pagemap-"):
+        for e in entries[1:]:
+            e["nr_pages"] = e.get("nr_pages") or e.get("compat_nr_pages", 0)
+    return entries
+
+
 def pagemap_pages(images_dir: Path, pid: int) -> list[int]:
     """Every page address listed by pagemap-PID.img (present, parent or lazy), via pycriu."""
-    from crit_pageread.criu_env import pycriu
-
-    with open(images_dir / f"pagemap-{pid}.img", "rb") as f:
-        entries = pycriu().images.load(f)["entries"][1:]
     out = []
-    for e in entries:
-        nr = e.get("nr_pages", 0)
-        out.extend(e["vaddr"] + i * 4096 for i in range(nr))
+    for e in pycriu_load(images_dir / f"pagemap-{pid}.img")[1:]:
+        out.extend(e["vaddr"] + i * 4096 for i in range(e["nr_pages"]))
     return out

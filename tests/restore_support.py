@@ -57,7 +57,7 @@ def dumped_pages(images: Path, pid: int) -> list[int]:
     return pagemap_pages(images, pid)
 
 
-def self_check(images: Path, victim: Victim, timeout: float = 20) -> str:
+def self_check(images: Path, victim: Victim, timeout: float = 120) -> str:
     """Restore `images` running, ask the victim to check its own memory (SIGUSR1), return OK/BAD..."""
     check = Path(f"{victim.info_path}.check")
     check.unlink(missing_ok=True)
@@ -72,14 +72,21 @@ def self_check(images: Path, victim: Victim, timeout: float = 20) -> str:
         kill_tree(pid)
 
 
-def wait_check(pid: int, check: Path, timeout: float = 20) -> str:
-    """SIGUSR1 to the victim's main thread (tgkill: its pause() is what wakes), wait for OK/BAD."""
+def wait_check(pid: int, check: Path, timeout: float = 120) -> str:
+    """SIGUSR1 to the victim's main thread (tgkill: its pause() is what wakes), wait for OK/BAD.
+
+    The signal is sent again every half second until the answer is there: one that lands
+    before the restored task is back in pause() only sets the flag pause() then sleeps on."""
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall(SYS_TGKILL, pid, pid, signal.SIGUSR1)
     deadline = time.monotonic() + timeout
+    next_signal = 0.0
     while time.monotonic() < deadline:
         if check.exists() and check.read_text().strip():
             return check.read_text().strip()
+        if time.monotonic() >= next_signal:
+            if libc.syscall(SYS_TGKILL, pid, pid, signal.SIGUSR1) != 0:
+                return f"no answer: the victim is gone ({os.strerror(ctypes.get_errno())})"
+            next_signal = time.monotonic() + 0.5
         time.sleep(0.02)
     return "no answer"
 

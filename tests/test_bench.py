@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import pytest
+from corpus import Corpus
 
 from crit_pageread import open_images
 from crit_pageread.cli.bench import (
@@ -31,17 +32,17 @@ from crit_pageread.strategies.preadv import IOV_MAX
 CASES = {"b_tree": "b_tree", "e2_chain2": "e2_chain2/d2"}
 
 
-def truth_pages(shared_fixtures: Path, case: str, pid: int) -> dict[int, str]:
+def truth_pages(corpus: Corpus, case: str, pid: int) -> dict[int, str]:
     """Page hashes by address (`/proc/PID/mem` of the restored task)."""
-    lines = (shared_fixtures / "truth" / case / f"pid-{pid}.sha256").read_text().splitlines()
+    lines = (corpus.root / "truth" / case / f"pid-{pid}.sha256").read_text().splitlines()
     return {int(line.split()[0], 16): line.split()[1] for line in lines if not line.startswith("TOTAL")}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("strategy", ["pread", "preadv", "mmap"])
-def test_materialize_fills_the_buffer_with_the_true_pages(shared_fixtures: Path, case: str, strategy: str) -> None:
+def test_materialize_fills_the_buffer_with_the_true_pages(corpus: Corpus, case: str, strategy: str) -> None:
     """Every true page lands at its place in its span; the holes between entries stay untouched."""
-    images, _ = open_indexed(shared_fixtures / "cases" / CASES[case])
+    images, _ = open_indexed(corpus.root / "cases" / CASES[case])
     with images:
         size = materialized_bytes(images)
         layout, span_bytes = memory_layout(images)
@@ -53,7 +54,7 @@ def test_materialize_fills_the_buffer_with_the_true_pages(shared_fixtures: Path,
             seen = 0
             zero = hashlib.sha256(bytes(4096)).hexdigest()
             for pid, spans in layout.items():
-                want = truth_pages(shared_fixtures, case, pid)
+                want = truth_pages(corpus, case, pid)
                 for vaddr, off, length, _data in spans:
                     for a in range(vaddr, vaddr + length, 4096):
                         got = hashlib.sha256(view[off + a - vaddr : off + a - vaddr + 4096]).hexdigest()
@@ -67,8 +68,8 @@ def test_materialize_fills_the_buffer_with_the_true_pages(shared_fixtures: Path,
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bench_json_report_adds_up(shared_fixtures: Path, case: str, capsys: pytest.CaptureFixture[str]) -> None:
-    directory = shared_fixtures / "cases" / CASES[case]
+def test_bench_json_report_adds_up(corpus: Corpus, case: str, capsys: pytest.CaptureFixture[str]) -> None:
+    directory = corpus.root / "cases" / CASES[case]
     assert main(["bench", str(directory), "--json", "--runs", "2", "--warmup", "0"]) == 0
     report = json.loads(capsys.readouterr().out)
     with open_images(directory) as images:
@@ -100,8 +101,8 @@ def test_bench_json_report_adds_up(shared_fixtures: Path, case: str, capsys: pyt
             assert calls[str(pid)] <= math.ceil(iovecs / IOV_MAX) + 1
 
 
-def test_bench_table_and_one_strategy(shared_fixtures: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    directory = shared_fixtures / "cases" / "a_single"
+def test_bench_table_and_one_strategy(corpus: Corpus, capsys: pytest.CaptureFixture[str]) -> None:
+    directory = corpus.root / "cases" / "a_single"
     assert main(["bench", str(directory), "--strategy", "pread", "--runs", "1", "--warmup", "0"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "materialized" in lines[0] and "warm cache" in lines[0]
@@ -109,9 +110,9 @@ def test_bench_table_and_one_strategy(shared_fixtures: Path, capsys: pytest.Capt
 
 
 @pytest.mark.parametrize("argv", [["--runs", "0"], ["--warmup", "-1"]])
-def test_bench_bad_options_are_one_line(shared_fixtures: Path, capsys: pytest.CaptureFixture[str],
+def test_bench_bad_options_are_one_line(corpus: Corpus, capsys: pytest.CaptureFixture[str],
                                         argv: list[str]) -> None:
-    assert main(["bench", str(shared_fixtures / "cases" / "a_single"), *argv]) != 0
+    assert main(["bench", str(corpus.root / "cases" / "a_single"), *argv]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("crit-pageread: ") and "--runs" in err[0]
 

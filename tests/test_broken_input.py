@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from corpus import Corpus
 
 from crit_pageread import ChainError, ImageError, open_images
 from crit_pageread.imagefile import IMG_COMMON, MAGIC
@@ -234,7 +235,9 @@ def dangling_parent(d: Path) -> Path:
 
 
 def dangling_parent_file(d: Path) -> Path:
+    """A `parent` that is a regular file holding a path (an older form we still follow), dangling."""
     link = d / "d2" / "parent"
+    link.unlink()
     link.write_text("../nowhere\n")
     return link
 
@@ -293,17 +296,17 @@ CASES: dict[str, tuple[str, Callable[[Path], Path], type[ImageError]]] = {
 }
 
 
-def broken(shared_fixtures: Path, tmp_path: Path, name: str) -> tuple[Path, Path, type[ImageError]]:
+def broken(corpus41: Corpus, tmp_path: Path, name: str) -> tuple[Path, Path, type[ImageError]]:
     """(directory to read, the file the message must name, the error class)."""
     case, corrupt, error = CASES[name]
-    root = copy_case(shared_fixtures, case, tmp_path / case)
+    root = copy_case(corpus41.root, case, tmp_path / case)
     named = corrupt(root)
     return (root / "d2" if case == "e2_chain2" else root), named, error
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_broken_input_is_a_typed_one_line_error(shared_fixtures: Path, tmp_path: Path, name: str) -> None:
-    images_dir, named, error = broken(shared_fixtures, tmp_path, name)
+def test_broken_input_is_a_typed_one_line_error(corpus41: Corpus, tmp_path: Path, name: str) -> None:
+    images_dir, named, error = broken(corpus41, tmp_path, name)
     tracemalloc.start()
     try:
         with time_limit(TIME_LIMIT), pytest.raises(error) as info:
@@ -318,9 +321,9 @@ def test_broken_input_is_a_typed_one_line_error(shared_fixtures: Path, tmp_path:
     assert peak < MEMORY_LIMIT, f"{name}: {peak} bytes allocated while failing"
 
 
-def test_huge_size_prefix_allocates_nothing_big(shared_fixtures: Path, tmp_path: Path) -> None:
+def test_huge_size_prefix_allocates_nothing_big(corpus41: Corpus, tmp_path: Path) -> None:
     """A 4 GiB entry size is refused from the prefix, before any allocation of that size."""
-    _, named, _ = broken(shared_fixtures, tmp_path, "huge-size-prefix")
+    _, named, _ = broken(corpus41, tmp_path, "huge-size-prefix")
     tracemalloc.start()
     try:
         with pytest.raises(ImageError, match="4294967295 bytes"):
@@ -331,9 +334,9 @@ def test_huge_size_prefix_allocates_nothing_big(shared_fixtures: Path, tmp_path:
     assert peak < os.stat(named).st_size + (1 << 20)
 
 
-def test_present_pages_in_parent_chain_stop_at_depth(shared_fixtures: Path, tmp_path: Path) -> None:
+def test_present_pages_in_parent_chain_stop_at_depth(corpus41: Corpus, tmp_path: Path) -> None:
     """A chain far deeper than any real one (every level PE_PARENT) is an error, not a hang."""
-    root = copy_case(shared_fixtures, "a_single", tmp_path / "base")
+    root = copy_case(corpus41.root, "a_single", tmp_path / "base")
     pm = load_pagemap(pagemap_of(root), PAGE)
     runs = [(e.vaddr, e.nr_pages, PE_PARENT) for e in pm.entries]
     prev = root
@@ -355,8 +358,8 @@ def test_present_pages_in_parent_chain_stop_at_depth(shared_fixtures: Path, tmp_
 # --- the command line -----------------------------------------------------------------------------
 
 
-def _some_page(shared_fixtures: Path, case: str) -> tuple[int, int]:
-    d = shared_fixtures / "cases" / case
+def _some_page(corpus41: Corpus, case: str) -> tuple[int, int]:
+    d = corpus41.root / "cases" / case
     if case == "e2_chain2":
         d = d / "d2"
     with open_images(d) as images:
@@ -365,13 +368,13 @@ def _some_page(shared_fixtures: Path, case: str) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_cli_prints_one_line_and_fails(shared_fixtures: Path, tmp_path: Path, name: str) -> None:
-    pid, addr = _some_page(shared_fixtures, CASES[name][0])
-    images_dir, named, _ = broken(shared_fixtures, tmp_path, name)
+def test_cli_prints_one_line_and_fails(corpus41: Corpus, tmp_path: Path, name: str) -> None:
+    pid, addr = _some_page(corpus41, CASES[name][0])
+    images_dir, named, _ = broken(corpus41, tmp_path, name)
     if name in ("missing-parent", "parent-lacks-pages", "dangling-parent", "dangling-parent-file",
                 "self-parent", "cyclic-parent"):
         # Read a PE_PARENT page, so the chain is followed.
-        with open_images(shared_fixtures / "cases" / "e2_chain2" / "d2") as images:
+        with open_images(corpus41.root / "cases" / "e2_chain2" / "d2") as images:
             addr = [e.vaddr for e in images.pagemap(pid).entries if e.in_parent][-1]
     proc = subprocess.run(
         [sys.executable, "-m", "crit_pageread", "read", str(images_dir), f"{addr:#x}", "--pid", str(pid)],

@@ -14,16 +14,15 @@ from pathlib import Path
 
 import pytest
 from cli_driver import run_jobs
+from corpus import Corpus
 
 from crit_pageread import ImageError, open_images
 
 CASE = "a_single"
-PID = 29993
 
 
-def _truth(shared: Path) -> dict[int, str]:
-    lines = (shared / "truth" / CASE / f"pid-{PID}.sha256").read_text().splitlines()
-    return {int(a, 16): h for a, h in (ln.split() for ln in lines if not ln.startswith("TOTAL"))}
+def _truth(corpus: Corpus) -> dict[int, str]:
+    return corpus.truth(CASE)
 
 
 def _paths_to_names(out: bytes) -> bytes:
@@ -46,18 +45,18 @@ def _make(kind: str, src: Path, dest: Path, prefix: str) -> Path:
 @pytest.mark.parametrize(
     ("kind", "prefix"), [("gz", "checkpoint"), ("tar", ""), ("xz", "images"), ("zst", "checkpoint")]
 )
-def test_commands_read_archives_like_the_directory(shared_fixtures: Path, tmp_path: Path, kind: str,
+def test_commands_read_archives_like_the_directory(corpus: Corpus, tmp_path: Path, kind: str,
                                                    prefix: str) -> None:
     if kind == "zst" and not shutil.which("zstd"):
         pytest.fail("zstd program missing on this machine")
-    src = shared_fixtures / "cases" / CASE
+    src = corpus.root / "cases" / CASE
     archive = _make(kind, src, tmp_path / f"ckpt.tar.{kind}", prefix)
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     os.environ["TMPDIR"] = str(tmpdir)
     try:
         cmds = [["ps", "{}", "--json"], ["pages", "{}", "--json"], ["grep", "{}", "criu-corpus", "-C", "3"],
-                ["x", "{}", "pages"], ["read", "{}", "0x7f5c6c800000", "64"]]
+                ["x", "{}", "pages"], ["read", "{}", hex(min(_truth(corpus))), "64"]]
         ours = run_jobs("crit_pageread", [{"argv": [a.replace("{}", str(archive)) for a in c]} for c in cmds])
         plain = run_jobs("crit_pageread", [{"argv": [a.replace("{}", str(src)) for a in c]} for c in cmds])
         out = tmp_path / "out"
@@ -68,7 +67,7 @@ def test_commands_read_archives_like_the_directory(shared_fixtures: Path, tmp_pa
         assert a["rc"] == b["rc"] == 0 and a["err"] == b["err"] == ""
         assert _paths_to_names(a["out"]) == _paths_to_names(b["out"])  # pages --json names image paths
     assert ext["rc"] == 0, ext["err"]
-    truth = _truth(shared_fixtures)
+    truth = _truth(corpus)
     index = json.loads((out / "index.json").read_text())
     assert index["checkpoint"] == str(archive)
     seen = 0
@@ -84,15 +83,15 @@ def test_commands_read_archives_like_the_directory(shared_fixtures: Path, tmp_pa
     assert list(tmpdir.iterdir()) == []  # the unpacked copy is gone
 
 
-def test_library_open_images_accepts_an_archive_and_cleans_up(shared_fixtures: Path, tmp_path: Path) -> None:
-    archive = _make("gz", shared_fixtures / "cases" / CASE, tmp_path / "c.tar.gz", "checkpoint")
+def test_library_open_images_accepts_an_archive_and_cleans_up(corpus: Corpus, tmp_path: Path) -> None:
+    archive = _make("gz", corpus.root / "cases" / CASE, tmp_path / "c.tar.gz", "checkpoint")
     with open_images(archive) as images:
         unpacked = images.path
         assert images.archive == archive and unpacked.name == "checkpoint"
         assert oct(unpacked.parent.parent.stat().st_mode & 0o777) == "0o700"
-        assert images.pids == [PID]
-        with images.reader(PID) as r:
-            assert len(r.read(0x7F5C6C800000, 4096)) == 4096
+        assert images.pids == [corpus.pid(CASE)]
+        with images.reader(corpus.pid(CASE)) as r:
+            assert len(r.read(min(_truth(corpus)), 4096)) == 4096
     assert not unpacked.exists()
 
 

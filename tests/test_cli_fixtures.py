@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from corpus import Corpus
 
 from crit_pageread import open_images
 from crit_pageread.cli.main import main
@@ -31,10 +32,10 @@ def _extract(src: Path, out: Path, capsys: pytest.CaptureFixture[str], *extra: s
 
 @pytest.mark.parametrize(("case", "images"), [("a_single", "a_single"), ("b_tree", "b_tree"), ("d_shm", "d_shm"),
                                               ("e2_chain2", "e2_chain2/d2")])
-def test_extract_pages_hash_to_the_truth(shared_fixtures: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+def test_extract_pages_hash_to_the_truth(corpus: Corpus, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                          case: str, images: str) -> None:
-    truth = _truth(shared_fixtures, case)
-    index = _extract(shared_fixtures / "cases" / images, tmp_path / "out", capsys)
+    truth = _truth(corpus.root, case)
+    index = _extract(corpus.root / "cases" / images, tmp_path / "out", capsys)
     seen: dict[str, set[int]] = {k: set() for k in truth}
     for f in index["files"]:
         data = (tmp_path / "out" / f["file"]).read_bytes()
@@ -57,14 +58,14 @@ def test_extract_pages_hash_to_the_truth(shared_fixtures: Path, tmp_path: Path, 
 
 
 def test_extract_lazy_checkpoint_writes_present_pages_and_lists_lazy_ones(
-    shared_fixtures: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    corpus: Corpus, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     live = {}
-    for ln in (shared_fixtures / "live" / "f_lazy" / "pid-31278.sha256").read_text().splitlines():
+    for ln in (corpus.root / "live" / "f_lazy" / f"pid-{corpus.pid('f_lazy')}.sha256").read_text().splitlines():
         if not ln.startswith("TOTAL"):
             a, h = ln.split()
             live[int(a, 16)] = h
-    index = _extract(shared_fixtures / "cases" / "f_lazy", tmp_path / "out", capsys)
+    index = _extract(corpus.root / "cases" / "f_lazy", tmp_path / "out", capsys)
     lazy = [r for f in index["files"] for v in f["vmas"] for r in v.get("lazy_not_written", [])]
     lazy += [[s["start"], s["end"]] for s in index["skipped"] if s["reason"] == "lazy pages only"]
     assert lazy
@@ -81,17 +82,17 @@ def test_extract_lazy_checkpoint_writes_present_pages_and_lists_lazy_ones(
     assert written
 
 
-def test_grep_on_lazy_checkpoint_reports_unsearched_pages(shared_fixtures: Path,
+def test_grep_on_lazy_checkpoint_reports_unsearched_pages(corpus: Corpus,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["grep", str(shared_fixtures / "cases" / "f_lazy"), "no-such-thing-here"])
+    code = main(["grep", str(corpus.root / "cases" / "f_lazy"), "no-such-thing-here"])
     out, err = capsys.readouterr()
     assert code == 1 and out == ""
     assert "lazy pages not searched" in err and len(err.splitlines()) == 1
 
 
-def test_pages_shows_parent_entries_resolved_into_the_parent_image(shared_fixtures: Path,
+def test_pages_shows_parent_entries_resolved_into_the_parent_image(corpus: Corpus,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    d2 = shared_fixtures / "cases" / "e2_chain2" / "d2"
+    d2 = corpus.root / "cases" / "e2_chain2" / "d2"
     assert main(["pages", str(d2), "--json"]) == 0
     secs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     parent = [e for s in secs for e in s["entries"] if e["flag_names"] == "parent"]
@@ -115,11 +116,11 @@ def _hole_between_runs(images: Any) -> tuple[int, Any, Any]:
 
 
 @pytest.mark.parametrize("strategy", [None, "pread"])
-def test_grep_in_place_never_matches_across_a_hole(shared_fixtures: Path, capsys: pytest.CaptureFixture[str],
+def test_grep_in_place_never_matches_across_a_hole(corpus: Corpus, capsys: pytest.CaptureFixture[str],
                                                    strategy: str | None) -> None:
     """Entries back to back in the pages file but apart in memory: bytes that straddle the file boundary
     are no match (they are not adjacent in memory); the same bytes inside one run are found at their vaddr."""
-    case = shared_fixtures / "cases" / "a_single"
+    case = corpus.root / "cases" / "a_single"
     with open_images(case) as images:
         pid, a, b = _hole_between_runs(images)
         data = (case / f"pages-{images.pagemap(pid).pages_id}.img").read_bytes()

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from cli_driver import run_jobs
+from conftest import Criu
 from criu_harness import Restored, Victim, dump, pagemap_pages, restore_stopped, start_victim
 
 from crit_pageread.cli import grep as grep_mod
@@ -35,7 +36,7 @@ class Dumped:
 
 
 @pytest.fixture(scope="module")
-def dumped(victim_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dumped]:
+def dumped(criu: Criu, victim_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dumped]:
     work = tmp_path_factory.mktemp("cli-mem")
     victim = start_victim(victim_exe, work / "run", *ARGS, env=ENV)
     try:

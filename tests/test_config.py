@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from corpus import Corpus
 
 from crit_pageread import ConfigError, open_images
 from crit_pageread.config import Config, host_page_size, load_config
@@ -155,7 +156,7 @@ def test_strategy_tables_are_validated_by_their_plugin(isolated: Path, table: di
     assert key in str(err.value) and f"[{name}]" in str(err.value)
 
 
-def test_unknown_strategy_lists_the_known_ones(isolated: Path, shared_fixtures: Path) -> None:
+def test_unknown_strategy_lists_the_known_ones(isolated: Path, corpus41: Corpus) -> None:
     config = load_config(overrides={"strategy": "warp"}, env={})
     for call in (lambda: configure(config), lambda: make_strategy("warp", config)):
         with pytest.raises(ConfigError) as err:
@@ -164,15 +165,15 @@ def test_unknown_strategy_lists_the_known_ones(isolated: Path, shared_fixtures: 
         assert "'warp'" in message
         for known in ("pread", "preadv", "mmap"):
             assert known in message
-    with open_images(shared_fixtures / "cases" / "a_single", config) as images:
+    with open_images(corpus41.root / "cases" / "a_single", config) as images:
         with pytest.raises(ConfigError, match=r"known: .*preadv"):
             images.reader(images.pids[0])
 
 
-def test_config_drives_the_reader(isolated: Path, shared_fixtures: Path) -> None:
+def test_config_drives_the_reader(isolated: Path, corpus41: Corpus) -> None:
     write(Path("crit-pageread.toml"), 'strategy = "mmap"\nzero_fill = true\n')
     config = load_config(env={})
-    with open_images(shared_fixtures / "cases" / "a_single", config) as images:
+    with open_images(corpus41.root / "cases" / "a_single", config) as images:
         assert images.page_size == 4096
         with images.reader(images.pids[0]) as reader:
             assert reader.strategy.name == "mmap" and reader.zero_fill

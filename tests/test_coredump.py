@@ -20,11 +20,14 @@ from pathlib import Path
 
 import pytest
 from chains import make_chain
+from conftest import Criu
+from corpus import Corpus
 from criu_harness import (
     Region,
     Victim,
     build_victim,
     dump,
+    pycriu_load,
     read_mem,
     restore_stopped,
     start_lazy_dump,
@@ -49,8 +52,7 @@ class CoreCase:
 
 
 def _load(path: Path) -> list[dict]:
-    with open(path, "rb") as f:
-        return pycriu().images.load(f)["entries"]
+    return pycriu_load(path)
 
 
 def _vmas(images: Path, pid: int) -> list[dict]:
@@ -79,7 +81,7 @@ def _gdb_bytes(output: str) -> dict[int, bytes]:
 
 
 @pytest.fixture(scope="module")
-def case(criu_ok: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoreCase]:
+def case(criu: Criu, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoreCase]:
     """A victim with 3 threads and shared memory; dumped, turned into a 2-level chain, cored from the chain."""
     work = tmp_path_factory.mktemp("coredump")
     exe = build_victim(work)
@@ -156,17 +158,17 @@ def test_core_notes_hold_prstatus_per_thread_prpsinfo_auxv_and_mapped_files(case
     assert re.search(rf"AT_PHDR\s.*{at[3]:#x}", auxv), auxv
 
 
-def test_cores_of_the_fixture_chain_and_shared_memory_hold_the_truth_pages(shared_fixtures: Path, tmp_path: Path):
+def test_cores_of_the_fixture_chain_and_shared_memory_hold_the_truth_pages(corpus: Corpus, tmp_path: Path):
     """e2_chain2 (pages in a parent) and d_shm (memfd, anon shared, SysV): gdb's view of our core vs the truth."""
     for name in ("e2_chain2", "d_shm"):
-        src = shared_fixtures / "cases" / name
+        src = corpus.root / "cases" / name
         images = tmp_path / name
         shutil.copytree(src, images, symlinks=True)
         images = images / "d2" if name == "e2_chain2" else images
         out = tmp_path / f"cores-{name}"
         proc = run_cli("coredump", str(images), "-o", str(out), "--json")
         assert proc.returncode == 0, proc.stderr
-        truth_dir = shared_fixtures / "truth" / name
+        truth_dir = corpus.root / "truth" / name
         for report in map(json.loads, proc.stdout.splitlines()):
             pid = report["pid"]
             want = _truth(truth_dir / f"pid-{pid}.sha256")
@@ -223,7 +225,7 @@ def _gdb_pages(core: Path, pages: list[int], scratch: Path) -> dict[int, bytes]:
     return out
 
 
-def test_pages_of_a_changed_mapped_file_are_zeros_listed_in_a_note(criu_ok: None, tmp_path: Path):
+def test_pages_of_a_changed_mapped_file_are_zeros_listed_in_a_note(criu: Criu, tmp_path: Path):
     exe = build_victim(tmp_path)
     victim = start_victim(exe, tmp_path / "run", "--seed", "3")
     try:
@@ -250,9 +252,9 @@ def test_pages_of_a_changed_mapped_file_are_zeros_listed_in_a_note(criu_ok: None
     assert rows.get(first) == bytes(8)
 
 
-def test_coredump_of_another_architecture_is_a_clear_error(shared_fixtures: Path, tmp_path: Path):
+def test_coredump_of_another_architecture_is_a_clear_error(corpus41: Corpus, tmp_path: Path):
     images = tmp_path / "a"
-    shutil.copytree(shared_fixtures / "cases" / "a_single", images)
+    shutil.copytree(corpus41.root / "cases" / "a_single", images)
     core = next(images.glob("core-*.img"))
     with open(core, "rb") as f:
         img = pycriu().images.load(f)
@@ -267,9 +269,9 @@ def test_coredump_of_another_architecture_is_a_clear_error(shared_fixtures: Path
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
 
 
-def test_coredump_of_bad_input_is_one_line_error_and_no_output(shared_fixtures: Path, tmp_path: Path):
+def test_coredump_of_bad_input_is_one_line_error_and_no_output(corpus41: Corpus, tmp_path: Path):
     images = tmp_path / "b"
-    shutil.copytree(shared_fixtures / "cases" / "b_tree", images)
+    shutil.copytree(corpus41.root / "cases" / "b_tree", images)
     mm = next(images.glob("mm-*.img"))
     mm.chmod(0o644)
     mm.write_bytes(mm.read_bytes()[:40])
@@ -282,11 +284,11 @@ def test_coredump_of_bad_input_is_one_line_error_and_no_output(shared_fixtures: 
 
 
 @pytest.mark.parametrize("existing", [False, True])
-def test_sigint_in_the_middle_of_coredump_leaves_no_core(shared_fixtures: Path, tmp_path: Path, existing: bool):
+def test_sigint_in_the_middle_of_coredump_leaves_no_core(corpus41: Corpus, tmp_path: Path, existing: bool):
     out = tmp_path / "out"
     if existing:
         out.mkdir()
-    images = shared_fixtures / "cases" / "b_tree"
+    images = corpus41.root / "cases" / "b_tree"
     proc = interrupted_run(["coredump", str(images), "-o", str(out)],
                            after_calls=3)
     assert proc.returncode == 130, proc.stderr
@@ -299,7 +301,7 @@ def test_sigint_in_the_middle_of_coredump_leaves_no_core(shared_fixtures: Path, 
 
 
 def test_cores_of_a_lazy_dump_get_lazy_pages_from_the_page_server_or_list_them(
-    criu_ok: None, tmp_path: Path, pipe_max_size: None
+    criu: Criu, tmp_path: Path, pipe_max_size: None
 ):
     exe = build_victim(tmp_path)
     victim = start_victim(exe, tmp_path / "run", "--tree", "1", "--seed", "6")

@@ -14,13 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import corpus_case
+from corpus import Corpus
 
 from crit_pageread import LazyPageError, Target, open_images
 
 STRATEGIES = ("pread", "preadv", "mmap")
 MODES = ("read", "defer", "readv", "span-skip", "span-zero")
 MARK = 0xA5  # what "skip" must leave in place
-TRUTH_CASES = {"a_single": "a_single", "b_tree": "b_tree", "d_shm": "d_shm", "e2_chain2": "e2_chain2/d2"}
+TRUTH_CASES = {"a_single": "a_single", "b_tree": "b_tree", "c_threads": "c_threads", "d_shm": "d_shm",
+               "e2_chain2": "e2_chain2/d2"}
 
 
 def load_truth(path: Path) -> tuple[dict[int, str], str, int]:
@@ -116,10 +119,10 @@ def read_pages(images_dir: Path, target: Target, addresses: list[int], strategy:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("case", sorted(TRUTH_CASES))
-def test_case_matches_truth(shared_fixtures: Path, case: str, strategy: str, mode: str) -> None:
-    images_dir = shared_fixtures / "cases" / TRUTH_CASES[case]
+def test_case_matches_truth(corpus: Corpus, case: str, strategy: str, mode: str) -> None:
+    images_dir = corpus_case(corpus, TRUTH_CASES[case])
     checked = 0
-    for target, truth_path in truth_files(shared_fixtures, case):
+    for target, truth_path in truth_files(corpus.root, case):
         pages, total, count = load_truth(truth_path)
         addresses = sorted(pages)
         with open_images(images_dir) as images:
@@ -138,10 +141,18 @@ def test_case_matches_truth(shared_fixtures: Path, case: str, strategy: str, mod
     assert checked > 0
 
 
-def test_chain_resolves_through_parent_file(shared_fixtures: Path) -> None:
-    """e2_chain2/d2/parent is a regular file holding "../d1" in this copy; it is followed."""
-    d2 = shared_fixtures / "cases" / "e2_chain2" / "d2"
-    assert (d2 / "parent").is_file() and not (d2 / "parent").is_symlink()
+@pytest.mark.parametrize("form", ["symlink", "file"])
+def test_chain_resolves_through_parent_link(corpus41: Corpus, tmp_path: Path, form: str) -> None:
+    """d2/parent as CRIU writes it (a symlink to ../d1, criu/image.c), or a regular file holding
+    "../d1" (an older form we keep following): the parent's pages are read through it."""
+    d2 = tmp_path / "e2" / "d2"
+    shutil.copytree(corpus41.case("e2_chain2"), tmp_path / "e2", symlinks=True)
+    (d2 / "parent").unlink()
+    if form == "symlink":
+        os.symlink("../d1", d2 / "parent")
+    else:
+        (d2 / "parent").write_text("../d1\n")
+    assert (d2 / "parent").is_symlink() == (form == "symlink")
     with open_images(d2) as images:
         parent = images.parent
         assert parent is not None and os.path.samefile(parent.path, d2.parent / "d1")
@@ -151,18 +162,18 @@ def test_chain_resolves_through_parent_file(shared_fixtures: Path) -> None:
         assert depths == {0, 1}
 
 
-def test_shmem_segments_are_known(shared_fixtures: Path) -> None:
-    with open_images(shared_fixtures / "cases" / "d_shm") as images:
-        truth = {t.id for t, _ in truth_files(shared_fixtures, "d_shm") if t.kind == "shmem"}
+def test_shmem_segments_are_known(corpus: Corpus) -> None:
+    with open_images(corpus.root / "cases" / "d_shm") as images:
+        truth = {t.id for t, _ in truth_files(corpus.root, "d_shm") if t.kind == "shmem"}
         assert set(images.shmem_ids) == truth
         assert set(images.memfd_shmids.values()) <= truth
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_lazy_fixture(shared_fixtures: Path, strategy: str) -> None:
+def test_lazy_fixture(corpus: Corpus, strategy: str) -> None:
     """PE_LAZY-only pages raise the lazy error; present pages match the live program's hashes."""
-    images_dir = shared_fixtures / "cases" / "f_lazy"
-    (live_path,) = (shared_fixtures / "live" / "f_lazy").iterdir()
+    images_dir = corpus.root / "cases" / "f_lazy"
+    (live_path,) = (corpus.root / "live" / "f_lazy").iterdir()
     live, _, _ = load_truth(live_path)
     lazy_runs = present = 0
     with open_images(images_dir) as images:
@@ -189,9 +200,9 @@ def test_lazy_fixture(shared_fixtures: Path, strategy: str) -> None:
     assert lazy_runs > 0 and present > 0
 
 
-def test_fixture_copy_is_not_needed_to_read(shared_fixtures: Path, tmp_path: Path) -> None:
+def test_fixture_copy_is_not_needed_to_read(corpus: Corpus, tmp_path: Path) -> None:
     """Reading never writes: a copy of a case reads the same and the fixture's files are unchanged."""
-    case = shared_fixtures / "cases" / "a_single"
+    case = corpus.root / "cases" / "a_single"
     before = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in case.iterdir()}
     copy = tmp_path / "a_single"
     shutil.copytree(case, copy)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 from chains import make_chain
+from conftest import Criu
+from corpus import Corpus
 from criu_harness import Victim, dump, restore_stopped, start_victim
 from restore_support import REPO, kill_tree, run_cli, self_check
 
@@ -29,7 +31,7 @@ PAGE = 4096
 
 
 @pytest.fixture(scope="module")
-def guarded(victim_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Victim, Path]]:
+def guarded(criu: Criu, victim_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Victim, Path]]:
     """A dump made with the action script: it has a manifest."""
     work = tmp_path_factory.mktemp("hooks")
     victim = start_victim(victim_exe, work / "run", "--seed", "17", "--mib", "1")
@@ -161,16 +163,16 @@ def test_example_plugin_is_loaded_from_its_entry_point(example_site: Path):
 
 
 def test_example_strategy_reads_the_truth_and_its_observer_logs_each_read(
-    example_site: Path, shared_fixtures: Path, tmp_path: Path
+    example_site: Path, corpus41: Corpus, tmp_path: Path
 ):
-    truth_file = next((shared_fixtures / "truth" / "a_single").glob("pid-*.sha256"))
+    truth_file = next((corpus41.root / "truth" / "a_single").glob("pid-*.sha256"))
     pid = int(truth_file.stem.split("-")[1])
     addr, digest = truth_file.read_text().splitlines()[3].split()
     config = tmp_path / "c.toml"
     report, log = tmp_path / "count.json", tmp_path / "reads.log"
     config.write_text(f'[counting]\ninner = "pread"\nreport = "{report}"\n[example]\nlog = "{log}"\n')
     out = tmp_path / "page.bin"
-    proc = run_cli("read", str(shared_fixtures / "cases" / "a_single"), addr, str(PAGE), "--pid", str(pid),
+    proc = run_cli("read", str(corpus41.root / "cases" / "a_single"), addr, str(PAGE), "--pid", str(pid),
                    "--strategy", "counting", "--config", str(config), "-o", str(out), env=_with_plugin(example_site))
     assert proc.returncode == 0, proc.stderr
     assert hashlib.sha256(out.read_bytes()).hexdigest() == digest

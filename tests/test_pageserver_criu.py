@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import Criu
 from criu_harness import (
     become_subreaper,
     dump,
@@ -55,7 +56,7 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 def test_criu_lazy_restore_from_serve_gives_back_the_program_memory(
-    victim_exe: Path, tmp_path: Path, pipe_max_size: None, pki: Pki, procs: list, tls: bool
+    criu: Criu, victim_exe: Path, tmp_path: Path, pipe_max_size: None, pki: Pki, procs: list, tls: bool
 ) -> None:
     victim = start_victim(victim_exe, tmp_path / "v", "--mib", "4", "--vmas", "4", pid_ns=True)
     images = dump(victim, tmp_path / "img")
@@ -97,7 +98,7 @@ def test_criu_lazy_restore_from_serve_gives_back_the_program_memory(
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 def test_criu_page_server_receives_push_and_restore_works(
-    victim_exe: Path, tmp_path: Path, pki: Pki, procs: list, tls: bool
+    criu: Criu, victim_exe: Path, tmp_path: Path, pki: Pki, procs: list, tls: bool
 ) -> None:
     victim = start_victim(victim_exe, tmp_path / "v", "--mib", "4", "--vmas", "4")
     pid = victim.pid
@@ -129,7 +130,7 @@ def test_criu_page_server_receives_push_and_restore_works(
 
 
 def test_serve_chains_lazy_pages_from_criu_dump(
-    victim_exe: Path, tmp_path: Path, pipe_max_size: None, procs: list
+    criu: Criu, victim_exe: Path, tmp_path: Path, pipe_max_size: None, procs: list
 ) -> None:
     victim = start_victim(victim_exe, tmp_path / "v", "--mib", "2", "--vmas", "2")
     pid = victim.pid

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from corpus import Corpus
 from pageserver_helpers import serve
 
 from crit_pageread import open_images
@@ -44,43 +45,45 @@ def read_all_remote(images_dir: Path, pid: int, port: int, pages: dict[int, str]
 
 
 @pytest.fixture
-def chain(shared_fixtures: Path, tmp_path: Path) -> Path:
-    shutil.copytree(shared_fixtures / "cases" / "e2_chain2", tmp_path / "e2", symlinks=True)
+def chain(corpus41: Corpus, tmp_path: Path) -> Path:
+    shutil.copytree(corpus41.root / "cases" / "e2_chain2", tmp_path / "e2", symlinks=True)
     return tmp_path / "e2" / "d2"
 
 
 @pytest.mark.parametrize("protocol", ["4.1", "4.2"])
-def test_remote_reads_every_page_of_a_served_chain_exactly(shared_fixtures: Path, chain: Path, protocol: str) -> None:
-    pages = truth(shared_fixtures, "e2_chain2", 30819)
+def test_remote_reads_every_page_of_a_served_chain_exactly(corpus41: Corpus, chain: Path, protocol: str) -> None:
+    pages = truth(corpus41.root, "e2_chain2", corpus41.pid("e2_chain2"))
     with serve(chain, "--protocol", protocol) as (proc, port):
-        assert read_all_remote(chain, 30819, port, pages, protocol=protocol) == len(pages)
+        assert read_all_remote(chain, corpus41.pid("e2_chain2"), port, pages, protocol=protocol) == len(pages)
         proc.terminate()
         _, err = proc.communicate(10)
     assert err.count("serve: 127.0.0.1:") == 1 and f"{len(pages)} pages" in err, err
 
 
-def test_serve_answers_from_a_42_layout_dump(shared_fixtures: Path, tmp_path: Path) -> None:
-    src = shared_fixtures / "cases" / "a_single"
+def test_serve_answers_from_a_42_layout_dump(corpus41: Corpus, tmp_path: Path) -> None:
+    src = corpus41.root / "cases" / "a_single"
     out = tmp_path / "a42"
     shutil.copytree(src, out)
-    pagemap = load_pagemap(src / "pagemap-29993.img", 4096)
-    (out / "pagemap-29993.img").write_bytes(
+    name = f"pagemap-{corpus41.pid('a_single')}.img"
+    pagemap = load_pagemap(src / name, 4096)
+    (out / name).write_bytes(
         encode_pagemap(pagemap.pages_id, [(e.vaddr, e.nr_pages, e.flags) for e in pagemap.entries], "4.2")
     )
-    assert read_image(out / "pagemap-29993.img", "PAGEMAP") != read_image(src / "pagemap-29993.img", "PAGEMAP")
-    pages = truth(shared_fixtures, "a_single", 29993)
+    assert read_image(out / name, "PAGEMAP") != read_image(src / name, "PAGEMAP")
+    pages = truth(corpus41.root, "a_single", corpus41.pid("a_single"))
     with serve(out) as (_, port):
-        assert read_all_remote(src, 29993, port, pages) == len(pages)
+        assert read_all_remote(src, corpus41.pid("a_single"), port, pages) == len(pages)
 
 
 @pytest.mark.parametrize(("server", "client"), [("4.2", "4.1"), ("4.1", "4.2")])
-def test_protocol_mismatch_is_reported_not_misread(shared_fixtures: Path, server: str, client: str) -> None:
-    src = shared_fixtures / "cases" / "a_single"
-    pages = truth(shared_fixtures, "a_single", 29993)
+def test_protocol_mismatch_is_reported_not_misread(corpus41: Corpus, server: str, client: str) -> None:
+    src = corpus41.root / "cases" / "a_single"
+    pages = truth(corpus41.root, "a_single", corpus41.pid("a_single"))
     with serve(src, "--protocol", server) as (_, port):
         started = time.monotonic()
         with pytest.raises(RemoteError, match="protocol") as err:
-            read_all_remote(src, 29993, port, dict(list(pages.items())[:1]), protocol=client, timeout=1)
+            read_all_remote(src, corpus41.pid("a_single"), port, dict(list(pages.items())[:1]), protocol=client,
+                            timeout=1)
         assert time.monotonic() - started < 3
     assert f"127.0.0.1:{port}" in str(err.value)
 
@@ -97,25 +100,25 @@ def _dropped_within(port: int, payload: bytes, timeout: float) -> float:
                 return time.monotonic() - started
 
 
-def test_bad_clients_are_dropped_while_good_ones_read_on(shared_fixtures: Path) -> None:
-    src = shared_fixtures / "cases" / "a_single"
-    pages = truth(shared_fixtures, "a_single", 29993)
+def test_bad_clients_are_dropped_while_good_ones_read_on(corpus41: Corpus) -> None:
+    src = corpus41.root / "cases" / "a_single"
+    pages = truth(corpus41.root, "a_single", corpus41.pid("a_single"))
     wire = Wire("4.1")
     first = min(pages)
     bad = {
         "garbage": b"\xde\xad\xbe\xef" * 6,
         "silent": b"",
-        "huge": wire.pack_get(29993, first, 1 << 31),
+        "huge": wire.pack_get(corpus41.pid("a_single"), first, 1 << 31),
         "unknown pid": wire.pack_get(4242, first, 1),
-        "not dumped": wire.pack_get(29993, 0x1000, 1),
-        "unaligned": wire.pack_get(29993, first + 1, 1),
+        "not dumped": wire.pack_get(corpus41.pid("a_single"), 0x1000, 1),
+        "unaligned": wire.pack_get(corpus41.pid("a_single"), first + 1, 1),
         "half header": b"\x07\x00\x00",
     }
     with serve(src, "--idle-timeout", "1") as (proc, port):
         results: dict[str, object] = {}
 
         def good(i: int) -> None:
-            results[f"good{i}"] = read_all_remote(src, 29993, port, pages)
+            results[f"good{i}"] = read_all_remote(src, corpus41.pid("a_single"), port, pages)
 
         def drop(name: str, payload: bytes) -> None:
             results[name] = _dropped_within(port, payload, 5)
@@ -148,9 +151,9 @@ class _Recorder:
         self.calls.append((pid, vaddr, nr_pages))
 
 
-def test_pages_served_hook_sees_every_reply(shared_fixtures: Path) -> None:
-    src = shared_fixtures / "cases" / "a_single"
-    pages = truth(shared_fixtures, "a_single", 29993)
+def test_pages_served_hook_sees_every_reply(corpus41: Corpus) -> None:
+    src = corpus41.root / "cases" / "a_single"
+    pages = truth(corpus41.root, "a_single", corpus41.pid("a_single"))
     recorder = _Recorder()
     pm = get_plugin_manager()
     pm.register(recorder, name="test-recorder")
@@ -159,22 +162,22 @@ def test_pages_served_hook_sees_every_reply(shared_fixtures: Path) -> None:
         server = PageServer(src, load_config(env={}), ServeOptions(once=True), lines.append)
         thread = threading.Thread(target=server.serve_forever)
         thread.start()
-        assert read_all_remote(src, 29993, server.port, pages) == len(pages)
+        assert read_all_remote(src, corpus41.pid("a_single"), server.port, pages) == len(pages)
         thread.join(10)
     finally:
         pm.unregister(name="test-recorder")
     assert sum(nr for _, _, nr in recorder.calls) == len(pages)
-    assert {pid for pid, _, _ in recorder.calls} == {29993}
+    assert {pid for pid, _, _ in recorder.calls} == {corpus41.pid("a_single")}
     assert len(lines) == 1 and f"{len(pages)} pages, {len(pages) * 4096} bytes" in lines[0]
 
 
-def test_clients_past_max_clients_are_refused_and_serve_json_says_where_it_listens(shared_fixtures: Path) -> None:
+def test_clients_past_max_clients_are_refused_and_serve_json_says_where_it_listens(corpus41: Corpus) -> None:
     import json
     import subprocess
 
     from pageserver_helpers import CLI, REPO
 
-    src = shared_fixtures / "cases" / "a_single"
+    src = corpus41.root / "cases" / "a_single"
     proc = subprocess.Popen([*CLI, "serve", str(src), "--max-clients", "1", "--idle-timeout", "2", "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:

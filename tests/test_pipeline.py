@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Criu
 from criu_harness import Restored, Victim, dump, start_victim
 from restore_support import kill_tree, restored_memory, run_cli, wait_check
 
@@ -59,7 +60,7 @@ def recorder() -> Iterator[Recorder]:
 
 
 @pytest.fixture(scope="module")
-def dumped(victim_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Victim, Path]]:
+def dumped(criu: Criu, victim_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Victim, Path]]:
     work = tmp_path_factory.mktemp("pipeline")
     victim = start_victim(victim_exe, work / "run", "--threads", "2", "--mib", "4", "--seed", "13")
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from corpus import Corpus
 
 from crit_pageread import (
     ConfigError,
@@ -44,8 +45,8 @@ def fresh(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 
 @pytest.fixture
-def a_single(shared_fixtures: Path) -> Path:
-    return shared_fixtures / "cases" / "a_single"
+def a_single(corpus41: Corpus) -> Path:
+    return corpus41.root / "cases" / "a_single"
 
 
 def test_builtin_strategies_register_through_hooks(fresh: Any) -> None:

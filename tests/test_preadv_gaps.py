@@ -6,15 +6,15 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from corpus import Corpus
 
 from crit_pageread import ConfigError, load_config, open_images
 from crit_pageread.plugins import make_strategy
 from crit_pageread.strategies.preadv import PreadvStrategy
 
 
-def _truth(shared_fixtures: Path) -> dict[int, str]:
-    lines = (shared_fixtures / "truth" / "a_single" / "pid-29993.sha256").read_text().split("\n")
-    return {int(v, 16): h for v, h in (line.split() for line in lines if line and not line.startswith("TOTAL"))}
+def _truth(corpus: Corpus) -> dict[int, str]:
+    return corpus.truth("a_single")
 
 
 def _read_every_other_entry(images_dir: Path, strategy: PreadvStrategy) -> dict[int, bytes]:
@@ -30,9 +30,9 @@ def _read_every_other_entry(images_dir: Path, strategy: PreadvStrategy) -> dict[
     return {v: bytes(b) for v, b in bufs.items()}
 
 
-def test_bridging_gaps_reads_the_same_bytes_with_fewer_calls(shared_fixtures: Path) -> None:
-    images_dir = shared_fixtures / "cases" / "a_single"
-    truth = _truth(shared_fixtures)
+def test_bridging_gaps_reads_the_same_bytes_with_fewer_calls(corpus: Corpus) -> None:
+    images_dir = corpus.root / "cases" / "a_single"
+    truth = _truth(corpus)
     exact, bridged = PreadvStrategy(max_gap=0), PreadvStrategy(max_gap=1 << 20)
     plain = _read_every_other_entry(images_dir, exact)
     merged = _read_every_other_entry(images_dir, bridged)

@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 from chains import build_chain
-from criu_harness import Victim, dump, read_mem, restore_stopped, start_lazy_dump, start_victim
+from conftest import Criu
+from criu_harness import Victim, dump, pycriu_load, read_mem, restore_stopped, start_lazy_dump, start_victim
 
 from crit_pageread import (
     PE_LAZY,
@@ -33,7 +34,6 @@ from crit_pageread import (
     Target,
     open_images,
 )
-from crit_pageread.criu_env import pycriu
 from crit_pageread.demo import expected_region
 from crit_pageread.pagemap import encode_pagemap
 
@@ -60,8 +60,7 @@ class Case:
 
 
 def _load(path: Path) -> list[dict[str, Any]]:
-    with open(path, "rb") as f:
-        return pycriu().images.load(f)["entries"]
+    return pycriu_load(path)
 
 
 def pagemap_runs(path: Path) -> list[tuple[int, int, int]]:
@@ -121,7 +120,7 @@ def snapshot(restore_dir: Path, layout_dir: Path) -> Oracle:
     return oracle
 
 
-def make_case(victim_exe: Path, work: Path, *args: str, ipc_ns: bool = False) -> Case:
+def make_case(criu: Criu, victim_exe: Path, work: Path, *args: str, ipc_ns: bool = False) -> Case:
     victim = start_victim(victim_exe, work / "run", *args, ipc_ns=ipc_ns)
     try:
         images = dump(victim, work / "images")
@@ -178,22 +177,22 @@ def check_reads(images_dir: Path, oracle: Oracle, strategy: str, mode: str, **op
 
 
 @pytest.fixture(scope="module")
-def single(victim_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Case:
+def single(criu: Criu, victim_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Case:
     return make_case(victim_exe, tmp_path_factory.mktemp("single"), "--seed", "7")
 
 
 @pytest.fixture(scope="module")
-def tree(victim_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Case:
+def tree(criu: Criu, victim_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Case:
     return make_case(victim_exe, tmp_path_factory.mktemp("tree"), "--seed", "8", "--tree", "2")
 
 
 @pytest.fixture(scope="module")
-def threads(victim_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Case:
+def threads(criu: Criu, victim_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Case:
     return make_case(victim_exe, tmp_path_factory.mktemp("threads"), "--seed", "9", "--threads", "3")
 
 
 @pytest.fixture(scope="module")
-def shm(victim_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Case:
+def shm(criu: Criu, victim_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Case:
     return make_case(victim_exe, tmp_path_factory.mktemp("shm"), "--seed", "10", "--shm", "--tree", "1",
                      ipc_ns=True)
 
@@ -523,7 +522,7 @@ class LazyCase:
 
 
 @pytest.fixture(scope="module")
-def lazy(victim_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LazyCase]:
+def lazy(criu: Criu, victim_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LazyCase]:
     work = tmp_path_factory.mktemp("lazy")
     victim = start_victim(victim_exe, work / "run", "--seed", "11")
     try:
@@ -584,7 +583,7 @@ def test_not_dumped_ranges(single: Case) -> None:
 
 
 @pytest.mark.criu
-def test_demo_reads_what_the_program_wrote(criu_ok: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_demo_reads_what_the_program_wrote(criu: Criu, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     from crit_pageread import demo
 
@@ -598,7 +597,7 @@ def test_demo_reads_what_the_program_wrote(criu_ok: None, tmp_path: Path, monkey
 
 
 @pytest.mark.criu
-def test_demo_fails_on_a_mismatch(criu_ok: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_demo_fails_on_a_mismatch(criu: Criu, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     """If the bytes read differed from what the program wrote, the demo says so and exits 1."""
     from crit_pageread import demo

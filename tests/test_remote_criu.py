@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import Criu
 from criu_harness import dump, free_port, start_lazy_dump, start_victim, wait_listening
 from pageserver_helpers import Pki, make_pki, oracle_bytes, snapshot
 
@@ -69,7 +70,7 @@ def _read_and_compare(images_dir: Path, pid: int, snap: list[tuple[int, bytes]],
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 def test_remote_reads_every_lazy_page_of_criu_dump_lazy_pages(
-    victim_exe: Path, tmp_path: Path, pipe_max_size: None, pki: Pki, criu_server: list, tls: bool
+    criu: Criu, victim_exe: Path, tmp_path: Path, pipe_max_size: None, pki: Pki, criu_server: list, tls: bool
 ) -> None:
     victim = start_victim(victim_exe, tmp_path / "v", "--mib", "4", "--vmas", "4")
     snap = snapshot(victim.pid)
@@ -84,7 +85,7 @@ def test_remote_reads_every_lazy_page_of_criu_dump_lazy_pages(
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 def test_remote_reads_every_lazy_page_of_criu_page_server(
-    victim_exe: Path, tmp_path: Path, pipe_max_size: None, pki: Pki, criu_server: list, tls: bool
+    criu: Criu, victim_exe: Path, tmp_path: Path, pipe_max_size: None, pki: Pki, criu_server: list, tls: bool
 ) -> None:
     victim = start_victim(victim_exe, tmp_path / "v", "--mib", "4", "--vmas", "4")
     pid = victim.pid

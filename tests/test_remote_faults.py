@@ -17,15 +17,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from corpus import Corpus
 from pageserver_helpers import CLI, REPO
 
 from crit_pageread import open_images
 from crit_pageread.config import load_config
 from crit_pageread.errors import RemoteError
 
-PID = 31278
-VADDR = 0x7FA274E08000  # a PE_LAZY entry of 6 pages in f_lazy
-PAGES = 6
 TIMEOUT = 1.0
 
 FAULT_SERVER = textwrap.dedent(
@@ -65,17 +63,26 @@ def fault_server(mode: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
 
 
 @pytest.fixture
-def lazy_dump(shared_fixtures: Path, tmp_path: Path) -> Path:
+def lazy_dump(corpus41: Corpus, tmp_path: Path) -> Path:
+    """A copy of the lazy dump; PID, VADDR, PAGES: its first lazy entry (the fault servers speak 4.1)."""
+    global PID, VADDR, PAGES
     out = tmp_path / "f_lazy"
-    shutil.copytree(shared_fixtures / "cases" / "f_lazy", out)
+    shutil.copytree(corpus41.case("f_lazy"), out)
+    PID = corpus41.pid("f_lazy")
+    with open_images(out) as images:
+        entry = next(e for e in images.pagemap(PID).entries if e.lazy and not e.present and e.nr_pages > 1)
+    VADDR, PAGES = entry.vaddr, entry.nr_pages
     return out
+
+
+PID = VADDR = PAGES = 0  # set by lazy_dump
 
 
 @pytest.mark.parametrize(
     ("mode", "message"),
     [
         ("garbage", "bad reply header"),
-        ("wrong-vaddr", "asked for pid 31278 at 0x7fa274e08000"),
+        ("wrong-vaddr", "asked for pid {PID} at {VADDR:#x}"),
         ("short", f"no data for {TIMEOUT:g} s"),
         ("silence", f"no data for {TIMEOUT:g} s"),
         ("killed", "server closed the connection"),
@@ -84,6 +91,7 @@ def lazy_dump(shared_fixtures: Path, tmp_path: Path) -> Path:
 def test_misbehaving_server_fails_the_read_in_time_and_leaves_no_partial_data(
     lazy_dump: Path, mode: str, message: str
 ) -> None:
+    message = message.format(PID=PID, VADDR=VADDR)
     config = load_config(overrides={"remote": {"port": 1, "timeout": TIMEOUT}}, env={})
     with fault_server(mode) as (proc, port):
         config.tables["remote"]["port"] = port

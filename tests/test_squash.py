@@ -18,7 +18,18 @@ from pathlib import Path
 
 import pytest
 from chains import build_chain
-from criu_harness import Region, Victim, dump, read_mem, restore_stopped, start_lazy_dump, start_victim
+from conftest import Criu
+from corpus import Corpus
+from criu_harness import (
+    Region,
+    Victim,
+    dump,
+    pycriu_load,
+    read_mem,
+    restore_stopped,
+    start_lazy_dump,
+    start_victim,
+)
 from restore_support import (
     dumped_pages,
     interrupted_run,
@@ -30,7 +41,6 @@ from restore_support import (
     wait_check,
 )
 
-from crit_pageread.criu_env import pycriu
 from crit_pageread.pagemap import PE_PARENT, PE_PRESENT, load_pagemap
 from crit_pageread.restore.pipeline import restore
 
@@ -45,7 +55,7 @@ class Dumped:
 
 
 @pytest.fixture(scope="module")
-def shm_dump(victim_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dumped]:
+def shm_dump(criu: Criu, victim_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dumped]:
     """A victim with threads and shared memory (anon shared, memfd, SysV), dumped once."""
     work = tmp_path_factory.mktemp("squash")
     victim = start_victim(victim_exe, work / "run", "--threads", "2", "--shm", "--seed", "5", ipc_ns=True)
@@ -57,8 +67,7 @@ def shm_dump(victim_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 def _pycriu_pagemap(path: Path) -> list[dict[str, int]]:
-    with open(path, "rb") as f:
-        return pycriu().images.load(f)["entries"]
+    return pycriu_load(path)
 
 
 def _pages_by_pycriu(images: Path, name: str) -> dict[int, bytes]:
@@ -140,19 +149,18 @@ def test_squash_writes_the_4_2_layout_when_asked_and_the_input_layout_by_default
     assert self_check(tmp_path / "old", shm_dump.victim) == "OK"
 
 
-def test_squashed_e2_chain2_fixture_holds_exactly_the_truth_pages(shared_fixtures: Path, tmp_path: Path):
-    # The fixture's program (/var/tmp/criu-corpus/bin/victim) is not on this machine, so CRIU cannot
-    # restore it here; the truth hashes were read from the restored program when the fixture was made.
+def test_squashed_e2_chain2_fixture_holds_exactly_the_truth_pages(corpus: Corpus, tmp_path: Path):
+    # The truth hashes were read from the restored program when the corpus was made.
     chain = tmp_path / "e2"
-    shutil.copytree(shared_fixtures / "cases" / "e2_chain2", chain, symlinks=True)
+    shutil.copytree(corpus.root / "cases" / "e2_chain2", chain, symlinks=True)
     out = tmp_path / "out"
     proc = run_cli("squash", str(chain / "d2"), str(out), "--verify", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["parent_pages"] > 0
-    truth_file = shared_fixtures / "truth" / "e2_chain2" / "pid-30819.sha256"
+    truth_file = corpus.truth_file("e2_chain2")
     lines = truth_file.read_text().split("\n")
     truth = {int(a, 16): h for a, h in (line.split() for line in lines if line and not line.startswith("TOTAL"))}
-    pages = _pages_by_pycriu(out, "pagemap-30819.img")
+    pages = _pages_by_pycriu(out, f"pagemap-{corpus.pid('e2_chain2')}.img")
     assert sorted(pages) == sorted(truth)
     assert {a: hashlib.sha256(d).hexdigest() for a, d in pages.items()} == truth
     # every non-memory image is copied unchanged; the parent is gone
@@ -163,7 +171,7 @@ def test_squashed_e2_chain2_fixture_holds_exactly_the_truth_pages(shared_fixture
 
 
 def test_squashed_lazy_dump_of_a_process_tree_restores_programs_whose_memory_checks_out(
-    victim_exe: Path, tmp_path: Path, pipe_max_size: None
+    criu: Criu, victim_exe: Path, tmp_path: Path, pipe_max_size: None
 ):
     victim = start_victim(victim_exe, tmp_path / "run", "--threads", "1", "--tree", "2", "--seed", "9")
     try:
@@ -196,7 +204,8 @@ def test_squashed_lazy_dump_of_a_process_tree_restores_programs_whose_memory_che
         victim.kill()
 
 
-def test_squash_of_a_lazy_dump_without_a_page_server_fails_and_writes_nothing(victim_exe: Path, tmp_path: Path):
+def test_squash_of_a_lazy_dump_without_a_page_server_fails_and_writes_nothing(criu: Criu, victim_exe: Path,
+                                                                              tmp_path: Path):
     victim = start_victim(victim_exe, tmp_path / "run")
     try:
         criu, _port = start_lazy_dump(victim, tmp_path / "lazy")

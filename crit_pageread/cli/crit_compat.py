@@ -5,7 +5,8 @@ The output is crit's, byte for byte, for the same arguments. Additions:
 `x DIR mems --pages` count each VMA's pages (present, in parent, lazy, not
 dumped), and `x` accepts checkpoint archives. pycriu 4.1.1 shows `nr_pages`
 0 for a pagemap written by CRIU >= 4.2 (the count moved to a new field);
-`decode`/`show` of such a pagemap show the true count instead.
+with it, `decode`/`show` of such a pagemap show the true count instead. With
+pycriu >= 4.2 the output is crit's unchanged.
 """
 
 from __future__ import annotations
@@ -209,6 +210,11 @@ def _pagemap_counts(path: str, data: bytes) -> list[int]:
 
 
 def _fix_nr_pages(path: str, data: bytes, img: dict[str, Any]) -> None:
+    """With a pycriu older than 4.2 (no field 5), show a 4.2-layout entry's true count as `nr_pages`.
+    pycriu >= 4.2 decodes both layouts itself (`compat_nr_pages`, `nr_pages`): nothing to change."""
+    fields = import_system_package("pycriu").images.pb.pagemap_entry.DESCRIPTOR.fields_by_name
+    if "compat_nr_pages" in fields:
+        return
     entries = img["entries"][1:]
     for entry, nr in zip(entries, _pagemap_counts(path, data), strict=False):
         if entry.get("nr_pages", 0) != nr:

@@ -30,6 +30,7 @@ COMMAND_PLUGINS = (
     "crit_pageread.cli.coredump",
     "crit_pageread.cli.restore",
     "crit_pageread.cli.check",
+    "crit_pageread.cli.setup_criu",
 )
 
 #: The module of each built-in command: a command line that names one loads only that module (and
@@ -40,6 +41,7 @@ COMMAND_MODULES = {
     **{name: f"crit_pageread.cli.{name}" for name in (
         "read", "extract", "grep", "ps", "pages", "serve", "push", "bench", "squash", "coredump", "restore",
         "check")},
+    "setup-criu": "crit_pageread.cli.setup_criu",
 }
 
 
@@ -51,6 +53,23 @@ def plugin_manager(command: str | None = None) -> Any:
     module = COMMAND_MODULES.get(command) if command else None
     register_modules(pm, (module,) if module else COMMAND_PLUGINS)
     return pm
+
+
+class _Version(argparse.Action):
+    """`--version`: ours, and the criu and pycriu in use (with their paths)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: Any = None) -> None:
+        from ..criu_env import describe
+
+        d = describe()
+        lines = [f"crit-pageread {__version__}",
+                 f"criu {d['criu_version'] or '?'} ({d['criu'] or 'not found'})"]
+        if d["pycriu"]:
+            lines.append(f"pycriu {d['pycriu_version']} ({d['pycriu']})")
+        else:
+            lines.append(f"pycriu: {d.get('pycriu_error')}")
+        print("\n".join(lines))
+        parser.exit()
 
 
 def _command_of(argv: Sequence[str]) -> str | None:
@@ -67,7 +86,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="crit-pageread",
         description="CRIU image tool (crit) with page reading: decode, explore, read, extract, grep, serve.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="show the version and which criu and pycriu are used, and exit")
     parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
