@@ -139,13 +139,34 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+class EnvFloat(float):
+    """A number parsed from an environment value, which keeps its text (`4.2` may be a version)."""
+
+    text: str
+
+
+def env_text(value: Any) -> Any:
+    """The text of a number that came from the environment, for a key that takes a string; else `value`.
+
+    Environment values are text: `CRIT_PAGEREAD_REMOTE__PROTOCOL=4.2` is the string "4.2" to a key
+    that takes strings, and the number 4.2 to one that takes numbers. (An integer stays an int.)"""
+    if isinstance(value, EnvFloat):
+        return value.text
+    return value
+
+
 def _parse_scalar(raw: str) -> Any:
     try:
         import tomllib
 
-        return tomllib.loads(f"v = {raw}")["v"]
+        value = tomllib.loads(f"v = {raw}")["v"]
     except ValueError:  # tomllib.TOMLDecodeError
         return raw
+    if isinstance(value, float):  # ints stay plain ints (sockets and C calls want exact ints)
+        number = EnvFloat(value)
+        number.text = raw
+        return number
+    return value
 
 
 def _validated(data: Mapping[str, Any], source: str) -> dict[str, Any]:

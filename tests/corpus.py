@@ -120,10 +120,14 @@ def corpus_for(criu: str, version: str, cache: Path) -> Corpus:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not (final / "corpus.json").is_file():
                 tmp = Path(tempfile.mkdtemp(dir=top, prefix=f".{final.name}.tmp."))
+                # The programs' files (executable, mapped file, log) stay at a fixed path beside the
+                # corpus: CRIU's images name them, and a restore of a case needs them.
+                run = top / f"{final.name}.run"
+                shutil.rmtree(run, ignore_errors=True)
                 try:
                     env = dict(os.environ, CRIT_PAGEREAD_CRIU=criu)
                     env.pop("CRIT_PAGEREAD_PYCRIU_PATH", None)
-                    proc = subprocess.run([sys.executable, str(HERE / "corpus.py"), criu, str(tmp / "c")],
+                    proc = subprocess.run([sys.executable, str(HERE / "corpus.py"), criu, str(tmp / "c"), str(run)],
                                           capture_output=True, text=True, env=env, timeout=1200)
                     if proc.returncode != 0:
                         raise RuntimeError(f"building the CRIU {version} corpus failed:\n{proc.stderr[-4000:]}")
@@ -237,8 +241,9 @@ def _tidy(images: Path) -> None:
             p.unlink()
 
 
-def build(criu: str, out: Path) -> None:
-    """Make every case with `criu` (also CRIT_PAGEREAD_CRIU in this process) into `out`."""
+def build(criu: str, out: Path, work: Path) -> None:
+    """Make every case with `criu` (also CRIT_PAGEREAD_CRIU in this process) into `out`; the programs
+    run in `work`, which stays."""
     sys.path.insert(0, str(HERE))
     from chains import build_chain
     from criu_harness import build_victim, dump, start_victim
@@ -246,8 +251,7 @@ def build(criu: str, out: Path) -> None:
     from crit_pageread.criu_env import criu_line
 
     out.mkdir(parents=True)
-    work = out.parent / "work"
-    work.mkdir()
+    work.mkdir(parents=True)
     exe = build_victim(work)
     layout = "4.2" if criu_line(criu) == "4.2" else "4.1"
     pids: dict[str, list[int]] = {}
@@ -278,8 +282,9 @@ def build(criu: str, out: Path) -> None:
     _tidy(chain / "d2")
     pids["e2_chain2"] = pids["a_single"]
     _lazy(exe, work, out, pids)
-    (out / "corpus.json").write_text(json.dumps({"criu": criu, "layout": layout, "pids": pids}, indent=1))
-    shutil.rmtree(work)
+    (out / "corpus.json").write_text(json.dumps({"criu": criu, "layout": layout, "pids": pids, "run": str(work)},
+                                                indent=1))
+    shutil.rmtree(work / "chain")
 
 
 def _lazy(exe: Path, work: Path, out: Path, pids: dict[str, list[int]]) -> None:
@@ -309,7 +314,7 @@ def _lazy(exe: Path, work: Path, out: Path, pids: dict[str, list[int]]) -> None:
         proc, port = start_lazy_dump(victim, images)
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-                fmt = "=I4xQQQ" if criu_line() == "4.2" else "=IIQQ"
+                fmt = "=I4xQQQ" if criu_line() == "4.2" else "=IIQQ"  # the dumping CRIU's layout
                 sock.sendall(struct.pack(fmt, 0x1024, 0, 0, 0))  # PS_IOV_FLUSH_N_CLOSE
                 if sock.recv(4) != b"\0\0\0\0":
                     raise RuntimeError("lazy dump: no answer to FLUSH_N_CLOSE")
@@ -331,4 +336,4 @@ def _lazy(exe: Path, work: Path, out: Path, pids: dict[str, list[int]]) -> None:
 
 
 if __name__ == "__main__":
-    build(sys.argv[1], Path(sys.argv[2]))
+    build(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))

@@ -55,7 +55,7 @@ def test_commands_read_archives_like_the_directory(corpus: Corpus, tmp_path: Pat
     tmpdir.mkdir()
     os.environ["TMPDIR"] = str(tmpdir)
     try:
-        cmds = [["ps", "{}", "--json"], ["pages", "{}", "--json"], ["grep", "{}", "criu-corpus", "-C", "3"],
+        cmds = [["ps", "{}", "--json"], ["pages", "{}", "--json"], ["grep", "{}", "victim", "-C", "3"],
                 ["x", "{}", "pages"], ["read", "{}", hex(min(_truth(corpus))), "64"]]
         ours = run_jobs("crit_pageread", [{"argv": [a.replace("{}", str(archive)) for a in c]} for c in cmds])
         plain = run_jobs("crit_pageread", [{"argv": [a.replace("{}", str(src)) for a in c]} for c in cmds])

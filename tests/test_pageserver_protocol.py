@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+from conftest import Criu
 
 from crit_pageread.config import load_config
 from crit_pageread.errors import ConfigError
@@ -47,7 +48,7 @@ def test_reply_that_does_not_answer_the_request_names_the_protocol() -> None:
     check_reply(good, 5, 0x1000, 4, "4.1", "srv")  # a short reply is legal
     # A 4.2 server's reply read as 4.1: the pad lands in nr_pages.
     misread = wire.unpack(Wire("4.2").pack(GET_REPLY_CMD, 2, 0x1000, 5)[:24])
-    with pytest.raises(Exception, match=r"protocol really 4\.1"):
+    with pytest.raises(Exception, match=r"we speak the CRIU 4\.1 page-server protocol"):
         check_reply(misread, 5, 0x1000, 4, "4.1", "srv")
     with pytest.raises(Exception, match="asked for pid 5 at 0x2000"):
         check_reply(good, 5, 0x2000, 4, "4.1", "srv")
@@ -83,3 +84,39 @@ def test_remote_strategy_with_local_none_has_no_local_strategy() -> None:
     assert strategy.server.protocol == "4.2"  # type: ignore[attr-defined]
     default = make_strategy("remote", load_config(overrides={"remote": {"port": 9}}, env={}))
     assert default.local is not None and default.local.name == "preadv"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("protocol", ["4.1", "4.2"])
+def test_first_request_tells_the_header_layout(protocol: str) -> None:
+    """serve's detection: a GET (or CLOSE) of either layout, read from its first 24 bytes."""
+    from crit_pageread.pageserver.protocol import PS_IOV_CLOSE, detect_layout
+
+    wire = Wire(protocol)
+    for vaddr, nr in [(0x7F0000000000, 1), (0x1000, 1), (0x55D0_0000_0000, 1024), (0x400000, 3)]:
+        assert detect_layout(wire.pack_get(4242, vaddr, nr)[:24], 4096, 1 << 18) == protocol
+    assert detect_layout(wire.pack(PS_IOV_CLOSE)[:24], 4096, 1 << 18) == "4.1"  # the same bytes in both
+    assert detect_layout(b"\xde\xad\xbe\xef" * 6, 4096, 1 << 18) is None
+
+
+def test_environment_values_for_string_keys_are_strings() -> None:
+    """CRIT_PAGEREAD_REMOTE__PROTOCOL=4.2 is the string "4.2" (not the number 4.2); numbers stay numbers."""
+    from crit_pageread.config import load_config
+    from crit_pageread.pageserver.protocol import configured_protocol
+    from crit_pageread.strategies.remote import parse_options
+
+    env = {"CRIT_PAGEREAD_REMOTE__PROTOCOL": "4.2", "CRIT_PAGEREAD_REMOTE__PORT": "7000",
+           "CRIT_PAGEREAD_REMOTE__TIMEOUT": "1.5"}
+    config = load_config(env=env)
+    assert configured_protocol(config) == "4.2"
+    server, _, _ = parse_options(config.table("remote"))
+    assert (server.protocol, server.port, server.timeout) == ("4.2", 7000, 1.5)
+
+
+def test_protocol_defaults_to_the_configured_criu(criu: Criu) -> None:
+    """No [remote] protocol: the layout of the configured criu's version (as CRIU's own client does)."""
+    from crit_pageread.config import load_config
+    from crit_pageread.pageserver.protocol import configured_protocol
+
+    assert configured_protocol(load_config(overrides={"criu": criu.binary}, env={})) == criu.line
+    assert configured_protocol(load_config(overrides={"criu": criu.binary},
+                                           env={"CRIT_PAGEREAD_REMOTE__PROTOCOL": "4.1"})) == "4.1"

@@ -13,7 +13,6 @@ import itertools
 import os
 import shutil
 import socket
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from crit_pageread import (
 )
 from crit_pageread.demo import expected_region
 from crit_pageread.pagemap import encode_pagemap
+from crit_pageread.pageserver.protocol import Wire, protocol_for_criu
 
 STRATEGIES = ("pread", "preadv", "mmap")
 MODES = ("read", "defer")
@@ -120,7 +120,7 @@ def snapshot(restore_dir: Path, layout_dir: Path) -> Oracle:
     return oracle
 
 
-def make_case(criu: Criu, victim_exe: Path, work: Path, *args: str, ipc_ns: bool = False) -> Case:
+def make_case(victim_exe: Path, work: Path, *args: str, ipc_ns: bool = False) -> Case:
     victim = start_victim(victim_exe, work / "run", *args, ipc_ns=ipc_ns)
     try:
         images = dump(victim, work / "images")
@@ -247,7 +247,7 @@ CASES = ("single", "tree", "threads", "shm", "layout42", "chain2", "chain3", "ch
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("case_name", CASES)
 def test_every_page_matches_restored_memory(
-    case_name: str, strategy: str, mode: str, request: pytest.FixtureRequest
+    criu: Criu, case_name: str, strategy: str, mode: str, request: pytest.FixtureRequest
 ) -> None:
     case: Case = request.getfixturevalue(case_name)
     assert check_reads(case.images, case.oracle, strategy, mode) > 0
@@ -329,7 +329,7 @@ def test_shm_segments_hold_the_pattern(shm: Case, strategy: str) -> None:
 
 @pytest.mark.criu
 @pytest.mark.parametrize("case_name", ["layout42", "chain3_42"])
-def test_layout42_is_detected(case_name: str, request: pytest.FixtureRequest) -> None:
+def test_layout42_is_detected(criu: Criu, case_name: str, request: pytest.FixtureRequest) -> None:
     case: Case = request.getfixturevalue(case_name)
     with open_images(case.images) as images:
         while images is not None:
@@ -504,7 +504,7 @@ def lazy_dump(victim: Victim, images: Path, timeout: float = 30) -> None:
     proc, port = start_lazy_dump(victim, images, timeout=timeout)
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-            sock.sendall(struct.pack("=IIQQ", PS_IOV_FLUSH_N_CLOSE, 0, 0, 0))
+            sock.sendall(Wire(protocol_for_criu()).pack(PS_IOV_FLUSH_N_CLOSE))  # the dumping CRIU's layout
             assert sock.recv(4) == b"\0\0\0\0"
         assert proc.wait(timeout=timeout) == 0, (images / "dump.log").read_text()[-2000:]
     finally:

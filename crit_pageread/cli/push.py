@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from ..hookspecs import hookimpl
-from ..pageserver.protocol import PROTOCOLS
+from ..pageserver.protocol import PROTOCOLS, configured_protocol
 from .common import add_common_options, open_from_args, print_json, selected_pids, target_keys
 from .serve import _port, _seconds, add_tls_options, tls_from_args
 
@@ -25,7 +25,9 @@ def crit_pageread_add_commands(subparsers: Any) -> None:
     p.add_argument("dir", help="image directory")
     p.add_argument("--address", default="127.0.0.1", help="page server address (default 127.0.0.1)")
     p.add_argument("--port", type=_port, required=True, help="page server port")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="4.1", help="header layout: CRIU <= 4.1 or >= 4.2")
+    p.add_argument("--protocol", choices=PROTOCOLS, default=None,
+                   help="header layout: 4.1 (CRIU <= 4.1) or 4.2 (CRIU >= 4.2); default: [remote] protocol, else "
+                   "the configured criu's version")
     p.add_argument("--timeout", type=_seconds, default=30.0, help="seconds to wait for the server (default 30)")
     add_tls_options(p)
     add_common_options(p)
@@ -36,9 +38,10 @@ def run(args: argparse.Namespace) -> int:
     from ..pageserver.client import ServerAddress
     from ..pageserver.push import push
 
-    server = ServerAddress(args.address, args.port, args.protocol, tls_from_args(args), args.timeout, args.timeout)
     started = time.monotonic()
     with open_from_args(args) as images:
+        protocol = args.protocol or configured_protocol(images.config)
+        server = ServerAddress(args.address, args.port, protocol, tls_from_args(args), args.timeout, args.timeout)
         report = push(images, server, pids=selected_pids(images, args), shmem=not args.pid, strategy=args.strategy)
     report["seconds"] = round(time.monotonic() - started, 3)
     if args.json:

@@ -9,7 +9,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from ..hookspecs import hookimpl
-from ..pageserver.protocol import PROTOCOLS
+from ..pageserver.protocol import AUTO, PROTOCOLS
 from .common import add_common_options, config_from_args
 
 if TYPE_CHECKING:  # imported by run(): building the parser must not pay for ssl and threads
@@ -69,7 +69,9 @@ def crit_pageread_add_commands(subparsers: Any) -> None:
     p.add_argument("dir", help="image directory (a chain, a 4.2-layout dump, or a lazy dump with --strategy remote)")
     p.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=_port, default=0, help="TCP port (default 0: any free port, printed)")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="4.1", help="header layout: CRIU <= 4.1 or >= 4.2")
+    p.add_argument("--protocol", choices=[AUTO, *PROTOCOLS], default=AUTO,
+                   help="header layout: auto (default: each client's, from its first request), 4.1 (CRIU <= 4.1, "
+                   "24 bytes) or 4.2 (CRIU >= 4.2, 32 bytes)")
     p.add_argument("--idle-timeout", type=_seconds, default=60.0, help="drop a client silent this long (s)")
     p.add_argument("--request-timeout", type=_seconds, default=30.0,
                    help="a whole request (header and reply) must finish within this (s, default 30)")

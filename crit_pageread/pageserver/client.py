@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, NoReturn
 from ..errors import RemoteError
 from .protocol import (
     CRIU_MAX_REPLY_PAGES,
+    DEFAULT_PROTOCOL,
     PS_IOV_ADD_F,
     PS_IOV_CLOSE,
     PS_IOV_OPEN2,
@@ -29,6 +30,7 @@ from .protocol import (
     encode_cmd,
     encode_dst_id,
     is_busy,
+    mismatch_hint,
     unpack_status,
 )
 from .tls import TlsOptions, wrap_client
@@ -44,6 +46,9 @@ NO_REPLY_HINT = (
 BUSY = "{peer}: server busy (it serves too many clients already); try again later"
 #: TLS and fallback copies go through a buffer of at most this size (per connection).
 COPY_CHUNK = 1 << 20
+#: Seconds to wait for the first answer on a connection before calling it a protocol mismatch: a
+#: CRIU >= 4.2 server waits for the 8 bytes a 4.1 header lacks, and a page server answers at once.
+FIRST_REPLY_WAIT = 2.0
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ class ServerAddress:
 
     address: str = "127.0.0.1"
     port: int = 0
-    protocol: str = "4.1"
+    protocol: str = DEFAULT_PROTOCOL
     tls: TlsOptions | None = None
     connect_timeout: float = 5.0
     timeout: float = 30.0
@@ -71,6 +76,7 @@ class Connection:
         self.peer = server.peer
         self.wire = Wire(server.protocol)
         self._sock: socket.socket | None = None
+        self._answered = False
         try:
             sock = socket.create_connection((server.address, server.port), timeout=server.connect_timeout)
         except TimeoutError:
@@ -121,8 +127,26 @@ class Connection:
 
     def recv(self, size: int, what: str) -> bytes:
         buf = bytearray(size)
-        self.recv_into(memoryview(buf), what)
+        self.await_answer(what)
+        self.recv_into(memoryview(buf), what, mismatch_hint(self.wire.protocol))
         return bytes(buf)
+
+    def await_answer(self, what: str) -> None:
+        """Before the connection's first answer: fail naming the protocol if none comes within
+        FIRST_REPLY_WAIT seconds (or the timeout, if shorter), instead of waiting the whole timeout."""
+        if self._answered:
+            return
+        sock = self.sock
+        wait = min(FIRST_REPLY_WAIT, self.server.timeout)
+        if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+            if not poller.poll(int(wait * 1000)):
+                if wait < self.server.timeout:
+                    self._fail(f"{what}: no answer within {wait:g} s to the first request"
+                               f"{mismatch_hint(self.wire.protocol)}")
+                self._fail(f"{what}: no data for {self.server.timeout:g} s (0 bytes){NO_REPLY_HINT}")
+        self._answered = True
 
     def send_pages(self, reader: PageReader, vaddr: int, length: int, what: str) -> None:
         """Send [vaddr, vaddr+length) of `reader`'s memory through its strategy (`PageReader.send`:
@@ -177,8 +201,9 @@ class Connection:
             pid, vaddr, nr, dest = inflight.popleft()
             what = f"GET pid {pid} at {vaddr:#x} ({nr} pages)"
             header[:4] = b"\0\0\0\0"
+            self.await_answer(what)
             try:
-                self.recv_into(hview, what, NO_REPLY_HINT)
+                self.recv_into(hview, what, NO_REPLY_HINT + mismatch_hint(wire.protocol))
             except RemoteError:
                 if is_busy(header):
                     raise RemoteError(BUSY.format(peer=self.peer)) from None

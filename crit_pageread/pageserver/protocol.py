@@ -3,8 +3,11 @@
 No handshake and no magic; host byte order. CRIU <= 4.1 sends a 24-byte
 header (`u32 cmd, u32 nr_pages, u64 vaddr, u64 dst_id`), CRIU >= 4.2 a
 32-byte one (`u32 cmd, 4 bytes pad, u64 nr_pages, u64 vaddr, u64 dst_id`).
-Nothing on the wire tells them apart, so the layout is configured and a
-mismatch shows up as an absurd header, which `check_reply` reports.
+No field names the layout. As CRIU does, a client takes it from its CRIU's
+version (`protocol_for_criu`) unless configured; our server reads it from each
+client's first request (`detect_layout`: only one of the two readings of a
+GET is a sane request). A mismatch shows up as an absurd header, silence or a
+closed connection, which the client reports naming the protocol.
 
 `cmd = flags << 16 | op`. For OPEN2, PARENT and ADD/ADD_F the dst_id is
 `id << 8 | type` (type 1 pid, 2 shmem); for GET it is the plain pid.
@@ -14,8 +17,10 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Any
 
-from ..errors import RemoteError
+from ..config import env_text
+from ..errors import ConfigError, RemoteError
 from ..pagemap import ADDRESS_LIMIT, PE_LAZY, PE_PARENT, PE_PRESENT
 
 PS_IOV_ADD = 1
@@ -48,6 +53,9 @@ GET_REPLY_CMD = PS_IOV_ADD_F | PE_PRESENT << PS_CMD_BITS
 CRIU_MAX_REPLY_PAGES = 1024
 PROTOCOLS = ("4.1", "4.2")
 DEFAULT_PROTOCOL = "4.1"
+#: `serve`'s default: each client's layout read from its first request.
+AUTO = "auto"
+HEADER_BYTES = {"4.1": 24, "4.2": 32}
 
 _LAYOUTS = {"4.1": struct.Struct("=IIQQ"), "4.2": struct.Struct("=I4xQQQ")}
 _STATUS = struct.Struct("=i")
@@ -142,9 +150,72 @@ def unpack_status(data: bytes | bytearray | memoryview) -> int:
 STATUS_SIZE = _STATUS.size
 
 
+def protocol_for_criu(criu: str | None = None) -> str:
+    """The header layout CRIU `criu` (default: the one in use) speaks: "4.2" from CRIU 4.2 on, else "4.1"."""
+    from ..criu_env import criu_line
+
+    try:
+        line = criu_line(criu)
+    except Exception:  # no criu at all: the older, more common layout
+        line = None
+    if not line:
+        return DEFAULT_PROTOCOL
+    major, _, minor = line.partition(".")
+    try:
+        return "4.2" if (int(major), int(minor or 0)) >= (4, 2) else "4.1"
+    except ValueError:
+        return DEFAULT_PROTOCOL
+
+
+def configured_protocol(config: Any) -> str:
+    """[remote] protocol if set (validated), else the layout of the configured criu (`config.criu`)."""
+    value = env_text(config.table("remote").get("protocol"))
+    if value is None:
+        return protocol_for_criu(config.criu)
+    if value not in PROTOCOLS:
+        raise ConfigError(f"[remote]: key 'protocol' must be one of {', '.join(PROTOCOLS)}, not {value!r}")
+    return str(value)
+
+
+def mismatch_hint(protocol: str) -> str:
+    """What a reply that makes no sense probably means, in a few words."""
+    other = "4.2" if protocol == "4.1" else "4.1"
+    return (f" (we speak the CRIU {protocol} page-server protocol, {HEADER_BYTES[protocol]}-byte headers: "
+            f"if the server is CRIU {other}, set [remote] protocol = \"{other}\" or --protocol {other})")
+
+
+def _sane_get(nr_pages: int, vaddr: int, page_size: int, max_pages: int) -> bool:
+    return 0 < nr_pages <= max_pages and vaddr % page_size == 0 and vaddr + nr_pages * page_size <= ADDRESS_LIMIT
+
+
+def detect_layout(first24: bytes | bytearray | memoryview, page_size: int, max_pages: int) -> str | None:
+    """The layout of a client's first request from its first 24 bytes, or None if it is no GET/CLOSE.
+
+    A GET read in the 4.1 layout has (u32 nr_pages, u64 vaddr) at offsets 4 and 8; in the 4.2
+    layout (u64 nr_pages, u64 vaddr) at 8 and 16, so each reading of the other layout's GET has
+    a page count or an address that makes no sense. CLOSE (all zero after cmd) reads the same in
+    both: "4.1" (the server then answers, and reads the rest of a 4.2 header as the goodbye).
+    """
+    cmd, nr41, vaddr41, _ = _LAYOUTS["4.1"].unpack_from(first24)
+    if cmd in (PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE):
+        return "4.1"
+    if cmd != PS_IOV_GET:
+        return None
+    nr42, vaddr42 = struct.unpack_from("=QQ", first24, 8)
+    ok41 = _sane_get(nr41, vaddr41, page_size, max_pages)
+    ok42 = _sane_get(nr42, vaddr42, page_size, max_pages)
+    if ok42 and not ok41:
+        return "4.2"
+    if ok41 and not ok42:
+        return "4.1"
+    # Neither (an absurd request either way: the 4.1 reading names the problem) or both (cannot be
+    # told apart: a 4.1 GET whose address is a small multiple of the page size, never seen).
+    return "4.1"
+
+
 def check_reply(header: Header, pid: int, vaddr: int, nr_pages: int, protocol: str, peer: str) -> None:
     """Raise RemoteError unless `header` answers GET(pid, vaddr, nr_pages) as CRIU does."""
-    hint = f" (is the server's protocol really {protocol}? set [remote] protocol)"
+    hint = mismatch_hint(protocol)
     if header.cmd != GET_REPLY_CMD:
         raise RemoteError(f"{peer}: bad reply header to GET pid {pid} at {vaddr:#x}: {header.describe()}{hint}")
     if header.vaddr != vaddr or header.dst_id != pid:

@@ -44,9 +44,12 @@ from .protocol import (
     PS_IOV_CLOSE,
     PS_IOV_FORCE_CLOSE,
     PS_IOV_GET,
+    AUTO,
+    HEADER_BYTES,
     Header,
     Wire,
     check_request,
+    detect_layout,
     pack_busy,
     pack_status,
 )
@@ -68,7 +71,8 @@ class ServeOptions:
 
     address: str = "127.0.0.1"
     port: int = 0
-    protocol: str = "4.1"
+    #: "auto" (each client's layout read from its first request, as CRIU 4.1 and 4.2 clients differ), "4.1", "4.2"
+    protocol: str = AUTO
     tls: TlsOptions | None = None
     idle_timeout: float = 60.0
     request_timeout: float = 30.0
@@ -88,12 +92,14 @@ class SessionStats:
     bytes: int = 0
     started: float = field(default_factory=time.monotonic)
     end: str = "closed by client"
+    protocol: str | None = None
 
     def line(self) -> str:
         seconds = time.monotonic() - self.started
+        speaks = f", protocol {self.protocol}" if self.protocol else ""
         return (
             f"serve: {self.peer}: {self.pages} pages, {self.bytes} bytes, {seconds:.3f} s, "
-            f"{self.requests} requests, {self.end}"
+            f"{self.requests} requests{speaks}, {self.end}"
         )
 
 
@@ -110,7 +116,7 @@ class PageServer:
     ) -> None:
         self.options = options
         self.config = config
-        self.wire = Wire(options.protocol)
+        self.wire = None if options.protocol == AUTO else Wire(options.protocol)
         self.images = open_images(images_dir, config)
         self.page_size = self.images.page_size
         self._log = log or (lambda line: None)
@@ -329,10 +335,12 @@ class _Session:
         self.peer = peer
         self.stats = stats
         self.readers = readers
-        self.wire = server.wire
+        self.wire = server.wire  # None: this client's layout is read from its first request
         self.tls = isinstance(sock, ssl.SSLSocket)
         self._buf: bytearray | None = None
-        self.header = bytearray(self.wire.size)
+        self.header = bytearray(self.wire.size if self.wire else HEADER_BYTES["4.1"])
+        if self.wire:
+            stats.protocol = self.wire.protocol
 
     def buffer(self) -> memoryview:
         if self._buf is None:
@@ -363,7 +371,21 @@ class _Session:
                 raise _Drop("idle while the server was full")
             return None
         self.deadline = time.monotonic() + options.request_timeout
-        done = n
+        done = self._fill(view, n)
+        if self.wire is None:  # the first request: its first 24 bytes tell the layout
+            protocol = detect_layout(self.header, self.server.page_size, MAX_REQUEST_PAGES) or "4.1"
+            self.wire = Wire(protocol)
+            self.stats.protocol = protocol
+            if self.wire.size > len(self.header):
+                first = self.header
+                self.header = bytearray(self.wire.size)
+                self.header[: len(first)] = first
+                self._fill(memoryview(self.header), len(first))
+        return self.wire.unpack(self.header)
+
+    def _fill(self, view: memoryview, done: int) -> int:
+        """Read the rest of a header into `view` (`done` bytes are there) by the request's deadline."""
+        options = self.server.options
         while done < len(view):
             left = self.remaining()
             self.sock.settimeout(min(left, options.idle_timeout))  # silence is bounded too, as between requests
@@ -377,7 +399,7 @@ class _Session:
             if n == 0:
                 raise _Drop(f"connection closed in the middle of a header ({done} of {len(view)} bytes)")
             done += n
-        return self.wire.unpack(self.header)
+        return done
 
     def run(self) -> None:
         while True:
@@ -432,6 +454,7 @@ class _Session:
 
     def send_header(self, pid: int, vaddr: int, nr_pages: int) -> None:
         self.sock.settimeout(self.remaining())  # sendall's timeout bounds the whole send (Python >= 3.5)
+        assert self.wire is not None
         data = self.wire.pack(GET_REPLY_CMD, nr_pages, vaddr, pid)
         if self.tls:
             self.sock.sendall(data)  # one TLS record: CRIU reads the header on its own

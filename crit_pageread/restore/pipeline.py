@@ -37,10 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, load_config
+from ..config import Config, env_text, load_config
 from ..criu_env import criu_binary, pycriu
 from ..errors import ConfigError, ImageError, RestoreError
 from ..hookspecs import hookimpl
+from ..pageserver.protocol import AUTO
 from ..plugins import get_plugin_manager
 
 METHODS = ("binary", "swrk")
@@ -74,8 +75,10 @@ class RestoreResult:
 def settings(config: Config) -> dict[str, Any]:
     """The validated `[restore]` table of the config (defaults for `restore()`)."""
     table = config.table("restore")
-    for key, value in table.items():
+    for key, value in list(table.items()):
         expected = TABLE_KEYS.get(key)
+        if expected is str:
+            value = table[key] = env_text(value)
         if expected is None:
             raise ConfigError(f"[restore]: unknown key {key!r} (known: {', '.join(TABLE_KEYS)})")
         if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
@@ -124,7 +127,8 @@ def restore(
         "action_scripts": [script_path(s) for s in action_scripts or []],
         "cpus": set(cpus) if cpus is not None else (set(table["cpus"]) if "cpus" in table else None),
         "timeout": float(timeout if timeout is not None else table.get("timeout", 120.0)),
-        "protocol": table.get("protocol", config.table("remote").get("protocol", "4.1")),
+        # Our page server for a lazy restore reads the layout of CRIU's lazy-pages from its requests.
+        "protocol": env_text(table.get("protocol", config.table("remote").get("protocol", AUTO))),
         "criu": criu_binary(config.criu),
         "log_file": str(Path(log_file).absolute()) if os.sep in log_file else log_file,
     }

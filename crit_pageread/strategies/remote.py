@@ -7,7 +7,8 @@ images go to the `local` strategy (default `preadv`); with `local = "none"`
 every range is fetched from the server. After a failure every destination of
 the failed batch is zeroed: no caller buffer keeps half a reply.
 
-Config `[remote]`: address, port, protocol ("4.1"|"4.2"), tls, tls_cacert,
+Config `[remote]`: address, port, protocol ("4.1"|"4.2"; default: the
+layout of the configured criu's version), tls, tls_cacert,
 tls_cert, tls_key, tls_no_cn_verify, connect_timeout, timeout, max_in_flight,
 local.
 """
@@ -16,10 +17,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..config import Config
+from ..config import Config, env_text
 from ..errors import ConfigError, RemoteError
 from ..hookspecs import hookimpl
-from ..pageserver.protocol import CRIU_MAX_REPLY_PAGES, PROTOCOLS
+from ..pageserver.protocol import CRIU_MAX_REPLY_PAGES, PROTOCOLS, protocol_for_criu
 from ..strategy import CopyRequest, ReadRequest, Sink, Strategy, StrategyInfo
 
 if TYPE_CHECKING:  # the client (ssl, sockets) is imported when a remote strategy is made, not at start-up
@@ -31,7 +32,7 @@ KEYS = (
     "connect_timeout", "timeout", "max_in_flight", "local",
 )
 DEFAULTS: dict[str, Any] = {
-    "address": "127.0.0.1", "protocol": "4.1", "tls": False, "tls_no_cn_verify": False,
+    "address": "127.0.0.1", "tls": False, "tls_no_cn_verify": False,
     "connect_timeout": 5.0, "timeout": 30.0, "max_in_flight": 16, "local": "preadv",
 }
 #: Remote requests queued before `submit` syncs by itself.
@@ -187,7 +188,7 @@ def _number(table: dict[str, Any], key: str, low: float, high: float, integer: b
 
 
 def _text(table: dict[str, Any], key: str) -> str | None:
-    value = table.get(key, DEFAULTS.get(key))
+    value = env_text(table.get(key, DEFAULTS.get(key)))
     if value is not None and (not isinstance(value, str) or not value):
         raise ConfigError(f"[remote]: key {key!r} must be a non-empty string, not {value!r}")
     return value
@@ -212,8 +213,10 @@ def parse_options(table: dict[str, Any]) -> tuple[ServerAddress, str, int]:
         raise ConfigError("[remote]: key 'port' is required (the page server's TCP port)")
     address = _text(table, "address") or "127.0.0.1"
     port = _number(table, "port", 1, 65535, True)
-    protocol = table.get("protocol", DEFAULTS["protocol"])
-    if protocol not in PROTOCOLS:
+    protocol = env_text(table.get("protocol"))
+    if protocol is None:
+        protocol = protocol_for_criu(_config.criu if _config is not None else None)
+    elif protocol not in PROTOCOLS:
         raise ConfigError(f"[remote]: key 'protocol' must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
     files = {k: _text(table, k) for k in ("tls_cacert", "tls_cert", "tls_key")}
     no_cn = _flag(table, "tls_no_cn_verify")
