@@ -204,7 +204,7 @@ class Provisioned:
     version: str
     pycriu: str | None  # directory holding the matching pycriu/
     pycriu_version: str | None
-    source: str  # "system" or the root directory
+    origin: str  # "system" or the root directory
 
     def as_dict(self) -> dict[str, str | None]:
         return dict(self.__dict__)
@@ -215,17 +215,17 @@ def provision_line(line: str) -> Provisioned:
     wrapper = wrapper_path(line)
     suite = LINES[line][0]
     root = root_dir(line)
-    source: str | None = None
+    origin: str | None = None
     if wrapper.is_file():
         version = criu_version(str(wrapper))
         if version and (line_of(version) == line or line == DEFAULT_LINE) and criu_check(str(wrapper)) is None:
             text = wrapper.read_text()
-            source = str(root) if str(root) in text else "system"
-    if source is None:
+            origin = str(root) if str(root) in text else "system"
+    if origin is None:
         system = _system_criu(None if line == DEFAULT_LINE else line)
         if system is not None:
             write_wrapper(wrapper, system)
-            source = "system"
+            origin = "system"
         else:
             if not (root / "usr/sbin/criu").exists():
                 debootstrap(suite, root)
@@ -233,10 +233,10 @@ def provision_line(line: str) -> Provisioned:
             problem = criu_check(str(wrapper))
             if problem:
                 raise ProvisionError(f"the CRIU unpacked in {root} fails 'criu check': {problem}")
-            source = str(root)
+            origin = str(root)
     version = criu_version(str(wrapper)) or "unknown"
     pyc: Path | None = root / "usr/lib/python3/dist-packages"
-    if source == "system":
+    if origin == "system":
         pyc = _system_pycriu()
         found = pycriu_version(pyc) if pyc else None
         if found is None or found == "unknown" or line_of(found) != line_of(version):
@@ -245,7 +245,7 @@ def provision_line(line: str) -> Provisioned:
                 debootstrap(suite, root)
             pyc = root / "usr/lib/python3/dist-packages"
     pyc_version = pycriu_version(pyc) if pyc else None
-    return Provisioned(line, str(wrapper), version, str(pyc) if pyc_version else None, pyc_version, source)
+    return Provisioned(line, str(wrapper), version, str(pyc) if pyc_version else None, pyc_version, origin)
 
 
 def read_manifest() -> dict[str, dict[str, str | None]]:
@@ -273,7 +273,7 @@ def setup(lines: list[str]) -> list[Provisioned]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--criu", choices=[*LINES, "all"], default="all",
                    help="which CRIU line to provision (default: all: 4.1 as the default criu, 4.2 beside it)")
-    p.add_argument("--json", action="store_true", help="print what is provisioned as JSON")
+    p.add_argument("--json", action="store_true", help="one JSON line per CRIU line provisioned")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -283,11 +283,12 @@ def run(args: argparse.Namespace) -> int:
     except ProvisionError as exc:
         print(f"setup-criu: {exc}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps([p.as_dict() for p in done]))
+    if args.json:  # one document per CRIU line (NDJSON)
+        for p in done:
+            print(json.dumps(p.as_dict()))
     else:
         for p in done:
-            where = "system" if p.source == "system" else p.source
+            where = "system" if p.origin == "system" else p.origin
             pyc = f"pycriu {p.pycriu_version} in {p.pycriu}" if p.pycriu else "no pycriu"
             print(f"criu {p.version} ({where}): {p.criu}; {pyc}")
     return 0

@@ -103,10 +103,12 @@ def pipe_max_size() -> Iterator[None]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Tests that use `criu` run once per CRIU version; those that use `corpus` also on
+    """Tests that use `criu` run once per CRIU version; test_fixtures' corpus tests also on
     ../shared/fixtures where it exists."""
     if "criu" in metafunc.fixturenames:
-        params = CORPUS_PARAMS if "corpus" in metafunc.fixturenames else CRIU_PARAMS
+        # The shared fixtures are a cross-check of the readers against their recorded truth (test_fixtures).
+        shared = "corpus" in metafunc.fixturenames and metafunc.module.__name__ == "test_fixtures"
+        params = CORPUS_PARAMS if shared else CRIU_PARAMS
         metafunc.parametrize("criu", params, indirect=True, scope="session")
 
 
@@ -143,6 +145,11 @@ def _default_criu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
             monkeypatch.setenv("CRIT_PAGEREAD_CRIU", DEFAULT_CRIU_ENV)
 
 
+def _corpus_cache() -> Path:
+    """Where corpora are cached: CRIT_PAGEREAD_TEST_CACHE (to time a build from nothing), else the user's cache."""
+    return Path(os.environ.get("CRIT_PAGEREAD_TEST_CACHE") or provision.cache_dir())
+
+
 def _shared_corpus() -> Corpus:
     import json
     import tempfile
@@ -165,7 +172,7 @@ def corpus(criu: Criu) -> Corpus:
     ../shared/fixtures as one more corpus where it exists (never needed)."""
     if criu.shared:
         return _shared_corpus()
-    return corpus_for(criu.binary, criu.version, provision.cache_dir())
+    return corpus_for(criu.binary, criu.version, _corpus_cache())
 
 
 @pytest.fixture(scope="session")
@@ -174,7 +181,7 @@ def corpus41(criu_ok: None) -> Corpus:
     entry = provision.read_manifest().get(provision.DEFAULT_LINE) or {}
     binary = str(entry.get("criu") or provision.wrapper_path(provision.DEFAULT_LINE))
     version = str(entry.get("version") or provision.criu_version(binary))
-    return corpus_for(binary, version, provision.cache_dir())
+    return corpus_for(binary, version, _corpus_cache())
 
 
 def corpus_case(corpus: Corpus, name: str) -> Path:

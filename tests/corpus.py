@@ -18,9 +18,11 @@ crit_pageread/provision.py), one directory laid out like ../shared/fixtures:
 - `victim/<case>.json`: the victim's own description (regions, secret); `corpus.json`: the pids.
 
 Built once per set of inputs (this file, the harness, the chain builder, the victim's source, the
-CRIU version, the kernel) under ~/.cache/crit-pageread/corpus/<version>-<hash>: under a temporary
-name, renamed into place, under a lock, so concurrent test runs share one build. The build runs in a
-child process whose pycriu and criu are the version's own (`python corpus.py CRIU OUT`).
+CRIU version, the kernel) under ~/.cache/crit-pageread/corpus/<version>-<hash> (or
+$CRIT_PAGEREAD_TEST_CACHE/corpus/...): under a temporary name, renamed into place, under a lock, so
+concurrent test runs share one build. The programs ran in `<version>-<hash>.run` beside it, which
+stays (CRIU's images name their executable and files: a case can be restored). The build runs in a
+child process whose criu and pycriu are the version's own (`python corpus.py CRIU OUT RUN`).
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def test_setup_criu_is_quick_and_idempotent_on_rerun(criu: Criu) -> None:
     proc = subprocess.run([*CLI, "setup-criu", "--criu", criu.line, "--json"], capture_output=True, text=True,
                           cwd=REPO, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr
-    (got,) = json.loads(proc.stdout)
+    (got,) = [json.loads(line) for line in proc.stdout.splitlines()]
     assert got["criu"] == criu.binary and got["version"] == criu.version
     assert got["pycriu_version"] == criu.version and Path(got["pycriu"], "pycriu").is_dir()
     assert provision.read_manifest()[criu.line]["criu"] == criu.binary

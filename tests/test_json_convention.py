@@ -27,7 +27,7 @@ CRIT_JSON = {"decode", "encode", "info", "show"}
 RETIRED = {"source", "images_dir", "dir", "target", "vma", "path", "nr_pages"}
 INT_KEYS = {"pid", "ppid", "pgid", "sid", "shmem", "vaddr", "start", "end", "length", "pages", "bytes"}
 STR_KEYS = {"checkpoint", "perms", "kind", "mapping", "output"}
-STREAMS = {"grep", "ps", "pages", "coredump", "plugins", "x", "scan", "check"}
+STREAMS = {"grep", "ps", "pages", "coredump", "plugins", "x", "scan", "check", "setup-criu"}
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +117,8 @@ def test_every_command_json_is_ndjson_or_one_document_with_the_shared_keys(
     for what in ("ps", "fds", "mems", "rss", "pages"):
         rows = case("x", d, what)
         assert sorted(r["pid"] for r in rows) == sorted(p["pid"] for p in procs), what
+    (line,) = case("setup-criu", "--criu", "4.1")  # provisioned already: only says what it has
+    assert line["line"] == "4.1" and line["version"].startswith("4.1.") and line["criu"] and line["pycriu"]
     rows = run_json("x", d, "mems", "--pages")
     assert all("present" in v for r in rows for v in r["vmas"])
 

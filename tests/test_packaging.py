@@ -123,5 +123,6 @@ def test_sdist_tests_collect_with_their_helpers(built: tuple[Path, Path, str], t
     ours = run(sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", cwd=REPO)
     theirs = run(sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", cwd=root)
     ids = [line for line in theirs.splitlines() if "::" in line]
-    assert ids and ids == [line for line in ours.splitlines() if "::" in line]
+    # ../shared/fixtures (an extra cross-check) may lie beside the checkout, never beside the sdist.
+    assert ids and ids == [line for line in ours.splitlines() if "::" in line and "[shared-fixtures" not in line]
     assert " error" not in theirs.lower()

@@ -55,20 +55,24 @@ def plugin_manager(command: str | None = None) -> Any:
     return pm
 
 
+def version_text() -> str:
+    """`--version`: ours, and the criu and pycriu in use with their versions and paths (no plugin loads)."""
+    from ..criu_env import describe
+
+    d = describe()
+    lines = [f"crit-pageread {__version__}", f"criu {d['criu_version'] or '?'} ({d['criu'] or 'not found'})"]
+    if d["pycriu"]:
+        lines.append(f"pycriu {d['pycriu_version']} ({d['pycriu']})")
+    else:
+        lines.append(f"pycriu: {d.get('pycriu_error')}")
+    return "\n".join(lines)
+
+
 class _Version(argparse.Action):
-    """`--version`: ours, and the criu and pycriu in use (with their paths)."""
+    """`--version` anywhere on the command line."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: Any = None) -> None:
-        from ..criu_env import describe
-
-        d = describe()
-        lines = [f"crit-pageread {__version__}",
-                 f"criu {d['criu_version'] or '?'} ({d['criu'] or 'not found'})"]
-        if d["pycriu"]:
-            lines.append(f"pycriu {d['pycriu_version']} ({d['pycriu']})")
-        else:
-            lines.append(f"pycriu: {d.get('pycriu_error')}")
-        print("\n".join(lines))
+        print(version_text())
         parser.exit()
 
 
@@ -139,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None, words: list[str], debug: bool) -> int:
     if words == ["--version"]:  # answered before any plugin loads
-        print(f"crit-pageread {__version__}")
+        print(version_text())
         return 0
     try:
         parser = build_parser(_command_of(words))
