@@ -112,10 +112,49 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("criu", params, indirect=True, scope="session")
 
 
+def _criu_of(item: Any) -> str | None:
+    """The wrapper of the CRIU version a test item runs on (None: the default)."""
+    callspec = getattr(item, "callspec", None)
+    line = callspec.params.get("criu") if callspec is not None else None
+    if line in (None, "shared"):
+        return None
+    entry = provision.read_manifest().get(line) or {}
+    return str(entry.get("criu") or "") or None
+
+
+_managed: list[str | None] = [DEFAULT_CRIU_ENV]
+
+
+def _select_criu(item: Any) -> None:
+    """CRIT_PAGEREAD_CRIU names the test's CRIU version (or what the suite found), so the harness, the
+    CLI and pycriu's choice follow it; left alone if a test or fixture set it itself."""
+    if os.environ.get("CRIT_PAGEREAD_CRIU") != _managed[0]:
+        return
+    want = _criu_of(item) or DEFAULT_CRIU_ENV
+    if want is None:
+        os.environ.pop("CRIT_PAGEREAD_CRIU", None)
+    else:
+        os.environ["CRIT_PAGEREAD_CRIU"] = want
+    _managed[0] = want
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _managed[0] = os.environ.get("CRIT_PAGEREAD_CRIU")  # between tests: whatever is there is ours to set
+    _select_criu(item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef: Any, request: pytest.FixtureRequest) -> Iterator[None]:
+    """A module or session fixture is made for the test that first needs it: with that test's CRIU."""
+    _select_criu(getattr(request, "_pyfuncitem", None))
+    yield
+
+
 @pytest.fixture(scope="session")
-def criu(request: pytest.FixtureRequest, criu_ok: None) -> Iterator[Criu]:
-    """Each CRIU version in turn (4.1.1, 4.2.1): CRIT_PAGEREAD_CRIU names its criu while the tests
-    of that version run, so the harness, the CLI and pycriu's choice all follow it."""
+def criu(request: pytest.FixtureRequest, criu_ok: None) -> Criu:
+    """Each CRIU version in turn (4.1.1, 4.2.1); CRIT_PAGEREAD_CRIU names its criu during the tests (and
+    fixtures) that run on it."""
     shared = request.param == "shared"
     line = provision.DEFAULT_LINE if shared else request.param
     entry = provision.read_manifest().get(line)
@@ -124,25 +163,7 @@ def criu(request: pytest.FixtureRequest, criu_ok: None) -> Iterator[Criu]:
         if os.environ.get("CI") == "true":
             pytest.fail(msg)
         pytest.skip(msg)
-    old = os.environ.get("CRIT_PAGEREAD_CRIU")
-    os.environ["CRIT_PAGEREAD_CRIU"] = str(entry["criu"])
-    try:
-        yield Criu(line, str(entry["criu"]), str(entry["version"]), shared)
-    finally:
-        if old is None:
-            os.environ.pop("CRIT_PAGEREAD_CRIU", None)
-        else:
-            os.environ["CRIT_PAGEREAD_CRIU"] = old
-
-
-@pytest.fixture(autouse=True)
-def _default_criu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A test that does not ask for a CRIU version gets the default one, whichever ran before."""
-    if "criu" not in request.fixturenames:
-        if DEFAULT_CRIU_ENV is None:
-            monkeypatch.delenv("CRIT_PAGEREAD_CRIU", raising=False)
-        else:
-            monkeypatch.setenv("CRIT_PAGEREAD_CRIU", DEFAULT_CRIU_ENV)
+    return Criu(line, str(entry["criu"]), str(entry["version"]), shared)
 
 
 def _corpus_cache() -> Path:

@@ -31,6 +31,7 @@ from criu_harness import (
     wait_listening,
 )
 from pageserver_helpers import CLI, REPO, Pki, make_pki, serve
+from restore_support import wait_check
 
 from crit_pageread import open_images
 from crit_pageread.config import load_config
@@ -81,12 +82,8 @@ def test_criu_lazy_restore_from_serve_gives_back_the_program_memory(
         try:
             check = Path(f"{victim.info_path}.check")
             check.unlink(missing_ok=True)
-            os.kill(restored, signal.SIGUSR1)
-            deadline = time.monotonic() + 20
-            while not check.exists() or not check.read_text().endswith("\n"):
-                assert time.monotonic() < deadline, "the restored program did not answer SIGUSR1"
-                time.sleep(0.01)
-            assert check.read_text() == "OK\n"
+            # Post-copy: every page the check touches is fetched through lazy-pages from serve first.
+            assert wait_check(restored, check) == "OK"
             assert lazy.wait(30) == 0, (work / "lazy.log").read_text()[-2000:]
         finally:
             os.kill(restored, signal.SIGKILL)

@@ -39,13 +39,13 @@ from ..reader import PageReader, Segment
 from ..strategy import Target
 from .client import COPY_CHUNK
 from .protocol import (
+    AUTO,
     GET_REPLY_CMD,
+    HEADER_BYTES,
     OP_NAMES,
     PS_IOV_CLOSE,
     PS_IOV_FORCE_CLOSE,
     PS_IOV_GET,
-    AUTO,
-    HEADER_BYTES,
     Header,
     Wire,
     check_request,
@@ -356,7 +356,6 @@ class _Session:
 
     def recv_header(self) -> Header | None:
         view = memoryview(self.header)
-        done = 0
         options = self.server.options
         # Between requests: idle_timeout for the first byte. From then on the whole request, header
         # and reply, must finish by one deadline however slowly the client drips its bytes.
@@ -371,7 +370,7 @@ class _Session:
                 raise _Drop("idle while the server was full")
             return None
         self.deadline = time.monotonic() + options.request_timeout
-        done = self._fill(view, n)
+        self._fill(view, n)
         if self.wire is None:  # the first request: its first 24 bytes tell the layout
             protocol = detect_layout(self.header, self.server.page_size, MAX_REQUEST_PAGES) or "4.1"
             self.wire = Wire(protocol)

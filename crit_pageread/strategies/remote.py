@@ -201,8 +201,9 @@ def _flag(table: dict[str, Any], key: str) -> bool:
     return value
 
 
-def parse_options(table: dict[str, Any]) -> tuple[ServerAddress, str, int]:
-    """Validate a `[remote]` table: (server, local strategy name, max_in_flight); errors name the key."""
+def parse_options(table: dict[str, Any], criu: str | None = None) -> tuple[ServerAddress, str, int]:
+    """Validate a `[remote]` table: (server, local strategy name, max_in_flight); errors name the key.
+    Without `protocol`, the layout is that of `criu` (the configured criu; default: the one in use)."""
     from ..pageserver.client import ServerAddress
     from ..pageserver.tls import TlsOptions
 
@@ -215,7 +216,7 @@ def parse_options(table: dict[str, Any]) -> tuple[ServerAddress, str, int]:
     port = _number(table, "port", 1, 65535, True)
     protocol = env_text(table.get("protocol"))
     if protocol is None:
-        protocol = protocol_for_criu(_config.criu if _config is not None else None)
+        protocol = protocol_for_criu(criu)
     elif protocol not in PROTOCOLS:
         raise ConfigError(f"[remote]: key 'protocol' must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
     files = {k: _text(table, k) for k in ("tls_cacert", "tls_cert", "tls_key")}
@@ -237,7 +238,7 @@ def parse_options(table: dict[str, Any]) -> tuple[ServerAddress, str, int]:
 def _factory(context: StrategyContext) -> Strategy:
     from ..plugins import strategies
 
-    server, local_name, max_in_flight = parse_options(context.table)
+    server, local_name, max_in_flight = parse_options(context.table, context.config.criu)
     local: Strategy | None = None
     if local_name != "none":
         if local_name not in strategies():
@@ -254,7 +255,7 @@ def _factory(context: StrategyContext) -> Strategy:
 def crit_pageread_configure(config: Config) -> None:
     table = config.table("remote")
     if table or config.strategy == "remote":
-        parse_options(table)
+        parse_options(table, config.criu)
 
 
 @hookimpl
