@@ -73,10 +73,12 @@ def bench_shape(directory: Path, trees: dict[str, Path], commands: list[str], ru
     nbytes = sum(os.path.getsize(f) for f in files)
     pairs: dict[str, tuple[list[str], Path | None, str | None]] = {"cat > file": (["cat", *files], None, "cat.out")}
     if "grep" in commands:
-        pairs["grep -c -a -F"] = (["grep", "-c", "-a", "-F", PATTERN, *files], None, None)
+        # stdout to a file: GNU grep stops at the first match when its output is /dev/null
+        pairs["grep -c -a -F"] = (["grep", "-c", "-a", "-F", PATTERN, *files], None, "grep.out")
     for cmd in commands:
         for tree_name, tree in trees.items():
-            pairs[f"{cmd} [{tree_name}]"] = (command(cmd, directory, scratch / "out"), tree, None)
+            pairs[f"{cmd} [{tree_name}]"] = (command(cmd, directory, scratch / "out"), tree,
+                                             "grep.out" if cmd == "grep" else None)
     samples: dict[str, list[dict[str, Any]]] = {k: [] for k in pairs}
     for round_ in range(warmup + runs):
         for name, (cmd, cwd, stdout_name) in pairs.items():

@@ -40,7 +40,8 @@ _PAGEMAP_RE = re.compile(r"^pagemap-(\d+)\.img$")
 _SHMEM_RE = re.compile(r"^pagemap-shmem-(\d+)\.img$")
 _PAGES_RE = re.compile(r"^pages-(\d+)\.img$")
 _LAZY_CHUNK = 1 << 20
-#: Bytes of present pages queued before they are handed to the strategy (and progress is shown).
+#: Bytes of present pages queued before they are handed to the strategy and progress is shown (without a
+#: progress callback a target's pages go to the strategy at once: a segment list, not bytes, is queued).
 _COPY_BATCH = 64 << 20
 _VERIFY_CHUNK = 4 << 20
 
@@ -192,9 +193,10 @@ class _RunWriter:
     strategy joins what is contiguous in a pages file and in the output: one kernel copy per run).
     """
 
-    def __init__(self, fd: int, reader: PageReader) -> None:
+    def __init__(self, fd: int, reader: PageReader, batch: int | None = _COPY_BATCH) -> None:
         self.fd = fd
         self.reader = reader
+        self.batch = batch  # None: one hand-over per target (the fewest, largest copies)
         self.offset = 0
         self.runs: list[list[int]] = []  # [vaddr, nr_pages, flags]
         self._pieces: list[tuple[Segment, int]] = []
@@ -211,7 +213,7 @@ class _RunWriter:
         """Queue a planned segment's bytes for the end of the output."""
         self._pieces.append((seg, self.offset + self._queued))
         self._queued += seg.length
-        if self._queued >= _COPY_BATCH:
+        if self.batch is not None and self._queued >= self.batch:
             self.flush()
 
     def write(self, data: memoryview) -> None:
@@ -247,7 +249,7 @@ def _squash_target(
     fd = os.open(out_dir / f"pages-{pm.pages_id}.img", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         # The reader is not closed: that would close the strategy, which the caller shares.
-        w = _RunWriter(fd, reader)
+        w = _RunWriter(fd, reader, _COPY_BATCH if progress is not None else None)
         shown = 0
         for entry in pm.entries:
             for seg in reader.segments(entry.vaddr, entry.size):
