@@ -140,3 +140,29 @@ def test_copy_to_a_file_goes_through_the_process_view(d: Path, tmp_path: Path) -
     finally:
         os.close(fd)
     assert out.read_bytes() == pages("S", "P", "S", "S", "y")
+
+
+def test_send_view_and_write_segments_see_the_shared_mappings(d: Path, tmp_path: Path) -> None:
+    import socket
+
+    want = pages("S", "P", "S", "S")
+    with open_images(d) as images, images.reader(10) as r:
+        a, b = socket.socketpair()
+        with a, b:
+            assert r.send(a.fileno(), MEMFD, 4 * PAGE) == 4 * PAGE
+            got = b""
+            while len(got) < 4 * PAGE:
+                got += b.recv(1 << 20)
+        assert got == want
+        with r.view(ANON_SH, 2 * PAGE) as v:  # one contiguous range of segment 5's pages file
+            assert bytes(v.data[v.start : v.start + 2 * PAGE]) == pages("y", "z")
+        with r.view(MEMFD, 4 * PAGE) as v:  # three pieces in two files: copied
+            assert bytes(v.data[v.start : v.start + 4 * PAGE]) == want
+        out = tmp_path / "segs"
+        fd = os.open(out, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            segs = list(r.segments(MEMFD, 4 * PAGE))
+            r.write_segments(fd, [(s, s.vaddr - MEMFD) for s in segs])
+        finally:
+            os.close(fd)
+        assert out.read_bytes() == want
