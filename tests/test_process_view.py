@@ -166,3 +166,17 @@ def test_send_view_and_write_segments_see_the_shared_mappings(d: Path, tmp_path:
         finally:
             os.close(fd)
         assert out.read_bytes() == want
+
+
+def test_remote_without_a_local_strategy_reads_shared_mappings_from_the_images(d: Path) -> None:
+    from crit_pageread.pageserver.client import ServerAddress
+    from crit_pageread.strategies.remote import RemoteStrategy
+
+    remote = RemoteStrategy(ServerAddress("127.0.0.1", 1), local=None)  # no server: nothing may be fetched
+    try:
+        with open_images(d) as images, images.reader(10, remote) as r:
+            assert r.read(ANON_SH, 3 * PAGE) == pages("y", "z", "w")
+            assert r.read(SYSV, PAGE) == pages("V")
+        assert remote.gets == 0
+    finally:
+        remote.close()

@@ -4,7 +4,8 @@ Lazy ranges (`ReadRequest.pages is None`) are queued and fetched at `sync()`
 (or at once by `read`) with at most `max_in_flight` GETs outstanding, each
 reply received straight into the caller's buffer. Ranges present in the local
 images go to the `local` strategy (default `preadv`); with `local = "none"`
-every range is fetched from the server. After a failure every destination of
+every range of process memory is fetched from the server (shared memory, which
+CRIU keeps in the images and no page server serves, is read from its pages file). After a failure every destination of
 the failed batch is zeroed: no caller buffer keeps half a reply.
 
 Config `[remote]`: address, port, protocol ("4.1"|"4.2"; default: the
@@ -21,7 +22,7 @@ from ..config import Config, env_text
 from ..errors import ConfigError, RemoteError
 from ..hookspecs import hookimpl
 from ..pageserver.protocol import CRIU_MAX_REPLY_PAGES, PROTOCOLS, protocol_for_criu
-from ..strategy import CopyRequest, ReadRequest, Sink, Strategy, StrategyInfo
+from ..strategy import CopyRequest, ReadRequest, Sink, Strategy, StrategyInfo, read_fully
 
 if TYPE_CHECKING:  # the client (ssl, sockets) is imported when a remote strategy is made, not at start-up
     from ..pageserver.client import Connection, ServerAddress
@@ -65,9 +66,19 @@ class RemoteStrategy(Strategy):
                 f"{self.server.peer}: page servers serve process memory only, not {request.target}"
             )
 
+    def _shared_local(self, request: ReadRequest) -> bool:
+        """Shared memory is never on a page server (CRIU dumps it into the images): with no local
+        strategy, read it from its pages file here. True if done."""
+        if request.pages is None or request.target.kind != "shmem":
+            return False
+        read_fully(request.pages.fd, request.dest, request.offset, request.pages.path)
+        return True
+
     def read(self, request: ReadRequest) -> None:
         if request.pages is not None and self.local is not None:
             self.local.read(request)
+            return
+        if self._shared_local(request):
             return
         self._check(request)
         self.sync()
@@ -76,6 +87,8 @@ class RemoteStrategy(Strategy):
     def submit(self, request: ReadRequest) -> None:
         if request.pages is not None and self.local is not None:
             self.local.submit(request)
+            return
+        if self._shared_local(request):
             return
         self._check(request)
         if len(request.dest):
