@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from crit_pageread.cli.main import COMMAND_PLUGINS
+from crit_pageread.cli.main import COMMAND_PLUGINS, build_parser
 from crit_pageread.testing import LAZY, ImageBuilder, VmaSpec
 
 PAGE = 4096
@@ -40,8 +40,9 @@ def test_help_lists_crits_five_commands_first_then_ours_in_registration_order() 
     out = cli("--help").stdout
     listed = re.findall(r"(?m)^    (\w[\w-]*)\s", out.split("positional arguments:")[1])
     assert listed[:5] == ["decode", "encode", "info", "x", "show"]
-    ours = [m.rsplit(".", 1)[1].removesuffix("_cmd") for m in COMMAND_PLUGINS if not m.endswith("crit_compat")]
-    assert listed[5:] == ours
+    choices = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    ranks = [COMMAND_PLUGINS.index(choices[name].get_default("func").__module__) for name in listed]
+    assert ranks == sorted(ranks) and set(listed) == set(choices)  # registration order, every command
 
 
 def test_read_help_says_one_pid_and_more_are_refused(images: Path) -> None:
