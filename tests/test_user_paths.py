@@ -123,3 +123,12 @@ def test_a_failed_restore_leads_with_criu_s_first_real_error(work: tuple[Victim,
     errors = [line.split(") ", 1)[1] for line in log.splitlines() if "Error (" in line and "RLIMIT" not in line]
     assert "RLIMIT" not in again.stderr  # CRIU logs RLIMIT warnings as errors here: never the cause
     assert cause.startswith(errors[0]), (cause, errors[:3])
+
+
+def test_swrk_refuses_a_log_file_in_another_directory_in_one_line(work: tuple[Victim, Path]) -> None:
+    from crit_pageread.errors import ConfigError
+    from crit_pageread.restore.pipeline import restore
+
+    _victim, d = work
+    with pytest.raises(ConfigError, match="must be a bare name"):
+        restore(d / "images", method="swrk", log_file="logs/restore.log")

@@ -229,6 +229,9 @@ def _restore_swrk(images_dir: Path, options: dict[str, Any]) -> RestoreResult:
     """`criu swrk` through pycriu's RPC client; the restored root becomes our child (rst_sibling)."""
     if options["action_scripts"] or options["extra_args"]:
         raise ConfigError("restore: action_scripts and extra_args need method 'binary' (the RPC has no such options)")
+    if os.sep in options["log_file"]:  # CRIU's RPC refuses a log_file with a directory in it
+        raise ConfigError(f"restore: method 'swrk' writes its log in the image directory: log_file "
+                          f"{options['log_file']!r} must be a bare name (or use method 'binary')")
     pyc = pycriu()
     client = pyc.criu()
     client.use_binary(options["criu"])
