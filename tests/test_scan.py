@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from cli_driver import run_jobs
-from criu_harness import Restored, Victim, dump, restore_stopped, start_victim
+from criu_harness import Restored, Victim, dump, free_port, restore_stopped, start_victim
 
 from crit_pageread.pagemap import load_pagemap
 
@@ -441,3 +441,10 @@ def test_scan_progress_bar_on_a_tty_only(fleet: Fleet) -> None:
     assert re.search(rb"crit-pageread: scan: 2 checkpoints, [0-9]+ matches, 0 errors\r\n$", tty_err), tty_err
     piped = subprocess.run(args, capture_output=True, timeout=300)
     assert piped.returncode == 0 and b"scan [" not in piped.stderr and b"\x1b" not in piped.stderr
+
+
+def test_scan_with_no_dask_scheduler_is_one_line(fleet: Fleet) -> None:
+    port = free_port()  # nothing listens there
+    proc = scan("--rules", str(fleet.rules), str(fleet.directory), "--dask", f"tcp://127.0.0.1:{port}")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and f"--dask tcp://127.0.0.1:{port}: cannot connect" in proc.stderr
