@@ -7,7 +7,8 @@ How the README's blocks are read:
   program that CRIU serves; `remote.toml` names its port; made afresh for each block that uses it), and
   `examples/`, `hooks/` (the checkout's). `$PORT` is a free port. Whatever a block restores is killed after it.
 - ```python: run by the venv's python in the same directory (`tests/` on sys.path).
-- ```console: a transcript: the `$ ` line is run, its output must have the lines shown (numbers may differ).
+- ```console: a transcript: the `$ ` line is run, its output must have the lines shown (numbers, quoted
+  strings and absolute paths may differ).
 - ```toml: parsed; a config (not a pyproject fragment) is loaded as a config file.
 - ``` (no language): a synopsis: each `crit-pageread CMD ...` line names a command, and its options exist.
 - A block right after `<!-- not run: REASON -->` is only parsed; that set is listed here and kept tiny.
@@ -174,8 +175,9 @@ def _run_python(ws: Workspace, block: Block) -> None:
 
 
 def _shape(line: str) -> str:
-    """A line with its numbers, hex numbers and quoted strings blanked, and runs of blanks squeezed."""
+    """A line with its numbers, hex numbers, quoted strings and absolute paths blanked, runs of blanks squeezed."""
     line = re.sub(r"'[^']*'", "'…'", line)
+    line = re.sub(r"(?<![\w.])/[^\s()]+", "/…", line)
     line = re.sub(r"0x[0-9a-f]+|\d+(\.\d+)?", "#", line)
     return re.sub(r"\s+", " ", line).strip()
 
