@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mutants", type=int, default=4000)
     p.add_argument("--server", type=int, default=1000, help="hostile page-server requests")
     p.add_argument("--seed", type=int, default=11)
+    p.add_argument("--archives", type=float, default=0.1, help="share of mutants read as a .tar (default 0.1)")
     p.add_argument("--json", action="store_true", help="the summary as one JSON object")
     args = p.parse_args(argv)
     started = time.monotonic()
@@ -30,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"commands {dict(results.commands)}, non-clean {results.non_clean()}", file=sys.stderr,
                       flush=True)
 
-        results = campaign.run(checkpoints, args.mutants, args.seed, work / "mutants", log=progress)
+        results = campaign.run(checkpoints, args.mutants, args.seed, work / "mutants", log=progress,
+                               archives=args.archives)
         campaign.fuzz_server(*checkpoints[0], args.server, args.seed, results)
     summary = results.as_dict()
     summary.update(seed=args.seed, seconds=round(time.monotonic() - started, 1),

@@ -172,10 +172,10 @@ def _command(top: Path, pid: int, command: str, expected: dict[int, dict[int, mo
         argv = ["coredump", str(top), "-o", str(work / "cores")]
     elif command == "squash":
         argv = ["squash", str(top), str(work / "sq"), "--verify"]
-    elif command == "decode":
+    elif command == "decode" and top.is_dir():
         argv = ["decode", "-i", str(top / f"pagemap-{pid}.img"), "--pages", "-o", str(work / "d.json")]
     else:
-        argv = [command, str(top)]
+        argv = [command if command != "decode" else "pages", str(top)]
     err = io.StringIO()
     with open(work / "stdout", "wb") as so:  # a forked child: its fd 1 is ours to point at a file
         os.dup2(so.fileno(), 1)
@@ -290,9 +290,22 @@ def preload() -> None:
     pycriu()
 
 
+def _pack(top: Path, dest: Path) -> Path:
+    """The mutant as a checkpoint archive (`checkpoint/` inside, as Podman writes it); FIFOs, devices and
+    symlinks go in as such members (the archive reader must refuse them)."""
+    import tarfile
+
+    with tarfile.open(dest, "w") as tar:
+        tar.add(top, arcname="checkpoint")
+    return dest
+
+
 def run(checkpoints: list[tuple[Path, str]], mutants: int, seed: int, work: Path, *, timeout: float = 30,
-        mem_limit: int = 2 << 30, commands: bool = True, log: Any = None) -> Results:
-    """`mutants` seeded mutants spread over `checkpoints` ((root directory, top directory relative to it))."""
+        mem_limit: int = 2 << 30, commands: bool = True, log: Any = None, archives: float = 0.0) -> Results:
+    """`mutants` seeded mutants spread over `checkpoints` ((root directory, top directory relative to it)).
+
+    With `archives` > 0, that share of the mutants of checkpoints without a parent chain is read as a
+    `.tar` of the mutant instead of the directory."""
     preload()
     rng = random.Random(seed)
     results = Results()
@@ -315,6 +328,9 @@ def run(checkpoints: list[tuple[Path, str]], mutants: int, seed: int, work: Path
             touched |= touched2
         only_pages = touched <= {"pagemap", "pages"}
         expected = expectation(top, pids_of[root])
+        if archives and mrng.random() < archives and not os.path.lexists(root / top_name / "parent"):
+            top = _pack(top, case / "checkpoint.tar")
+            desc += " (as a .tar)"
         results.mutants += 1
         status, verdicts = _in_child(partial(_library, top, expected, only_pages), timeout, mem_limit)
         if status != "ok":
