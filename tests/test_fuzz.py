@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fuzz import campaign, corpus, model
 
-MUTANTS = 60
-REQUESTS = 40
+MUTANTS = 50
+REQUESTS = 30
 SEED = 7
 
 
