@@ -1,221 +1,858 @@
-"""Checkpoint archives: `.tar`, `.tar.gz`, `.tar.xz`, `.tar.bz2`, `.tar.zst`, unpacked safely.
+"""Checkpoint archives: `.tar` read in place; `.tar.gz/.xz/.bz2/.zst` image members unpacked.
 
 Podman and Kubernetes write checkpoints as tar archives with the CRIU images
-under `checkpoint/`; a plain `tar` of an image directory has them at the top
-or in one directory. Members are extracted one by one (streaming, so a
-compressed archive is read once) into a private temporary directory (mode
-0700). Absolute names, `..` components, links that point outside the
-directory, devices and FIFOs are refused: nothing is ever written outside the
-temporary directory. zstd needs the `zstandard` module or a `zstd` program.
+under `checkpoint/` beside `config.dump`, `spec.dump` and `rootfs-diff.tar`;
+a plain `tar` of an image directory has them at the top or in one directory.
+
+An uncompressed `.tar` is indexed from its headers once and each image is a
+byte range of the archive (`Member`): nothing is copied and no temporary space
+is used. A compressed archive is decompressed once, with large reads; only its
+CRIU images (`*.img`) are written, each to a flat name in a private 0700
+temporary directory, and the small container files (`*.dump`, ...) are kept in
+memory; `rootfs-diff.tar` and every other member are skipped. Every name shown
+for a member is `ARCHIVE: MEMBER`, never the temporary directory.
+
+Nothing is ever created from a member name, so hostile names cannot write
+anything anywhere; absolute names, `..`, links out of the archive, devices,
+FIFOs, GNU sparse images, depth, name length, member count and unpacked size
+are refused with one-line errors (`[archive]` config table: `max_depth`,
+`max_name`, `max_members`, `max_unpacked`). Temporary directories are named
+`crit-pageread-archive-PID-START-*`, removed on close, on SIGTERM and SIGHUP,
+when an unclosed owner is collected and at exit; a later run removes those
+whose owner process is gone (SIGKILL).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import posixpath
 import shutil
-import tarfile
+import signal
+import stat
 import tempfile
+import threading
+import weakref
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import ImageError
+from .errors import ConfigError, ImageError
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-_COPY_CHUNK = 8 << 20
+BLOCK = 512
+#: Read size of compressed streams (tarfile's own stream reads 10 KiB at a time).
+STREAM_CHUNK = 4 << 20
+NAME_MAX = 255
+TEMP_PREFIX = "crit-pageread-archive-"
+#: Member files of a container checkpoint kept in memory (small JSON and text files at the top).
+CONTAINER_FILES = ("config.dump", "spec.dump", "network.status", "deleted.files", "checkpointed.pods",
+                   "pod.options", "pod.dump", "stats-dump", "dump.log")
+CONTAINER_FILE_MAX = 16 << 20
+_PAX_MAX = 1 << 20
+_TEMP_RESERVE = 1 << 20
+#: Files of an image directory that are not `*.img` but are CRIU's (unpacked with the images).
+CRIU_FILES = ("parent", "stats-dump", "stats-restore", "irmap-cache")
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """Bounds on what an archive may hold; defaults fit any real checkpoint."""
+
+    max_depth: int = 64
+    max_name: int = 4096
+    max_members: int = 1_000_000
+    max_unpacked: int = 1 << 40
+
+    @classmethod
+    def from_table(cls, table: dict[str, Any]) -> ArchiveLimits:
+        """Limits from the `[archive]` config table; a bad key or value is a ConfigError."""
+        known = ("max_depth", "max_name", "max_members", "max_unpacked")
+        unknown = set(table) - set(known)
+        if unknown:
+            raise ConfigError(f"[archive]: unknown key {sorted(unknown)[0]!r} (known: {', '.join(known)})")
+        for key, value in table.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"[archive]: key {key!r} must be a positive integer, not {value!r}")
+        return cls(**table)
+
+
+# --- names and members ------------------------------------------------------------------------
+
+
+def short_name(name: str, limit: int = 160) -> str:
+    """A member name fit for a one-line message (long ones elided in the middle)."""
+    name = name.encode("unicode_escape").decode("ascii") if not name.isprintable() else name
+    if len(name) <= limit:
+        return name
+    return f"{name[: limit // 2]}...{name[-limit // 2 + 3 :]} ({len(name)} characters)"
+
+
+class Member(os.PathLike[str]):
+    """An image inside an archive: a byte range of a file (the archive itself, or an unpacked copy).
+
+    `str()` (and `os.fspath()`, so that every message shows it) is the name
+    users know, `ARCHIVE: MEMBER`: opening it as a path fails, never reads the
+    wrong bytes. `source` is the file holding the bytes at `offset`, `size`
+    bytes long; `read_bounded` reads them.
+    """
+
+    __slots__ = ("archive", "member", "offset", "size", "source")
+
+    def __init__(self, archive: Path, member: str, source: str, offset: int, size: int) -> None:
+        self.archive = archive
+        self.member = member
+        self.source = source
+        self.offset = offset
+        self.size = size
+
+    @property
+    def name(self) -> str:
+        """The member's base name (`pagemap-1.img`)."""
+        return posixpath.basename(self.member)
+
+    def __str__(self) -> str:
+        return f"{self.archive}: {short_name(self.member)}"
+
+    def __fspath__(self) -> str:
+        return str(self)
+
+    def __repr__(self) -> str:
+        return f"Member({str(self)!r})"
+
+    def read_bounded(self, max_size: int) -> bytes:
+        """The member's bytes (an ImageError past `max_size` or if the archive is short)."""
+        if self.size > max_size:
+            raise ImageError(self, f"image is {self.size} bytes, more than {max_size} allowed")
+        fd = os.open(self.source, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.pread(fd, self.size, self.offset)
+        finally:
+            os.close(fd)
+        if len(data) != self.size:
+            raise ImageError(self, f"truncated archive: {len(data)} of {self.size} bytes")
+        return data
+
+    def copy_to(self, dest: str | os.PathLike[str]) -> None:
+        """Copy the member's bytes to a new file `dest` (kernel copy)."""
+        src = os.open(self.source, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                pos, left = self.offset, self.size
+                while left:
+                    n = os.copy_file_range(src, out, left, pos)
+                    if n <= 0:
+                        raise ImageError(self, "truncated archive")
+                    pos += n
+                    left -= n
+            finally:
+                os.close(out)
+        finally:
+            os.close(src)
+
+
+@dataclass
+class _Entry:
+    name: str
+    kind: str  # "file", "dir", "symlink", "hardlink", "special"
+    size: int = 0
+    offset: int = 0
+    link: str = ""
+    sparse: bool = False
+    #: For a compressed archive: the unpacked file (images) or the bytes (container files).
+    source: str | None = None
+    data: bytes | None = None
+
+
+@dataclass
+class ArchiveIndex:
+    """The members of an archive, by normalized name, and where their bytes are."""
+
+    path: Path
+    compressed: bool
+    entries: dict[str, _Entry] = field(default_factory=dict)
+    dirs: set[str] = field(default_factory=set)
+    tempdir: Path | None = None
+    _finalizer: Any = None
+
+    # lookup -----------------------------------------------------------------------------
+
+    def resolve(self, name: str) -> str:
+        """`name` with every symlink in it followed inside the archive (lexically)."""
+        parts = [p for p in name.split("/") if p not in ("", ".")]
+        for _ in range(40):
+            for i in range(1, len(parts) + 1):
+                prefix = "/".join(parts[:i])
+                entry = self.entries.get(prefix)
+                if entry is not None and entry.kind == "symlink":
+                    target = posixpath.normpath(posixpath.join(posixpath.dirname(prefix), entry.link))
+                    target = "" if target == "." else target
+                    parts = [p for p in target.split("/") if p] + parts[i:]
+                    break
+            else:
+                return "/".join(parts)
+        raise ImageError(self.path, f"{short_name(name)}: too many levels of symbolic links")
+
+    def entry(self, name: str) -> _Entry | None:
+        entry = self.entries.get(self.resolve(name))
+        while entry is not None and entry.kind == "hardlink":
+            entry = self.entries.get(entry.link)
+        return entry
+
+    def is_file(self, name: str) -> bool:
+        entry = self.entry(name)
+        return entry is not None and entry.kind == "file"
+
+    def is_dir(self, name: str) -> bool:
+        return self.resolve(name) in self.dirs
+
+    def member(self, name: str) -> Member:
+        """The Member for a regular file (resolved); an ImageError if absent or unreadable."""
+        real = self.resolve(name)
+        entry = self.entry(name)
+        if entry is None or entry.kind != "file":
+            raise ImageError(f"{self.path}: {short_name(name)}", "missing")
+        if entry.sparse:
+            raise ImageError(f"{self.path}: {short_name(real)}", "is a GNU sparse member; repack without --sparse")
+        if self.compressed:
+            if entry.source is None:
+                raise ImageError(f"{self.path}: {short_name(real)}", "not unpacked (not a CRIU image)")
+            return Member(self.path, real, entry.source, 0, entry.size)
+        return Member(self.path, real, str(self.path), entry.offset, entry.size)
+
+    def listdir(self, directory: str) -> list[str]:
+        """Names directly inside `directory` (resolved)."""
+        base = self.resolve(directory)
+        prefix = base + "/" if base else ""
+        out = set()
+        for name in self.entries:
+            if name.startswith(prefix):
+                rest = name[len(prefix) :]
+                if rest and "/" not in rest:
+                    out.add(rest)
+        for d in self.dirs:
+            if d.startswith(prefix) and d != base:
+                rest = d[len(prefix) :]
+                if rest and "/" not in rest:
+                    out.add(rest)
+        return sorted(out)
+
+    def available(self, name: str) -> bool:
+        """True if `name` is a regular file whose bytes can be read (unpacked, for a compressed archive)."""
+        entry = self.entry(name)
+        if entry is None or entry.kind != "file":
+            return False
+        return not self.compressed or entry.source is not None or entry.data is not None
+
+    def read_small(self, name: str, limit: int = CONTAINER_FILE_MAX) -> bytes | None:
+        """A small member's bytes (container metadata), or None if absent."""
+        entry = self.entry(name)
+        if entry is None or entry.kind != "file":
+            return None
+        label = f"{self.path}: {short_name(name)}"
+        if entry.size > limit:
+            raise ImageError(label, f"{entry.size} bytes, more than {limit} allowed")
+        if entry.data is not None:
+            return entry.data
+        if entry.source is not None:
+            with open(entry.source, "rb") as f:
+                return f.read(limit + 1)[:limit]
+        if self.compressed:
+            return None
+        return self.member(name).read_bounded(limit)
+
+    def size_of(self, name: str) -> int | None:
+        entry = self.entry(name)
+        return entry.size if entry is not None and entry.kind == "file" else None
+
+    def images_dir(self) -> str:
+        """The member directory holding the CRIU images (`checkpoint`, the top, or the one directory)."""
+        def has_images(d: str) -> bool:
+            prefix = f"{d}/" if d else ""
+            return self.is_file(prefix + "pstree.img") or self.is_file(prefix + "inventory.img")
+
+        for candidate in ("checkpoint", ""):
+            if has_images(candidate):
+                return candidate
+        tops = {n.split("/", 1)[0] for n in (*self.entries, *self.dirs) if n}
+        top_dirs = [t for t in tops if t in self.dirs]
+        if len(top_dirs) == 1:
+            for candidate in (f"{top_dirs[0]}/checkpoint", top_dirs[0]):
+                if has_images(candidate):
+                    return candidate
+        raise ImageError(self.path, "archive holds no CRIU images (no pstree.img at the top or under checkpoint/)")
+
+    def container_root(self, images_dir: str) -> str:
+        """The member directory of the container files (`config.dump`...): above `checkpoint/`."""
+        parent = posixpath.dirname(images_dir) if posixpath.basename(images_dir) == "checkpoint" else images_dir
+        return parent
+
+    # lifetime ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Remove the unpacked copy, if any (idempotent)."""
+        if self._finalizer is not None:
+            self._finalizer()
+
+
+# --- opening ------------------------------------------------------------------------------------
+
+
+def compression(path: str | os.PathLike[str]) -> str | None:
+    """"zst", "gz", "xz", "bz2" or "tar" for a (compressed) tar archive; None for anything else."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        head = os.pread(fd, BLOCK, 0)
+    finally:
+        os.close(fd)
+    for magic, kind in ((ZSTD_MAGIC, "zst"), (b"\x1f\x8b", "gz"), (b"\xfd7zXZ\x00", "xz"), (b"BZh", "bz2")):
+        if head.startswith(magic):
+            return kind
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "tar"
+    return None
 
 
 def is_archive(path: str | os.PathLike[str]) -> bool:
     """True if `path` is a regular file that looks like a (possibly compressed) tar archive."""
-    p = Path(path)
-    if not p.is_file():
-        return False
-    try:
-        with open(p, "rb") as f:
-            head = f.read(512)
-    except OSError:
-        return False
-    if head.startswith((ZSTD_MAGIC, b"\x1f\x8b", b"\xfd7zXZ\x00", b"BZh")):
-        return True
-    return len(head) >= 262 and head[257:262] == b"ustar"
+    return compression(path) is not None
 
 
-def unpack_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, Callable[[], None]]:
-    """Unpack a checkpoint archive into a private temporary directory.
-
-    Returns the directory that holds the images (`checkpoint/`, the top, or the
-    single directory that has `pstree.img`) and a function that removes the
-    temporary directory. On any error nothing is left behind.
-    """
+def open_archive(path: str | os.PathLike[str], limits: ArchiveLimits | None = None) -> ArchiveIndex:
+    """Index an archive; a compressed one has its images unpacked (close the index to remove them)."""
     path = Path(path)
-    tmp = Path(tempfile.mkdtemp(prefix="crit-pageread-archive-"))
-    os.chmod(tmp, 0o700)
-
-    def cleanup() -> None:
-        shutil.rmtree(tmp, ignore_errors=True)
-
+    limits = limits or ArchiveLimits()
+    kind = compression(path)
+    if kind is None:
+        raise ImageError(path, "not a tar archive")
+    if kind == "tar":
+        index = ArchiveIndex(path, compressed=False)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _Indexer(index, limits, _FileSource(path, fd)).run()
+        finally:
+            os.close(fd)
+        return index
+    index = ArchiveIndex(path, compressed=True)
+    tmp = make_temp_dir()
+    index.tempdir = tmp
+    index._finalizer = weakref.finalize(index, _remove_temp_dir, str(tmp))
     try:
-        root = tmp / "root"
-        root.mkdir(mode=0o700)
-        with _open_tar(path) as tar:
-            _extract_all(path, tar, root)
-        return _images_dir(path, root), cleanup
+        with _decompressed(path, kind) as stream:
+            _Indexer(index, limits, _StreamSource(path, stream), unpack_to=tmp).run()
     except BaseException:
-        cleanup()
+        index.close()
         raise
+    return index
 
 
 @contextlib.contextmanager
-def _open_tar(path: Path) -> Iterator[tarfile.TarFile]:
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head == ZSTD_MAGIC:
-        with _zstd_stream(path) as stream, _tar_stream(path, stream) as tar:
-            yield tar
-        return
-    with open(path, "rb") as raw, _tar_stream(path, raw) as tar:
-        yield tar
+def _decompressed(path: Path, kind: str) -> Iterator[IO[bytes]]:
+    """A decompressed stream of the archive, read in large pieces."""
+    with open(path, "rb", buffering=0) as raw:
+        if kind == "gz":
+            import gzip
+
+            with gzip.GzipFile(fileobj=raw, mode="rb") as g:
+                yield g  # type: ignore[misc]
+        elif kind == "xz":
+            import lzma
+
+            with lzma.LZMAFile(raw) as x:
+                yield x
+        elif kind == "bz2":
+            import bz2
+
+            with bz2.BZ2File(raw) as b:
+                yield b
+        else:
+            try:
+                import zstandard  # type: ignore[import-not-found,unused-ignore]
+            except ImportError:
+                zstandard = None  # type: ignore[assignment,unused-ignore]
+            if zstandard is not None:
+                dctx = zstandard.ZstdDecompressor()
+                with dctx.stream_reader(raw, read_size=STREAM_CHUNK, closefd=False) as z:
+                    yield z
+            else:
+                with _zstd_program(path) as z:
+                    yield z
 
 
 @contextlib.contextmanager
-def _tar_stream(path: Path, fileobj: IO[bytes]) -> Iterator[tarfile.TarFile]:
-    try:
-        tar = tarfile.open(fileobj=fileobj, mode="r|*")
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise ImageError(path, f"not a readable tar archive: {exc}") from None
-    try:
-        yield tar
-    finally:
-        tar.close()
-
-
-@contextlib.contextmanager
-def _zstd_stream(path: Path) -> Iterator[IO[bytes]]:
-    """A decompressed stream of a .zst file: the zstandard module if installed, else `zstd -dc`."""
-    try:
-        import zstandard  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        zstandard = None
-    if zstandard is not None:
-        with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as stream:
-            yield stream
-        return
+def _zstd_program(path: Path) -> Iterator[IO[bytes]]:
     import subprocess
 
     program = shutil.which("zstd")
     if program is None:
-        raise ImageError(path, "zstd archive, but neither the zstandard module nor a zstd program is available")
-    proc = subprocess.Popen([program, "-dc", "--", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        raise ImageError(path, "zstd archive: install the zstandard module (pip install 'crit-pageread[zstd]')"
+                               " or a zstd program")
+    proc = subprocess.Popen([program, "-dcq", "--", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None
+    ok = False
     try:
         yield proc.stdout
-        rest_ok = proc.wait() == 0
+        ok = True
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+        proc.wait()
         proc.stdout.close()
-    if not rest_ok:
         err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-        raise ImageError(path, f"zstd failed: {err.splitlines()[-1] if err else proc.returncode}")
+        if proc.stderr:
+            proc.stderr.close()
+    if ok and proc.returncode not in (0, -signal.SIGKILL) and err:
+        raise ImageError(path, f"zstd failed: {err.splitlines()[-1]}")
 
 
-def _safe_name(archive: Path, name: str) -> str:
-    """The member's relative path, or an ImageError if it could land outside the directory."""
-    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
-        raise ImageError(archive, f"member {name!r} has an absolute path")
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise ImageError(archive, f"member {name!r} has a '..' component")
-    if any("\x00" in p for p in parts):
-        raise ImageError(archive, f"member {name!r} has a NUL byte")
-    return "/".join(parts)
+# --- sources: a seekable archive file, or a decompressed stream ---------------------------------
 
 
-def _inside(root: Path, target: Path) -> bool:
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(target)
-    return real == real_root or real.startswith(real_root + os.sep)
+class _FileSource:
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.pos = 0
+        self.size = os.fstat(fd).st_size
+
+    def read(self, n: int) -> bytes:
+        data = os.pread(self.fd, n, self.pos)
+        self.pos += len(data)
+        return data
+
+    def skip(self, n: int) -> bool:
+        """Move past `n` bytes; False if the archive ends before."""
+        self.pos += n
+        return self.pos <= self.size
+
+    def copy(self, fd: int, n: int) -> bool:  # pragma: no cover - an in-place archive never copies
+        raise AssertionError("in-place archives are not copied")
 
 
-def _extract_all(archive: Path, tar: tarfile.TarFile, root: Path) -> None:
-    for member in tar:
-        rel = _safe_name(archive, member.name)
-        if not rel:
-            continue
-        dest = root / rel
-        if not _inside(root, dest.parent):
-            raise ImageError(archive, f"member {member.name!r} would be written through a link outside the archive")
-        if member.isdir():
-            dest.mkdir(mode=0o700, parents=True, exist_ok=True)
-        elif member.isreg():
-            dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _write_member(archive, tar, member, dest)
-        elif member.issym():
-            link = member.linkname
+class _StreamSource:
+    def __init__(self, path: Path, stream: IO[bytes]) -> None:
+        self.path = path
+        self.stream = stream
+        self.pos = 0
+        self._buf = bytearray(STREAM_CHUNK)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+
+    def _fill(self) -> bool:
+        if self._start < self._end:
+            return True
+        try:
+            n = self.stream.readinto(self._view)  # type: ignore[attr-defined]
+        except (OSError, EOFError, ValueError) as exc:
+            raise ImageError(self.path, f"cannot decompress: {exc}") from None
+        except Exception as exc:  # zstandard.ZstdError, lzma.LZMAError, ...: corrupt compressed data
+            raise ImageError(self.path, f"cannot decompress: {type(exc).__name__}: {exc}") from None
+        self._start, self._end = 0, n or 0
+        return bool(n)
+
+    def read(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n and self._fill():
+            take = min(n - len(out), self._end - self._start)
+            out += self._view[self._start : self._start + take]
+            self._start += take
+        self.pos += len(out)
+        return bytes(out)
+
+    def _pump(self, n: int, fd: int | None) -> bool:
+        while n and self._fill():
+            take = min(n, self._end - self._start)
+            if fd is not None:
+                chunk = self._view[self._start : self._start + take]
+                while chunk:
+                    w = os.write(fd, chunk)
+                    chunk = chunk[w:]
+            self._start += take
+            self.pos += take
+            n -= take
+        return n == 0
+
+    def skip(self, n: int) -> bool:
+        return self._pump(n, None)
+
+    def copy(self, fd: int, n: int) -> bool:
+        return self._pump(n, fd)
+
+
+# --- the tar format -----------------------------------------------------------------------------
+
+
+def _number(field_bytes: bytes) -> int:
+    """A numeric header field: octal text, or GNU base-256 when the high bit is set."""
+    if field_bytes and field_bytes[0] & 0x80:
+        value = int.from_bytes(field_bytes[1:], "big")
+        return -value if field_bytes[0] & 0x40 else value
+    text = field_bytes.split(b"\0", 1)[0].strip(b" ")
+    return int(text, 8) if text else 0
+
+
+def _text(field_bytes: bytes) -> str:
+    return field_bytes.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _pax(data: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space < 0:
+            break
+        length = int(data[pos:space])
+        if length <= 0:
+            raise ValueError("bad pax record length")
+        record = data[space + 1 : pos + length - 1]
+        key, _, value = record.partition(b"=")
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+class _Indexer:
+    """Walks the headers of an archive once, checking every bound, recording (or unpacking) members."""
+
+    def __init__(self, index: ArchiveIndex, limits: ArchiveLimits, source: Any, unpack_to: Path | None = None):
+        self.index = index
+        self.limits = limits
+        self.src = source
+        self.unpack_to = unpack_to
+        self.unpacked = 0
+        self.count = 0
+
+    def fail(self, name: str | None, problem: str) -> ImageError:
+        where = f"{self.index.path}: {short_name(name)}" if name else str(self.index.path)
+        return ImageError(where, problem)
+
+    def run(self) -> None:
+        src = self.src
+        long_name: str | None = None
+        long_link: str | None = None
+        pax: dict[str, str] = {}
+        while True:
+            at = src.pos
+            header = src.read(BLOCK)
+            if not header and at == 0:
+                raise self.fail(None, "not a readable tar archive: empty")
+            if len(header) < BLOCK:
+                if not header.strip(b"\0") and at:
+                    return  # archives without the end-of-archive blocks (truncated zeros)
+                raise self.fail(None, f"truncated archive: header at offset {at} is cut short")
+            if not header.strip(b"\0"):
+                return
+            chk = _number(header[148:156])
+            if chk != sum(header[:148]) + 256 + sum(header[156:]):
+                raise self.fail(None, f"not a readable tar archive: bad header checksum at offset {at}")
+            kind = header[156:157]
+            size = _number(header[124:136])
+            if size < 0:
+                raise self.fail(None, f"negative member size at offset {at}")
+            padded = (size + BLOCK - 1) // BLOCK * BLOCK
+            if kind in (b"x", b"g", b"L", b"K"):
+                if size > _PAX_MAX:
+                    raise self.fail(None, f"extended header of {size} bytes at offset {at}, more than {_PAX_MAX}")
+                data = src.read(padded)
+                if len(data) < padded:
+                    raise self.fail(None, f"truncated archive: extended header at offset {at}")
+                data = data[:size]
+                if kind == b"x":
+                    try:
+                        pax = _pax(data)
+                    except ValueError:
+                        raise self.fail(None, f"corrupt pax header at offset {at}") from None
+                elif kind == b"L":
+                    long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                elif kind == b"K":
+                    long_link = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                continue
+            name = long_name if long_name is not None else _text(header[0:100])
+            if long_name is None and header[257:263] == b"ustar\x0000" and header[345]:
+                name = _text(header[345:500]) + "/" + name
+            link = long_link if long_link is not None else _text(header[157:257])
+            name = pax.get("GNU.sparse.name", pax.get("path", name))
+            link = pax.get("linkpath", link)
+            sparse = kind == b"S" or any(k.startswith("GNU.sparse.") for k in pax)
+            if "size" in pax:
+                try:
+                    size = int(pax["size"])
+                except ValueError:
+                    raise self.fail(name, "corrupt pax size") from None
+                padded = (size + BLOCK - 1) // BLOCK * BLOCK
+            if kind == b"S" and header[482]:
+                # Extended sparse headers follow: 512-byte blocks until one says it is the last.
+                while True:
+                    ext = src.read(BLOCK)
+                    if len(ext) < BLOCK:
+                        raise self.fail(name, "truncated archive: sparse header cut short")
+                    if not ext[504]:
+                        break
+            long_name = long_link = None
+            pax = {}
+            self.member(name, kind, size, link, sparse, header)
+            if not self._data(name, kind, size, padded, sparse):
+                raise self.fail(name, f"truncated archive: member declares {size} bytes, the archive ends before")
+
+    def check_name(self, raw: str) -> str:
+        limits = self.limits
+        if len(raw.encode("utf-8", "surrogateescape")) > limits.max_name:
+            raise self.fail(raw, f"name of {len(raw)} characters, more than {limits.max_name} allowed")
+        if raw.startswith("/"):
+            raise self.fail(raw, "member has an absolute path")
+        if "\x00" in raw:
+            raise self.fail(raw, "member has a NUL byte")
+        parts = [p for p in raw.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise self.fail(raw, "member has a '..' component")
+        if len(parts) > limits.max_depth:
+            raise self.fail(raw, f"member is {len(parts)} directories deep, more than {limits.max_depth} allowed")
+        for p in parts:
+            if len(p.encode("utf-8", "surrogateescape")) > NAME_MAX:
+                raise self.fail(raw, f"a name component of {len(p)} characters, more than NAME_MAX ({NAME_MAX})")
+        return "/".join(parts)
+
+    def member(self, raw: str, kind: bytes, size: int, link: str, sparse: bool, header: bytes) -> None:
+        self.count += 1
+        if self.count > self.limits.max_members:
+            raise self.fail(raw, f"more than {self.limits.max_members} members")
+        name = self.check_name(raw)
+        if not name:
+            return
+        index = self.index
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            index.dirs.add("/".join(parts[:i]))
+        if kind == b"5":
+            index.dirs.add(name)
+            return
+        if kind in (b"3", b"4", b"6"):
+            what = "FIFO" if kind == b"6" else "device"
+            raise self.fail(raw, f"member is a {what}; checkpoint archives hold files only")
+        if kind == b"2":
             if link.startswith("/"):
-                raise ImageError(archive, f"symlink {member.name!r} points to the absolute path {link!r}")
-            resolved = Path(os.path.normpath(dest.parent / link))
-            if not (resolved == root or str(resolved).startswith(str(root) + os.sep)):
-                raise ImageError(archive, f"symlink {member.name!r} -> {link!r} points outside the archive")
-            dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.symlink(link, dest)
-            if not _inside(root, dest):
-                raise ImageError(archive, f"symlink {member.name!r} -> {link!r} resolves outside the archive")
-        elif member.islnk():
-            target = root / _safe_name(archive, member.linkname)
-            if not _inside(root, target) or not target.is_file():
-                raise ImageError(
-                    archive, f"hard link {member.name!r} -> {member.linkname!r} has no target in the archive"
-                )
-            dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.link(target, dest, follow_symlinks=False)
-        else:
-            kind = "device" if (member.ischr() or member.isblk()) else "FIFO" if member.isfifo() else "special file"
-            raise ImageError(archive, f"member {member.name!r} is a {kind}; checkpoint archives hold files only")
+                raise self.fail(raw, f"symlink points to the absolute path {short_name(link)!r}")
+            target = posixpath.normpath(posixpath.join(posixpath.dirname(name), link))
+            if target == ".." or target.startswith("../"):
+                raise self.fail(raw, f"symlink -> {short_name(link)!r} points outside the archive")
+            index.entries[name] = _Entry(name, "symlink", link=link)
+            try:
+                resolved = index.resolve(name)
+            except ImageError:
+                raise self.fail(raw, "symlink loop") from None
+            if resolved == ".." or resolved.startswith("../"):
+                raise self.fail(raw, f"symlink -> {short_name(link)!r} resolves outside the archive")
+            return
+        if kind == b"1":
+            target_name = self.check_name(link)
+            linked = index.entry(target_name)
+            if linked is None or linked.kind != "file":
+                raise self.fail(raw, f"hard link -> {short_name(link)!r} has no target in the archive")
+            index.entries[name] = _Entry(name, "hardlink", link=index.resolve(target_name))
+            return
+        if kind not in (b"0", b"\0", b"7", b"S"):
+            raise self.fail(raw, f"member of unknown type {kind!r}; checkpoint archives hold files only")
+        if name in index.entries and index.entries[name].kind == "file":
+            raise self.fail(raw, "member appears twice")
+        real = index.resolve(posixpath.dirname(name))
+        full = f"{real}/{posixpath.basename(name)}" if real else posixpath.basename(name)
+        if full == ".." or full.startswith("../"):
+            raise self.fail(raw, "member would be written through a link outside the archive")
+        index.entries[full] = _Entry(full, "file", size=size, offset=self.src.pos, sparse=sparse)
+
+    def _data(self, raw: str, kind: bytes, size: int, padded: int, sparse: bool) -> bool:
+        """Move past (or unpack) the member's data."""
+        stored = padded
+        if self.unpack_to is None or kind not in (b"0", b"\0", b"7", b"S"):
+            return self.src.skip(stored)
+        name = self.check_name(raw)
+        base = posixpath.basename(name)
+        entry = self.index.entries.get(self.index.resolve(name))
+        if entry is None:
+            return self.src.skip(stored)
+        if base.endswith(".img") or base in CRIU_FILES:
+            if sparse:
+                return self.src.skip(stored)  # refused if it is ever read (`member()`)
+            self.unpacked += size
+            if self.unpacked > self.limits.max_unpacked:
+                raise self.fail(raw, f"unpacking it would exceed {self.limits.max_unpacked} bytes (max_unpacked)")
+            assert self.unpack_to is not None
+            free = _free_bytes(self.unpack_to)
+            if free is not None and size + _TEMP_RESERVE > free:
+                raise self.fail(raw, f"{size} bytes to unpack, {free} free in {tempfile.gettempdir()}"
+                                     " (set TMPDIR, or read the uncompressed .tar in place)")
+            dest = self.unpack_to / f"{self.count}.img"
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                ok = self.src.copy(fd, size)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise self.fail(raw, f"no space left unpacking it in {tempfile.gettempdir()}") from None
+                raise
+            finally:
+                os.close(fd)
+            entry.source = str(dest)
+            return ok and self.src.skip(stored - size)
+        if base in CONTAINER_FILES and size <= CONTAINER_FILE_MAX and name.count("/") <= 1:
+            data = self.src.read(size)
+            entry.data = data
+            return len(data) == size and self.src.skip(stored - size)
+        return self.src.skip(stored)
 
 
-def _write_member(archive: Path, tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
-    src: Any = tar.extractfile(member)
-    if src is None:
-        raise ImageError(archive, f"member {member.name!r} has no data")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+def _free_bytes(path: Path) -> int | None:
     try:
-        fd = os.open(dest, flags, 0o600)
-    except FileExistsError:
-        raise ImageError(archive, f"member {member.name!r} appears twice") from None
-    buf = bytearray(min(_COPY_CHUNK, max(member.size, 1)))
-    view = memoryview(buf)
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+# --- temporary directories: private, recognisable, removed on every way out --------------------
+
+_live: set[str] = set()
+_live_lock = threading.Lock()
+_handlers_installed = False
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), or None."""
     try:
-        left = member.size
-        while left:
-            n = src.readinto(view[: min(left, len(buf))])
-            if not n:
-                raise ImageError(archive, f"member {member.name!r} is truncated")
-            _write_all(fd, view[:n])
-            left -= n
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        if isinstance(exc, OSError) and exc.filename:
-            raise
-        raise ImageError(archive, f"member {member.name!r}: {exc}") from None
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data.rsplit(b")", 1)[-1].split()[19].decode()
+
+
+def make_temp_dir() -> Path:
+    """A new 0700 directory named `crit-pageread-archive-PID-START-*`; stale ones are removed first."""
+    remove_stale_temp_dirs()
+    me = os.getpid()
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{me}-{_start_time(me) or 0}-"))
+    os.chmod(tmp, 0o700)
+    with _live_lock:
+        _live.add(str(tmp))
+    _install_signal_cleanup()
+    return tmp
+
+
+def _remove_temp_dir(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    with _live_lock:
+        _live.discard(path)
+
+
+def remove_stale_temp_dirs(directory: str | None = None) -> list[str]:
+    """Remove our temp dirs whose owner process is gone (killed by SIGKILL); return their paths."""
+    directory = directory or tempfile.gettempdir()
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    uid = os.getuid()
+    for name in names:
+        if not name.startswith(TEMP_PREFIX):
+            continue
+        parts = name[len(TEMP_PREFIX) :].split("-")
+        if len(parts) < 3 or not parts[0].isdigit():
+            continue
+        pid, start = int(parts[0]), parts[1]
+        path = os.path.join(directory, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if st.st_uid != uid or not stat.S_ISDIR(st.st_mode):
+            continue
+        alive = _start_time(pid)
+        if alive is not None and (alive == start or start == "0"):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _cleanup_all() -> None:
+    with _live_lock:
+        paths = list(_live)
+    for path in paths:
+        _remove_temp_dir(path)
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """Remove every live temp dir, then die of the signal as if no handler were installed."""
+    _cleanup_all()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _install_signal_cleanup() -> None:
+    """SIGTERM and SIGHUP remove the temp dirs (only where nobody else handles them; main thread only)."""
+    global _handlers_installed
+    if _handlers_installed or threading.current_thread() is not threading.main_thread():
+        return
+    _handlers_installed = True
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            if signal.getsignal(sig) == signal.SIG_DFL:
+                signal.signal(sig, _on_signal)
+        except (ValueError, OSError):
+            pass
+
+
+@contextlib.contextmanager
+def unpacked_images(
+    path: str | os.PathLike[str], limits: ArchiveLimits | None = None
+) -> Iterator[tuple[Path, str]]:
+    """The archive's CRIU images as a real directory (for tools that need one, such as crit's `x`).
+
+    Yields the directory and the member directory it stands for (`checkpoint`,
+    or "" for images at the top). The image members only, each under its own
+    name, in a private temporary directory removed on exit; an uncompressed
+    archive is copied by the kernel.
+    """
+    index = open_archive(path, limits)
+    tmp = make_temp_dir()
+    try:
+        images = index.images_dir()
+        root = tmp / "images"
+        root.mkdir(mode=0o700)
+        for name in index.listdir(images):
+            full = f"{images}/{name}" if images else name
+            if index.is_file(full) and (name.endswith(".img") or name in CRIU_FILES):
+                member = index.member(full)
+                if index.compressed:  # already unpacked, in the same temporary directory: a link, no copy
+                    os.link(member.source, root / name)
+                else:
+                    member.copy_to(root / name)
+        yield root, images
     finally:
-        os.close(fd)
+        index.close()
+        _remove_temp_dir(str(tmp))
 
 
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        n = os.write(fd, data)
-        data = data[n:]
+def unpack_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, Callable[[], None]]:
+    """The images as a real temporary directory and the function that removes it (see `unpacked_images`)."""
+    cm = unpacked_images(path)
+    directory, _ = cm.__enter__()
 
+    def cleanup() -> None:
+        cm.__exit__(None, None, None)
 
-def _images_dir(archive: Path, root: Path) -> Path:
-    for candidate in (root / "checkpoint", root):
-        if (candidate / "pstree.img").is_file() or (candidate / "inventory.img").is_file():
-            return candidate
-    subdirs = [d for d in root.iterdir() if d.is_dir() and not d.is_symlink()]
-    if len(subdirs) == 1:
-        for candidate in (subdirs[0] / "checkpoint", subdirs[0]):
-            if (candidate / "pstree.img").is_file():
-                return candidate
-    raise ImageError(archive, "archive holds no CRIU images (no pstree.img at the top or under checkpoint/)")
+    return directory, cleanup

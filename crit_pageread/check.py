@@ -90,8 +90,29 @@ class CheckReport:
 
 
 def check_checkpoint(path: str | os.PathLike[str], *, notes: bool = True) -> CheckReport:
-    """Check an image directory or a checkpoint archive; never raises for a broken checkpoint."""
+    """Check an image directory or a checkpoint archive; never raises for a broken checkpoint.
+
+    An archive's image members (only) are checked as a directory in a private
+    temporary directory; every problem names them `ARCHIVE: MEMBER`.
+    """
+    from .archive import is_archive, unpacked_images
+
     shown = str(path)
+    if is_archive(path):
+        try:
+            with unpacked_images(path) as (directory, member_dir):
+                report = check_checkpoint(directory, notes=notes)
+                inner = str(directory).rstrip("/")
+        except CritPageReadError as exc:
+            return CheckReport(shown, [_problem_of(exc, shown)])
+        where = f"{shown}: {member_dir}" if member_dir else shown
+
+        def rename(text: str) -> str:
+            return text.replace(inner + "/", f"{where}/" if member_dir else f"{shown}: ").replace(inner, where)
+
+        report.path = shown
+        report.problems[:] = [Problem(p.severity, p.kind, rename(p.file), rename(p.message)) for p in report.problems]
+        return report
     problems: list[Problem] = []
     report = CheckReport(shown, problems)
     try:
@@ -100,27 +121,13 @@ def check_checkpoint(path: str | os.PathLike[str], *, notes: bool = True) -> Che
         problems.append(_problem_of(exc, shown))
         return report
     try:
-        rename = _renamer(images, Path(path))
         _check_dir(images, report, depth=0, notes=notes)
         if notes:
             for tmp in stale_temps(images.path):
                 problems.append(Problem("note", "stale-temp", str(tmp), "temporary file of a killed crit-pageread run"))
-        report.problems[:] = [Problem(p.severity, p.kind, rename(p.file), rename(p.message)) for p in problems]
     finally:
         images.close()
     return report
-
-
-def _renamer(images: CheckpointImages, given: Path):  # type: ignore[no-untyped-def]
-    """Name files inside an archive as `ARCHIVE: MEMBER`, not by the temporary unpacked path."""
-    if images.archive is None:
-        return lambda text: text
-    base = str(images.path).rstrip("/") + "/"
-
-    def rename(text: str) -> str:
-        return text.replace(base, f"{given}: ")
-
-    return rename
 
 
 def _problem_of(exc: Exception, fallback: str, kind: str = "image") -> Problem:

@@ -97,6 +97,11 @@ def read_image(path: str | os.PathLike[str], magic: str, max_size: int | None = 
     read in exactly `st_size` bytes: never more, whatever the file does.
     """
     limit = max_size if max_size is not None else MAX_IMAGE_SIZE.get(magic, DEFAULT_MAX_IMAGE_SIZE)
+    bounded = getattr(path, "read_bounded", None)
+    if bounded is not None:  # an archive member (`archive.Member`): a byte range of the archive
+        data = bounded(limit)
+        check_magic(path, data, magic)
+        return data
     fd = open_regular(path)
     try:
         size = os.fstat(fd).st_size

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -23,6 +24,7 @@ from .pagemap import Pagemap, load_pagemap
 from .strategy import PagesFile, Strategy, Target
 
 if TYPE_CHECKING:
+    from .archive import ArchiveIndex, Member
     from .memory import ProcessReader
     from .reader import PageReader
 
@@ -123,39 +125,124 @@ _SHMEM_RE = re.compile(r"^pagemap-shmem-(\d+)\.img$")
 
 
 class CheckpointImages:
-    """A CRIU image directory. Use `open_images()`; close it (or use `with`)."""
+    """A CRIU image directory, or the images of a checkpoint archive.
+
+    Use `open_images()` as a context manager (or call `close()`): an archive's
+    unpacked copy is removed then (and, at the latest, when the object is
+    collected). `image(name)` locates one image: a Path in a directory, an
+    `archive.Member` (a byte range, shown as `ARCHIVE: MEMBER`) in an archive.
+    """
 
     def __init__(
-        self, path: str | os.PathLike[str], config: Config | None = None, *, _chain: tuple[str, ...] = ()
+        self,
+        path: str | os.PathLike[str],
+        config: Config | None = None,
+        *,
+        _chain: tuple[str, ...] = (),
+        _index: ArchiveIndex | None = None,
+        _member_dir: str = "",
     ) -> None:
         self.path = Path(path)
-        if not self.path.exists():
-            raise ImageError(self.path, "no such image directory")
-        if not self.path.is_dir():
-            raise ImageError(self.path, "not a directory of CRIU images")
+        #: The archive's index and the member directory of the images (None, "" for a directory).
+        self._index = _index
+        self.member_dir = _member_dir
+        if _index is None:
+            if not self.path.exists():
+                raise ImageError(self.path, "no such image directory")
+            if not self.path.is_dir():
+                raise ImageError(self.path, "not a directory of CRIU images")
         self.config = config if config is not None else load_config()
         self.page_size = self.config.page_size
-        self._chain = (*_chain, os.path.realpath(self.path))
+        here = os.path.realpath(self.path) if _index is None else f"{self.path}\0{_member_dir}"
+        self._chain = (*_chain, here)
         self._pagemaps: dict[Target, Pagemap] = {}
         self._zombies: dict[int, bool] = {}
         self._pages: dict[tuple[int, bool], PagesFile] = {}
         self._parent: CheckpointImages | None = None
         self._parent_checked = False
         self._cleanup: list[Any] = []
-        #: The archive this directory was unpacked from (by `open_images`), else None.
-        self.archive: Path | None = None
+        #: The archive the images are read from (by `open_images`), else None.
+        self.archive: Path | None = _index.path if _index is not None else None
+        #: The directory of the container files (config.dump, spec.dump) of a Podman/CRI-O layout, if any.
+        self.container_dir: str | None = None
         # Like CRIU, open every level of the chain now: a missing, dangling or cyclic `parent` link is
         # an error at open, even in a level no page needs.
         if len(self._chain) > MAX_CHAIN_DEPTH:
-            raise ChainError(self.path / "parent", f"parent chain deeper than {MAX_CHAIN_DEPTH}")
+            where = self.path / "parent" if _index is None else f"{self.path}: {self._member('parent')}"
+            raise ChainError(where, f"parent chain deeper than {MAX_CHAIN_DEPTH}")
         self.parent  # noqa: B018
+
+    # --- where images are --------------------------------------------------------------------
+
+    def image(self, name: str) -> Path | Member:
+        """Where image `name` is: a Path, or an archive Member (an ImageError if it is not there)."""
+        if self._index is None:
+            return self.path / name
+        return self._index.member(self._member(name))
+
+    def has_image(self, name: str) -> bool:
+        """True if image `name` exists (a regular file)."""
+        if self._index is None:
+            return (self.path / name).is_file()
+        return self._index.is_file(self._member(name))
+
+    def image_names(self) -> list[str]:
+        """The names of the images (every file of the directory), sorted."""
+        if self._index is None:
+            return sorted(os.listdir(self.path))
+        return [n for n in self._index.listdir(self.member_dir) if self._index.available(self._member(n))]
+
+    def container_file(self, name: str, limit: int = 16 << 20) -> bytes | None:
+        """A container file of a Podman/CRI-O layout (`config.dump`, `spec.dump`...), or None."""
+        if self.container_dir is None:
+            return None
+        if self._index is not None:
+            return self._index.read_small(f"{self.container_dir}/{name}" if self.container_dir else name, limit)
+        path = Path(self.container_dir) / name
+        if not path.is_file():
+            return None
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise ImageError(path, f"more than {limit} bytes")
+        return data
+
+    def image_size(self, name: str) -> int | None:
+        """Size in bytes of image `name`, or None if absent."""
+        if self._index is None:
+            try:
+                return (self.path / name).stat().st_size
+            except OSError:
+                return None
+        return self._index.size_of(self._member(name))
+
+    def container_file_size(self, name: str) -> int | None:
+        """Size of a container file (`rootfs-diff.tar`...) beside the images, or None."""
+        if self.container_dir is None:
+            return None
+        if self._index is not None:
+            return self._index.size_of(f"{self.container_dir}/{name}" if self.container_dir else name)
+        try:
+            return (Path(self.container_dir) / name).stat().st_size
+        except OSError:
+            return None
+
+    @property
+    def location(self) -> str:
+        """The images' place as users know it: the directory, or `ARCHIVE: MEMBER_DIR`."""
+        if self._index is None:
+            return str(self.path)
+        return f"{self.path}: {self.member_dir or '.'}"
+
+    def _member(self, name: str) -> str:
+        return f"{self.member_dir}/{name}" if self.member_dir else name
 
     # --- processes -------------------------------------------------------------------------
 
     @cached_property
     def processes(self) -> dict[int, Process]:
         """Every task of pstree.img by pid, in image order."""
-        path = self.path / "pstree.img"
+        path = self.image("pstree.img")
         out: dict[int, Process] = {}
         # pstree_entry: pid 1, ppid 2, pgid 3, sid 4, threads 5 (decoded without protobuf: fast start-up)
         for msg in load_raw_messages(path, "PSTREE"):
@@ -185,13 +272,13 @@ class CheckpointImages:
     @cached_property
     def shmem_ids(self) -> list[int]:
         """Ids of the shared-memory segments that have a pagemap (pagemap-shmem-<id>.img)."""
-        ids = [int(m.group(1)) for name in os.listdir(self.path) if (m := _SHMEM_RE.match(name))]
+        ids = [int(m.group(1)) for name in self.image_names() if (m := _SHMEM_RE.match(name))]
         return sorted(ids)
 
     def mm(self, pid: int) -> Any:
         """The mm_entry message of mm-<pid>.img (pycriu protobuf)."""
         self._check_pid(pid)
-        path = self.path / f"mm-{pid}.img"
+        path = self.image(f"mm-{pid}.img")
         msgs = load_messages(path, "MM", pycriu().images.pb.mm_entry)
         if len(msgs) != 1:
             raise ImageError(path, f"expected one mm entry, found {len(msgs)}")
@@ -199,7 +286,7 @@ class CheckpointImages:
 
     def core(self, tid: int) -> Any:
         """The core_entry message of core-<tid>.img (registers, thread info)."""
-        path = self.path / f"core-{tid}.img"
+        path = self.image(f"core-{tid}.img")
         msgs = load_messages(path, "CORE", pycriu().images.pb.core_entry)
         if len(msgs) != 1:
             raise ImageError(path, f"expected one core entry, found {len(msgs)}")
@@ -210,7 +297,7 @@ class CheckpointImages:
         self._check_pid(pid)
         if self.is_zombie(pid):
             return []
-        path = self.path / f"mm-{pid}.img"
+        path = self.image(f"mm-{pid}.img")
         msgs = load_raw_messages(path, "MM")
         if len(msgs) != 1:
             raise ImageError(path, f"expected one mm entry, found {len(msgs)}")
@@ -251,9 +338,9 @@ class CheckpointImages:
     @cached_property
     def _memfd_inodes(self) -> dict[int, tuple[str, int]]:
         """memfd inode id -> (name, shmid), from memfd.img (name 1, shmid 5, inode_id 7)."""
-        path = self.path / "memfd.img"
-        if not path.exists():
+        if not self.has_image("memfd.img"):
             return {}
+        path = self.image("memfd.img")
         return {
             (m.opt(7) or i): ((m.blob(1) or b"").decode(errors="replace"), m.req(5, "shmid"))
             for i, m in enumerate(load_raw_messages(path, "MEMFD_INODE"), 1)
@@ -263,9 +350,9 @@ class CheckpointImages:
     def _files(self) -> list[tuple[int, str | None, int | None]]:
         """files.img as (id, regular file name, memfd inode id); file_entry: id 2, reg 3 (name 6),
         memfd 20 (inode_id 5)."""
-        path = self.path / "files.img"
-        if not path.exists():
+        if not self.has_image("files.img"):
             return []
+        path = self.image("files.img")
         out: list[tuple[int, str | None, int | None]] = []
         for f in load_raw_messages(path, "FILES"):
             reg, memfd = f.message(3), f.message(20)
@@ -297,9 +384,9 @@ class CheckpointImages:
         z = self._zombies.get(pid)
         if z is None:
             z = False
-            if not (self.path / f"mm-{pid}.img").exists() and not (self.path / f"pagemap-{pid}.img").exists():
-                core = self.path / f"core-{pid}.img"
-                if core.exists():
+            if not self.has_image(f"mm-{pid}.img") and not self.has_image(f"pagemap-{pid}.img"):
+                if self.has_image(f"core-{pid}.img"):
+                    core = self.image(f"core-{pid}.img")
                     # core_entry.tc (3) . task_state (1), decoded without protobuf
                     msgs = load_raw_messages(core, "CORE")
                     tc = msgs[0].message(3) if len(msgs) == 1 else None
@@ -308,8 +395,8 @@ class CheckpointImages:
         return z
 
     def _check_pid(self, pid: int) -> None:
-        if (self.path / "pstree.img").exists() and pid not in self.processes:
-            raise ImageError(self.path / "pstree.img", f"no pid {pid} in the checkpoint (pids: {self.pids})")
+        if self.has_image("pstree.img") and pid not in self.processes:
+            raise ImageError(self.image("pstree.img"), f"no pid {pid} in the checkpoint (pids: {self.pids})")
 
     # --- pagemaps, pages files, parents -----------------------------------------------------
 
@@ -319,9 +406,12 @@ class CheckpointImages:
         if pm is None:
             name = f"pagemap-{target.id}.img" if target.kind == "pid" else f"pagemap-shmem-{target.id}.img"
             if target.kind == "pid" and self.is_zombie(target.id):
-                pm = Pagemap(self.path / name, 0, [], "4.1", self.page_size)  # a zombie: no memory
-            else:
+                where = self.path / name if self._index is None else Path(f"{self.path}: {self._member(name)}")
+                pm = Pagemap(where, 0, [], "4.1", self.page_size)  # a zombie: no memory
+            elif self._index is None:
                 pm = load_pagemap(self.path / name, self.page_size)
+            else:
+                pm = load_pagemap(self.image(name), self.page_size, self._pages_extent)
             self._pagemaps[target] = pm
         return pm
 
@@ -331,12 +421,20 @@ class CheckpointImages:
     def shmem_pagemap(self, shmid: int) -> Pagemap:
         return self.pagemap_for(Target("shmem", shmid))
 
+    def _pages_extent(self, pages_id: int) -> tuple[int, int, str] | None:
+        """(base, size, name) of pages-<id>.img's bytes in its file, None if missing (archives)."""
+        name = f"pages-{pages_id}.img"
+        if not self.has_image(name):
+            return None
+        member = self.image(name)
+        return member.offset, member.size, str(member)  # type: ignore[union-attr]
+
     def pages_file(self, pages_id: int, writable: bool = False) -> PagesFile:
         """The open pages-<id>.img, shared by every reader of this directory."""
         key = (pages_id, writable)
         pf = self._pages.get(key)
         if pf is None:
-            pf = PagesFile(self.path / f"pages-{pages_id}.img", writable=writable)
+            pf = PagesFile(self.image(f"pages-{pages_id}.img"), writable=writable)  # type: ignore[arg-type]
             self._pages[key] = pf
         return pf
 
@@ -345,6 +443,8 @@ class CheckpointImages:
         """The parent images of an incremental dump, or None if there is no `parent` link."""
         if self._parent_checked:
             return self._parent
+        if self._index is not None:
+            return self._archive_parent(self._index)
         link = self.path / "parent"
         target: str | None = None
         try:
@@ -381,6 +481,29 @@ class CheckpointImages:
             raise ChainError(link, f"parent chain has a cycle through {shown(target)}")
         # The resolved path (as the kernel resolves `parent/..`), so messages name d1/parent, not d3/../d2/../d1.
         self._parent = CheckpointImages(real, self.config, _chain=self._chain)
+        return self._parent
+
+    def _archive_parent(self, index: ArchiveIndex) -> CheckpointImages | None:
+        """The parent images inside the same archive (a `parent` symlink member)."""
+        self._parent_checked = True
+        name = self._member("parent")
+        entry = index.entries.get(name)
+        label = f"{self.path}: {name}"
+        if entry is None:
+            if index.is_file(name):
+                raise ChainError(label, "parent link is a regular file; archives keep it as a symlink")
+            return None
+        if entry.kind != "symlink":
+            raise ChainError(label, "parent link is not a symlink")
+        target = index.resolve(name)
+        if target.startswith("..") or (target and not index.is_dir(target)):
+            raise ChainError(label, f"dangling parent link to {entry.link}")
+        here = f"{self.path}\0{target}"
+        if here in self._chain:
+            raise ChainError(label, f"parent chain has a cycle through {entry.link}")
+        self._parent = CheckpointImages(
+            self.path, self.config, _chain=self._chain, _index=index, _member_dir=target
+        )
         return self._parent
 
     # --- readers ---------------------------------------------------------------------------
@@ -456,6 +579,8 @@ class CheckpointImages:
         for fn in self._cleanup:
             fn()
         self._cleanup.clear()
+        if self._index is not None and len(self._chain) == 1:  # the opener owns the archive's index
+            self._index.close()
 
     def __enter__(self) -> CheckpointImages:
         return self
@@ -468,26 +593,48 @@ class CheckpointImages:
 
 
 def open_images(path: str | os.PathLike[str], config: Config | None = None) -> CheckpointImages:
-    """Open a CRIU image directory (or a checkpoint archive) for reading.
+    """Open a CRIU image directory, a Podman/CRI-O checkpoint (directory or archive) for reading.
+
+    Use it as a context manager::
+
+        with open_images("checkpoint.tar.zst") as images:
+            ...
 
     Every level of a chain of incremental dumps is opened now (a bad `parent`
     link is a ChainError naming it), and the plugins are handed the config
-    (`crit_pageread_configure`) before any reader is made.
+    (`crit_pageread_configure`) before any reader is made. An uncompressed
+    `.tar` is read in place; a compressed archive has its
+    images (only) unpacked into a private temporary directory, removed when
+    the images are closed, on SIGINT/SIGTERM/SIGHUP, or when the object is
+    collected unclosed. Limits on archives come from the `[archive]` table.
     """
-    from .archive import is_archive, unpack_checkpoint
+    from .archive import ArchiveLimits, is_archive, open_archive
     from .plugins import configure, get_plugin_manager
 
     if is_archive(path):
-        directory, cleanup = unpack_checkpoint(path)
+        config = config if config is not None else load_config()
+        index = open_archive(path, ArchiveLimits.from_table(config.table("archive")))
         try:
-            images = CheckpointImages(directory, config)
+            member_dir = index.images_dir()
+            images = CheckpointImages(path, config, _index=index, _member_dir=member_dir)
+            if index.is_file(_join(index.container_root(member_dir), "config.dump")) or member_dir.endswith(
+                "checkpoint"
+            ):
+                images.container_dir = index.container_root(member_dir)
         except BaseException:
-            cleanup()
+            index.close()
             raise
-        images._cleanup.append(cleanup)
-        images.archive = Path(path)
+        weakref.finalize(images, index.close)
     else:
-        images = CheckpointImages(path, config)
+        directory = Path(path)
+        if container_layout(directory):
+            # An unpacked Podman/CRI-O checkpoint: checkpoint/ beside config.dump and spec.dump.
+            images = CheckpointImages(directory / "checkpoint", config)
+            images.container_dir = str(directory)
+        else:
+            images = CheckpointImages(path, config)
+            if images.path.name == "checkpoint" and (images.path.parent / "config.dump").is_file():
+                images.container_dir = str(images.path.parent)  # DIR/checkpoint of a container layout
     try:
         configure(images.config, check_strategy=False)
     except BaseException:
@@ -495,3 +642,19 @@ def open_images(path: str | os.PathLike[str], config: Config | None = None) -> C
         raise
     get_plugin_manager().hook.crit_pageread_images_opened(images=images)
     return images
+
+
+def container_layout(directory: str | os.PathLike[str]) -> bool:
+    """True if `directory` is an unpacked container checkpoint: images under checkpoint/, none at the top."""
+    directory = Path(directory)
+    checkpoint = directory / "checkpoint"
+    return (
+        directory.is_dir()
+        and not (directory / "pstree.img").exists()
+        and not (directory / "inventory.img").exists()
+        and ((checkpoint / "pstree.img").is_file() or (checkpoint / "inventory.img").is_file())
+    )
+
+
+def _join(directory: str, name: str) -> str:
+    return f"{directory}/{name}" if directory else name

@@ -96,7 +96,7 @@ class ProcessReader(PageReader):
         if self._overlay_list is None:
             images = self.images
             overlays = []
-            if not self.zombie and (images.path / f"mm-{self.pid}.img").exists():
+            if not self.zombie and images.has_image(f"mm-{self.pid}.img"):
                 have = set(images.shmem_ids)
                 for vma in images.vmas(self.pid):
                     sid = shmem_id(images, vma)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -87,7 +87,7 @@ class Pagemap:
 
     def __init__(
         self,
-        path: Path,
+        path: Any,
         pages_id: int,
         entries: list[PagemapEntry],
         layout: str,
@@ -95,7 +95,8 @@ class Pagemap:
         starts: list[int] | None = None,
         columns: tuple[list[int], list[int], list[int]] | None = None,
     ) -> None:
-        self.path = path
+        #: The pagemap image: a Path, or an `archive.Member` (str() is `ARCHIVE: MEMBER`).
+        self.path: Path = path
         self.pages_id = pages_id
         self.entries = entries
         self.layout = layout
@@ -196,9 +197,18 @@ def _compiled_entry_parser() -> Any:
     return _parser
 
 
-def load_pagemap(path: str | os.PathLike[str], page_size: int) -> Pagemap:
-    """Parse and validate a pagemap image; check its pages file holds every present page."""
-    path = Path(path)
+def load_pagemap(
+    path: str | os.PathLike[str], page_size: int,
+    locate: Callable[[int], tuple[int, int, str] | None] | None = None,
+) -> Pagemap:
+    """Parse and validate a pagemap image; check its pages file holds every present page.
+
+    `locate(pages_id)` gives (base, size, name) of the pages file's bytes, or None
+    if it is missing (default: the file beside the pagemap, base 0). Entry offsets
+    include the base: this is the one place where an archive member's position
+    is folded into the offsets every reader, strategy and consumer uses.
+    """
+    path = path if hasattr(path, "read_bounded") else Path(path)  # a Path, or an archive Member
     data = read_image(path, "PAGEMAP")
     payloads = iter_entries(path, data, check_magic(path, data, "PAGEMAP"))
     head = next(payloads, None)
@@ -210,7 +220,9 @@ def load_pagemap(path: str | os.PathLike[str], page_size: int) -> Pagemap:
     pages_id = head_fields[1]
     entries: list[PagemapEntry] = []
     starts: list[int] = []
-    offset = 0
+    extent = locate(pages_id) if locate is not None else None
+    base = extent[0] if extent is not None else 0
+    offset = base
     prev_end = 0
     layout = "4.1"
     mask = page_size - 1
@@ -297,8 +309,29 @@ def load_pagemap(path: str | os.PathLike[str], page_size: int) -> Pagemap:
         prev_end = end
     pagemap = Pagemap(path, pages_id, entries, layout, page_size, starts, (sizes, flag_col, offsets))
     pagemap.anomalies = pagemap_anomalies
-    check_pages_size(pagemap, offset)
+    if locate is None:
+        check_pages_size(pagemap, offset)
+    else:
+        _check_member_size(pagemap, offset - base, extent)
     return pagemap
+
+
+def _check_member_size(pagemap: Pagemap, needed: int, extent: tuple[int, int, str] | None) -> None:
+    """`check_pages_size` for a pages file that is a byte range (an archive member): exactly `needed` bytes."""
+    if extent is None:
+        if needed:
+            name = f"pages-{pagemap.pages_id}.img"
+            raise ImageError(pagemap.path, f"pages file {name} (pages_id {pagemap.pages_id}) is missing")
+        return
+    _, size, label = extent
+    if size < needed:
+        raise ImageError(label, f"short pages file: {size} bytes, {pagemap.path.name} needs {needed}")
+    if size > needed:
+        raise ImageError(
+            label,
+            f"pages file is {size} bytes but {pagemap.path.name} accounts for {needed} "
+            f"({size - needed} bytes more): an entry dropped or its flags changed would shift every later page",
+        )
 
 
 def check_pages_size(pagemap: Pagemap, needed: int) -> None:

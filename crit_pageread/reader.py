@@ -293,7 +293,7 @@ class PageReader:
             flat.kinds = [PRESENT] * n
             flat.files = [self._pages or self._pages_file()] * n
             flat.depths = [self.depth] * n
-            flat.images = [str(self.images.path)]
+            flat.images = [self.images.location]
             flat._file_end = [n] * n
             return flat
         add_start, add_size, add_kind, add_flags, add_file, add_offset, add_depth = (
@@ -352,10 +352,10 @@ class PageReader:
                 add_depth(depth)
         if self._parent is not None:
             self._parent._map = None  # the parent's own map served only to build this one
-        flat.images = [str(self.images.path)]
+        flat.images = [self.images.location]
         level = self._parent
         while level is not None:
-            flat.images.append(str(level.images.path))
+            flat.images.append(level.images.location)
             level = level._parent
         return flat
 

@@ -39,14 +39,36 @@ _libc: Any = None
 
 
 class PagesFile:
-    """An open `pages-<id>.img`: one descriptor shared by every reader of it."""
+    """An open `pages-<id>.img`: one descriptor shared by every reader of it.
+
+    The pages are `size` bytes at `base` of the descriptor's file: base 0 for
+    a pages file, the member's data offset for one inside an uncompressed tar
+    archive (`path` is then an `archive.Member`, shown as `ARCHIVE: MEMBER`).
+    Pagemap entry offsets already include `base` (folded in once, by
+    `load_pagemap`), so requests and segments address the descriptor directly.
+    """
 
     def __init__(self, path: Path, writable: bool = False) -> None:
         self.path = path
         self.writable = writable
-        # Never blocks (a FIFO is refused at once) and is a regular file, or a one-line ImageError.
-        self.fd = open_regular(path, "pages file", writable=writable)
-        self.size = os.fstat(self.fd).st_size
+        self.base = 0
+        source = getattr(path, "source", None)
+        if source is not None:  # an archive member: a byte range of the archive (`archive.Member`)
+            if writable:
+                raise ImageError(path, "cannot punch holes in an archive member (auto-dedup changes its input)")
+            self.base = path.offset  # type: ignore[attr-defined]
+            # Never blocks (a FIFO is refused at once) and is a regular file, or a one-line ImageError.
+            self.fd = open_regular(source, "archive")
+            self.size: int = path.size  # type: ignore[attr-defined]
+        else:
+            # Never blocks (a FIFO is refused at once) and is a regular file, or a one-line ImageError.
+            self.fd = open_regular(path, "pages file", writable=writable)
+            self.size = os.fstat(self.fd).st_size
+
+    @property
+    def end(self) -> int:
+        """Offset in the descriptor's file just past the pages."""
+        return self.base + self.size
 
     def punch_hole(self, offset: int, length: int) -> None:
         """Free [offset, offset+length), keeping the size (`fallocate(PUNCH_HOLE|KEEP_SIZE)`: auto-dedup)."""

@@ -65,7 +65,7 @@ def test_a_real_dump_as_an_archive_checks_out_and_names_members(small: Dump, tmp
     with tarfile.open(archive2, "w") as tar:
         tar.add(broken, arcname="checkpoint")
     found = problems(archive2)
-    assert any(p["file"] == f"{archive2}: {core.name}" for p in found), found
+    assert any(p["file"] == f"{archive2}: checkpoint/{core.name}" for p in found), found
 
 
 def _edit(images: Path, pid: int, change) -> None:  # type: ignore[no-untyped-def]

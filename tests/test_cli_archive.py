@@ -27,7 +27,7 @@ def _truth(corpus: Corpus) -> dict[int, str]:
 
 def _paths_to_names(out: bytes) -> bytes:
     out = re.sub(rb'"image": "[^"]*"', b'"image": ""', out)
-    return re.sub(rb'"/[^"]*/([^"/]+\.img)"', rb'"\1"', out)
+    return re.sub(rb'"/[^"]*[/ ]([^"/ ]+\.img)"', rb'"\1"', out)  # DIR/NAME or ARCHIVE: [DIR/]NAME
 
 
 def _make(kind: str, src: Path, dest: Path, prefix: str) -> Path:
@@ -86,9 +86,10 @@ def test_commands_read_archives_like_the_directory(corpus: Corpus, tmp_path: Pat
 def test_library_open_images_accepts_an_archive_and_cleans_up(corpus: Corpus, tmp_path: Path) -> None:
     archive = _make("gz", corpus.root / "cases" / CASE, tmp_path / "c.tar.gz", "checkpoint")
     with open_images(archive) as images:
-        unpacked = images.path
-        assert images.archive == archive and unpacked.name == "checkpoint"
-        assert oct(unpacked.parent.parent.stat().st_mode & 0o777) == "0o700"
+        unpacked = images._index.tempdir  # type: ignore[union-attr]
+        assert images.archive == archive and images.member_dir == "checkpoint"
+        assert oct(unpacked.stat().st_mode & 0o777) == "0o700"
+        assert str(images.image("pstree.img")) == f"{archive}: checkpoint/pstree.img"
         assert images.pids == [corpus.pid(CASE)]
         with images.reader(corpus.pid(CASE)) as r:
             assert len(r.read(min(_truth(corpus)), 4096)) == 4096

@@ -121,6 +121,9 @@ def test_every_command_json_is_ndjson_or_one_document_with_the_shared_keys(
     assert line["line"] == "4.1" and line["version"].startswith("4.1.") and line["criu"] and line["pycriu"]
     rows = run_json("x", d, "mems", "--pages")
     assert all("present" in v for r in rows for v in r["vmas"])
+    report = case("inspect", d)[0]
+    assert report["container"] is None and report["dump_statistics"]
+    assert sorted(p["pid"] for p in report["processes"]) == sorted(p["pid"] for p in procs)
 
     # serve: its listening line is the document
     seen.add("serve")

@@ -43,6 +43,11 @@ def chain_pages_files(images: CheckpointImages) -> list[Path]:
     out: list[Path] = []
     level: CheckpointImages | None = images
     while level is not None:
+        if level.archive is not None:  # an archive's pages are byte ranges of the archive itself
+            if level.archive not in out:
+                out.append(level.archive)
+            level = level.parent
+            continue
         for pid in images.pids:
             if (level.path / f"pagemap-{pid}.img").exists():
                 path = level.pagemap(pid).pages_path

@@ -21,6 +21,8 @@ def crit_pageread_add_commands(subparsers: Any) -> None:
     )
     p.add_argument("dir", help="image directory (or archive)")
     p.add_argument("-o", "--output", required=True, help="output directory (created if missing)")
+    p.add_argument("--root", metavar="DIR", help="the container's root filesystem: mapped files are looked up "
+                   "there (default: on the host; either way used only when size and build-id match)")
     add_common_options(p)
     p.set_defaults(func=run)
 
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     with open_from_args(args) as images:
         pids = selected_pids(images, args) if args.pid else None
         reports = coredump(images, args.output, pids, strategy=args.strategy,
-                           progress=bar.callback if bar.enabled else None)
+                           progress=bar.callback if bar.enabled else None, root=args.root)
     bar.finish()
     if args.json:
         print_ndjson(_core_json(r.as_dict()) for r in reports)

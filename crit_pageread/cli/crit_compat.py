@@ -28,7 +28,7 @@ from ..criu_env import import_system_package
 from ..errors import ConfigError, CritPageReadError, ImageError
 from ..hookspecs import hookimpl
 from ..imagefile import IMG_COMMON, IMG_SERVICE, MAGIC, check_magic, decode_varint_fields, iter_entries, open_regular
-from ..images import CheckpointImages
+from ..images import CheckpointImages, container_layout, open_images
 from ..output import atomic_path
 from ..pagemap import PE_LAZY, PE_PARENT, PE_PRESENT
 from ..strategy import Target
@@ -283,9 +283,12 @@ def run_explore(args: argparse.Namespace) -> int:
 
     directory = args.dir
     cleanup = None
-    if is_archive(directory):
+    if args.what != "pages" and is_archive(directory):
+        # crit's own explorer needs a directory: the image members only, in a private temp dir.
         unpacked, cleanup = unpack_checkpoint(directory)
         directory = str(unpacked)
+    elif container_layout(directory):
+        directory = str(Path(directory) / "checkpoint")
     try:
         _regular_images(directory)
         opts = _opts(args)
@@ -304,7 +307,7 @@ def run_explore(args: argparse.Namespace) -> int:
         else:
             if args.pages:
                 raise ConfigError("--pages goes with `x DIR mems` (or use `x DIR pages`)")
-            with _crit_errors(f"x {args.what}", directory):
+            with _crit_errors(f"x {args.what}", args.dir):
                 crit_main().explore(opts)
     finally:
         if cleanup is not None:
@@ -365,12 +368,12 @@ def _explore_mems_pages(args: argparse.Namespace, opts: dict[str, Any]) -> None:
     from ..memory import Readers, area_page_counts
 
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf), _crit_errors("x mems", opts["dir"]):
+    with contextlib.redirect_stdout(buf), _crit_errors("x mems", args.dir):
         crit_main().explore(opts)
     lines = buf.getvalue().splitlines()
     out = []
     pos = 0
-    with CheckpointImages(opts["dir"], config_from_args(args)) as images, Readers(images, args.strategy) as readers:
+    with open_images(args.dir, config_from_args(args)) as images, Readers(images, args.strategy) as readers:
         for pid in images.pids:
             out.extend(lines[pos : pos + 2])  # "PID", "\texe ..."
             pos += 2
@@ -387,7 +390,7 @@ def _explore_pages(args: argparse.Namespace, directory: str) -> None:
     from ..memory import PAGE_CLASSES, Readers, area_page_counts
     from .grep import mapping_name
 
-    with CheckpointImages(directory, config_from_args(args)) as images, Readers(images, args.strategy) as readers:
+    with open_images(directory, config_from_args(args)) as images, Readers(images, args.strategy) as readers:
         for pid in images.pids:
             print(f"{pid}")
             print(f"\t{'VMA':<29} {'PERM':<4} {'PRESENT':>8} {'PARENT':>8} {'LAZY':>8} {'NOTDUMP':>8}  MAPPING")

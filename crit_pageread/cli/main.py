@@ -31,6 +31,7 @@ COMMAND_PLUGINS = (
     "crit_pageread.cli.restore",
     "crit_pageread.cli.check",
     "crit_pageread.cli.setup_criu",
+    "crit_pageread.cli.inspect",
 )
 
 #: The module of each built-in command: a command line that names one loads only that module (and
@@ -40,7 +41,7 @@ COMMAND_MODULES = {
     "plugins": None,  # lists every plugin: needs them all
     **{name: f"crit_pageread.cli.{name}" for name in (
         "read", "extract", "grep", "ps", "pages", "serve", "push", "bench", "squash", "coredump", "restore",
-        "check")},
+        "check", "inspect")},
     "setup-criu": "crit_pageread.cli.setup_criu",
 }
 

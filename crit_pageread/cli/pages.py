@@ -35,7 +35,8 @@ def _sources(reader: PageReader, vaddr: int, length: int) -> list[dict[str, Any]
             out[-1]["length"] += seg.length
             continue
         out.append({"kind": seg.kind, "image": seg.image, "depth": seg.depth, "pages_file": pages,
-                    "offset": seg.offset, "vaddr": seg.vaddr, "length": seg.length})
+                    "offset": seg.offset - seg.pages.base if seg.pages is not None else seg.offset,
+                    "vaddr": seg.vaddr, "length": seg.length})
     return out
 
 

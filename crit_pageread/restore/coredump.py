@@ -53,6 +53,8 @@ NT_PRSTATUS, NT_FPREGSET, NT_PRPSINFO, NT_AUXV = 1, 2, 3, 6
 NT_FILE = 0x46494C45
 #: Our own note (name "CRIT-PAGEREAD"): text lines "start-end reason" of ranges left as zeros.
 NT_CRIT_MISSING = 0x4D495353
+#: Our note saying where mapped files were read from (the host, checked; or the container root given).
+NT_CRIT_FILES = 0x46494C53
 
 #: A VMA larger than this (128 TiB, a whole 47-bit user address space) is a corrupt mm image.
 MAX_VMA_BYTES = 1 << 47
@@ -96,6 +98,7 @@ class _MappedFile:
     build_id: bytes | None
     fd: int = -1
     problem: str | None = None
+    root: str | None = None
 
 
 def check_arch(images: CheckpointImages, pid: int) -> Any:
@@ -103,7 +106,7 @@ def check_arch(images: CheckpointImages, pid: int) -> Any:
     core = images.core(pid)
     mtype = type(core).DESCRIPTOR.fields_by_name["mtype"].enum_type.values_by_number.get(core.mtype)
     name = mtype.name if mtype is not None else str(core.mtype)
-    path = images.path / f"core-{pid}.img"
+    path = images.image(f"core-{pid}.img")
     if name != "X86_64":
         raise ImageError(path, f"architecture {name}: coredump supports x86_64 only")
     if core.thread_info.gpregs.mode != 1:  # USER_X86_REGS_MODE_NATIVE
@@ -118,8 +121,14 @@ def write_core(
     *,
     strategy: str | Strategy | None = None,
     progress: Progress | None = None,
+    root: str | os.PathLike[str] | None = None,
 ) -> CoreReport:
-    """Write the ELF core of `pid` to the open-for-create path `out` (caller makes it atomic)."""
+    """Write the ELF core of `pid` to the open-for-create path `out` (caller makes it atomic).
+
+    Mapped files are looked up under `root` (a container's filesystem) if given,
+    else on the host; either way they are used only where size and build-id
+    match the dump. A note says which.
+    """
     core = check_arch(images, pid)
     proc = images.processes[pid]
     threads = [pid] + [t for t in proc.threads if t != pid]
@@ -127,7 +136,7 @@ def write_core(
     vmas = images.vmas(pid)
     mm = images.mm(pid)
     page_size = images.page_size
-    files = _mapped_files(images)
+    files = _mapped_files(images, root)
     own = not isinstance(strategy, Strategy)
     shared = strategy if isinstance(strategy, Strategy) else make_strategy(strategy or images.config.strategy,
                                                                           images.config)
@@ -148,6 +157,10 @@ def write_core(
         notes = _notes(images, pid, threads, cores, mm, vmas, files, reader, page_size)
         if missing:
             notes += _note("CRIT-PAGEREAD", NT_CRIT_MISSING, _missing_text(missing))
+        if any(v.status & (VMA_FILE_PRIVATE | VMA_FILE_SHARED) for v in vmas):
+            where = f"container root {root}" if root is not None else "the host"
+            notes += _note("CRIT-PAGEREAD", NT_CRIT_FILES,
+                           f"mapped files from {where}, used where size and build-id match\n".encode())
         phnum = 1 + len(loads)
         note_off = _EHDR.size + phnum * _PHDR.size
         data_off = _align(note_off + len(notes), page_size)
@@ -316,16 +329,17 @@ def _missing_text(missing: list[dict[str, Any]]) -> bytes:
 # --- mapped files ---------------------------------------------------------------------------
 
 
-def _mapped_files(images: CheckpointImages) -> dict[int, _MappedFile]:
+def _mapped_files(images: CheckpointImages, root: str | os.PathLike[str] | None = None) -> dict[int, _MappedFile]:
     """files.img's regular files by id; opened (and checked) only when a VMA needs one."""
-    path = images.path / "files.img"
-    if not path.exists():
+    if not images.has_image("files.img"):
         return {}
+    path = images.image("files.img")
     out = {}
     for f in load_messages(path, "FILES", pycriu().images.pb.file_entry):
         if f.HasField("reg"):
             bid = struct.pack(f"<{len(f.reg.build_id)}I", *f.reg.build_id) if len(f.reg.build_id) else None
-            out[f.id] = _MappedFile(f.reg.name, f.reg.size if f.reg.HasField("size") else -1, bid)
+            out[f.id] = _MappedFile(f.reg.name, f.reg.size if f.reg.HasField("size") else -1, bid,
+                                    root=None if root is None else os.fspath(root))
     return out
 
 
@@ -334,9 +348,14 @@ def _open_checked(f: _MappedFile) -> int:
     if f.fd >= 0 or f.problem is not None:
         return f.fd
     try:
-        fd = os.open(f.name, os.O_RDONLY | os.O_CLOEXEC)
+        if f.root is not None:
+            from ..rootfs import open_in_root
+
+            fd = open_in_root(f.root, f.name)
+        else:
+            fd = os.open(f.name, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        f.problem = f"file {f.name}: {exc.strerror}"
+        f.problem = f"file {f.name}{' in ' + f.root if f.root else ''}: {exc.strerror}"
         return -1
     size = os.fstat(fd).st_size
     if f.size >= 0 and size != f.size:
@@ -477,8 +496,11 @@ def coredump(
     *,
     strategy: str | Strategy | None = None,
     progress: Progress | None = None,
+    root: str | os.PathLike[str] | None = None,
 ) -> list[CoreReport]:
     """Write `core.<pid>` for each pid (default: every process with memory) into `outdir`.
+
+    `root`: the container's filesystem, where mapped files are looked up (see `write_core`).
 
     All or nothing: the cores are written into a temporary directory (inside
     `outdir` if it exists, else beside it) and renamed into place only when
@@ -486,7 +508,7 @@ def coredump(
     """
     outdir = Path(outdir)
     if pids is None:
-        pids = [p for p in images.pids if (images.path / f"mm-{p}.img").exists()]
+        pids = [p for p in images.pids if images.has_image(f"mm-{p}.img")]
     for pid in pids:
         check_arch(images, pid)
     if outdir.exists() and not outdir.is_dir():
@@ -495,7 +517,7 @@ def coredump(
     shared = strategy if isinstance(strategy, Strategy) else make_strategy(strategy or images.config.strategy,
                                                                           images.config)
     try:
-        return _write_cores(images, outdir, pids, shared, progress)
+        return _write_cores(images, outdir, pids, shared, progress, root)
     except OSError as exc:
         if exc.filename is not None:
             raise
@@ -506,18 +528,18 @@ def coredump(
 
 
 def _write_cores(images: CheckpointImages, outdir: Path, pids: list[int], shared: Strategy,
-                 progress: Progress | None) -> list[CoreReport]:
+                 progress: Progress | None, root: str | os.PathLike[str] | None = None) -> list[CoreReport]:
     from ..output import atomic_dir, publish, temp_dir_in
 
     if not outdir.exists():
         with atomic_dir(outdir) as tmp:
-            reports = [write_core(images, pid, tmp / f"core.{pid}", strategy=shared, progress=progress)
+            reports = [write_core(images, pid, tmp / f"core.{pid}", strategy=shared, progress=progress, root=root)
                        for pid in pids]
         for r in reports:
             r.path = str(outdir / Path(r.path).name)
         return reports
     with temp_dir_in(outdir, "coredump") as tmp:
-        reports = [write_core(images, pid, tmp / f"core.{pid}", strategy=shared, progress=progress)
+        reports = [write_core(images, pid, tmp / f"core.{pid}", strategy=shared, progress=progress, root=root)
                    for pid in pids]
         for r in reports:
             final = outdir / Path(r.path).name

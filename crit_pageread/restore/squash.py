@@ -91,10 +91,10 @@ class SquashReport:
         return out
 
 
-def memory_targets(path: Path) -> list[Target]:
-    """The pid and shmem pagemaps of an image directory, pids first, each in id order."""
+def memory_targets(path: Path | list[str]) -> list[Target]:
+    """The pid and shmem pagemaps of an image directory (or a list of image names), pids first, in id order."""
     pids, shmem = [], []
-    for name in os.listdir(path):
+    for name in os.listdir(path) if isinstance(path, Path) else path:
         if m := _PAGEMAP_RE.match(name):
             pids.append(int(m.group(1)))
         elif m := _SHMEM_RE.match(name):
@@ -133,14 +133,13 @@ def squash(
     out_path = Path(out)
     with open_images(src_path, config) as images:
         images.processes  # noqa: B018 - a missing or garbage pstree is an error before OUT exists
-        base = Path(images.path)  # an archive is unpacked: its images are here
-        targets = memory_targets(base)
+        targets = memory_targets(images.image_names())
         if not targets:
             raise ImageError(src_path, "no pagemap-*.img: not a CRIU dump directory")
         total = sum(images.pagemap_for(t).present_bytes + _non_present_bytes(images, t) for t in targets)
         report = SquashReport(str(src_path), str(out_path), layout or "input")
         with atomic_dir(out_path) as tmp:
-            report.copied = _copy_other_images(base, tmp)
+            report.copied = _copy_other_images(images, tmp)
             done = [0, total]
             lazy_digests: dict[Target, str] = {}
             used_ids: dict[int, Target] = {}
@@ -173,16 +172,20 @@ def _non_present_bytes(images: CheckpointImages, target: Target) -> int:
     return sum(e.size for e in images.pagemap_for(target).entries if not e.flags & PE_PRESENT and e.flags)
 
 
-def _copy_other_images(src: Path, dst: Path) -> list[str]:
-    """Copy every regular file but pagemaps, pages files and `parent`, unchanged."""
+def _copy_other_images(images: CheckpointImages, dst: Path) -> list[str]:
+    """Copy every regular file but pagemaps, pages files and `parent`, unchanged (archive members too)."""
     copied = []
-    for entry in sorted(os.scandir(src), key=lambda e: e.name):
-        if entry.name == "parent" or _is_memory_image(entry.name):
+    for name in images.image_names():
+        if name == "parent" or _is_memory_image(name):
             continue
-        if not entry.is_file(follow_symlinks=False):
-            continue
-        shutil.copyfile(entry.path, dst / entry.name)
-        copied.append(entry.name)
+        if images.archive is not None:
+            images.image(name).copy_to(dst / name)  # type: ignore[union-attr]
+        else:
+            src = images.path / name
+            if src.is_symlink() or not src.is_file():
+                continue
+            shutil.copyfile(src, dst / name)
+        copied.append(name)
     return copied
 
 
@@ -309,7 +312,7 @@ def verify_squash(
     out_dir = Path(out_dir)
     config = source.config.replace(strategy="preadv")
     lazy_digests = lazy_digests or {}
-    targets = memory_targets(Path(source.path))
+    targets = memory_targets(source.image_names())
     out_targets = memory_targets(out_dir)
     if out_targets != targets:
         raise ImageError(out_dir, f"pagemaps differ from the source: {out_targets} vs {targets}")

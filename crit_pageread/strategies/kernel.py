@@ -132,7 +132,7 @@ class KernelCopies:
         if run is None:  # not one range of one pages file: read the pieces
             return Strategy.view(self, requests, scratch)  # type: ignore[arg-type]
         pages, offset, length = run
-        if offset + length > pages.size:
+        if offset + length > pages.end:  # offsets include the base (archive members)
             raise ImageError(pages.path, f"short pages file: no data at offset {pages.size}")
         shift = offset % mmap.ALLOCATIONGRANULARITY
         try:

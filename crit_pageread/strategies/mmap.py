@@ -45,7 +45,7 @@ class MmapStrategy(KernelCopies, Strategy):
         key = (pages, start)
         entry = self._maps.pop(key, None)
         if entry is None:
-            length = min(self.window, pages.size - start)
+            length = min(self.window, pages.end - start)  # an archive member: never past its bytes
             try:
                 mm = mmap.mmap(pages.fd, length, prot=mmap.PROT_READ, offset=start)
             except (OSError, ValueError) as exc:
@@ -69,8 +69,8 @@ class MmapStrategy(KernelCopies, Strategy):
         dest = request.dest
         offset = request.offset
         end = offset + len(dest)
-        if end > pages.size:
-            raise ImageError(pages.path, f"short pages file: no data at offset {max(offset, pages.size)}")
+        if end > pages.end or offset < pages.base:  # offsets include the base of an archive member
+            raise ImageError(pages.path, f"short pages file: no data at offset {max(offset, pages.end) - pages.base}")
         done = 0
         while offset + done < end:
             pos = offset + done
@@ -88,8 +88,8 @@ class MmapStrategy(KernelCopies, Strategy):
             return Strategy.view(self, requests, scratch)
         pages, offset, length = run
         end = offset + length
-        if end > pages.size:
-            raise ImageError(pages.path, f"short pages file: no data at offset {max(offset, pages.size)}")
+        if end > pages.end or offset < pages.base:  # offsets include the base of an archive member
+            raise ImageError(pages.path, f"short pages file: no data at offset {max(offset, pages.end) - pages.base}")
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         size = max(end - start, 1)
         try:
