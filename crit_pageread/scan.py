@@ -136,9 +136,10 @@ class Target:
 
 
 def _images_dir(p: Path) -> Path | None:
-    """The directory of CRIU images `p` is (or holds under `checkpoint/`, as Podman/kubelet lay it out)."""
+    """The directory of CRIU images `p` is (or holds under `checkpoint/`, as Podman/kubelet lay it out).
+    Only a dump has pstree.img: a pre-dump (a chain's parent, inventory and pages only) is not one."""
     for d in (p, p / "checkpoint"):
-        if (d / "pstree.img").is_file() or (d / "inventory.img").is_file():
+        if (d / "pstree.img").is_file():
             return d
     return None
 

@@ -311,6 +311,9 @@ def test_scan_a_directory_of_checkpoints_and_a_glob(fleet: Fleet, tmp_path: Path
     shutil.copy(fleet.tar, store / "a.tar")
     shutil.copy(fleet.tzst, store / "b.tar.zst")
     (store / "notes.txt").write_text("not a checkpoint\n")
+    predump = store / "predump"  # a chain's parent: inventory and pages, no pstree: not a checkpoint of its own
+    predump.mkdir()
+    shutil.copy(fleet.directory / "inventory.img", predump / "inventory.img")
     by_dir = scan("--rules", str(fleet.rules), str(store), "--json")
     by_glob = scan("--rules", str(fleet.rules), str(store / "*.tar*"), "--json")
     assert by_dir.returncode == by_glob.returncode == 0, by_dir.stderr + by_glob.stderr
@@ -448,3 +451,16 @@ def test_scan_with_no_dask_scheduler_is_one_line(fleet: Fleet) -> None:
     proc = scan("--rules", str(fleet.rules), str(fleet.directory), "--dask", f"tcp://127.0.0.1:{port}")
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and f"--dask tcp://127.0.0.1:{port}: cannot connect" in proc.stderr
+
+
+def test_scan_of_an_incremental_chain_finds_what_the_dump_holds(fleet: Fleet, tmp_path: Path) -> None:
+    from chains import build_chain
+
+    info = build_chain(fleet.directory, tmp_path / "chain", 3, seed=5)
+    assert sum(info.parent_pages.values()) and sum(info.stale_pages.values())  # PE_PARENT pages, stale parents
+    want = scan("--rules", str(fleet.rules), str(fleet.directory), "--json", "--jobs", "1")
+    got = scan("--rules", str(fleet.rules), str(tmp_path / "chain"), "--json")  # d1, d2 are not dumps: d3 only
+    assert want.returncode == got.returncode == 0, got.stderr
+    assert [{**m, "checkpoint": ""} for m in matches(got.stdout)] == [
+        {**m, "checkpoint": ""} for m in matches(want.stdout)]
+    assert {m["checkpoint"] for m in matches(got.stdout)} == {str(info.newest)}
