@@ -255,6 +255,7 @@ def scan_checkpoint(target: Target, rules_blob: bytes, options: ScanOptions) -> 
     """Scan every selected process of one checkpoint; errors come back in the result."""
     t0 = time.perf_counter()
     result = CheckpointResult(target.name)
+    scanner: _Scanner | None = None
     try:
         from .plugins import configure
 
@@ -271,6 +272,9 @@ def scan_checkpoint(target: Target, rules_blob: bytes, options: ScanOptions) -> 
         result.error = f"{where}{exc.strerror or exc}"
     except Exception as exc:  # one bad checkpoint must not end a fleet scan: report it, go on
         result.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        if scanner is not None:
+            scanner.close()  # yara-x's scanner must be freed by the thread that made it (a Dask worker's)
     if result.error is not None:
         result.matches = []
         for prefix in (f"{target.name}: ", f"{target.path}: "):  # the CLI names the checkpoint already
@@ -328,6 +332,10 @@ class _Scanner:
         self.small = min(SMALL_RUN, self.window)
         self.batch = bytearray(min(BATCH, self.window))
         self.truncated = False
+
+    def close(self) -> None:
+        """Drop yara-x's scanner now, in this thread."""
+        self.scanner = None
 
     def scan_span(self, span: Span, out: list[Match], rule_only: set[tuple[str, str]]) -> int:
         """Scan every readable run of `span`; append the matches; return the bytes scanned."""
