@@ -74,6 +74,8 @@ def run_child(cmd: list[str], stdout_path: str | None = None, cwd: Path | None =
         "stderr": err,
         "code": proc.returncode,
         "rss_mib": usage.ru_maxrss / 1024,
+        # CPU seconds (user + system): on a loaded machine a steadier comparison than wall time
+        "cpu_s": usage.ru_utime + usage.ru_stime,
         "minflt": usage.ru_minflt,
         "majflt": usage.ru_majflt,
     }
@@ -103,6 +105,9 @@ def median_of(samples: list[dict[str, Any]], nbytes: int) -> dict[str, Any]:
         "gb_per_s": nbytes / med / 1e9 if med else math.inf,
         "peak_rss_mib": max(s["rss_mib"] for s in samples),
     }
+    cpu = [s["cpu_s"] for s in samples if "cpu_s" in s]
+    if cpu:
+        out["median_cpu_s"] = statistics.median(cpu)
     for key in ("calls", "calls_by_pid", "buffer_bytes", "minflt"):
         if key in samples[0]:
             out[key] = samples[0][key]
@@ -332,6 +337,7 @@ def bench_grep(directory: Path, plan: dict[str, Any], runs: int, warmup: int, sc
         ours = median_of(samples[(case, "ours")], nbytes)
         base = median_of(samples[(case, "baseline")], nbytes)
         out[case] = {"ours": ours, "baseline": base, "vs_baseline": base["median_s"] / ours["median_s"],
+                     "cpu_vs_baseline": base["median_cpu_s"] / ours["median_cpu_s"],
                      "ours_cmd": " ".join(suite[case][0][2:]), "baseline_cmd": " ".join(suite[case][1])}
     print("  grep suite: " + ", ".join(f"{c} {r['vs_baseline']:.2f}x" for c, r in out.items()), flush=True)
     return out
@@ -648,6 +654,8 @@ def main(argv: list[str] | None = None) -> int:
             if name in args.grep_shapes.split(","):
                 shape["grep"] = bench_grep(directory, plan, args.runs, args.warmup, scratch)
             results["shapes"][name] = shape
+            # What is measured so far, in case the run is stopped before the end.
+            (out_dir / "results.partial.json").write_text(json.dumps(results, indent=2) + "\n")
         results["remote"] = {"skipped": "--no-remote"} if args.no_remote else bench_remote(out_dir)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

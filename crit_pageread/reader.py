@@ -5,6 +5,11 @@ lookup in the pagemap index, `PE_PARENT` pages through the chain of parent
 images, `PE_LAZY` pages (an error unless the strategy serves them), addresses
 no entry covers (an error unless `zero_fill`), deferred reads completed by
 `sync()`, and auto-dedup. How bytes move is the strategy's business.
+
+One planner: on first use a reader resolves its target, through the whole
+chain, into a `MemoryMap` (runs of memory and where their bytes are: which
+level's pages file, which offset). Every read is planned from it as from a flat
+dump, and `segments()` is a view of it.
 """
 
 from __future__ import annotations
