@@ -1,7 +1,7 @@
 """crit's commands through crit-pageread give the real crit program's output, byte for byte.
 
-The oracle is the distribution's crit itself (`python -m crit`, only pycriu and crit on
-PYTHONPATH), run on the shared CRIU fixtures and on a fresh real dump.
+The oracle is each CRIU version's own crit (`python -m crit`, only that version's pycriu and crit on
+PYTHONPATH), run on the corpus that version's CRIU dumped for this suite (tests/corpus.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import pytest
 from cli_driver import crit_oracle_path, run_jobs
 from conftest import Criu
 from corpus import Corpus
-from criu_harness import dump, start_victim
 
 from crit_pageread.pagemap import encode_pagemap, load_pagemap
 
@@ -26,16 +25,6 @@ CASES = ["a_single", "b_tree", "d_shm", "e2_chain2/d2", "e2_chain2/d1", "f_lazy"
 def oracle(criu: Criu, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The crit (and pycriu) of the CRIU version under test; ours runs with that version's pycriu too."""
     return crit_oracle_path(str(tmp_path_factory.mktemp("crit-oracle")), criu.binary)
-
-
-@pytest.fixture(scope="module")
-def fresh_dump(criu: Criu, victim_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("crit-fresh")
-    victim = start_victim(victim_exe, work / "run", "--tree", "1", "--shm", ipc_ns=True)
-    try:
-        return dump(victim, work / "images")
-    finally:
-        victim.kill()
 
 
 def _jobs_for(directory: Path, out_dir: Path) -> list[dict]:
@@ -73,10 +62,6 @@ def _compare(jobs: list[dict], oracle: str) -> None:
 def test_crit_commands_byte_identical_on_fixtures(corpus: Corpus, oracle: str, tmp_path: Path,
                                                   case: str) -> None:
     _compare(_jobs_for(corpus.root / "cases" / case, tmp_path), oracle)
-
-
-def test_crit_commands_byte_identical_on_fresh_dump(fresh_dump: Path, oracle: str, tmp_path: Path) -> None:
-    _compare(_jobs_for(fresh_dump, tmp_path), oracle)
 
 
 def test_decode_to_file_and_encode_round_trip_match_crit(corpus: Corpus, oracle: str, tmp_path: Path) -> None:
