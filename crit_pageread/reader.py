@@ -650,17 +650,7 @@ class PageReader:
                 if pages is None:
                     pages = self._pages_file()
                 offset = entry.offset + vaddr - entry.vaddr
-                if (
-                    last is not None
-                    and last.pages is pages
-                    and last.offset + last.length == offset
-                    and last.vaddr + last.length == vaddr
-                    and last.out_offset + last.length == out
-                ):
-                    last.length += length
-                else:
-                    last = CopyRequest(pages, offset, length, vaddr, target, out)
-                    requests.append(last)
+                last = _join_copy(requests, last, pages, offset, length, vaddr, target, out)
                 continue
             for seg in self.segments(vaddr, length):
                 kind = seg.kind
@@ -668,17 +658,7 @@ class PageReader:
                 if kind == "present":
                     seg_pages = seg.pages
                     assert seg_pages is not None
-                    if (
-                        last is not None
-                        and last.pages is seg_pages
-                        and last.offset + last.length == seg.offset
-                        and last.vaddr + last.length == seg.vaddr
-                        and last.out_offset + last.length == pos
-                    ):
-                        last.length += seg.length
-                    else:
-                        last = CopyRequest(seg_pages, seg.offset, seg.length, seg.vaddr, target, pos)
-                        requests.append(last)
+                    last = _join_copy(requests, last, seg_pages, seg.offset, seg.length, seg.vaddr, target, pos)
                     if dedup is not None and seg.depth:
                         dedup.append((seg_pages, seg.offset, seg.length))
                     continue
@@ -744,17 +724,7 @@ class PageReader:
         for seg, out in pieces:
             if seg.kind == "present":
                 pages = seg.pages
-                if (
-                    last is not None
-                    and last.pages is pages
-                    and last.offset + last.length == seg.offset
-                    and last.vaddr + last.length == seg.vaddr
-                    and last.out_offset + last.length == out
-                ):
-                    last.length += seg.length
-                else:
-                    last = CopyRequest(pages, seg.offset, seg.length, seg.vaddr, target, out)
-                    requests.append(last)
+                last = _join_copy(requests, last, pages, seg.offset, seg.length, seg.vaddr, target, out)  # type: ignore[arg-type]
                 if dedup is not None and seg.depth:
                     dedup.append((pages, seg.offset, seg.length))  # type: ignore[arg-type]
             elif seg.kind == "lazy" and lazy_ok:
@@ -961,6 +931,32 @@ class PageReader:
 
     def __repr__(self) -> str:
         return f"<PageReader {self.target} of {self.images.path} via {self.strategy.name}>"
+
+
+def _join_copy(
+    requests: list[CopyRequest],
+    last: CopyRequest | None,
+    pages: PagesFile,
+    offset: int,
+    length: int,
+    vaddr: int,
+    target: Target,
+    out: int,
+) -> CopyRequest:
+    """Extend `last` by a piece that follows it in the pages file, in memory and in the output; else append
+    a new request. Returns the request that now ends the list."""
+    if (
+        last is not None
+        and last.pages is pages
+        and last.offset + last.length == offset
+        and last.vaddr + last.length == vaddr
+        and last.out_offset + last.length == out
+    ):
+        last.length += length
+        return last
+    new = CopyRequest(pages, offset, length, vaddr, target, out)
+    requests.append(new)
+    return new
 
 
 def _byte_view(buffer: Any, what: str) -> memoryview:
