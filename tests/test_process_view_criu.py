@@ -151,6 +151,8 @@ def test_a_zombie_works_in_every_command(dumped: Dumped, tmp_path: Path) -> None
     runs = {
         "pages": cli("pages", d),
         "x pages": cli("x", d, "pages"),
+        "x mems": cli("x", d, "mems"),
+        "x mems --pages": cli("x", d, "mems", "--pages"),
         "ps": cli("ps", d, "--json"),
         "grep": cli("grep", d, "PRIVATE-COPY"),
         "extract": cli("extract", d, "-o", str(tmp_path / "x")),
@@ -163,6 +165,10 @@ def test_a_zombie_works_in_every_command(dumped: Dumped, tmp_path: Path) -> None
     assert z in ps and ps[z]["argv"] == []
     assert f"pid {z}" in runs["pages"].stdout
     assert str(z) in runs["x pages"].stdout
+    for name in ("x mems", "x mems --pages"):  # crit itself fails on a zombie's missing mm image
+        lines = runs[name].stdout.splitlines()
+        assert lines[lines.index(str(z)) + 1] == "\tzombie: no memory", name
+        assert str(dumped.victim.pid) in lines, name
     assert not (tmp_path / "cores" / f"core.{z}").exists()
     assert (tmp_path / "sq" / f"core-{z}.img").exists()
     for zero_fill in ([], ["--zero-fill"]):  # no memory to read: a one-line error

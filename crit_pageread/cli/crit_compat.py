@@ -308,7 +308,10 @@ def run_explore(args: argparse.Namespace) -> int:
             if args.pages:
                 raise ConfigError("--pages goes with `x DIR mems` (or use `x DIR pages`)")
             with _crit_errors(f"x {args.what}", args.dir):
-                crit_main().explore(opts)
+                if args.what == "mems":
+                    sys.stdout.write(_crit_mems_text(opts))
+                else:
+                    crit_main().explore(opts)
     finally:
         if cleanup is not None:
             cleanup()
@@ -363,14 +366,55 @@ def _counts_text(c: dict[str, int]) -> str:
     return f"present {c['present']}, parent {c['parent']}, lazy {c['lazy']}, not dumped {c['not_dumped']}"
 
 
+ZOMBIE_LINE = "\tzombie: no memory"
+
+
+def _crit_mems_text(opts: dict[str, Any]) -> str:
+    """crit's `x DIR mems` output. crit fails on a zombie (it has no mm image), so crit is shown a pstree
+    without the zombies, and each zombie is listed in pstree order as its pid and `ZOMBIE_LINE`."""
+    crit: Any = crit_main()  # its dinf is swapped for the call below
+    with CheckpointImages(opts["dir"]) as images:
+        order = images.pids
+        zombies = {pid for pid in order if images.is_zombie(pid)}
+    buf = io.StringIO()
+    if not zombies:
+        with contextlib.redirect_stdout(buf):
+            crit.explore(opts)
+        return buf.getvalue()
+    with crit.dinf(opts, "pstree.img") as f:
+        pstree = crit.pycriu.images.load(f)
+    pstree["entries"] = [p for p in pstree["entries"] if crit.get_task_id(p, "pid") not in zombies]
+    living = io.BytesIO()
+    crit.pycriu.images.dump(pstree, living)
+    real_dinf = crit.dinf
+
+    def dinf(o: dict[str, Any], name: str) -> Any:
+        return io.BytesIO(living.getvalue()) if name == "pstree.img" else real_dinf(o, name)
+
+    crit.dinf = dinf
+    try:
+        with contextlib.redirect_stdout(buf):
+            crit.explore(opts)
+    finally:
+        crit.dinf = real_dinf
+    blocks: dict[int, list[str]] = {}
+    current: list[str] = []
+    for line in buf.getvalue().splitlines():
+        if not line.startswith("\t"):
+            current = blocks.setdefault(int(line), [])
+        current.append(line)
+    out: list[str] = []
+    for pid in order:
+        out.extend(blocks.get(pid, [str(pid), ZOMBIE_LINE] if pid in zombies else []))
+    return "".join(line + "\n" for line in out)
+
+
 def _explore_mems_pages(args: argparse.Namespace, opts: dict[str, Any]) -> None:
     """crit's `x mems` output, each VMA line followed by its page counts."""
     from ..memory import Readers, area_page_counts
 
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf), _crit_errors("x mems", args.dir):
-        crit_main().explore(opts)
-    lines = buf.getvalue().splitlines()
+    with _crit_errors("x mems", args.dir):
+        lines = _crit_mems_text(opts).splitlines()
     out = []
     pos = 0
     with open_images(args.dir, config_from_args(args)) as images, Readers(images, args.strategy) as readers:
