@@ -41,18 +41,23 @@ class MmapStrategy(KernelCopies, Strategy):
         self.max_windows = max(1, max_windows)
         self._maps: dict[tuple[PagesFile, int], tuple[mmap.mmap, memoryview]] = {}
 
+    def _map(self, pages: PagesFile, length: int, start: int) -> mmap.mmap:
+        """`length` bytes of `pages` from file offset `start`, read-only, with the configured advice."""
+        try:
+            mm = mmap.mmap(pages.fd, length, prot=mmap.PROT_READ, offset=start)
+        except (OSError, ValueError) as exc:
+            problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ImageError(pages.path, f"cannot map {length} bytes at offset {start}: {problem}") from None
+        if self.advice != mmap.MADV_NORMAL:
+            mm.madvise(self.advice)
+        return mm
+
     def _window(self, pages: PagesFile, start: int) -> memoryview:
         key = (pages, start)
         entry = self._maps.pop(key, None)
         if entry is None:
             length = min(self.window, pages.end - start)  # an archive member: never past its bytes
-            try:
-                mm = mmap.mmap(pages.fd, length, prot=mmap.PROT_READ, offset=start)
-            except (OSError, ValueError) as exc:
-                problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                raise ImageError(pages.path, f"cannot map {length} bytes at offset {start}: {problem}") from None
-            if self.advice != mmap.MADV_NORMAL:
-                mm.madvise(self.advice)
+            mm = self._map(pages, length, start)
             entry = (mm, memoryview(mm))
             while len(self._maps) >= self.max_windows:
                 oldest = next(iter(self._maps))
@@ -92,13 +97,7 @@ class MmapStrategy(KernelCopies, Strategy):
             raise ImageError(pages.path, f"short pages file: no data at offset {max(offset, pages.end) - pages.base}")
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         size = max(end - start, 1)
-        try:
-            mm = mmap.mmap(pages.fd, size, prot=mmap.PROT_READ, offset=start)
-        except (OSError, ValueError) as exc:
-            problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise ImageError(pages.path, f"cannot map {size} bytes at offset {start}: {problem}") from None
-        if self.advice != mmap.MADV_NORMAL:
-            mm.madvise(self.advice)
+        mm = self._map(pages, size, start)
         return View(mm, offset - start, length, mm.close)
 
     def close(self) -> None:
