@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import re
 
@@ -12,7 +13,9 @@ from crit_pageread.search import SearchError, compile_search, hyperscan_module
 ALPHABET = b"abAB\x00\n\t xy"
 REGEXES = [rb"a+b", rb"[ab]{2,3}", rb"x.y", rb"(?:ab|ba)+", rb"\bab", rb"A[^\n]*?b", rb"b\x00?a"]
 
-needs_hyperscan = pytest.mark.skipif(hyperscan_module() is None, reason="hyperscan is not installed")
+# The dev extra installs hyperscan: under CI=true its absence fails these tests instead of skipping them.
+needs_hyperscan = pytest.mark.skipif(os.environ.get("CI") != "true" and hyperscan_module() is None,
+                                     reason="hyperscan is not installed")
 
 
 def _reference(pats: list[bytes], data: bytes, pos: int, end: int, **kw: object) -> list[tuple[int, int]]:
@@ -94,6 +97,6 @@ def test_bad_and_empty_patterns_are_one_line_errors() -> None:
 
 
 def test_many_literals_take_the_longest_at_each_position() -> None:
-    for engine in ("python", "hyperscan") if hyperscan_module() else ("python",):
+    for engine in ("python", "hyperscan") if hyperscan_module() or os.environ.get("CI") == "true" else ("python",):
         s = compile_search([b"ab", b"abcd", b"cde", b"x"], engine=engine)  # type: ignore[arg-type]
         assert list(s.find(b"zabcdex abx", 0, 11)) == [(1, 5), (6, 7), (8, 10), (10, 11)]
