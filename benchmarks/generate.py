@@ -90,8 +90,11 @@ SHAPES = {
 
 
 def cache_root() -> Path:
+    """The benchmark cache (made if missing: a new machine has none yet)."""
     env = os.environ.get("CRIT_PAGEREAD_BENCH_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "crit-pageread" / "bench"
+    root = Path(env) if env else Path.home() / ".cache" / "crit-pageread" / "bench"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
 
 
 def victim_exe(program: str = "victim") -> Path:
