@@ -24,7 +24,7 @@ from crit_pageread.criu_env import criu_binary
 #: crit's own commands: their JSON is crit's (decode/show) or they have none (encode/info).
 CRIT_JSON = {"decode", "encode", "info", "show"}
 #: Keys that used to name the same things as the convention's keys.
-RETIRED = {"source", "images_dir", "dir", "target", "vma", "path", "nr_pages"}
+RETIRED = {"source", "images_dir", "dir", "target", "path", "nr_pages"}
 INT_KEYS = {"pid", "ppid", "pgid", "sid", "shmem", "vaddr", "start", "end", "length", "pages", "bytes"}
 STR_KEYS = {"checkpoint", "perms", "kind", "mapping", "output"}
 STREAMS = {"grep", "ps", "pages", "coredump", "plugins", "x", "scan", "check", "setup-criu"}
@@ -49,6 +49,9 @@ def check_keys(obj: Any, where: str) -> None:
     elif isinstance(obj, dict):
         for key, value in obj.items():
             assert key not in RETIRED, f"{where}: retired key {key!r}"
+            if key == "vma":  # a VMA as `x DIR mems` lists them (a "start-end" string is retired)
+                assert isinstance(value, dict) and {"start", "end", "perms", "kind", "mapping"} <= set(value), \
+                    f"{where}: vma={value!r} is not a VMA object"
             if key in INT_KEYS:
                 assert isinstance(value, int) and not isinstance(value, bool), f"{where}: {key}={value!r} not an int"
             if key in STR_KEYS:
@@ -99,7 +102,8 @@ def test_every_command_json_is_ndjson_or_one_document_with_the_shared_keys(
     hits = case("grep", d, secret["text"])
     assert any(h["vaddr"] == secret["addr"] and h["start"] <= h["vaddr"] < h["end"] for h in hits)
     found = case("scan", "--rules", str(REPO / "examples" / "rules.yar"), d)
-    assert any(m["vaddr"] == secret["addr"] and m["checkpoint"] == d and m["start"] <= m["vaddr"] < m["end"]
+    assert any(m["vaddr"] == secret["addr"] and m["checkpoint"] == d and
+               m["vma"]["start"] <= m["vaddr"] < m["vma"]["end"] and m["mapping"] == m["vma"]["mapping"]
                for m in found)
     index = case("extract", d, "-o", str(tmp_path / "ex"))[0]
     assert index["output"] == str(tmp_path / "ex") and index["files"]

@@ -233,8 +233,15 @@ def test_scan_finds_every_string_where_the_program_put_it_and_read_returns_it(fl
     pm = load_pagemap(d.images / f"pagemap-{d.pid}.img", PAGE)
     assert pm.find(addr) != pm.find(addr + len(text) - 1)
     hit = next(m for m in mine if m["identifier"] == "$text" and m["vaddr"] == addr)
-    assert hit["mapping"].endswith(".file") and hit["start"] < addr < hit["end"] < addr + len(text)
-    assert hit["kind"] == "file-private" and "vma" not in hit  # the VMA is start/end (the JSON convention)
+    vma = hit["vma"]  # the VMA holding vaddr, as `x DIR mems` lists VMAs (the JSON convention)
+    assert hit["mapping"] == vma["mapping"] and vma["mapping"].endswith(".file")
+    assert vma["start"] < addr < vma["end"] < addr + len(text) and vma["kind"] == "file-private"
+    assert set(vma) == {"start", "end", "perms", "kind", "mapping"} and vma["perms"] == "rw-p"
+    mems = json.loads(subprocess.run([*CLI, "x", str(fleet.directory), "mems", "--json"], capture_output=True,
+                                     text=True, check=True).stdout.splitlines()[0])
+    assert mems["pid"] == d.pid and vma in mems["vmas"]
+    for key in ("checkpoint", "pid", "vaddr", "rule", "identifier", "vma", "mapping"):  # what the issue asks
+        assert key in hit, key
     assert hit["tags"] == ["credential", "demo"] and hit["meta"] == {"author": "tests", "severity": 3}
     assert hit["hex"] == text.hex() and hit["length"] == len(text)
     # text and regex: exactly where Python finds them in the restored process's memory
@@ -248,7 +255,7 @@ def test_scan_finds_every_string_where_the_program_put_it_and_read_returns_it(fl
     for ident, name, off in (("$anon", "anon-shared", 4), ("$memfd", "memfd", 2), ("$sysv", "sysv-shm", 3)):
         want = d.region(name)["start"] + off * PAGE - 8
         assert by[(f"s{d.seed}_shared_memory", ident)] == [want], ident
-        vma = next(m for m in mine if m["identifier"] == ident)
+        vma = next(m for m in mine if m["identifier"] == ident)["vma"]
         assert vma["start"] <= want < vma["end"] and vma["perms"] == "rw-s", vma
     # bulk strings: each once, at its place
     bulk = d.region("bulk0")
@@ -259,7 +266,7 @@ def test_scan_finds_every_string_where_the_program_put_it_and_read_returns_it(fl
     # every match: the restored process and `read` hold its bytes at its vaddr
     for m in got:
         assert restored.read(m["pid"], m["vaddr"], m["length"]).hex() == m["hex"], m
-    assert any(m["perms"].endswith("s") for m in got)  # shared memory too: `read` covers the process's view
+    assert any(m["vma"]["perms"].endswith("s") for m in got)  # shared memory too: `read` covers the process's view
     reads = run_jobs("crit_pageread", [
         {"argv": ["read", str(fleet.directory), "--pid", str(m["pid"]), hex(m["vaddr"]), str(m["length"])]}
         for m in got

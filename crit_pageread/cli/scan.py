@@ -73,10 +73,11 @@ def _escape(data: bytes) -> str:
 
 
 def match_json(checkpoint: str, m: Match) -> dict[str, Any]:
+    """A match as the README's JSON: the VMA holding `vaddr` is `vma`, in the form `x DIR mems` lists VMAs."""
     return {
         "checkpoint": checkpoint, "pid": m.pid, "vaddr": m.vaddr, "length": m.length, "rule": m.rule,
         "namespace": m.namespace, "tags": list(m.tags), "meta": dict(m.metadata), "identifier": m.identifier,
-        "start": m.start, "end": m.end, "perms": m.perms, "kind": m.kind,
+        "vma": {"start": m.start, "end": m.end, "perms": m.perms, "kind": m.kind, "mapping": m.mapping},
         "mapping": m.mapping, "hex": m.data.hex(), "excerpt": _escape(m.data[:EXCERPT_SHOWN]),
     }
 
