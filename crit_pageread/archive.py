@@ -878,27 +878,52 @@ def unpacked_images(
 
     Yields the directory and the member directory it stands for (`checkpoint`,
     or "" for images at the top). The image members only, each under its own
-    name, in a private temporary directory removed on exit; an uncompressed
-    archive is copied by the kernel.
+    name, at the member directory's own path under a private temporary root
+    removed on exit, with every level of the `parent` chain the archive holds
+    beside it (`checkpoint/parent -> ../pre-checkpoint`, as Podman lays a
+    pre-checkpoint out); an uncompressed archive is copied by the kernel.
     """
     index = open_archive(path, limits)
     tmp = make_temp_dir()
     try:
         images = index.images_dir()
-        root = tmp / "images"
+        root = tmp / "root"
         root.mkdir(mode=0o700)
-        for name in index.listdir(images):
-            full = f"{images}/{name}" if images else name
-            if index.is_file(full) and (name.endswith(".img") or name in CRIU_FILES):
-                member = index.member(full)
-                if index.compressed:  # already unpacked, in the same temporary directory: a link, no copy
-                    os.link(member.source, root / name)
-                else:
-                    member.copy_to(root / name)
-        yield root, images
+        level: str | None = images
+        seen: set[str] = set()
+        while level is not None and level not in seen and len(seen) < 64:
+            seen.add(level)
+            level = _unpack_level(index, level, root)
+        yield (root / images if images else root), images
     finally:
         index.close()
         _remove_temp_dir(str(tmp))
+
+
+def _unpack_level(index: ArchiveIndex, level: str, root: Path) -> str | None:
+    """Put one level's images under `root` (at its member path); return its parent level, if the archive has it."""
+    here = root / level if level else root
+    here.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for name in index.listdir(level):
+        full = f"{level}/{name}" if level else name
+        if name != "parent" and index.is_file(full) and (name.endswith(".img") or name in CRIU_FILES):
+            member = index.member(full)
+            if index.compressed:  # already unpacked, in the same temporary directory: a link, no copy
+                os.link(member.source, here / name)
+            else:
+                member.copy_to(here / name)
+    link = f"{level}/parent" if level else "parent"
+    entry = index.entries.get(link)
+    if entry is None:
+        if index.is_file(link):  # a `parent` file holding the path: as the archive has it
+            (here / "parent").write_bytes(index.read_small(link, 4096) or b"")
+        return None
+    if entry.kind != "symlink":
+        return None
+    target = index.resolve(link)
+    # The link as the archive resolves it (inside the archive: checked when indexed), dangling or not.
+    os.symlink(posixpath.relpath(target or ".", level or "."), here / "parent")
+    return target if index.is_dir(target) else None
 
 
 def unpack_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, Callable[[], None]]:

@@ -102,13 +102,13 @@ def check_checkpoint(path: str | os.PathLike[str], *, notes: bool = True) -> Che
         try:
             with unpacked_images(path) as (directory, member_dir):
                 report = check_checkpoint(directory, notes=notes)
-                inner = str(directory).rstrip("/")
+                # The temporary root the member paths are under (every level of a chain is beside the images).
+                inner = str(directory)[: -len(member_dir) - 1] if member_dir else str(directory).rstrip("/")
         except CritPageReadError as exc:
             return CheckReport(shown, [_problem_of(exc, shown)])
-        where = f"{shown}: {member_dir}" if member_dir else shown
 
         def rename(text: str) -> str:
-            return text.replace(inner + "/", f"{where}/" if member_dir else f"{shown}: ").replace(inner, where)
+            return text.replace(inner + "/", f"{shown}: ").replace(inner, shown)
 
         report.path = shown
         report.problems[:] = [Problem(p.severity, p.kind, rename(p.file), rename(p.message)) for p in report.problems]

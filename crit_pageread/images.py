@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import weakref
 from dataclasses import dataclass
 from functools import cached_property
@@ -208,12 +209,13 @@ class CheckpointImages:
         return data
 
     def image_size(self, name: str) -> int | None:
-        """Size in bytes of image `name`, or None if absent."""
+        """Size in bytes of image `name`, or None if absent or not a regular file (the `parent` link)."""
         if self._index is None:
             try:
-                return (self.path / name).stat().st_size
+                st = (self.path / name).lstat()
             except OSError:
                 return None
+            return st.st_size if stat.S_ISREG(st.st_mode) else None
         return self._index.size_of(self._member(name))
 
     def container_file_size(self, name: str) -> int | None:
