@@ -13,7 +13,13 @@ phase (scan: the task's time from its summary line, which includes opening the c
 pagemaps; yara-x: its loop of scan_file calls, timed inside). The ratio is scan's throughput over
 yara-x's on files (>= 0.8 is the target).
 
-usage: python -m benchmarks.scan_bench [--shapes plain,big,frag] [--runs 5] [--rules FILE] [--json]
+`--before TREE` adds `scan` of another checkout of crit-pageread (its package first on PYTHONPATH) to every
+round, for before/after figures in one run. `--entries N,M,...` measures instead scan's peak RSS on synthetic
+checkpoints of one process with N single-page entries, a hole after each (the pages file sparse: its zeros
+cost no disk), to show how memory grows with the number of pagemap entries.
+
+usage: python -m benchmarks.scan_bench [--shapes plain,big,frag] [--runs 5] [--rules FILE] [--before TREE]
+                                       [--entries N,...] [--json]
 """
 
 from __future__ import annotations
@@ -53,7 +59,56 @@ print(n, hits, time.perf_counter() - t0)
 """
 
 
-def measure(shape_name: str, runs: int, rules: Path, work: Path) -> dict[str, Any]:
+def scan_cmd(rules: Path, images: Path, tree: str | None = None) -> list[str]:
+    """`crit-pageread scan` of this checkout, or of `tree` (its package first on PYTHONPATH), on one core."""
+    env = ["env", f"PYTHONPATH={tree}"] if tree else []
+    return [*PIN, *env, PY, "-m", "crit_pageread", "scan", "--rules", str(rules), str(images), "--jobs", "1", "--json"]
+
+
+def synthetic(entries: int, work: Path) -> Path:
+    """One process, `entries` single-page present entries with a hole after each, over 64 VMAs."""
+    from crit_pageread.pagemap import PE_PRESENT, encode_pagemap
+    from crit_pageread.testing import ImageBuilder, VmaSpec
+
+    out = work / f"entries-{entries}"
+    per = -(-entries // 64)
+    base = 0x7F0000000000
+    vmas = [VmaSpec(base + i * 2 * (per + 1) * 4096, base + i * 2 * (per + 1) * 4096 + 2 * per * 4096)
+            for i in range(64)]
+    ImageBuilder(out).process(10, vmas=vmas).write()
+    pages = [(v.start + 2 * k * 4096, 1, PE_PRESENT) for v in vmas for k in range(per)][:entries]
+    (out / "pagemap-10.img").write_bytes(encode_pagemap(1, pages))
+    with open(out / "pages-1.img", "wb") as f:
+        f.truncate(len(pages) * 4096)
+    return out
+
+
+def measure_entries(counts: list[int], runs: int, rules: Path, work: Path, before: str | None) -> list[dict[str, Any]]:
+    """Peak RSS (and seconds) of scan on synthetic checkpoints with many entries, rounds interleaved."""
+    out = []
+    for n in counts:
+        images = synthetic(n, work)
+        methods = {"scan": scan_cmd(rules, images)}
+        if before:
+            methods["scan-before"] = scan_cmd(rules, images, before)
+        samples: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+        for _ in range(runs):
+            for name, cmd in methods.items():
+                r = run_child(cmd)
+                if r["code"] not in (0, 1):
+                    raise SystemExit(f"{name} failed ({r['code']}): {r['stderr'].decode()[-500:]}")
+                samples[name].append(r)
+        row: dict[str, Any] = {"entries": n, "bytes": n * 4096}
+        for name, rs in samples.items():
+            row[name] = {"peak_rss_mib": round(max(r["rss_mib"] for r in rs), 1),
+                         "median_s": round(statistics.median(r["seconds"] for r in rs), 3),
+                         "cpu_median_s": round(statistics.median(r["cpu_s"] for r in rs), 3)}
+        out.append(row)
+        shutil.rmtree(images)
+    return out
+
+
+def measure(shape_name: str, runs: int, rules: Path, work: Path, before: str | None = None) -> dict[str, Any]:
     images = generate(SHAPES[shape_name])
     out = work / f"extract-{shape_name}"
     if not out.exists():
@@ -61,11 +116,9 @@ def measure(shape_name: str, runs: int, rules: Path, work: Path) -> dict[str, An
                        stdout=subprocess.DEVNULL)
     files = sorted(str(p) for p in out.rglob("*.bin"))
     file_bytes = sum(os.path.getsize(f) for f in files)
-    methods = {
-        "scan": [*PIN, PY, "-m", "crit_pageread", "scan", "--rules", str(rules), str(images), "--jobs", "1",
-                 "--json"],
-        "yara-x-files": [*PIN, PY, "-c", YARA_FILES, str(rules), *files],
-    }
+    methods = {"scan": scan_cmd(rules, images), "yara-x-files": [*PIN, PY, "-c", YARA_FILES, str(rules), *files]}
+    if before:
+        methods["scan-before"] = scan_cmd(rules, images, before)
     samples: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     for round_ in range(runs + 1):  # round 0 warms the cache and is not counted
         for name, cmd in methods.items():
@@ -81,7 +134,7 @@ def measure(shape_name: str, runs: int, rules: Path, work: Path) -> dict[str, An
             scanned = int(float(line.split(" processes, ")[1].split(" MiB")[0]) * (1 << 20))
 
     def phase(name: str, r: dict[str, Any]) -> float:
-        if name == "scan":
+        if name.startswith("scan"):
             line = next(x for x in r["stderr"].decode().splitlines() if " MiB in " in x)
             found = re.search(r", ([0-9.]+) s, ", line)
             assert found, line
@@ -94,14 +147,19 @@ def measure(shape_name: str, runs: int, rules: Path, work: Path) -> dict[str, An
                               "files_matches": int(samples["yara-x-files"][-1]["stdout"].split()[1])}
     for name, rs in samples.items():
         secs = statistics.median(r["seconds"] for r in rs)
-        size = scanned if name == "scan" else file_bytes
+        size = scanned if name.startswith("scan") else file_bytes
         phase_s = statistics.median(phase(name, r) for r in rs)
         result[name] = {"median_s": round(secs, 3), "min_s": round(min(r["seconds"] for r in rs), 3),
+                        "cpu_median_s": round(statistics.median(r["cpu_s"] for r in rs), 3),
                         "mib_per_s": round(size / secs / (1 << 20), 1), "phase_median_s": round(phase_s, 3),
                         "phase_mib_per_s": round(size / phase_s / (1 << 20), 1),
                         "peak_rss_mib": round(max(r["rss_mib"] for r in rs), 1)}
     result["ratio"] = round(result["scan"]["mib_per_s"] / result["yara-x-files"]["mib_per_s"], 3)
     result["phase_ratio"] = round(result["scan"]["phase_mib_per_s"] / result["yara-x-files"]["phase_mib_per_s"], 3)
+    if before:
+        result["before_ratio"] = round(result["scan-before"]["mib_per_s"] / result["yara-x-files"]["mib_per_s"], 3)
+        result["before_phase_ratio"] = round(
+            result["scan-before"]["phase_mib_per_s"] / result["yara-x-files"]["phase_mib_per_s"], 3)
     return result
 
 
@@ -110,10 +168,30 @@ def main() -> None:
     parser.add_argument("--shapes", default="plain,big,frag")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--rules", default=str(ROOT / "examples" / "rules.yar"))
+    parser.add_argument("--before", metavar="TREE", help="also scan with the crit-pageread checkout TREE")
+    parser.add_argument("--entries", metavar="N,...", help="peak RSS on synthetic checkpoints of N entries instead")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    before = str(Path(args.before).resolve()) if args.before else None
     with tempfile.TemporaryDirectory(prefix="scan-bench-") as tmp:
-        results = [measure(s, args.runs, Path(args.rules), Path(tmp)) for s in args.shapes.split(",")]
+        if args.entries:
+            rows = measure_entries([int(x) for x in args.entries.split(",")], args.runs, Path(args.rules), Path(tmp),
+                                   before)
+            if args.json:
+                print(json.dumps(rows, indent=2))
+                return
+            extra = " before: peak RSS | s (CPU s) |" if before else ""
+            print("| entries | memory | scan peak RSS | s (CPU s) |" + extra)
+            print("|---:|---:|---:|---:|" + ("---:|---:|" if before else ""))
+            for r in rows:
+                line = (f"| {r['entries']} | {r['bytes'] >> 20} MiB | {r['scan']['peak_rss_mib']} MiB | "
+                        f"{r['scan']['median_s']} ({r['scan']['cpu_median_s']}) |")
+                if before:
+                    b = r["scan-before"]
+                    line += f" {b['peak_rss_mib']} MiB | {b['median_s']} ({b['cpu_median_s']}) |"
+                print(line)
+            return
+        results = [measure(s, args.runs, Path(args.rules), Path(tmp), before) for s in args.shapes.split(",")]
     if args.json:
         print(json.dumps(results, indent=2))
         return
@@ -125,6 +203,14 @@ def main() -> None:
         print(f"| {r['shape']} | {r['scanned_bytes'] >> 20} MiB | {s['mib_per_s']} / {y['mib_per_s']} | "
               f"{r['ratio']}x | {s['phase_mib_per_s']} / {y['phase_mib_per_s']} | {r['phase_ratio']}x | "
               f"{s['peak_rss_mib']} / {y['peak_rss_mib']} MiB |")
+        if before:
+            b = r["scan-before"]
+            print(f"| {r['shape']} before | | {b['mib_per_s']} / {y['mib_per_s']} | {r['before_ratio']}x | "
+                  f"{b['phase_mib_per_s']} / {y['phase_mib_per_s']} | {r['before_phase_ratio']}x | "
+                  f"{b['peak_rss_mib']} MiB |")
+    print("CPU seconds, medians: " + "; ".join(
+        f"{r['shape']} " + ", ".join(f"{m} {r[m]['cpu_median_s']}" for m in ("scan", "scan-before", "yara-x-files")
+                                     if m in r) for r in results))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import bisect
 import fnmatch
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import Any, NamedTuple
 
 from .errors import ConfigError, LazyPageError, NotDumpedError
@@ -30,7 +32,7 @@ from .images import (
     Vma,
 )
 from .pagemap import PE_LAZY, PE_PARENT, PE_PRESENT, Pagemap
-from .reader import HolesMode, PageReader, Segment
+from .reader import BROKEN, LAZY, PRESENT, HolesMode, MemoryMap, PageReader, Segment
 from .strategy import AnyRequest, PagesFile, Strategy, Target
 
 
@@ -213,6 +215,33 @@ class ProcessReader(PageReader):
             for seg in self.segment_reader(shmid).segments(start + delta, stop - start):
                 yield seg._replace(vaddr=seg.vaddr - delta)
 
+    def readable_runs(self, start: int, end: int) -> tuple[list[int], list[int], int]:
+        """The maximal readable ranges of [start, end) (dumped, or lazy when the strategy serves them;
+        shared mappings through their segment) as (starts, ends) in address order, and the bytes of lazy
+        pages left out. Taken from the memory maps by slices: no object per piece, nothing cached."""
+        lazy_ok = self.strategy.serves_lazy
+        pieces = self._pieces(start, end) if end > start else None
+        if pieces is None:
+            return _map_runs(self.memory_map(), start, end, lazy_ok)
+        starts: list[int] = []
+        ends: list[int] = []
+        lazy = 0
+        for a, b, shmid, delta in pieces:
+            flat = self.memory_map() if shmid is None else self.segment_reader(shmid).memory_map()
+            ss, ee, skipped = _map_runs(flat, a + delta, b + delta, lazy_ok)
+            lazy += skipped
+            if not ss:
+                continue
+            if delta:
+                ss = [x - delta for x in ss]
+                ee = [x - delta for x in ee]
+            if ends and ends[-1] == ss[0]:  # a run goes on from the pid's pages into a segment's
+                ends[-1] = ee[0]
+                ss, ee = ss[1:], ee[1:]
+            starts += ss
+            ends += ee
+        return starts, ends, lazy
+
     def page_counts(self, start: int, end: int) -> dict[str, int]:
         """Pages of [start, end) present, in a parent image, lazy only or not dumped, shared mappings
         counted in their segment."""
@@ -226,6 +255,35 @@ class ProcessReader(PageReader):
 
     def __repr__(self) -> str:
         return f"<ProcessReader pid {self.pid} of {self.images.path} via {self.strategy.name}>"
+
+
+def _map_runs(flat: MemoryMap, start: int, end: int, lazy_ok: bool) -> tuple[list[int], list[int], int]:
+    """`readable_runs` of one memory map: its runs over [start, end) clipped, runs back to back joined
+    (C-level slices and maps, no Python per run); a broken run raises its error, as reading it would."""
+    i = flat.index_at(start)
+    j = bisect.bisect_left(flat.starts, end, i)
+    if i >= j:
+        return [], [], 0
+    kinds = flat.kinds[i:j]
+    if BROKEN in kinds:
+        raise flat.broken[i + kinds.index(BROKEN)]
+    starts = flat.starts[i:j]
+    ends = list(map(operator.add, starts, flat.sizes[i:j]))
+    starts[0] = max(starts[0], start)
+    ends[-1] = min(ends[-1], end)
+    lazy = 0
+    if LAZY in kinds and not lazy_ok:
+        keep = [k == PRESENT for k in kinds]
+        lazy = sum(compress(ends, map(operator.not_, keep))) - sum(compress(starts, map(operator.not_, keep)))
+        starts = list(compress(starts, keep))
+        ends = list(compress(ends, keep))
+        if not starts:
+            return [], [], lazy
+    # Join runs back to back: a new run starts where the previous one does not end there.
+    new = list(map(operator.ne, ends[:-1], starts[1:]))
+    if all(new):
+        return starts, ends, lazy
+    return [starts[0], *compress(starts[1:], new)], [*compress(ends[:-1], new), ends[-1]], lazy
 
 
 @dataclass(eq=False, slots=True)
@@ -270,6 +328,10 @@ class Span:
         """The area that holds `vaddr` (the last one that starts at or before it)."""
         i = bisect.bisect_right([a.start for a in self.areas], vaddr) - 1
         return self.areas[max(i, 0)]
+
+    def readable_runs(self) -> tuple[list[int], list[int], int]:
+        """The span's readable runs as (starts, ends) and the lazy bytes left out (`ProcessReader.readable_runs`)."""
+        return self.reader.readable_runs(self.areas[0].start, self.areas[-1].end)
 
     def runs(self) -> Iterator[tuple[int, int, tuple[PagesFile, int] | None]]:
         """Maximal readable vaddr ranges of the span (present, or lazy if the strategy serves it; they may

@@ -6,11 +6,15 @@ it; a run never crosses a hole) is scanned as contiguous memory, so a string
 across a page, pagemap-entry or VMA boundary matches. A run longer than the
 window is scanned in windows of `window` bytes that overlap by `overlap`
 bytes; each window owns the matches that start before the next window does,
-so a match of up to `overlap` bytes is found once. A rule's condition is
-evaluated per window (a whole run when it fits: counts, `all of them`,
-offsets and `filesize` refer to that run or window).
+so a match of up to `overlap` bytes is found once. Short runs (up to
+SMALL_RUN: fragmented memory) of one process are packed, PACK bytes at a time
+with SEPARATOR zero bytes between them, and scanned together; a match that
+leaves its run is dropped and that run is scanned again alone, so the matches
+reported are the ones each run holds. A rule's condition is evaluated per
+scan: a window of a long run, or a pack (counts, `all of them`, offsets and
+`filesize` refer to that window or pack).
 
-Bytes are read through the reader and its strategy, into a reused window.
+Bytes are read through the reader and its strategy, into reused buffers.
 `scan_checkpoint` is the task: it takes and returns plain picklable values,
 so a process pool or a Dask worker can run it; it never raises for a broken
 checkpoint, it returns the error.
@@ -18,16 +22,20 @@ checkpoint, it returns the error.
 
 from __future__ import annotations
 
+import bisect
 import glob
 import hashlib
 import io
+import operator
 import os
 import resource
 import sys
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate, compress, repeat
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +53,18 @@ WINDOW = 16 << 20
 OVERLAP = 64 << 10
 #: Matches kept per pattern and window (yara-x stops recording after that many).
 MAX_MATCHES = 1000
-#: Runs up to this long are read in batches (one read of the stretch they lie in) and scanned one by one.
+#: Runs up to this long are packed: read a stretch at a time, copied one after another, scanned together.
 SMALL_RUN = 64 << 10
-#: Bytes of small runs read at once.
+#: Bytes of memory (from a stretch's first run to its last one's end) read at once for packing.
 BATCH = 4 << 20
+#: Bytes of short runs scanned at once (a pack).
+PACK = 1 << 20
+#: Zero bytes between two runs of a pack (where a hole or an unmapped gap is).
+SEPARATOR = 16
+_SEPARATOR = bytes(SEPARATOR)
+_setitem: Any = operator.setitem  # view[slice] = bytes, mapped over many slices at C level
+#: Short runs of a process kept waiting for packing at most (their addresses only).
+PENDING_RUNS = 1 << 16
 #: Bytes of a match kept for the excerpt.
 EXCERPT = 64
 RULE_SUFFIXES = (".yar", ".yara")
@@ -287,7 +303,7 @@ def scan_checkpoint(target: Target, rules_blob: bytes, options: ScanOptions) -> 
 
 def _scan_images(images: CheckpointImages, scanner: _Scanner, options: ScanOptions, result: CheckpointResult) -> None:
     """Scan each selected process through its own process reader, closed before the next (memory stays that of
-    one process's plan)."""
+    one process's map)."""
     wanted = set(options.pids)
     pids = [p for p in images.pids if not wanted or p in wanted]
     result.pids = len(pids)
@@ -303,19 +319,24 @@ def _scan_images(images: CheckpointImages, scanner: _Scanner, options: ScanOptio
             rule_only: set[tuple[str, str]] = set()
             for span in spans(areas):
                 result.spans += 1
-                if not span.reader.strategy.serves_lazy:
-                    for area in span.areas:
-                        result.lazy_skipped += sum(s.length for s in area.segments() if s.kind == "lazy")
-                result.bytes += scanner.scan_span(span, result.matches, rule_only)
+                starts, ends, lazy = span.readable_runs()
+                result.lazy_skipped += lazy
+                result.bytes += scanner.scan_runs(span, starts, ends, result.matches, rule_only)
+            scanner.flush(result.matches, rule_only)  # the last packs of this process's short runs
 
 
 class _Scanner:
     """yara-x's scanner over the runs of spans, with reused buffers.
 
     A run longer than SMALL_RUN is read into the window buffer window by
-    window. Shorter runs (fragmented memory) are read together with one
-    `readv` into the batch buffer, then each is copied to the window buffer
-    and scanned on its own: one plan and a few system calls per batch, not per run.
+    window and scanned on its own. Shorter runs (fragmented memory) are
+    packed, with no Python per run: a stretch of memory at a time is read
+    (one `readinto`, holes skipped) into the batch buffer, its runs are
+    joined with SEPARATOR zero bytes between them, and PACK bytes of them are
+    scanned at once. A match that does not lie inside one run (it overlaps a
+    separator: in memory it would cross a hole) is dropped, and the run where
+    it starts is scanned again on its own, so each run's matches are the ones
+    it holds.
     """
 
     def __init__(self, rules: Any, options: ScanOptions) -> None:
@@ -329,49 +350,122 @@ class _Scanner:
         self.window = options.window
         self.overlap = options.overlap
         self.buffer = WindowBuffer(self.window)
-        self.small = min(SMALL_RUN, self.window)
+        self.pack_size = min(PACK, self.window)
+        self.small = min(SMALL_RUN, self.pack_size - SEPARATOR)
         self.batch = bytearray(min(BATCH, self.window))
         self.truncated = False
+        # Short runs not scanned yet (one process's): their starts and ends, and (index past its last run, span)
+        # per span they come from.
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        self._spans: list[tuple[int, Span]] = []
 
     def close(self) -> None:
         """Drop yara-x's scanner now, in this thread."""
         self.scanner = None
 
-    def scan_span(self, span: Span, out: list[Match], rule_only: set[tuple[str, str]]) -> int:
-        """Scan every readable run of `span`; append the matches; return the bytes scanned."""
-        total = 0
-        batch: list[tuple[int, int]] = []  # small runs (vaddr, length) within len(self.batch) of batch[0]
-        limit = len(self.batch)
-        for rs, re_, _piece in span.runs():
-            n = re_ - rs
-            total += n
-            if n > self.small:
-                self.scan_run(span, rs, re_, out, rule_only)
-                continue
-            if batch and re_ - batch[0][0] > limit:
-                self._scan_batch(span, batch, out, rule_only)
-                batch = []
-            batch.append((rs, n))
-        if batch:
-            self._scan_batch(span, batch, out, rule_only)
-        return total
+    def scan_runs(self, span: Span, starts: list[int], ends: list[int], out: list[Match],
+                  rule_only: set[tuple[str, str]]) -> int:
+        """Scan the readable runs [starts[k], ends[k]) of `span` (long ones now, short ones packed with the
+        process's others, scanned at `flush` or when PENDING_RUNS are waiting); append the matches; return
+        the bytes."""
+        if not starts:
+            return 0
+        lens = list(map(operator.sub, ends, starts))
+        small = self.small
+        if max(lens) > small:
+            for k in [k for k, n in enumerate(lens) if n > small]:
+                self.scan_run(span, starts[k], ends[k], out, rule_only)
+            keep = list(map(operator.le, lens, repeat(small)))
+            starts, ends = list(compress(starts, keep)), list(compress(ends, keep))
+        if starts:
+            self._starts += starts
+            self._ends += ends
+            self._spans.append((len(self._starts), span))
+            if len(self._starts) >= PENDING_RUNS:
+                self.flush(out, rule_only)
+        return sum(lens)
 
-    def _scan_batch(self, span: Span, batch: list[tuple[int, int]], out: list[Match],
-                    rule_only: set[tuple[str, str]]) -> None:
-        """Read the memory from the first run to the end of the last into the batch buffer at once
-        (holes between them left as they are), then scan each run on its own."""
-        start = batch[0][0]
-        extent = batch[-1][0] + batch[-1][1] - start
+    def flush(self, out: list[Match], rule_only: set[tuple[str, str]]) -> None:
+        """Scan the pending short runs, PACK bytes of them at a time."""
+        starts, ends, owners = self._starts, self._ends, self._spans
+        if not starts:
+            return
+        self._starts, self._ends, self._spans = [], [], []
+        lens = list(map(operator.sub, ends, starts))
+        # offsets[k]: where run k starts in the joined runs (a separator after each)
+        offsets = list(accumulate(map(operator.add, lens, repeat(SEPARATOR)), initial=0))
+        owner_ends = [e for e, _ in owners]
         bview = memoryview(self.batch)
-        try:
-            span.reader.readinto(start, bview[:extent], holes="skip")
-        except LazyPageError:  # lazy pages the strategy does not serve lie between runs: read the runs only
-            span.reader.readv([(rs, bview[rs - start : rs - start + n]) for rs, n in batch])
+        extent = len(bview)
         view = self.buffer.view
-        for rs, n in batch:
-            off = rs - start
-            view[:n] = bview[off : off + n]
-            self._scan_window(span, rs, n, rs, rs + n, out, rule_only)
+        reader = owners[0][1].reader
+        count = len(starts)
+        i = 0
+        while i < count:
+            # the pack: runs i..j-1, at most pack_size bytes with their separators (at least one run)
+            j = max(bisect.bisect_right(offsets, offsets[i] + self.pack_size, i) - 1, i + 1)
+            origin = offsets[i]
+            s = i
+            while s < j:  # a stretch of memory at a time: runs s..t-1 lie within `extent` bytes of run s's start
+                t = max(bisect.bisect_right(ends, starts[s] + extent, s, j), s + 1)
+                base = starts[s]
+                sources = list(map(bview.__getitem__, map(slice, map(operator.sub, starts[s:t], repeat(base)),
+                                                           map(operator.sub, ends[s:t], repeat(base)))))
+                try:
+                    reader.readinto(base, bview[: ends[t - 1] - base], holes="skip")
+                except LazyPageError:  # lazy pages the strategy does not serve lie between runs: read the runs
+                    reader.readv(zip(starts[s:t], sources, strict=True))
+                # each run to its place in the window buffer, a separator after it (C-level loops)
+                places = list(map(operator.sub, offsets[s:t], repeat(origin)))
+                run_ends = list(map(operator.add, places, lens[s:t]))
+                deque(map(_setitem, repeat(view), map(slice, places, run_ends), sources), maxlen=0)
+                deque(map(_setitem, repeat(view), map(slice, run_ends, map(operator.add, run_ends,
+                      repeat(SEPARATOR))), repeat(_SEPARATOR)), maxlen=0)
+                s = t
+            results, data = self.buffer.scan(self.scanner, offsets[j] - origin - SEPARATOR)
+            self._scan_pack(results, data, starts, lens, offsets, i, j, owners, owner_ends, out, rule_only)
+            i = j
+
+    def _scan_pack(self, results: Any, data: bytes, starts: list[int], lens: list[int], offsets: list[int], i: int,
+                   j: int, owners: list[tuple[int, Span]], owner_ends: list[int], out: list[Match],
+                   rule_only: set[tuple[str, str]]) -> None:
+        """yara-x's `results` over the packed runs i..j-1 (`data`): keep the matches inside one run; scan again
+        alone each run where a match starts that leaves it."""
+        origin = offsets[i]
+        tainted: set[int] = set()
+        found: list[tuple[int, Match]] = []
+        for rule in results.matching_rules:
+            any_match = False
+            for pattern in rule.patterns:
+                matches = pattern.matches
+                if not matches:
+                    continue
+                any_match = True
+                if len(matches) >= self.max_matches:
+                    self.truncated = True
+                for m in matches:
+                    off = m.offset
+                    k = bisect.bisect_right(offsets, origin + off, i, j) - 1
+                    inside = origin + off - offsets[k]
+                    if inside >= lens[k]:
+                        continue  # starts in a separator: not memory
+                    if inside + m.length > lens[k]:
+                        tainted.add(k)  # in memory it would cross a hole: the run is scanned again alone
+                        continue
+                    span = owners[bisect.bisect_right(owner_ends, k)][1]
+                    found.append((k, _match(span, rule, pattern.identifier, starts[k] + inside, m.length,
+                                            data[off : off + min(m.length, EXCERPT)])))
+            if not any_match and (rule.namespace, rule.identifier) not in rule_only:
+                rule_only.add((rule.namespace, rule.identifier))
+                out.append(_match(owners[bisect.bisect_right(owner_ends, i)][1], rule, None, starts[i], 0, b""))
+        out.extend(m for k, m in found if k not in tainted)
+        for k in sorted(tainted):
+            a = offsets[k] - origin
+            run = data[a : a + lens[k]]  # a copy: the window buffer is scanned again
+            span = owners[bisect.bisect_right(owner_ends, k)][1]
+            self._report(self.scanner.scan(run), run, span, starts[k], starts[k], starts[k] + lens[k], out,
+                         rule_only)
 
     def scan_run(self, span: Span, rs: int, re_: int, out: list[Match], rule_only: set[tuple[str, str]]) -> None:
         """Scan [rs, re_) of `span` (all readable) window by window; append the matches each owns.
@@ -389,16 +483,15 @@ class _Scanner:
             last = base + n >= re_
             own_end = re_ if last else base + n - self.overlap
             reader.readinto(base, self.buffer.view[:n])
-            self._scan_window(span, base, n, own_start, own_end, out, rule_only)
+            results, data = self.buffer.scan(self.scanner, n)
+            self._report(results, data, span, base, own_start, own_end, out, rule_only)
             if last:
                 return
             own_start = own_end
 
-    def _scan_window(self, span: Span, base: int, n: int, own_start: int, own_end: int, out: list[Match],
-                     rule_only: set[tuple[str, str]]) -> None:
-        """Scan the first n bytes of the window buffer (memory from `base`); keep the matches that start
-        in [own_start, own_end)."""
-        results, data = self.buffer.scan(self.scanner, n)
+    def _report(self, results: Any, data: bytes, span: Span, base: int, own_start: int, own_end: int,
+                out: list[Match], rule_only: set[tuple[str, str]]) -> None:
+        """Append yara-x's matches over `data` (memory from `base`) that start in [own_start, own_end)."""
         for rule in results.matching_rules:
             any_match = False
             for pattern in rule.patterns:

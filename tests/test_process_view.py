@@ -180,3 +180,33 @@ def test_remote_without_a_local_strategy_reads_shared_mappings_from_the_images(d
         assert remote.gets == 0
     finally:
         remote.close()
+
+
+def _segment_runs(r, start: int, end: int, lazy_ok: bool) -> list[tuple[int, int]]:  # type: ignore[no-untyped-def]
+    """Maximal readable ranges of [start, end) from segments() (the per-piece view)."""
+    runs: list[tuple[int, int]] = []
+    for s in r.segments(start, end - start):
+        if s.kind == "present" or (s.kind == "lazy" and lazy_ok):
+            if runs and runs[-1][1] == s.vaddr:
+                runs[-1] = (runs[-1][0], s.end)
+            else:
+                runs.append((s.vaddr, s.end))
+    return runs
+
+
+def test_readable_runs_are_the_segments_readable_pieces_joined(d: Path) -> None:
+    """readable_runs (slices of the memory maps) equals what segments() says, shared mappings and lazy pages
+    included, for every range boundary."""
+    lo, hi = PRIV, 0x51000
+    cuts = [PRIV, PRIV + PAGE + 100, ANON_SH, ANON_SH + 2 * PAGE, MEMFD + PAGE, MEMFD + 3 * PAGE + 8, SYSV + 100,
+            0x50000]
+    for lazy in (None, {0x50000: pages("L")}):
+        with open_images(d) as images, images.reader(10, MockStrategy(lazy)) as r:
+            for a in [lo, *cuts]:
+                for b in [*cuts, hi]:
+                    if b <= a:
+                        continue
+                    starts, ends, skipped = r.readable_runs(a, b)
+                    assert list(zip(starts, ends, strict=True)) == _segment_runs(r, a, b, lazy is not None), (a, b)
+                    want_lazy = 0 if lazy else sum(s.length for s in r.segments(a, b - a) if s.kind == "lazy")
+                    assert skipped == want_lazy

@@ -471,3 +471,141 @@ def test_scan_of_an_incremental_chain_finds_what_the_dump_holds(fleet: Fleet, tm
     assert [{**m, "checkpoint": ""} for m in matches(got.stdout)] == [
         {**m, "checkpoint": ""} for m in matches(want.stdout)]
     assert {m["checkpoint"] for m in matches(got.stdout)} == {str(info.newest)}
+
+
+# --- fragmented memory: short runs packed into one scan (synthetic images, yara-x as the oracle per run) ----
+
+V1, V2, V3 = 0x100000, 0x100000 + 40 * PAGE, 0x40100000  # V2 right after V1; V3 far away
+
+
+def _filler(n: int, seed: int) -> bytearray:
+    """Bytes 0x80-0xff (no ASCII: nothing in them matches the rules by chance; no '!')."""
+    import random
+
+    rnd = random.Random(seed)
+    return bytearray(0x80 | b for b in rnd.randbytes(n))
+
+
+def _put(page: bytearray, at: int, text: bytes) -> bytearray:
+    start = at if at >= 0 else len(page) + at
+    page[start : start + len(text)] = text
+    return page
+
+
+FRAG_RULES = r"""
+rule frag : t { strings:
+    $hole = /CROSS-A-HOLE-[^!]{0,40}NOT-FOUND/
+    $greedy = /GREEDY-[^!]{0,64}/
+    $adj = "ACROSS-TWO-ENTRIES"
+    $vmas = "ACROSS-TWO-VMAS"
+    $far = "FAR-AWAY-STRING"
+    $long = "IN-A-LONG-RUN"
+    $start = { 53 54 41 52 54 2D 4F 46 }
+    $word = "WORD" fullword
+  condition: any of them }
+"""
+
+
+@pytest.fixture(scope="module")
+def frag(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[int, bytes]]]:
+    """pid 10: V1 (40 pages) and V2 (8 pages) adjacent, V3 far away. V1 holds single pages with a hole
+    after each, two adjacent entries and a last page that V2's first continues; V3 a short run and a long one.
+    Returns the images and the readable runs (vaddr, bytes) in address order."""
+    from crit_pageread.testing import ImageBuilder, VmaSpec
+
+    entries: list[tuple[int, bytes]] = []
+    for k in range(0, 30, 2):  # pages 0, 2, ..., 28 of V1, a hole after each
+        entries.append((V1 + k * PAGE, bytes(_filler(PAGE, k))))
+    entries[0] = (V1, bytes(_put(bytearray(entries[0][1]), -20, b"CROSS-A-HOLE-")))
+    entries[1] = (V1 + 2 * PAGE, bytes(_put(_put(bytearray(entries[1][1]), 0, b"NOT-FOUND...START-OF"), -20,
+                                            b"GREEDY-abcdefghijklm")))
+    entries[2] = (V1 + 4 * PAGE, bytes(_put(_put(bytearray(entries[2][1]), 0, b"WORD-at-a-run-start"), -1, b"X")))
+    entries[3] = (V1 + 6 * PAGE, bytes(_put(bytearray(entries[3][1]), 0, b"WORD")))  # after "X" and a hole
+    entries.append((V1 + 32 * PAGE, bytes(_put(_filler(PAGE, 32), -11, b"ACROSS-TWO-"))))  # two adjacent entries
+    entries.append((V1 + 33 * PAGE, bytes(_put(_filler(PAGE, 33), 0, b"ENTRIES"))))
+    entries.append((V1 + 39 * PAGE, bytes(_put(_filler(PAGE, 39), -11, b"ACROSS-TWO-"))))  # V1's last page
+    entries.append((V2, bytes(_put(_filler(PAGE, 40), 0, b"VMAS"))))  # V2's first
+    entries.append((V2 + 3 * PAGE, bytes(_filler(PAGE, 43))))
+    entries.append((V3, bytes(_put(_filler(PAGE, 50), 100, b"FAR-AWAY-STRING"))))
+    entries.append((V3 + 2 * PAGE, bytes(_put(_filler(20 * PAGE, 52), 17 * PAGE - 5, b"IN-A-LONG-RUN"))))
+    entries.append((V3 + 24 * PAGE, bytes(_put(_filler(16 * PAGE, 53), -9, b"WORD"))))  # 64 KiB: a window's size
+    images = tmp_path_factory.mktemp("frag") / "img"
+    b = ImageBuilder(images)
+    b.process(10, vmas=[VmaSpec(V1, V1 + 40 * PAGE), VmaSpec(V2, V2 + 8 * PAGE), VmaSpec(V3, V3 + 48 * PAGE)])
+    b.pagemap(10, entries)
+    b.write()
+    runs: list[tuple[int, bytes]] = []
+    for vaddr, data in entries:  # entries back to back (also across V1 -> V2) are one run
+        if runs and runs[-1][0] + len(runs[-1][1]) == vaddr:
+            runs[-1] = (runs[-1][0], runs[-1][1] + data)
+        else:
+            runs.append((vaddr, data))
+    return images, runs
+
+
+def _scan_lib(images: Path, rules: Path, **kw: Any) -> set[tuple[str, int, int]]:
+    from crit_pageread.config import load_config
+    from crit_pageread.scan import ScanOptions, Target, compile_rules, scan_checkpoint
+
+    res = scan_checkpoint(Target(str(images), str(images)), compile_rules([str(rules)]),
+                          ScanOptions(config=load_config(env={}), **kw))
+    assert res.error is None, res.error
+    assert all(m.pid == 10 for m in res.matches)
+    return {(m.identifier or "", m.vaddr, m.length) for m in res.matches}
+
+
+def test_scan_packs_short_runs_and_finds_what_each_run_holds_alone(
+    frag: tuple[Path, list[tuple[int, bytes]]], tmp_path: Path
+) -> None:
+    """Short runs are scanned packed; the matches are those of yara-x scanning each run alone: nothing
+    across a hole (even where a regex would run on through the separator), a greedy regex cut at its
+    run's end, `fullword` after a hole, strings across adjacent entries and adjacent VMAs, far runs and
+    a long run, whatever the window (and so the pack) size."""
+    import yara_x
+
+    images, runs = frag
+    rules = tmp_path / "frag.yar"
+    rules.write_text(FRAG_RULES)
+    scanner = yara_x.Scanner(yara_x.compile(FRAG_RULES))
+    want = {(p.identifier, vaddr + m.offset, m.length) for vaddr, data in runs
+            for r in scanner.scan(data).matching_rules for p in r.patterns for m in p.matches}
+    assert {w[0] for w in want} == {"$greedy", "$adj", "$vmas", "$far", "$long", "$start", "$word"}
+    assert ("$greedy", V1 + 3 * PAGE - 20, 20) in want  # cut at its run's end
+    assert ("$adj", V1 + 33 * PAGE - 11, 18) in want and ("$vmas", V2 - 11, 15) in want
+    assert ("$word", V1 + 6 * PAGE, 4) in want  # after a hole, "X" before it in the process's address order
+    assert not any(w[0] == "$hole" for w in want)
+    for window in (16 << 20, 1 << 16, (1 << 16) + 3 * PAGE):
+        assert _scan_lib(images, rules, window=window, overlap=64) == want, window
+    # the text and JSON output of the CLI: the same matches, each in its VMA
+    proc = scan("--rules", str(rules), str(images), "--json")
+    assert proc.returncode == 0, proc.stderr
+    got = matches(proc.stdout)
+    assert {(m["identifier"], m["vaddr"], m["length"]) for m in got} == want
+    for m in got:
+        assert m["vma"]["start"] <= m["vaddr"] < m["vma"]["end"], m
+    assert next(m for m in got if m["identifier"] == "$vmas")["vma"]["start"] == V1  # starts in V1
+
+
+def test_scan_a_match_across_a_hole_is_not_reported_but_across_adjacent_runs_it_is(tmp_path: Path) -> None:
+    """A string whose two halves are in pages with a hole between them is not found, whatever the pattern
+    (literal, hex, a regex that would cross the separator); the same halves in adjacent entries are."""
+    from crit_pageread.testing import ImageBuilder, VmaSpec
+
+    left = _put(_filler(PAGE, 1), -8, b"SPLIT-ST")
+    right = _put(_filler(PAGE, 2), 0, b"RING-END")
+    rules = tmp_path / "split.yar"
+    rules.write_text('rule split { strings: $lit = "SPLIT-STRING-END" $hex = { 53 50 4C 49 54 [0-40] 52 49 4E 47 }'
+                     " $re = /SPLIT-ST[^!]{0,40}RING/ condition: any of them }\n")
+    for gap, found in ((1, False), (0, True)):
+        images = tmp_path / f"gap{gap}" / "img"
+        b = ImageBuilder(images)
+        b.process(10, vmas=[VmaSpec(V1, V1 + 8 * PAGE)])
+        b.pagemap(10, [(V1, bytes(_filler(PAGE, 0))), (V1 + 2 * PAGE, bytes(left)),
+                       (V1 + (3 + gap) * PAGE, bytes(right)), (V1 + 6 * PAGE, bytes(_filler(PAGE, 3)))])
+        b.write()
+        got = _scan_lib(images, rules)
+        if found:
+            assert got == {("$lit", V1 + 3 * PAGE - 8, 16), ("$hex", V1 + 3 * PAGE - 8, 12),
+                           ("$re", V1 + 3 * PAGE - 8, 12)}
+        else:
+            assert got == set()

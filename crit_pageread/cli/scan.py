@@ -60,7 +60,7 @@ def crit_pageread_add_commands(subparsers: Any) -> None:
     p.add_argument("--overlap", type=int, default=OVERLAP, metavar="BYTES",
                    help=f"overlap of windows: the longest match found across a window edge ({OVERLAP})")
     p.add_argument("--max-matches", type=int, default=MAX_MATCHES, metavar="N",
-                   help=f"matches recorded per string and window ({MAX_MATCHES})")
+                   help=f"matches recorded per string and scan (a window or a pack; {MAX_MATCHES})")
     p.add_argument("--timeout", type=int, default=0, metavar="SECONDS", help="yara-x timeout per window (none)")
     p.add_argument("--strategy", help="page-read strategy (pread, preadv, mmap, remote, ...)")
     p.add_argument("--config", help="TOML config file (else $CRIT_PAGEREAD_CONFIG, ./crit-pageread.toml)")
@@ -104,7 +104,7 @@ def summary(res: CheckpointResult) -> str:
     if res.lazy_skipped:
         text += f"; {res.lazy_skipped / (1 << 20):.1f} MiB of lazy pages not scanned (use --strategy remote)"
     if res.truncated:
-        text += "; some strings matched more than --max-matches times in a window (not all shown)"
+        text += "; some strings matched more than --max-matches times in one scan (not all shown)"
     return text
 
 
