@@ -12,6 +12,7 @@ import bisect
 import os
 import stat
 from collections.abc import Callable, Iterator
+from itertools import compress, repeat
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -83,13 +84,19 @@ class PagemapEntry(NamedTuple):
 
 
 class Pagemap:
-    """A parsed, validated pagemap image and the pages file it names."""
+    """A parsed, validated pagemap image and the pages file it names.
+
+    The index is kept as columns (each entry's vaddr, size in bytes, flags,
+    pages-file offset): `entries`, the same as PagemapEntry tuples, is made
+    from them on first use only (a fragmented dump has hundreds of thousands
+    of entries; the reader plans from the columns).
+    """
 
     def __init__(
         self,
         path: Any,
         pages_id: int,
-        entries: list[PagemapEntry],
+        entries: list[PagemapEntry] | None,
         layout: str,
         page_size: int,
         starts: list[int] | None = None,
@@ -98,14 +105,26 @@ class Pagemap:
         #: The pagemap image: a Path, or an `archive.Member` (str() is `ARCHIVE: MEMBER`).
         self.path: Path = path
         self.pages_id = pages_id
-        self.entries = entries
+        self._entries = entries
         self.layout = layout
         self.page_size = page_size
-        self._starts = starts if starts is not None else [e.vaddr for e in entries]
+        if entries is None:
+            assert starts is not None and columns is not None, "Pagemap without entries needs its columns"
+        self._starts = starts if starts is not None else [e.vaddr for e in entries or ()]
         self._columns = columns
         self._runs: tuple[list[int], list[int]] | None = None
         #: What the loader read as CRIU does but that no CRIU writes (one line each; `check` lists them).
         self.anomalies: list[str] = []
+
+    @property
+    def entries(self) -> list[PagemapEntry]:
+        """The entries in address order (made from the columns on first use, then kept)."""
+        if self._entries is None:
+            sizes, flags, offsets = self._columns  # type: ignore[misc]
+            ps = self.page_size
+            self._entries = list(map(PagemapEntry, self._starts, map(ps.__rfloordiv__, sizes), flags, offsets,
+                                     repeat(ps)))
+        return self._entries
 
     def columns(self) -> tuple[list[int], list[int], list[int], list[int]]:
         """The index as columns (the reader's planning works on them, not on entries): each entry's
@@ -124,7 +143,8 @@ class Pagemap:
 
     @property
     def present_bytes(self) -> int:
-        return sum(e.size for e in self.entries if e.flags & PE_PRESENT)
+        _, sizes, flags, _ = self.columns()
+        return sum(compress(sizes, [f & PE_PRESENT for f in flags]))
 
     def present_runs(self) -> tuple[list[int], list[int]]:
         """Columns for bulk planning: each entry's size in bytes and, per entry, the index past the
@@ -148,28 +168,37 @@ class Pagemap:
 
     def index_at(self, vaddr: int) -> int:
         """Index of the first entry whose end is above `vaddr` (len(entries) if none)."""
-        i = bisect.bisect_right(self._starts, vaddr) - 1
-        if i >= 0 and self.entries[i].end > vaddr:
+        starts, sizes, _, _ = self.columns()
+        i = bisect.bisect_right(starts, vaddr) - 1
+        if i >= 0 and starts[i] + sizes[i] > vaddr:
             return i
         return i + 1
 
+    def _entry(self, i: int) -> PagemapEntry:
+        if self._entries is not None:
+            return self._entries[i]
+        starts, sizes, flags, offsets = self.columns()
+        return PagemapEntry(starts[i], sizes[i] // self.page_size, flags[i], offsets[i], self.page_size)
+
     def find(self, vaddr: int) -> PagemapEntry | None:
         """The entry that covers `vaddr`, or None."""
-        i = bisect.bisect_right(self._starts, vaddr) - 1
-        if i >= 0 and self.entries[i].end > vaddr:
-            return self.entries[i]
+        starts, sizes, _, _ = self.columns()
+        i = bisect.bisect_right(starts, vaddr) - 1
+        if i >= 0 and starts[i] + sizes[i] > vaddr:
+            return self._entry(i)
         return None
 
     def entries_in(self, start: int, end: int) -> Iterator[PagemapEntry]:
         """Entries that overlap [start, end), in address order."""
-        entries = self.entries
+        starts = self._starts
         i = self.index_at(start)
-        while i < len(entries) and entries[i].vaddr < end:
-            yield entries[i]
+        n = len(starts)
+        while i < n and starts[i] < end:
+            yield self._entry(i)
             i += 1
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self._starts)
 
     def __iter__(self) -> Iterator[PagemapEntry]:
         return iter(self.entries)
@@ -218,7 +247,6 @@ def load_pagemap(
     if 1 not in head_fields:
         raise ImageError(path, "pagemap_head has no pages_id")
     pages_id = head_fields[1]
-    entries: list[PagemapEntry] = []
     starts: list[int] = []
     extent = locate(pages_id) if locate is not None else None
     base = extent[0] if extent is not None else 0
@@ -228,8 +256,9 @@ def load_pagemap(
     mask = page_size - 1
     # Big pagemaps only: importing pycriu/protobuf costs more than it saves on small ones.
     parse = _compiled_entry_parser() if len(data) >= COMPILED_PARSER_MIN_BYTES else None
-    append = entries.append
     append_start = starts.append
+    interned: dict[int, int] = {}  # one int object per distinct entry size (most entries share a few)
+    intern = interned.setdefault
     pagemap_anomalies: list[str] = []
     sizes: list[int] = []
     flag_col: list[int] = []
@@ -294,20 +323,19 @@ def load_pagemap(
         if vaddr < prev_end or end > ADDRESS_LIMIT:
             if end > ADDRESS_LIMIT:
                 raise ImageError(path, f"entry {number} at {vaddr:#x}: absurd nr_pages {nr}")
-            what = "overlaps the previous entry" if entries and vaddr >= entries[-1].vaddr else "is out of order"
+            what = "overlaps the previous entry" if starts and vaddr >= starts[-1] else "is out of order"
             raise ImageError(path, f"entry {number} at {vaddr:#x} {what}")
+        size = end - vaddr
         if flags & PE_PRESENT:
-            append(PagemapEntry(vaddr, nr, flags, offset, page_size))
             append_offset(offset)
-            offset += end - vaddr
+            offset += size
         else:
-            append(PagemapEntry(vaddr, nr, flags, -1, page_size))
             append_offset(-1)
         append_start(vaddr)
-        append_size(end - vaddr)
+        append_size(intern(size, size))
         append_flags(flags)
         prev_end = end
-    pagemap = Pagemap(path, pages_id, entries, layout, page_size, starts, (sizes, flag_col, offsets))
+    pagemap = Pagemap(path, pages_id, None, layout, page_size, starts, (sizes, flag_col, offsets))
     pagemap.anomalies = pagemap_anomalies
     if locate is None:
         check_pages_size(pagemap, offset)

@@ -44,3 +44,24 @@ def test_a_big_pagemap_reads_the_same_with_either_decoder(tmp_path: Path, layout
     assert fast.layout == slow.layout == layout
     offsets = [e.offset for e in slow.entries if e.present]
     assert offsets[0] == 0 and offsets == sorted(offsets)
+
+
+def test_the_index_is_columns_and_entries_are_made_from_them_only_when_asked(tmp_path: Path) -> None:
+    """A loaded pagemap keeps columns, not an object per entry; lookups answer from them, and `entries`
+    (made on first use) holds the same entries."""
+    runs = _runs(3000, seed=9)
+    image = tmp_path / "pagemap-1.img"
+    image.write_bytes(encode_pagemap(7, runs, "4.1"))
+    with open(tmp_path / "pages-7.img", "wb") as f:
+        f.truncate(sum(nr for _, nr, flags in runs if flags & PE_PRESENT) * PAGE)
+    pm = load_pagemap(image, PAGE)
+    probes = [v + d for v, nr, _ in runs[::97] for d in (-1, 0, nr * PAGE - 1, nr * PAGE)]
+    found = [pm.find(v) for v in probes]
+    inside = list(pm.entries_in(runs[100][0] - 1, runs[200][0] + 1))
+    assert len(pm) == len(runs) and pm._entries is None  # nothing per entry made yet
+    entries = pm.entries
+    assert [(e.vaddr, e.nr_pages, e.flags) for e in entries] == runs
+    assert found == [next((e for e in entries if e.vaddr <= v < e.end), None) for v in probes]
+    lo, hi = runs[100][0] - 1, runs[200][0] + 1
+    assert inside == [e for e in entries if e.vaddr < hi and e.end > lo] and len(inside) >= 101
+    assert pm.present_bytes == sum(e.size for e in entries if e.present)
