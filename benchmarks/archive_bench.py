@@ -1,13 +1,16 @@
 """Container checkpoint archives against their unpacked directory: `ps` and `grep`, medians side by side.
 
 A ~200 MiB real CRIU dump (the benchmark victim) is laid out as Podman exports
-it (checkpoint/, config.dump, spec.dump, a 64 MiB rootfs-diff.tar), archived as
-`.tar` and `.tar.zst`, and each command is run as its own process, interleaved
-round by round, warm page cache. Also timed: unpacking the image members
-(`zstd -d | tar -x checkpoint`, and `tar -x` of the .tar), which is what a tool
-that unpacks first pays before it reads anything.
+it (checkpoint/, config.dump, spec.dump, a 64 MiB rootfs-diff.tar; members in
+lexical order, as Podman's archiver walks directories), archived as `.tar` and
+`.tar.zst`, and each command is run as its own process, interleaved round by
+round, warm page cache; wall and CPU seconds (user + system of the children).
+Also timed: unpacking the image members (`zstd -d | tar -x checkpoint`, and
+`tar -x` of the .tar), which is what a tool that unpacks first pays before it
+reads anything. `--before TREE` runs the same commands from another source tree
+(an older commit's checkout) interleaved with these.
 
-usage: python -m benchmarks.archive_bench [--runs 5] [--mib 200] [--json OUT]
+usage: python -m benchmarks.archive_bench [--runs 5] [--mib 200] [--before TREE] [--json OUT]
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -32,7 +36,7 @@ PATTERN = "CRIT-PAGEREAD-SECRET"
 def layout(images: Path, work: Path) -> tuple[Path, Path, Path]:
     """The Podman layout beside a cached dump, and its .tar and .tar.zst (made once)."""
     ctr = work / "ctr"
-    tar, zst = work / "ckpt.tar", work / "ckpt.tar.zst"
+    tar, zst = work / "ckpt-sorted.tar", work / "ckpt-sorted.tar.zst"
     if zst.exists() and tar.exists():
         return ctr, tar, zst
     shutil.rmtree(ctr, ignore_errors=True)
@@ -50,24 +54,28 @@ def layout(images: Path, work: Path) -> tuple[Path, Path, Path]:
     subprocess.run(["tar", "-C", str(rootfs), "-cf", str(ctr / "rootfs-diff.tar"), "."], check=True)
     shutil.rmtree(rootfs)
     members = ["config.dump", "spec.dump", "checkpoint", "rootfs-diff.tar"]
-    subprocess.run(["tar", "-C", str(ctr), "-cf", str(tar), *members], check=True)
+    subprocess.run(["tar", "--sort=name", "-C", str(ctr), "-cf", str(tar), *members], check=True)
     subprocess.run(["zstd", "-q", "-3", "-T2", "-f", str(tar), "-o", str(zst)], check=True)
     return ctr, tar, zst
 
 
-def timed(cmd: list[str] | str, shell: bool = False) -> float:
+def timed(cmd: list[str] | str, shell: bool = False, cwd: str | None = None) -> tuple[float, float]:
+    """Wall and CPU seconds (user + system of the children) of one run (`cwd`: the tree `python -m` imports)."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, shell=shell, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    res = subprocess.run(cmd, shell=shell, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
     took = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if res.returncode not in (0, 1):  # grep's 1 is "no match"
         raise RuntimeError(f"{cmd}: {res.stderr.decode()[-500:]}")
-    return took
+    return took, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--mib", type=int, default=200)
+    parser.add_argument("--before", metavar="TREE", help="also run ps and grep from this source tree, interleaved")
     parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args(argv)
     shape = Shape("container", args.mib, 32, 0)
@@ -87,7 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         "unpack zst images": lambda: _unpack(f"zstd -dc -q {zst} | tar -x -C {{dest}} checkpoint", scratch),
         "unpack tar": lambda: _unpack(f"tar -xf {tar} -C {{dest}}", scratch),
     }
-    times: dict[str, list[float]] = {k: [] for k in cases}
+    if args.before:  # `python -m` imports the package of its working directory first
+        before = str(Path(args.before).resolve())
+        for name in [k for k in cases if k.startswith(("ps ", "grep "))]:
+            cmd, what = name.split()
+            src = {"dir": ctr, "tar": tar, "zst": zst}[what]
+            extra = [PATTERN] if cmd == "grep" else []
+            cases[f"{name} (before)"] = (lambda c=cmd, s=src, x=extra: timed([*py, c, str(s), *x], cwd=before))
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in cases}
     try:
         for fn in cases.values():  # warm-up: page cache, .pyc
             fn()
@@ -96,30 +111,35 @@ def main(argv: list[str] | None = None) -> int:
                 times[name].append(fn())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: statistics.median(t for t, _ in v) for k, v in times.items()}
+    cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
     sizes = {"images": sum(p.stat().st_size for p in (ctr / "checkpoint").iterdir()), "tar": tar.stat().st_size,
              "zst": zst.stat().st_size}
     print(f"container: {sizes['images'] >> 20} MiB of images, .tar {sizes['tar'] >> 20} MiB, "
-          f".tar.zst {sizes['zst'] >> 20} MiB; medians of {args.runs} (s)")
+          f".tar.zst {sizes['zst'] >> 20} MiB; medians of {args.runs}: wall s, CPU s [wall of each run]")
     for k, v in med.items():
-        print(f"  {k:<20} {v:7.3f}   [{', '.join(f'{t:.3f}' for t in times[k])}]")
-    ratios = {
-        "ps tar/dir": med["ps tar"] / med["ps dir"],
-        "grep tar/dir": med["grep tar"] / med["grep dir"],
-        "ps zst/(unpack+dir)": med["ps zst"] / (med["unpack zst images"] + med["ps dir"]),
-        "grep zst/(unpack+dir)": med["grep zst"] / (med["unpack zst images"] + med["grep dir"]),
-        "ps tar/unpack tar": med["ps tar"] / med["unpack tar"],
-        "ps zst/unpack zst images": med["ps zst"] / med["unpack zst images"],
-    }
+        print(f"  {k:<22} {v:7.3f} {cpu[k]:7.3f}   [{', '.join(f'{t:.3f}' for t, _ in times[k])}]")
+    ratios: dict[str, float] = {}
+    for tag in ["", " (before)"] if args.before else [""]:
+        m = {k.removesuffix(tag): v for k, v in med.items() if k.endswith(tag) or k.startswith("unpack")}
+        ratios.update({
+            f"ps tar/dir{tag}": m["ps tar"] / m["ps dir"],
+            f"grep tar/dir{tag}": m["grep tar"] / m["grep dir"],
+            f"ps zst/(unpack+dir){tag}": m["ps zst"] / (m["unpack zst images"] + m["ps dir"]),
+            f"grep zst/(unpack+dir){tag}": m["grep zst"] / (m["unpack zst images"] + m["grep dir"]),
+            f"ps tar/unpack tar{tag}": m["ps tar"] / m["unpack tar"],
+            f"ps zst/unpack zst images{tag}": m["ps zst"] / m["unpack zst images"],
+        })
     for k, v in ratios.items():
-        print(f"  {k:<26} {v:5.2f}x")
+        print(f"  {k:<36} {v:5.2f}x")
+    print(f"  load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"medians": med, "runs": times, "ratios": ratios, "sizes": sizes},
-                                              indent=2))
+        Path(args.json).write_text(json.dumps({"medians": med, "cpu": cpu, "runs": times, "ratios": ratios,
+                                               "sizes": sizes}, indent=2))
     return 0
 
 
-def _unpack(command: str, scratch: Path) -> float:
+def _unpack(command: str, scratch: Path) -> tuple[float, float]:
     dest = Path(tempfile.mkdtemp(dir=scratch))
     try:
         return timed(command.format(dest=dest), shell=True)

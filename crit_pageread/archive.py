@@ -28,6 +28,7 @@ import contextlib
 import errno
 import os
 import posixpath
+import re
 import shutil
 import signal
 import stat
@@ -100,14 +101,17 @@ class Member(os.PathLike[str]):
     bytes long; `read_bounded` reads them.
     """
 
-    __slots__ = ("archive", "member", "offset", "size", "source")
+    __slots__ = ("archive", "member", "offset", "present", "size", "source")
 
-    def __init__(self, archive: Path, member: str, source: str, offset: int, size: int) -> None:
+    def __init__(self, archive: Path, member: str, source: str, offset: int, size: int,
+                 present: list[tuple[int, int]] | None = None) -> None:
         self.archive = archive
         self.member = member
         self.source = source
         self.offset = offset
         self.size = size
+        #: For a pages file unpacked sparse (`PagesWanted`): the byte ranges of it that were written; None: all.
+        self.present = present
 
     @property
     def name(self) -> str:
@@ -166,6 +170,8 @@ class _Entry:
     #: For a compressed archive: the unpacked file (images) or the bytes (container files).
     source: str | None = None
     data: bytes | None = None
+    #: For a pages file unpacked sparse: the byte ranges written (the rest reads as an error, never as zeros).
+    present: list[tuple[int, int]] | None = None
 
 
 @dataclass
@@ -221,7 +227,7 @@ class ArchiveIndex:
         if self.compressed:
             if entry.source is None:
                 raise ImageError(f"{self.path}: {short_name(real)}", "not unpacked (not a CRIU image)")
-            return Member(self.path, real, entry.source, 0, entry.size)
+            return Member(self.path, real, entry.source, 0, entry.size, entry.present)
         return Member(self.path, real, str(self.path), entry.offset, entry.size)
 
     def listdir(self, directory: str) -> list[str]:
@@ -331,8 +337,26 @@ def is_archive(path: str | os.PathLike[str]) -> bool:
     return compression(path) is not None
 
 
-def open_archive(path: str | os.PathLike[str], limits: ArchiveLimits | None = None) -> ArchiveIndex:
-    """Index an archive; a compressed one has its images unpacked (close the index to remove them)."""
+#: `pages_wanted(pid, mm_image)`: the address ranges [start, end) of a process that a command will read,
+#: from its mm image (an `archive.Member`); see `open_archive`.
+PagesWanted = Callable[[int, "Member"], list[tuple[int, int]]]
+_PAGES_RE = re.compile(r"pages-(\d+)\.img")
+_PAGEMAP_RE = re.compile(r"pagemap-(shmem-)?(\d+)\.img")
+_MM_RE = re.compile(r"mm-(\d+)\.img")
+
+
+def open_archive(path: str | os.PathLike[str], limits: ArchiveLimits | None = None, *,
+                 pages_wanted: PagesWanted | None = None, page_size: int = 4096) -> ArchiveIndex:
+    """Index an archive; a compressed one has its images unpacked (close the index to remove them).
+
+    With `pages_wanted` (for a command that reads a few ranges of each process,
+    as `ps` reads argv and the environment), a compressed archive's pages file is
+    unpacked sparse: only the pages holding those ranges are written, where the
+    process's pagemap and mm images come before its pages file in the archive
+    (as in Podman's exports, whose members are in lexical order); any other
+    pages file is unpacked whole. A read of a page that was not written is an
+    ImageError through the reader (`Member.present`), never zeros.
+    """
     path = Path(path)
     limits = limits or ArchiveLimits()
     kind = compression(path)
@@ -354,7 +378,7 @@ def open_archive(path: str | os.PathLike[str], limits: ArchiveLimits | None = No
         with _decompressed(path, kind) as stream:
             source = _StreamSource(path, stream)
             try:
-                _Indexer(index, limits, source, unpack_to=tmp).run()
+                _Indexer(index, limits, source, unpack_to=tmp, pages_wanted=pages_wanted, page_size=page_size).run()
             finally:
                 source.close()
     except BaseException:
@@ -545,6 +569,29 @@ class _StreamSource:
     def copy(self, fd: int, n: int) -> bool:
         return self._pump(n, fd)
 
+    def copy_ranges(self, fd: int, n: int, ranges: list[tuple[int, int]]) -> bool:
+        """Move past `n` bytes, writing only `ranges` (sorted, disjoint, relative to here) at their offsets."""
+        done = 0
+        for a, b in ranges:
+            b = min(b, n)
+            if a >= b:
+                continue
+            if not self._pump(a - done, None):
+                return False
+            done = a
+            while done < b and self._fill():
+                take = min(b - done, self._end - self._start)
+                chunk = self._view[self._start : self._start + take]
+                while chunk:
+                    w = os.pwrite(fd, chunk[:WRITE_CHUNK], done)
+                    chunk = chunk[w:]
+                    done += w
+                self._start += take
+                self.pos += take
+            if done < b:
+                return False
+        return self._pump(n - done, None)
+
 
 # --- the tar format -----------------------------------------------------------------------------
 
@@ -582,13 +629,20 @@ def _pax(data: bytes) -> dict[str, str]:
 class _Indexer:
     """Walks the headers of an archive once, checking every bound, recording (or unpacking) members."""
 
-    def __init__(self, index: ArchiveIndex, limits: ArchiveLimits, source: Any, unpack_to: Path | None = None):
+    def __init__(self, index: ArchiveIndex, limits: ArchiveLimits, source: Any, unpack_to: Path | None = None,
+                 pages_wanted: PagesWanted | None = None, page_size: int = 4096):
         self.index = index
         self.limits = limits
         self.src = source
         self.unpack_to = unpack_to
         self.unpacked = 0
         self.count = 0
+        self.pages_wanted = pages_wanted
+        self.page_size = page_size
+        #: Unpacked so far, for sparse pages files: directory -> [(pid or None for shmem, pagemap entry)];
+        #: pid -> mm entries (the newest level's first: a pre-dump's level has none).
+        self._pagemaps: dict[str, list[tuple[int | None, _Entry]]] = {}
+        self._mms: dict[int, list[_Entry]] = {}
 
     def fail(self, name: str | None, problem: str) -> ImageError:
         where = f"{self.index.path}: {short_name(name)}" if name else str(self.index.path)
@@ -741,18 +795,25 @@ class _Indexer:
         if base.endswith(".img") or base in CRIU_FILES:
             if sparse:
                 return self.src.skip(stored)  # refused if it is ever read (`member()`)
-            self.unpacked += size
+            ranges = self._sparse_ranges(entry, base) if self.pages_wanted is not None else None
+            need = size if ranges is None else sum(b - a for a, b in ranges)
+            self.unpacked += need
             if self.unpacked > self.limits.max_unpacked:
                 raise self.fail(raw, f"unpacking it would exceed {self.limits.max_unpacked} bytes (max_unpacked)")
             assert self.unpack_to is not None
             free = _free_bytes(self.unpack_to)
-            if free is not None and size + _TEMP_RESERVE > free:
-                raise self.fail(raw, f"{size} bytes to unpack, {free} free in {tempfile.gettempdir()}"
+            if free is not None and need + _TEMP_RESERVE > free:
+                raise self.fail(raw, f"{need} bytes to unpack, {free} free in {tempfile.gettempdir()}"
                                      " (set TMPDIR, or read the uncompressed .tar in place)")
             dest = self.unpack_to / f"{self.count}.img"
             fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
-                ok = self.src.copy(fd, size)
+                if ranges is None:
+                    ok = self.src.copy(fd, size)
+                else:  # the pages wanted only, at their offsets; the rest stays a hole, never read
+                    os.ftruncate(fd, size)
+                    ok = self.src.copy_ranges(fd, size, ranges)
+                    entry.present = ranges
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     raise self.fail(raw, f"no space left unpacking it in {tempfile.gettempdir()}") from None
@@ -760,12 +821,82 @@ class _Indexer:
             finally:
                 os.close(fd)
             entry.source = str(dest)
+            if self.pages_wanted is not None:
+                self._note(entry, base)
             return ok and self.src.skip(stored - size)
         if base in CONTAINER_FILES and size <= CONTAINER_FILE_MAX and name.count("/") <= 1:
             data = self.src.read(size)
             entry.data = data
             return len(data) == size and self.src.skip(stored - size)
         return self.src.skip(stored)
+
+
+    def _note(self, entry: _Entry, base: str) -> None:
+        """Remember an unpacked pagemap or mm image (what a later pages file's wanted ranges come from)."""
+        m = _PAGEMAP_RE.fullmatch(base)
+        if m is not None:
+            pid = None if m.group(1) else int(m.group(2))
+            self._pagemaps.setdefault(posixpath.dirname(entry.name), []).append((pid, entry))
+            return
+        m = _MM_RE.fullmatch(base)
+        if m is not None:
+            self._mms.setdefault(int(m.group(1)), []).append(entry)
+
+    def _sparse_ranges(self, entry: _Entry, base: str) -> list[tuple[int, int]] | None:
+        """The byte ranges of pages file `entry` that hold the wanted pages, or None to unpack it whole.
+
+        Whole unless its one pagemap (a process's, not a shared segment's) and that
+        process's mm image were unpacked before it and both parse; anything
+        unusual is left for the command to find and report.
+        """
+        m = _PAGES_RE.fullmatch(base)
+        if m is None or entry.sparse:
+            return None
+        from .errors import CritPageReadError
+        from .imagefile import check_magic, decode_varint_fields, iter_entries, read_image
+        from .pagemap import PE_PRESENT, load_pagemap
+
+        pages_id = int(m.group(1))
+        owners = []
+        for pid, pm in self._pagemaps.get(posixpath.dirname(entry.name), []):
+            member = Member(self.index.path, pm.name, pm.source or "", 0, pm.size)
+            try:
+                data = read_image(member, "PAGEMAP")
+                head = next(iter_entries(member, data, check_magic(member, data, "PAGEMAP")), None)
+                if head is not None and decode_varint_fields(member, head).get(1) == pages_id:
+                    owners.append((pid, member))
+            except CritPageReadError:
+                return None
+        if len(owners) != 1 or owners[0][0] is None or not self._mms.get(owners[0][0]):
+            return None
+        pid, pagemap_member = owners[0]
+        assert pid is not None and self.pages_wanted is not None
+        here = posixpath.dirname(entry.name)
+        mm = next((e for e in self._mms[pid] if posixpath.dirname(e.name) == here), self._mms[pid][0])
+        label = f"{self.index.path}: {short_name(entry.name)}"
+        try:
+            wanted = self.pages_wanted(pid, Member(self.index.path, mm.name, mm.source or "", 0, mm.size))
+            pagemap = load_pagemap(pagemap_member, self.page_size, locate=lambda _: (0, entry.size, label))
+        except CritPageReadError:
+            return None
+        mask = self.page_size - 1
+        ranges: list[tuple[int, int]] = []
+        for start, end in wanted:
+            if end <= start:
+                continue
+            start, end = start & ~mask, (end + mask) & ~mask
+            for e in pagemap.entries_in(start, end):
+                if e.flags & PE_PRESENT:
+                    a, b = max(start, e.vaddr), min(end, e.end)
+                    ranges.append((e.offset + a - e.vaddr, e.offset + b - e.vaddr))
+        ranges.sort()
+        merged: list[tuple[int, int]] = []
+        for a, b in ranges:
+            if merged and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        return merged
 
 
 def _free_bytes(path: Path) -> int | None:

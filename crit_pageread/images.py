@@ -25,7 +25,7 @@ from .pagemap import Pagemap, load_pagemap
 from .strategy import PagesFile, Strategy, Target
 
 if TYPE_CHECKING:
-    from .archive import ArchiveIndex, Member
+    from .archive import ArchiveIndex, Member, PagesWanted
     from .memory import ProcessReader
     from .reader import PageReader
 
@@ -594,7 +594,8 @@ class CheckpointImages:
         return f"<CheckpointImages {self.path}>"
 
 
-def open_images(path: str | os.PathLike[str], config: Config | None = None) -> CheckpointImages:
+def open_images(path: str | os.PathLike[str], config: Config | None = None, *,
+                pages_wanted: PagesWanted | None = None) -> CheckpointImages:
     """Open a CRIU image directory, a Podman/CRI-O checkpoint (directory or archive) for reading.
 
     Use it as a context manager::
@@ -609,13 +610,17 @@ def open_images(path: str | os.PathLike[str], config: Config | None = None) -> C
     images (only) unpacked into a private temporary directory, removed when
     the images are closed, on SIGINT/SIGTERM/SIGHUP, or when the object is
     collected unclosed. Limits on archives come from the `[archive]` table.
+    `pages_wanted(pid, mm_image)`, for a caller that reads only some ranges of
+    each process (`ps`: argv and environment), lets a compressed archive's pages
+    be unpacked sparse (`archive.open_archive`); other reads then fail.
     """
     from .archive import ArchiveLimits, is_archive, open_archive
     from .plugins import configure, get_plugin_manager
 
     if is_archive(path):
         config = config if config is not None else load_config()
-        index = open_archive(path, ArchiveLimits.from_table(config.table("archive")))
+        index = open_archive(path, ArchiveLimits.from_table(config.table("archive")), pages_wanted=pages_wanted,
+                             page_size=config.page_size)
         try:
             member_dir = index.images_dir()
             images = CheckpointImages(path, config, _index=index, _member_dir=member_dir)

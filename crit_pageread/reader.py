@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from .dedup import punch_hole
-from .errors import ChainError, CritPageReadError, LazyPageError, NotDumpedError
+from .errors import ChainError, CritPageReadError, ImageError, LazyPageError, NotDumpedError
 from .pagemap import PE_PARENT, PE_PRESENT, Pagemap
 from .strategy import (
     AnyRequest,
@@ -196,6 +196,45 @@ class MemoryMap:
             out.add_broken(pos, end - pos, 0, child.depth, _lacks(parent, child, pos, end))
 
 
+def _restrict(flat: MemoryMap, pages: PagesFile) -> MemoryMap:
+    """`flat` with the runs of `pages` (a pages file unpacked sparse) cut to the bytes it holds: the rest
+    become BROKEN runs, whose reads raise an ImageError naming it (never zeros)."""
+    present = pages.present or []
+    out = MemoryMap()
+    out.images = flat.images
+    columns: tuple[list[Any], ...] = (flat.starts, flat.sizes, flat.kinds, flat.flags, flat.files, flat.offsets,
+                                      flat.depths)
+    outs: tuple[list[Any], ...] = (out.starts, out.sizes, out.kinds, out.flags, out.files, out.offsets, out.depths)
+    for k in range(len(flat.starts)):
+        if flat.files[k] is not pages:
+            if k in flat.broken:
+                out.broken[len(out.starts)] = flat.broken[k]
+            for col, src in zip(outs, columns, strict=True):
+                col.append(src[k])
+            continue
+        vaddr, flags, depth = flat.starts[k], flat.flags[k], flat.depths[k]
+        pos = flat.offsets[k] - pages.base  # the run's bytes in the pages: [pos, end)
+        end = pos + flat.sizes[k]
+        shift = vaddr - pos  # vaddr of byte p of the pages is p + shift
+        i = max(bisect_right(present, (pos, end)) - 1, 0)
+        while pos < end:
+            while i < len(present) and present[i][1] <= pos:
+                i += 1
+            a, b = present[i] if i < len(present) else (end, end)
+            if a > pos:
+                stop = min(a, end)
+                out.add_broken(pos + shift, stop - pos, flags, depth, ImageError(
+                    pages.path, f"pages at {pos + shift:#x}-{stop + shift:#x} were not unpacked "
+                    "(the archive was opened for some ranges only)"))
+            else:
+                stop = min(b, end)
+                for col, value in zip(outs, (pos + shift, stop - pos, flat.kinds[k], flags, pages,
+                                             pages.base + pos, depth), strict=True):
+                    col.append(value)
+            pos = stop
+    return out
+
+
 def _lacks(parent: PageReader, child: PageReader, start: int, end: int) -> ChainError:
     return ChainError(parent.source, f"lacks pages at {start:#x}-{end:#x} that {child.source} has in parent")
 
@@ -300,7 +339,8 @@ class PageReader:
             flat.depths = [self.depth] * n
             flat.images = [self.images.location]
             flat._file_end = [n] * n
-            return flat
+            first = flat.files[0]
+            return flat if first is None or first.present is None else _restrict(flat, first)
         add_start, add_size, add_kind, add_flags, add_file, add_offset, add_depth = (
             flat.starts.append, flat.sizes.append, flat.kinds.append, flat.flags.append, flat.files.append,
             flat.offsets.append, flat.depths.append)
@@ -362,7 +402,7 @@ class PageReader:
         while level is not None:
             flat.images.append(level.images.location)
             level = level._parent
-        return flat
+        return flat if pages is None or pages.present is None else _restrict(flat, pages)
 
     def segments(self, vaddr: int, length: int) -> Iterator[Segment]:
         """Where each piece of [vaddr, vaddr+length) is, resolved through the chain (a view of the map)."""

@@ -52,6 +52,9 @@ class PagesFile:
         self.path = path
         self.writable = writable
         self.base = 0
+        #: Byte ranges (of the pages, from `base`) that hold data, if not all: a pages file an archive unpacked
+        #: sparse (`archive.open_archive(pages_wanted=...)`); the reader refuses reads of the rest.
+        self.present: list[tuple[int, int]] | None = getattr(path, "present", None)
         source = getattr(path, "source", None)
         if source is not None:  # an archive member: a byte range of the archive (`archive.Member`)
             if writable:

@@ -37,9 +37,11 @@ def config_from_args(args: argparse.Namespace, **extra: Any) -> Config:
     return config
 
 
-def open_from_args(args: argparse.Namespace, path: str | None = None, **extra: Any) -> CheckpointImages:
-    """Open the image directory (or archive) named by `args.dir` with the CLI's config."""
-    return open_images(path or args.dir, config_from_args(args, **extra))
+def open_from_args(args: argparse.Namespace, path: str | None = None, *, pages_wanted: Any = None,
+                   **extra: Any) -> CheckpointImages:
+    """Open the image directory (or archive) named by `args.dir` with the CLI's config (`pages_wanted`: see
+    `open_images`)."""
+    return open_images(path or args.dir, config_from_args(args, **extra), pages_wanted=pages_wanted)
 
 
 def selected_pids(images: CheckpointImages, args: argparse.Namespace) -> list[int]:

@@ -20,7 +20,7 @@ from ..hookspecs import hookimpl
 from ..images import VMA_ANON_SHARED, VMA_AREA_MEMFD, VMA_AREA_SYSVIPC, CheckpointImages
 from ..pagemap import PE_PARENT, PE_PRESENT
 from .common import add_common_options, open_from_args, print_json, selected_pids
-from .ps import process_info
+from .ps import pages_wanted, process_info
 
 STATS_KEYS = ("freezing_time", "frozen_time", "memdump_time", "memwrite_time", "pages_scanned",
               "pages_skipped_parent", "pages_written", "pages_lazy")
@@ -181,7 +181,7 @@ def _size(n: int | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    with open_from_args(args) as images:
+    with open_from_args(args, pages_wanted=pages_wanted) as images:  # only argv and environment are read
         pids = selected_pids(images, args)
         report = inspect(images, pids, args.strategy, args.env)
     if args.json:

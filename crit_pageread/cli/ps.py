@@ -68,7 +68,20 @@ def cmdline(area: bytes, overflow: bytes, page_size: int) -> tuple[bytes, bool]:
 
 def _mm_areas(images: CheckpointImages, pid: int) -> tuple[int, int, int, int]:
     """mm_arg_start/end and mm_env_start/end (mm_entry fields 8-11), decoded without protobuf (start-up)."""
-    path = images.image(f"mm-{pid}.img")
+    return _mm_fields(images.image(f"mm-{pid}.img"))
+
+
+def pages_wanted(pid: int, mm: Any) -> list[tuple[int, int]]:
+    """The address ranges `process_info` reads of `pid` (from its mm image): argv, the environment, and the
+    start of the environment area a rewritten title may run into (`open_images(pages_wanted=...)`)."""
+    arg_start, arg_end, env_start, env_end = _mm_fields(mm)
+    areas = [(start, end) for start, end in ((arg_start, arg_end), (env_start, env_end)) if 0 < end - start <= MAX_AREA]
+    if env_end > env_start:  # a title runs on at most one page (64 KiB: the largest page size) past arg_start
+        areas.append((env_start, min(env_end, max(env_start, arg_start + (64 << 10)))))
+    return areas
+
+
+def _mm_fields(path: Any) -> tuple[int, int, int, int]:
     msgs = load_raw_messages(path, "MM")
     if len(msgs) != 1:
         raise ImageError(path, f"expected one mm entry, found {len(msgs)}")
@@ -129,7 +142,8 @@ def process_info(images: CheckpointImages, pid: int, strategy: str | None, env: 
 
 
 def run(args: argparse.Namespace) -> int:
-    with open_from_args(args) as images:
+    # A compressed archive's pages are unpacked only where argv and the environment are (never read elsewhere).
+    with open_from_args(args, pages_wanted=pages_wanted) as images:
         pids = selected_pids(images, args)
         infos = {pid: process_info(images, pid, args.strategy, not args.no_env) for pid in pids}
     if args.json:
