@@ -1,9 +1,12 @@
 """Every page of every strategy against real CRIU: dump, `criu restore --leave-stopped`, /proc/PID/mem.
 
-Each checkpoint is made once per module. Its oracle is the memory of the
-restored (stopped) tasks at every address the pagemap lists (addresses from
-pycriu's decoding, shared memory placed through pycriu's view of the VMAs),
-read before any reader of ours touches the images.
+The single, tree, threads, shared-memory and lazy checkpoints are the corpus's
+(tests/corpus.py, made once per CRIU version and cached): their oracle is its
+truth, the memory of the restored (stopped) tasks at every address the pagemap
+lists (addresses from pycriu's decoding, shared memory placed through pycriu's
+view of the VMAs), one sha256 per page, recorded before any reader of ours
+touched the images. The chains are built here from the corpus's tree by
+rewriting, and restored by CRIU here: that memory is their oracle.
 """
 
 from __future__ import annotations
@@ -12,8 +15,6 @@ import hashlib
 import itertools
 import os
 import shutil
-import socket
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ from typing import Any
 import pytest
 from chains import build_chain
 from conftest import Criu
-from criu_harness import Victim, dump, pycriu_load, read_mem, restore_stopped, start_lazy_dump, start_victim
+from corpus import Corpus, read_truth
+from criu_harness import Region, pycriu_load, restore_stopped
 
 from crit_pageread import (
     PE_LAZY,
@@ -35,7 +37,6 @@ from crit_pageread import (
 )
 from crit_pageread.demo import expected_region
 from crit_pageread.pagemap import encode_pagemap
-from crit_pageread.pageserver.protocol import Wire, protocol_for_criu
 
 STRATEGIES = ("pread", "preadv", "mmap")
 MODES = ("read", "defer")
@@ -44,7 +45,27 @@ VMA_ANON_SHARED = 1 << 8
 VMA_AREA_SYSVIPC = 1 << 10
 VMA_AREA_MEMFD = 1 << 14
 
-Oracle = dict[Target, list[tuple[int, bytes]]]
+#: Target -> {page vaddr (an offset for a shared segment): sha256 of the restored page}.
+Oracle = dict[Target, dict[int, str]]
+
+
+@dataclass
+class Recorded:
+    """What the victim said about itself when it ran (the corpus keeps its info JSON)."""
+
+    info: dict[str, Any]
+
+    @property
+    def pid(self) -> int:
+        return int(self.info["pid"])
+
+    @property
+    def regions(self) -> list[Region]:
+        return [Region(**r) for r in self.info["regions"]]
+
+    @property
+    def all_pids(self) -> list[int]:
+        return [self.pid, *self.info.get("children", [])]
 
 
 @dataclass
@@ -52,8 +73,39 @@ class Case:
     """A real checkpoint and the restored memory at every address its pagemaps list."""
 
     images: Path
-    victim: Victim
+    victim: Recorded
     oracle: Oracle = field(default_factory=dict)
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def hashed(runs: dict[Target, list[tuple[int, bytes]]]) -> Oracle:
+    """Runs of restored bytes as the corpus keeps its truth: one digest per page."""
+    return {t: {v + off: digest(data[off : off + PAGE]) for v, data in rs for off in range(0, len(data), PAGE)}
+            for t, rs in runs.items()}
+
+
+def runs_of(pages: dict[int, str]) -> list[tuple[int, list[str]]]:
+    """Consecutive pages as (first vaddr, their digests), in address order."""
+    out: list[tuple[int, list[str]]] = []
+    for vaddr in sorted(pages):
+        if out and out[-1][0] + len(out[-1][1]) * PAGE == vaddr:
+            out[-1][1].append(pages[vaddr])
+        else:
+            out.append((vaddr, [pages[vaddr]]))
+    return out
+
+
+def corpus_case(corpus: Corpus, name: str) -> Case:
+    """A corpus case (read-only: copy it before changing it), its truth as the oracle."""
+    truth = corpus.root / "truth" / name
+    oracle: Oracle = {}
+    for f in sorted(truth.glob("*.sha256")):
+        kind, _, ident = f.stem.partition("-")
+        oracle[Target("pid" if kind == "pid" else "shmem", int(ident))] = read_truth(f)
+    return Case(corpus.case(name), Recorded(corpus.victim(name)), oracle)
 
 
 # --- oracle: pycriu + criu restore + /proc/PID/mem ------------------------------------------------
@@ -92,7 +144,7 @@ def shmem_placements(images: Path) -> dict[int, list[tuple[int, int, int, int]]]
 
 def snapshot(restore_dir: Path, layout_dir: Path) -> Oracle:
     """Restore `restore_dir` stopped; read every data-bearing page `layout_dir`'s pagemaps list."""
-    oracle: Oracle = {}
+    oracle: dict[Target, list[tuple[int, bytes]]] = {}
     placements = shmem_placements(layout_dir)
     with restore_stopped(restore_dir) as restored:
         for name in sorted(os.listdir(layout_dir)):
@@ -117,16 +169,7 @@ def snapshot(restore_dir: Path, layout_dir: Path) -> Oracle:
                     for vaddr, nr, flags in pagemap_runs(layout_dir / name)
                     if flags & (PE_PRESENT | PE_PARENT)
                 ]
-    return oracle
-
-
-def make_case(victim_exe: Path, work: Path, *args: str, ipc_ns: bool = False) -> Case:
-    victim = start_victim(victim_exe, work / "run", *args, ipc_ns=ipc_ns)
-    try:
-        images = dump(victim, work / "images")
-    finally:
-        victim.kill()
-    return Case(images, victim, snapshot(images, images))
+    return hashed(oracle)
 
 
 # --- checking readers -----------------------------------------------------------------------------
@@ -139,37 +182,48 @@ def first_difference(got: bytes, want: bytes, base: int) -> str:
     return "lengths differ"
 
 
+def bad_page(got: bytes, want: list[str], base: int) -> str | None:
+    """The first page of `got` whose digest is not `want`'s, or None if all match."""
+    if len(got) != len(want) * PAGE:
+        return f"{len(got)} bytes read at {base:#x}, {len(want) * PAGE} wanted"
+    for i, d in enumerate(want):
+        if digest(got[i * PAGE : (i + 1) * PAGE]) != d:
+            return f"page {base + i * PAGE:#x} differs"
+    return None
+
+
 def check_reads(images_dir: Path, oracle: Oracle, strategy: str, mode: str, **options: Any) -> int:
     """Read every oracle range with `strategy`; per entry (`read`) or deferred into one buffer
     with one sync (`defer`). Returns the number of pages checked."""
     checked = 0
     with open_images(images_dir) as images:
-        for target, runs in oracle.items():
+        for target, pages in oracle.items():
+            runs = runs_of(pages)
             assert runs, f"{target}: nothing to check"
             make = images.reader if target.kind == "pid" else images.shmem_reader
             with make(target.id, strategy, **options) as reader:
                 if mode == "read":
                     for vaddr, want in runs:
-                        got = reader.read(vaddr, len(want))
-                        assert got == want, f"{target} {strategy}: {first_difference(got, want, vaddr)}"
+                        got = reader.read(vaddr, len(want) * PAGE)
+                        assert bad_page(got, want, vaddr) is None, f"{target} {strategy}: {bad_page(got, want, vaddr)}"
                 else:
-                    buf = bytearray(sum(len(w) for _, w in runs))
+                    buf = bytearray(len(pages) * PAGE)
                     view = memoryview(buf)
                     pos = 0
                     for vaddr, want in runs:
-                        reader.readinto(vaddr, view[pos : pos + len(want)], defer=True)
-                        pos += len(want)
+                        reader.readinto(vaddr, view[pos : pos + len(want) * PAGE], defer=True)
+                        pos += len(want) * PAGE
                     if strategy == "preadv":
                         assert reader.strategy.pending > 0
                     reader.sync()
                     assert reader.strategy.pending == 0
                     pos = 0
                     for vaddr, want in runs:
-                        got = bytes(view[pos : pos + len(want)])
-                        assert got == want, f"{target} {strategy} deferred: {first_difference(got, want, vaddr)}"
-                        pos += len(want)
+                        problem = bad_page(bytes(view[pos : pos + len(want) * PAGE]), want, vaddr)
+                        assert problem is None, f"{target} {strategy} deferred: {problem}"
+                        pos += len(want) * PAGE
                     view.release()
-            checked += sum(len(w) for _, w in runs) // PAGE
+            checked += len(pages)
     return checked
 
 
@@ -177,24 +231,27 @@ def check_reads(images_dir: Path, oracle: Oracle, strategy: str, mode: str, **op
 
 
 @pytest.fixture(scope="module")
-def single(criu: Criu, victim_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Case:
-    return make_case(victim_exe, tmp_path_factory.mktemp("single"), "--seed", "7")
+def single(criu: Criu, corpus: Corpus) -> Case:
+    """One process (`--seed 7`)."""
+    return corpus_case(corpus, "a_single")
 
 
 @pytest.fixture(scope="module")
-def tree(criu: Criu, victim_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Case:
-    return make_case(victim_exe, tmp_path_factory.mktemp("tree"), "--seed", "8", "--tree", "2")
+def tree(criu: Criu, corpus: Corpus) -> Case:
+    """A parent and two forked children (`--seed 8 --tree 2`)."""
+    return corpus_case(corpus, "b_tree")
 
 
 @pytest.fixture(scope="module")
-def threads(criu: Criu, victim_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Case:
-    return make_case(victim_exe, tmp_path_factory.mktemp("threads"), "--seed", "9", "--threads", "3")
+def threads(criu: Criu, corpus: Corpus) -> Case:
+    """One process with three threads (`--seed 9 --threads 3`)."""
+    return corpus_case(corpus, "c_threads")
 
 
 @pytest.fixture(scope="module")
-def shm(criu: Criu, victim_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Case:
-    return make_case(victim_exe, tmp_path_factory.mktemp("shm"), "--seed", "10", "--shm", "--tree", "1",
-                     ipc_ns=True)
+def shm(criu: Criu, corpus: Corpus) -> Case:
+    """Two processes in their own IPC namespace: anonymous shared memory, a memfd, SysV (`--shm --tree 1`)."""
+    return corpus_case(corpus, "d_shm")
 
 
 @pytest.fixture(scope="module")
@@ -360,15 +417,13 @@ def test_chain_parents_hold_stale_bytes(chain3: Case, strategy: str) -> None:
         for pid in newest.pids:
             with newest.reader(pid, strategy) as reader, parent.reader(pid, strategy) as preader:
                 depths = set()
-                for vaddr, want in chain3.oracle[Target("pid", pid)]:
-                    for seg in reader.segments(vaddr, len(want)):
+                for vaddr, want in chain3.oracle[Target("pid", pid)].items():
+                    for seg in reader.segments(vaddr, PAGE):
                         depths.add(seg.depth)
                         if seg.depth == 0 and preader.pagemap.find(seg.vaddr) is not None:
                             entry = preader.pagemap.find(seg.vaddr)
                             if entry is not None and entry.present and entry.end >= seg.end:
-                                assert preader.read(seg.vaddr, seg.length) != want[
-                                    seg.vaddr - vaddr : seg.end - vaddr
-                                ]
+                                assert digest(preader.read(seg.vaddr, seg.length)) != want
                                 stale += 1
                 assert depths == {0, 1, 2}
     assert stale > 0
@@ -438,20 +493,21 @@ def test_auto_dedup_with_deferred_and_synchronous_reads_mixed(chain3: Case, stra
     root = tmp_path / "copy"
     shutil.copytree(chain3.images.parent, root, symlinks=True)
     with open_images(root / chain3.images.name) as images:
-        for target, runs in chain3.oracle.items():
+        for target, pages in chain3.oracle.items():
             with images.reader(target.id, strategy, auto_dedup=True) as reader:
                 deferred = []
-                for i, (vaddr, want) in enumerate(runs):
+                for i, (vaddr, want) in enumerate(runs_of(pages)):
                     if i % 2:
-                        buf = bytearray(len(want))
+                        buf = bytearray(len(want) * PAGE)
                         reader.readinto(vaddr, buf, defer=True)
                         deferred.append((vaddr, buf, want))
                     else:
-                        got = reader.read(vaddr, len(want))
-                        assert got == want, f"{target}: {first_difference(got, want, vaddr)}"
+                        problem = bad_page(reader.read(vaddr, len(want) * PAGE), want, vaddr)
+                        assert problem is None, f"{target}: {problem}"
                 reader.sync()
                 for vaddr, buf, want in deferred:
-                    assert bytes(buf) == want, f"{target} deferred: {first_difference(bytes(buf), want, vaddr)}"
+                    problem = bad_page(bytes(buf), want, vaddr)
+                    assert problem is None, f"{target} deferred: {problem}"
 
 
 @pytest.mark.criu
@@ -470,67 +526,25 @@ def test_chain_without_parent_link_is_an_error(chain2: Case, tmp_path: Path) -> 
     (copy / "parent").unlink()
     with open_images(copy) as images:
         pid = images.pids[0]
-        runs = chain2.oracle[Target("pid", pid)]
+        runs = runs_of(chain2.oracle[Target("pid", pid)])
         with images.reader(pid) as reader, pytest.raises(ChainError, match="no parent link"):
             for vaddr, want in runs:
-                reader.read(vaddr, len(want))
+                reader.read(vaddr, len(want) * PAGE)
 
 
 # --- lazy dump --------------------------------------------------------------------------------------
 
-PS_IOV_FLUSH_N_CLOSE = 0x1024
-
-
-def live_pages(pid: int) -> dict[int, bytes]:
-    """Every readable page of a running task, from /proc/PID/maps and /proc/PID/mem."""
-    pages: dict[int, bytes] = {}
-    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-        span, perms = line.split()[:2]
-        if "r" not in perms:
-            continue
-        start, end = (int(x, 16) for x in span.split("-"))
-        try:
-            data = read_mem(pid, start, end - start)
-        except OSError:
-            continue
-        for off in range(0, len(data), PAGE):
-            pages[start + off] = data[off : off + PAGE]
-    return pages
-
-
-def lazy_dump(victim: Victim, images: Path, timeout: float = 30) -> None:
-    """`criu dump --lazy-pages`: CRIU writes the images, then serves lazy pages until a client says
-    PS_IOV_FLUSH_N_CLOSE; we say it at once (no restore), so the dump completes."""
-    proc, port = start_lazy_dump(victim, images, timeout=timeout)
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-            sock.sendall(Wire(protocol_for_criu()).pack(PS_IOV_FLUSH_N_CLOSE))  # the dumping CRIU's layout
-            assert sock.recv(4) == b"\0\0\0\0"
-        assert proc.wait(timeout=timeout) == 0, (images / "dump.log").read_text()[-2000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    victim.reap()
-
-
 @dataclass
 class LazyCase:
     images: Path
-    live: dict[int, bytes]
+    live: dict[int, str]  # every readable page of the program just before `criu dump --lazy-pages`
     pid: int
 
 
 @pytest.fixture(scope="module")
-def lazy(criu: Criu, victim_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LazyCase]:
-    work = tmp_path_factory.mktemp("lazy")
-    victim = start_victim(victim_exe, work / "run", "--seed", "11")
-    try:
-        live = live_pages(victim.pid)
-        lazy_dump(victim, work / "images")
-    finally:
-        victim.kill()
-    yield LazyCase(work / "images", live, victim.pid)
+def lazy(criu: Criu, corpus: Corpus) -> LazyCase:
+    """The corpus's `criu dump --lazy-pages` (FLUSH_N_CLOSE at once), every page read from the live program first."""
+    return LazyCase(corpus.case("f_lazy"), corpus.live("f_lazy"), corpus.pid("f_lazy"))
 
 
 @pytest.mark.criu
@@ -544,8 +558,8 @@ def test_lazy_dump(lazy: LazyCase, strategy: str) -> None:
         for zero_fill in (False, True):
             with images.reader(lazy.pid, strategy, zero_fill=zero_fill) as reader:
                 for vaddr, nr, _ in present_runs:
-                    want = b"".join(lazy.live[vaddr + i * PAGE] for i in range(nr))
-                    assert reader.read(vaddr, nr * PAGE) == want
+                    want = [lazy.live[vaddr + i * PAGE] for i in range(nr)]
+                    assert bad_page(reader.read(vaddr, nr * PAGE), want, vaddr) is None
                 for vaddr, nr, _ in lazy_runs:
                     with pytest.raises(LazyPageError) as err:
                         reader.read(vaddr, nr * PAGE)
