@@ -713,12 +713,17 @@ class PageReader:
                     zeros.append((pos, seg.length))
         return requests, zeros
 
-    def write_to(self, fd: int, iov: Iterable[tuple[int, int, int]], *, holes: HolesMode | None = None) -> int:
+    def write_to(
+        self, fd: int, iov: Iterable[tuple[int, int, int]], *, holes: HolesMode | None = None, fill: int = 0
+    ) -> int:
         """Copy each `(vaddr, length, out_offset)` range of memory to `out_offset` of the regular file `fd`.
 
         The strategy moves the bytes (`Strategy.write_to`: kernel copies for
         the local strategies). Holes follow `holes` as in `readinto`; "skip"
         leaves the output as it is there (a sparse file keeps its holes).
+        `fill` > 0 promises that `fd` reads as zeros where nothing is copied
+        (a new file): the strategy may then write zeros over gaps up to `fill`
+        bytes between copies, for fewer, larger writes (`Strategy.write_to`).
         Returns the bytes of memory covered (holes included unless skipped).
         """
         self._check_open()
@@ -738,13 +743,13 @@ class PageReader:
             raise
         for out, n in zeros:
             _pwrite_zeros(fd, out, n)
-        self._moved(lambda: self.strategy.write_to(requests, fd))
+        self._moved(lambda: self._write(requests, fd, fill))
         if observe is not None:
             for vaddr, length, _ in ranges:
                 observe.crit_pageread_after_copy(reader=self, vaddr=vaddr, length=length)
         return sum(r.length for r in requests) + sum(n for _, n in zeros)
 
-    def write_segments(self, fd: int, pieces: Iterable[tuple[Segment, int]]) -> int:
+    def write_segments(self, fd: int, pieces: Iterable[tuple[Segment, int]], fill: int = 0) -> int:
         """`write_to` for ranges already planned: each `(segment, out_offset)` with a segment from this
         reader's `segments()`, copied to `out_offset` of the regular file `fd`.
 
@@ -752,7 +757,7 @@ class PageReader:
         the strategy's `write_to` (pieces contiguous in a pages file and in the
         output join); holes and lazy pages it cannot serve are skipped. For
         consumers that walk the segments anyway (extract, squash, coredump): no
-        second planning pass. Returns the bytes copied.
+        second planning pass. `fill` as in `write_to`. Returns the bytes copied.
         """
         self._check_open()
         lazy_ok = self.strategy.serves_lazy
@@ -762,14 +767,14 @@ class PageReader:
         dedup = self._root._dedup_pending if self.auto_dedup else None
         mark = len(dedup) if dedup is not None else 0
         for seg, out in pieces:
-            if seg.kind == "present":
-                pages = seg.pages
-                last = _join_copy(requests, last, pages, seg.offset, seg.length, seg.vaddr, target, out)  # type: ignore[arg-type]
-                if dedup is not None and seg.depth:
-                    dedup.append((pages, seg.offset, seg.length))  # type: ignore[arg-type]
-            elif seg.kind == "lazy" and lazy_ok:
+            vaddr, length, kind, _, pages, offset, _, depth = seg
+            if kind == "present":
+                last = _join_copy(requests, last, pages, offset, length, vaddr, target, out)  # type: ignore[arg-type]
+                if dedup is not None and depth:
+                    dedup.append((pages, offset, length))  # type: ignore[arg-type]
+            elif kind == "lazy" and lazy_ok:
                 last = None
-                requests.append(CopyRequest(None, -1, seg.length, seg.vaddr, target, out))
+                requests.append(CopyRequest(None, -1, length, vaddr, target, out))
         observe = self._root._observe
         if observe is not None:
             try:
@@ -781,11 +786,18 @@ class PageReader:
                 raise
         if self.strategy.pending:
             self._root.sync()
-        self._moved(lambda: self.strategy.write_to(requests, fd))
+        self._moved(lambda: self._write(requests, fd, fill))
         if observe is not None:
             for r in requests:
                 observe.crit_pageread_after_copy(reader=self, vaddr=r.vaddr, length=r.length)
         return sum(r.length for r in requests)
+
+    def _write(self, requests: list[CopyRequest], fd: int, fill: int) -> None:
+        # `fill` only when asked: a third-party strategy's write_to may predate the argument.
+        if fill:
+            self.strategy.write_to(requests, fd, fill)
+        else:
+            self.strategy.write_to(requests, fd)
 
     def send(self, out: Sink, vaddr: int, length: int, *, holes: HolesMode | None = None) -> int:
         """Write [vaddr, vaddr+length) in address order to `out`: a socket object (TLS too) or a file

@@ -281,11 +281,15 @@ class Strategy(ABC):
 
     # --- moving bytes elsewhere: defaults on read/submit, a bounded buffer -------------------
 
-    def write_to(self, requests: list[CopyRequest], fd: int) -> None:
+    def write_to(self, requests: list[CopyRequest], fd: int, fill: int = 0) -> None:
         """Write each request's bytes at its `out_offset` of the regular file `fd`.
 
-        Default: requests are read (`submit_many`, `sync`) into a buffer of at
-        most COPY_CHUNK bytes, then written with `pwrite`.
+        `fill` > 0 says the output reads as zeros between the requests (a new
+        file): a strategy may write zeros over a gap of at most `fill` bytes
+        between requests, to make fewer, larger writes (the bytes are the same;
+        the file uses disk there). Default: requests are read (`submit`,
+        `sync`) into a buffer of at most COPY_CHUNK bytes, then written with
+        `pwrite`; `fill` is not used.
         """
         for batch, buf in _batches(self, requests):
             for req, start, skip, n in batch:

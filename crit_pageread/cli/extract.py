@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import sys
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,19 @@ if TYPE_CHECKING:
 #: Threads copying files in the kernel at once (the copies are bound by page-cache work, per core).
 WRITERS = max(1, min(4, os.cpu_count() or 1))
 INDEX = "index.json"
+_LENGTH = itemgetter(1)  # Segment.length
+#: Default --min-hole: a gap of up to 4 pages costs less written as zeros than one more write call.
+MIN_HOLE = 16 << 10
+
+
+def _bytes_arg(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of bytes: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
+    return value
 
 
 @hookimpl
@@ -46,6 +60,10 @@ def crit_pageread_add_commands(subparsers: Any) -> None:
     p.add_argument("dir", help="image directory or checkpoint archive")
     p.add_argument("-o", "--output", required=True, help="output directory (must not exist)")
     p.add_argument("--layout", choices=("vma", "sparse"), default="vma", help="one file per VMA, or per pid")
+    p.add_argument("--min-hole", type=_bytes_arg, default=MIN_HOLE, metavar="BYTES",
+                   help=f"holes shorter than this between small runs of pages are written as zeros: fewer, larger "
+                        f"writes, the same bytes, but disk used there (default {MIN_HOLE}; 0: every hole stays "
+                        "a hole)")
     add_vma_filters(p)
     add_common_options(p)
     p.set_defaults(func=run)
@@ -53,33 +71,36 @@ def crit_pageread_add_commands(subparsers: Any) -> None:
 
 def _plan(area: Area) -> tuple[list[Segment], list[Segment]]:
     """Segments with data to write (present, or lazy the strategy serves) and lazy ones left as holes."""
-    lazy_ok = area.reader.strategy.serves_lazy
-    data: list[Segment] = []
-    lazy: list[Segment] = []
-    for seg in area.segments():
-        if seg.kind == "present" or (seg.kind == "lazy" and lazy_ok):
-            data.append(seg)
-        elif seg.kind == "lazy":
-            lazy.append(seg)
-    return data, lazy
+    segs = area.segments()
+    # Comprehensions on the tuple's fields (kind is field 2): a fragmented dump has 100,000 segments.
+    if area.reader.strategy.serves_lazy:
+        return [s for s in segs if s[2] != "hole"], []
+    return [s for s in segs if s[2] == "present"], [s for s in segs if s[2] == "lazy"]
 
 
 def _ranges(area: Area, segs: list[Segment]) -> list[list[int]]:
+    """[start, end] of each stretch of `segs` adjacent in memory."""
     out: list[list[int]] = []
+    last: list[int] = [-1, -1]
     for seg in segs:
-        s, e = seg.vaddr, seg.end
-        if out and out[-1][1] == s:
-            out[-1][1] = e
+        start = seg[0]
+        if last[1] == start:
+            last[1] = start + seg[1]
         else:
-            out.append([s, e])
+            last = [start, start + seg[1]]
+            out.append(last)
     return out
+
+
+def _length(segs: list[Segment]) -> int:
+    return sum(map(_LENGTH, segs))
 
 
 def _vma_entry(area: Area, data: list[Segment], lazy: list[Segment], offset: int) -> dict[str, Any]:
     vma = area.vma
     entry: dict[str, Any] = {
         "start": area.start, "end": area.end, "perms": vma.perms, "kind": vma.kind, "mapping": mapping_name(area),
-        "file_offset": offset, "data": _ranges(area, data), "bytes": sum(s.length for s in data),
+        "file_offset": offset, "data": _ranges(area, data), "bytes": _length(data),
     }
     shmid = area.shmid
     if shmid is not None:
@@ -122,14 +143,14 @@ def run(args: argparse.Namespace) -> int:
                     continue
                 area = readers.area(pid, vma, *clipped)
                 data, lazy = _plan(area)
-                lazy_bytes += sum(s.length for s in lazy)
+                lazy_bytes += _length(lazy)
                 if not data:
                     skipped.append({"pid": pid, "start": area.start, "end": area.end, "perms": vma.perms,
                                     "mapping": mapping_name(area),
                                     "reason": "lazy pages only" if lazy else "no dumped pages"})
                     continue
                 plans[pid].append((area, data, lazy))
-                total += sum(s.length for s in data)
+                total += _length(data)
         from concurrent.futures import ThreadPoolExecutor  # here: it imports logging (5 ms at start-up)
 
         progress = Progress("extract", total)
@@ -144,9 +165,9 @@ def run(args: argparse.Namespace) -> int:
                 if all(a.reader.strategy.concurrent_writes for a, _, _ in parts) and all(
                     seg.kind == "present" for _, data, _ in parts for seg in data
                 ):
-                    jobs.append(pool.submit(_write_file, path, size, parts, progress, base))
+                    jobs.append(pool.submit(_write_file, path, size, parts, progress, base, args.min_hole))
                 else:
-                    _write_file(path, size, parts, progress, base)
+                    _write_file(path, size, parts, progress, base, args.min_hole)
 
             try:
                 for pid, areas in plans.items():
@@ -203,11 +224,12 @@ def index_text(index: dict[str, Any]) -> str:
 
 
 def _write_file(path: Path, size: int, areas: list[tuple[Area, list[Segment], list[Segment]]],
-                progress: Progress, base: int) -> None:
+                progress: Progress, base: int, fill: int = 0) -> None:
     """Write the data segments of `areas` into a new file of `size` bytes; file offset = vaddr - base.
 
-    The planned segments go to the reader's `write_segments`, so the strategy moves the bytes (one kernel
-    copy per run contiguous in a pages file and in the output, for the local strategies)."""
+    The planned segments go to the reader's `write_segments`, so the strategy moves the bytes (for the
+    local strategies one kernel copy per large run, small runs through a buffer with holes of at most
+    `fill` bytes between them written as zeros: the file is new, so it reads as zeros there anyway)."""
     fd = _open_out(path, size)
     try:
         i = 0
@@ -219,7 +241,6 @@ def _write_file(path: Path, size: int, areas: list[tuple[Area, list[Segment], li
             while i < len(areas) and areas[i][0].reader is reader:
                 pieces += [(seg, seg.vaddr - base) for seg in areas[i][1]]
                 i += 1
-            reader.write_segments(fd, pieces)
-            progress.add(sum(seg.length for seg, _ in pieces))
+            progress.add(reader.write_segments(fd, pieces, fill))
     finally:
         os.close(fd)

@@ -150,14 +150,15 @@ class RemoteStrategy(Strategy):
             conn = self._conn = Connection(self.server)
         return conn
 
-    def write_to(self, requests: list[CopyRequest], fd: int) -> None:
+    def write_to(self, requests: list[CopyRequest], fd: int, fill: int = 0) -> None:
         """Present ranges through the local strategy's `write_to` (kernel copies), the rest fetched."""
         if self.local is None:
             super().write_to(requests, fd)
             return
         local = [r for r in requests if r.pages is not None]
         if local:
-            self.local.write_to(local, fd)
+            # Zeros it may write in gaps are overwritten by the lazy pages fetched after.
+            self.local.write_to(local, fd, fill)
         if len(local) < len(requests):
             super().write_to([r for r in requests if r.pages is None], fd)
 
