@@ -26,7 +26,9 @@ if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler and (
 ):
     _signal.signal(_signal.SIGINT, _exit_on_interrupt)
 
-from typing import TYPE_CHECKING  # noqa: E402 - after the Ctrl-C handler, on purpose
+#: typing.TYPE_CHECKING without importing typing (mypy treats the name as true); the modules on the
+#: paths of `--version` and of small commands import it from here.
+TYPE_CHECKING = False
 
 if TYPE_CHECKING:  # the names below load on first use: `import crit_pageread` stays cheap
     from .config import Config, load_config

@@ -14,17 +14,16 @@ charge.
 
 from __future__ import annotations
 
-import glob
-import importlib
-import importlib.util
 import os
-import shutil
 import sys
-from pathlib import Path
-from types import ModuleType
 
-from . import provision
+from . import TYPE_CHECKING, provision
 from .errors import CriuNotFoundError
+
+if TYPE_CHECKING:  # pathlib, glob, importlib.util and shutil are imported where used: not for `--version`
+    from collections.abc import Iterator
+    from pathlib import Path
+    from types import ModuleType
 
 SETUP_HINT = "run `crit-pageread setup-criu` (it provisions CRIU and a matching pycriu)"
 HOW_TO_GET = (
@@ -35,7 +34,13 @@ HOW_TO_GET = (
 MIN_PYCRIU = 4
 
 #: The directory the loaded pycriu (and crit) came from, once chosen.
-_chosen: dict[str, Path] = {}
+_chosen: dict[str, str] = {}
+
+
+def _path(text: str) -> Path:
+    from pathlib import Path
+
+    return Path(text)
 
 
 def cache_dir() -> Path:
@@ -58,18 +63,26 @@ def criu_in_use() -> str | None:
 
 def pycriu_dir_of(criu: str) -> Path | None:
     """The pycriu directory recorded with (or lying beside) a criu binary or wrapper."""
+    found = _pycriu_dir_of(criu)
+    return _path(found) if found is not None else None
+
+
+def _pycriu_dir_of(criu: str) -> str | None:
     real = os.path.realpath(criu)
     for entry in provision.read_manifest().values():
         if entry.get("pycriu") and os.path.realpath(str(entry.get("criu"))) == real:
-            return Path(str(entry["pycriu"]))
-    path = Path(real)
-    if path.name == "criu" and path.parent.name in ("sbin", "bin") and path.parent.parent.name == "usr":
-        return path.parent.parent / "lib" / "python3" / "dist-packages"
+            return str(entry["pycriu"])
+    bindir, name = os.path.split(real)
+    usr, bin_name = os.path.split(bindir)
+    if name == "criu" and bin_name in ("sbin", "bin") and os.path.basename(usr) == "usr":
+        return os.path.join(usr, "lib", "python3", "dist-packages")
     return None
 
 
-def _system_dirs() -> list[Path]:
-    dirs: list[Path] = []
+def _system_dirs() -> list[str]:
+    import glob
+
+    dirs: list[str] = []
     patterns = [
         "usr/lib/python3/dist-packages",
         "usr/lib/python3*/site-packages",
@@ -78,28 +91,29 @@ def _system_dirs() -> list[Path]:
         "usr/local/lib/python3*/site-packages",
     ]
     for pattern in patterns:
-        dirs.extend(Path(p) for p in sorted(glob.glob(str(Path("/") / pattern))))
+        dirs.extend(sorted(glob.glob("/" + pattern)))
     return dirs
 
 
-def _candidate_dirs() -> list[tuple[Path, str]]:
-    """(directory, why) in the order of the module docstring."""
-    dirs: list[tuple[Path, str]] = []
+def _candidate_dirs() -> Iterator[tuple[str, str]]:
+    """(directory, why) in the order of the module docstring; each found only when the ones before fail
+    (the usual first, beside the criu in use, costs no import)."""
     env = os.environ.get("CRIT_PAGEREAD_PYCRIU_PATH")
     if env:
-        dirs.extend((Path(p), "CRIT_PAGEREAD_PYCRIU_PATH") for p in env.split(os.pathsep) if p)
+        yield from ((p, "CRIT_PAGEREAD_PYCRIU_PATH") for p in env.split(os.pathsep) if p)
     criu = criu_in_use()
     if criu:
-        own = pycriu_dir_of(criu)
+        own = _pycriu_dir_of(criu)
         if own is not None:
-            dirs.append((own, f"beside {criu}"))
+            yield own, f"beside {criu}"
+    import importlib.util
+
     with_spec = importlib.util.find_spec("pycriu") if "pycriu" not in sys.modules else None
     if with_spec is not None and with_spec.origin:
-        dirs.append((Path(with_spec.origin).parent.parent, "sys.path"))
+        yield os.path.dirname(os.path.dirname(with_spec.origin)), "sys.path"
     for line in provision.LINES:
-        dirs.append((provision.root_dir(line) / "usr/lib/python3/dist-packages", "provisioned"))
-    dirs.extend((d, "system") for d in _system_dirs())
-    return dirs
+        yield str(provision.root_dir(line) / "usr/lib/python3/dist-packages"), "provisioned"
+    yield from ((d, "system") for d in _system_dirs())
 
 
 def _major(version: str | None) -> int:
@@ -111,6 +125,10 @@ def _major(version: str | None) -> int:
 
 def choose_pycriu_dir() -> Path:
     """The directory whose pycriu/ is (or will be) loaded; CriuNotFoundError if none fits."""
+    return _path(_choose_pycriu_dir())
+
+
+def _choose_pycriu_dir() -> str:
     if "pycriu" in _chosen:
         return _chosen["pycriu"]
     too_old: list[str] = []
@@ -118,13 +136,14 @@ def choose_pycriu_dir() -> Path:
         version = provision.pycriu_version(directory)
         if version is None:
             continue
+        package = os.path.join(directory, "pycriu")
         if _major(version) < MIN_PYCRIU:
             if why == "CRIT_PAGEREAD_PYCRIU_PATH":
                 raise CriuNotFoundError(
-                    f"{directory / 'pycriu'}: pycriu {version} is too old (need >= {MIN_PYCRIU}): "
+                    f"{package}: pycriu {version} is too old (need >= {MIN_PYCRIU}): "
                     f"{SETUP_HINT} and unset CRIT_PAGEREAD_PYCRIU_PATH"
                 )
-            too_old.append(f"{directory / 'pycriu'} ({version})")
+            too_old.append(f"{package} ({version})")
             continue
         _chosen["pycriu"] = directory
         return directory
@@ -136,6 +155,8 @@ def choose_pycriu_dir() -> Path:
 
 
 def _load_package(name: str, directory: Path) -> ModuleType:
+    import importlib.util
+
     init = directory / name / "__init__.py"
     spec = importlib.util.spec_from_file_location(
         name, init, submodule_search_locations=[str(directory / name)]
@@ -179,11 +200,11 @@ def describe() -> dict[str, str | None]:
                     if os.path.realpath(str(e.get("criu"))) == os.path.realpath(criu)]
         out["criu_version"] = str(recorded[0]["version"]) if recorded else provision.criu_version(criu)
     try:
-        directory = choose_pycriu_dir()
+        directory = _choose_pycriu_dir()
     except CriuNotFoundError as exc:
         out["pycriu_error"] = str(exc)
     else:
-        out["pycriu"] = str(directory / "pycriu")
+        out["pycriu"] = os.path.join(directory, "pycriu")
         out["pycriu_version"] = provision.pycriu_version(directory)
     return out
 
@@ -212,10 +233,12 @@ def criu_binary(configured: str | None = None) -> str:
     for candidate in (
         configured,
         os.environ.get("CRIT_PAGEREAD_CRIU"),
-        str(cache_dir() / "bin" / "criu"),
+        os.path.join(provision.cache_base(), "bin", "criu"),
     ):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
+    import shutil
+
     found = shutil.which("criu")
     if found:
         return found

@@ -20,20 +20,17 @@ wrapper that still passes `criu check` is kept.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import fcntl
 import json
 import os
-import re
-import shlex
-import shutil
-import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING (mypy treats the name as true), without importing typing
+# What only set-up and `criu --version` need is imported where it is used: `crit-pageread --version` reads
+# criu.json and a pycriu version file and nothing more (pathlib, argparse, subprocess, tempfile, shutil,
+# dataclasses and contextlib cost 30 ms of start-up).
+if TYPE_CHECKING:
+    import argparse
+    from pathlib import Path
 
 #: CRIU line -> (Debian suite, root directory name, wrapper name)
 LINES: dict[str, tuple[str, str, str]] = {
@@ -48,16 +45,27 @@ class ProvisionError(Exception):
     """Provisioning failed; the message is one line."""
 
 
+def _path(text: str) -> Path:
+    from pathlib import Path
+
+    return Path(text)
+
+
+def cache_base() -> str:
+    """`cache_dir()` as a string (no pathlib import)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "crit-pageread")
+
+
 def cache_dir() -> Path:
     """The per-user cache that holds provisioned CRIU roots and wrappers."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "crit-pageread"
+    return _path(cache_base())
 
 
 def root_dir(line: str) -> Path:
     """Where the Debian root of `line` is unpacked (CRIT_PAGEREAD_CRIU_ROOT overrides the 4.1 one)."""
     if line == DEFAULT_LINE and os.environ.get("CRIT_PAGEREAD_CRIU_ROOT"):
-        return Path(os.environ["CRIT_PAGEREAD_CRIU_ROOT"])
+        return _path(os.environ["CRIT_PAGEREAD_CRIU_ROOT"])
     return cache_dir() / LINES[line][1]
 
 
@@ -65,20 +73,28 @@ def wrapper_path(line: str) -> Path:
     return cache_dir() / "bin" / LINES[line][2]
 
 
-def pycriu_version(directory: Path) -> str | None:
+def pycriu_version(directory: Path | str) -> str | None:
     """`__version__` of DIRECTORY/pycriu (read, not imported), or None if there is none."""
     text = None
     for name in ("version.py", "__init__.py"):
-        with contextlib.suppress(OSError):
-            text = (directory / "pycriu" / name).read_text(errors="replace")
-            match = re.search(r"""__version__\s*=\s*['"]([^'"]+)['"]""", text)
-            if match:
-                return match.group(1)
+        try:
+            with open(os.path.join(directory, "pycriu", name), errors="replace") as f:
+                text = f.read()
+        except OSError:
+            continue
+        for line in text.splitlines():  # __version__ = "4.1.1" (without importing re)
+            key, eq, value = line.partition("=")
+            value = value.partition("#")[0].strip()
+            if eq and key.strip() == "__version__" and len(value) > 2 and value[0] in "'\"" and value[-1] == value[0]:
+                return value[1:-1]
     return "unknown" if text is not None else None
 
 
 def criu_version(cmd: list[str] | str) -> str | None:
     """The version `criu --version` prints (e.g. "4.2.1"), or None if it does not run."""
+    import re
+    import subprocess
+
     argv = [cmd] if isinstance(cmd, str) else cmd
     try:
         proc = subprocess.run([*argv, "--version"], capture_output=True, text=True, timeout=30)
@@ -95,6 +111,8 @@ def line_of(version: str) -> str:
 
 def criu_check(cmd: list[str] | str) -> str | None:
     """None if `criu check` passes, else its last line."""
+    import subprocess
+
     argv = [cmd] if isinstance(cmd, str) else cmd
     try:
         proc = subprocess.run([*argv, "check"], capture_output=True, text=True, timeout=60)
@@ -113,6 +131,8 @@ def root_command(root: Path) -> list[str]:
 
 
 def _atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
+    import tempfile
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -121,23 +141,36 @@ def _atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
+        try:
             os.unlink(tmp)
+        except OSError:
+            pass
         raise
 
 
 def write_wrapper(path: Path, argv: list[str]) -> None:
+    import shlex
+
     _atomic_write(path, "#!/bin/sh\nexec " + " ".join(shlex.quote(a) for a in argv) + ' "$@"\n', 0o755)
 
 
-@contextlib.contextmanager
-def locked() -> Iterator[None]:
+class locked:  # a class: contextlib.contextmanager would import contextlib at start-up
     """Hold the cache's lock file (several set-ups may run at once)."""
-    cache = cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".provision.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+
+    def __enter__(self) -> None:
+        import fcntl
+
+        cache = cache_dir()
+        cache.mkdir(parents=True, exist_ok=True)
+        self._lock = open(cache / ".provision.lock", "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX)
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.close()
 
 
 def _log(msg: str) -> None:
@@ -146,6 +179,9 @@ def _log(msg: str) -> None:
 
 def debootstrap(suite: str, root: Path) -> None:
     """Unpack Debian `suite` with criu and python3-pycriu into `root` (temporary name, then rename)."""
+    import shutil
+    import subprocess
+
     if os.geteuid() != 0:
         raise ProvisionError("provisioning CRIU needs root (CRIU's dumps and restores need it too): run as root")
     if not shutil.which("debootstrap"):
@@ -177,6 +213,8 @@ def debootstrap(suite: str, root: Path) -> None:
 
 def _system_criu(line: str | None) -> list[str] | None:
     """The system's criu if it passes `criu check` (and is of `line` if given), else None."""
+    import shutil
+
     found = shutil.which("criu")
     if not found:
         return None
@@ -189,25 +227,29 @@ def _system_criu(line: str | None) -> list[str] | None:
 def _system_pycriu() -> Path | None:
     for pattern in ("usr/lib/python3/dist-packages", "usr/lib/python3*/site-packages",
                     "usr/local/lib/python3*/dist-packages"):
-        for d in sorted(Path("/").glob(pattern)):
+        for d in sorted(_path("/").glob(pattern)):
             if pycriu_version(d):
                 return d
     return None
 
 
-@dataclass
 class Provisioned:
-    """One CRIU line ready to use."""
+    """One CRIU line ready to use (a plain class: dataclasses costs 12 ms of start-up)."""
 
-    line: str
-    criu: str  # the wrapper
-    version: str
-    pycriu: str | None  # directory holding the matching pycriu/
-    pycriu_version: str | None
-    origin: str  # "system" or the root directory
+    def __init__(self, line: str, criu: str, version: str, pycriu: str | None, pycriu_version: str | None,
+                 origin: str) -> None:
+        self.line = line
+        self.criu = criu  # the wrapper
+        self.version = version
+        self.pycriu = pycriu  # directory holding the matching pycriu/
+        self.pycriu_version = pycriu_version
+        self.origin = origin  # "system" or the root directory
 
     def as_dict(self) -> dict[str, str | None]:
         return dict(self.__dict__)
+
+    def __repr__(self) -> str:
+        return f"Provisioned({self.__dict__})"
 
 
 def provision_line(line: str) -> Provisioned:
@@ -251,7 +293,8 @@ def provision_line(line: str) -> Provisioned:
 def read_manifest() -> dict[str, dict[str, str | None]]:
     """criu.json: line -> what `provision_line` recorded; {} if there is none."""
     try:
-        data = json.loads((cache_dir() / "bin" / MANIFEST).read_text())
+        with open(os.path.join(cache_base(), "bin", MANIFEST)) as f:
+            data = json.loads(f.read())
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -295,6 +338,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     p = argparse.ArgumentParser(prog="setup-criu", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     return run(p.parse_args(argv))

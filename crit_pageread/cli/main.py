@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import os
-import signal
 import sys
-from collections.abc import Sequence
-from typing import Any
 
-from .. import __version__, _interrupt
+from .. import TYPE_CHECKING, __version__, _interrupt
 from ..errors import CritPageReadError
 from .progress import before_output
+
+if TYPE_CHECKING:  # argparse, typing and collections are not imported for `--version`
+    import argparse
+    from collections.abc import Sequence
+    from typing import Any
+
+_SIGINT = 2  # signal.SIGINT (the signal module imports enum)
 
 #: The commands, each a plugin registered like a third-party one, only when the command line runs.
 COMMAND_PLUGINS = (
@@ -69,14 +72,6 @@ def version_text() -> str:
     return "\n".join(lines)
 
 
-class _Version(argparse.Action):
-    """`--version` anywhere on the command line."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: Any = None) -> None:
-        print(version_text())
-        parser.exit()
-
-
 def _command_of(argv: Sequence[str]) -> str | None:
     """The command named by `argv` (its first word that is not an option), if any."""
     for word in argv:
@@ -87,6 +82,15 @@ def _command_of(argv: Sequence[str]) -> str | None:
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    import argparse
+
+    class _Version(argparse.Action):
+        """`--version` anywhere on the command line."""
+
+        def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: Any = None) -> None:
+            print(version_text())
+            parser.exit()
+
     parser = argparse.ArgumentParser(
         prog="crit-pageread",
         description="CRIU image tool (crit) with page reading: decode, explore, read, extract, grep, serve.",
@@ -139,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         print("crit-pageread: interrupted", file=sys.stderr)
-        return 128 + signal.SIGINT
+        return 128 + _SIGINT
 
 
 def _main(argv: Sequence[str] | None, words: list[str], debug: bool) -> int:
@@ -163,7 +167,7 @@ def _main(argv: Sequence[str] | None, words: list[str], debug: bool) -> int:
             raise
         before_output()
         print("crit-pageread: interrupted", file=sys.stderr)
-        return 128 + signal.SIGINT
+        return 128 + _SIGINT
     except BrokenPipeError:
         # The reader of our output went away (e.g. `| head`): not an error worth a traceback.
         devnull = os.open(os.devnull, os.O_WRONLY)
