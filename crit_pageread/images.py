@@ -614,10 +614,12 @@ def open_images(path: str | os.PathLike[str], config: Config | None = None, *,
     each process (`ps`: argv and environment), lets a compressed archive's pages
     be unpacked sparse (`archive.open_archive`); other reads then fail.
     """
-    from .archive import ArchiveLimits, is_archive, open_archive
     from .plugins import configure, get_plugin_manager
 
-    if is_archive(path):
+    # A directory is no archive: archive.py (and tempfile, threading) are not imported for it.
+    if not os.path.isdir(path) and _archive().is_archive(path):
+        from .archive import ArchiveLimits, open_archive
+
         config = config if config is not None else load_config()
         index = open_archive(path, ArchiveLimits.from_table(config.table("archive")), pages_wanted=pages_wanted,
                              page_size=config.page_size)
@@ -649,6 +651,12 @@ def open_images(path: str | os.PathLike[str], config: Config | None = None, *,
         raise
     get_plugin_manager().hook.crit_pageread_images_opened(images=images)
     return images
+
+
+def _archive() -> Any:
+    from . import archive
+
+    return archive
 
 
 def container_layout(directory: str | os.PathLike[str]) -> bool:

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 from ..config import Config, env_text
 from ..errors import ConfigError, RemoteError
 from ..hookspecs import hookimpl
-from ..pageserver.protocol import CRIU_MAX_REPLY_PAGES, PROTOCOLS, protocol_for_criu
 from ..strategy import CopyRequest, ReadRequest, Sink, Strategy, StrategyInfo, read_fully
 
 if TYPE_CHECKING:  # the client (ssl, sockets) is imported when a remote strategy is made, not at start-up
@@ -132,6 +131,8 @@ class RemoteStrategy(Strategy):
                 bounces.append((dest[pos - start :], bounce, 0))
         try:
             conn = self._connection()
+            from ..pageserver.protocol import CRIU_MAX_REPLY_PAGES
+
             self.gets += conn.get_into(items, max_in_flight=self.max_in_flight, max_pages=CRIU_MAX_REPLY_PAGES)
         except BaseException:
             self._conn = None
@@ -219,6 +220,7 @@ def parse_options(table: dict[str, Any], criu: str | None = None) -> tuple[Serve
     """Validate a `[remote]` table: (server, local strategy name, max_in_flight); errors name the key.
     Without `protocol`, the layout is that of `criu` (the configured criu; default: the one in use)."""
     from ..pageserver.client import ServerAddress
+    from ..pageserver.protocol import PROTOCOLS, protocol_for_criu
     from ..pageserver.tls import TlsOptions
 
     unknown = set(table) - set(KEYS)
