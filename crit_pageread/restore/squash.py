@@ -254,29 +254,32 @@ def _squash_target(
         # The reader is not closed: that would close the strategy, which the caller shares.
         w = _RunWriter(fd, reader, _COPY_BATCH if progress is not None else None)
         shown = 0
-        for entry in pm.entries:
-            for seg in reader.segments(entry.vaddr, entry.size):
-                if seg.kind == "hole":
-                    continue
-                flags = PE_PRESENT | (seg.flags & PE_LAZY)
-                if seg.kind == "present":
-                    w.copy(seg)
-                    if seg.depth:
-                        rep.parent_pages += seg.length // page_size
-                else:  # lazy: fetched through the strategy, in bounded chunks
-                    if buf is None:
-                        buf = bytearray(_LAZY_CHUNK)
-                        lazy_hash = hashlib.sha256()
-                    assert lazy_hash is not None
-                    for vaddr, length in chunks(seg.vaddr, seg.length, _LAZY_CHUNK):
-                        view = memoryview(buf)[:length]
-                        reader.readinto(vaddr, view)
-                        lazy_hash.update(view)
-                        w.write(view)
-                    rep.lazy_pages += seg.length // page_size
-                w.add_run(seg.vaddr, seg.length, flags, page_size)
-                rep.pages += seg.length // page_size
-                done[0] += seg.length
+        entries = pm.entries
+        # One walk over the whole range (holes between entries are skipped): a fragmented dump has tens of
+        # thousands of entries, a walk per entry cost more than the copies.
+        start = entries[0].vaddr if entries else 0
+        for seg in reader.segments(start, entries[-1].end - start) if entries else ():
+            if seg.kind == "hole":
+                continue
+            flags = PE_PRESENT | (seg.flags & PE_LAZY)
+            if seg.kind == "present":
+                w.copy(seg)
+                if seg.depth:
+                    rep.parent_pages += seg.length // page_size
+            else:  # lazy: fetched through the strategy, in bounded chunks
+                if buf is None:
+                    buf = bytearray(_LAZY_CHUNK)
+                    lazy_hash = hashlib.sha256()
+                assert lazy_hash is not None
+                for vaddr, length in chunks(seg.vaddr, seg.length, _LAZY_CHUNK):
+                    view = memoryview(buf)[:length]
+                    reader.readinto(vaddr, view)
+                    lazy_hash.update(view)
+                    w.write(view)
+                rep.lazy_pages += seg.length // page_size
+            w.add_run(seg.vaddr, seg.length, flags, page_size)
+            rep.pages += seg.length // page_size
+            done[0] += seg.length
             if progress is not None and done[0] - shown >= _COPY_BATCH:
                 w.flush()
                 shown = done[0]
