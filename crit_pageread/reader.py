@@ -675,21 +675,15 @@ class PageReader:
         zeros: list[tuple[int, int]] = []
         dedup = self._root._dedup_pending if self.auto_dedup else None
         last: CopyRequest | None = None
-        starts = self.pagemap._starts
-        entries = self.pagemap.entries
+        starts, sizes, flags, offsets = self.pagemap.columns()
         pages = self._pages
         for vaddr, length, out in iov:
             i = bisect_right(starts, vaddr) - 1
-            entry = entries[i] if i >= 0 else None
-            if (
-                entry is not None
-                and entry.flags & PE_PRESENT
-                and vaddr + length <= entry.vaddr + entry.nr_pages * entry.page_size
-            ):
+            if i >= 0 and flags[i] & PE_PRESENT and vaddr + length <= starts[i] + sizes[i]:
                 # Fast path (most ranges): inside one entry with data in this image.
                 if pages is None:
                     pages = self._pages_file()
-                offset = entry.offset + vaddr - entry.vaddr
+                offset = offsets[i] + vaddr - starts[i]
                 last = _join_copy(requests, last, pages, offset, length, vaddr, target, out)
                 continue
             for seg in self.segments(vaddr, length):

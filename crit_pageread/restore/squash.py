@@ -169,7 +169,8 @@ def squash(
 
 
 def _non_present_bytes(images: CheckpointImages, target: Target) -> int:
-    return sum(e.size for e in images.pagemap_for(target).entries if not e.flags & PE_PRESENT and e.flags)
+    _, sizes, flags, _ = images.pagemap_for(target).columns()
+    return sum(n for n, f in zip(sizes, flags, strict=True) if f and not f & PE_PRESENT)
 
 
 def _copy_other_images(images: CheckpointImages, dst: Path) -> list[str]:
@@ -246,7 +247,7 @@ def _squash_target(
     pm = images.pagemap_for(target)
     page_size = pm.page_size
     reader = _reader(images, target, strategy)
-    rep = TargetReport(str(target), pm.path.name, len(pm.entries), 0, 0, 0, 0)
+    rep = TargetReport(str(target), pm.path.name, len(pm), 0, 0, 0, 0)
     lazy_hash = None
     buf = None
     fd = os.open(out_dir / f"pages-{pm.pages_id}.img", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -254,11 +255,10 @@ def _squash_target(
         # The reader is not closed: that would close the strategy, which the caller shares.
         w = _RunWriter(fd, reader, _COPY_BATCH if progress is not None else None)
         shown = 0
-        entries = pm.entries
+        starts, sizes, _, _ = pm.columns()
         # One walk over the whole range (holes between entries are skipped): a fragmented dump has tens of
         # thousands of entries, a walk per entry cost more than the copies.
-        start = entries[0].vaddr if entries else 0
-        for seg in reader.segments(start, entries[-1].end - start) if entries else ():
+        for seg in reader.segments(starts[0], starts[-1] + sizes[-1] - starts[0]) if starts else ():
             if seg.kind == "hole":
                 continue
             flags = PE_PRESENT | (seg.flags & PE_LAZY)
