@@ -101,7 +101,7 @@ def test_extract_writes_the_same_bytes_and_keeps_holes_above_min_hole(
 
 def test_small_runs_are_one_read_and_one_write_large_ones_a_kernel_copy(tmp_path: Path) -> None:
     d = build(tmp_path / "d")
-    runs, memory = layout()
+    _, memory = layout()
     out = tmp_path / "o.bin"
     # Pages 0-30: one preadv (back to back in the pages file), then one pwrite per stretch of output
     # without a hole over `fill` (16 KiB: [0, 24) and [30, 31); 64 KiB: one; 0: one per run, 12); pages
