@@ -158,6 +158,7 @@ class CheckpointImages:
         self._chain = (*_chain, here)
         self._pagemaps: dict[Target, Pagemap] = {}
         self._zombies: dict[int, bool] = {}
+        self._vmas: dict[int, list[Vma]] = {}
         self._pages: dict[tuple[int, bool], PagesFile] = {}
         self._parent: CheckpointImages | None = None
         self._parent_checked = False
@@ -295,7 +296,13 @@ class CheckpointImages:
         return msgs[0]
 
     def vmas(self, pid: int) -> list[Vma]:
-        """The VMAs of `pid` in address order, each with a mapping name (none for a zombie)."""
+        """The VMAs of `pid` in address order, each with a mapping name (none for a zombie); parsed once."""
+        got = self._vmas.get(pid)
+        if got is None:
+            got = self._vmas[pid] = self._load_vmas(pid)
+        return list(got)
+
+    def _load_vmas(self, pid: int) -> list[Vma]:
         self._check_pid(pid)
         if self.is_zombie(pid):
             return []

@@ -19,6 +19,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
+from . import native
 from .dedup import punch_hole
 from .errors import ChainError, CritPageReadError, ImageError, LazyPageError, NotDumpedError
 from .pagemap import PE_PARENT, PE_PRESENT, Pagemap
@@ -26,6 +27,7 @@ from .strategy import (
     AnyRequest,
     CopyRequest,
     PagesFile,
+    PlannedRead,
     ReadRequest,
     ScatterRequest,
     Sink,
@@ -42,6 +44,7 @@ SegmentKind = Literal["present", "lazy", "hole"]
 #: What a read does with addresses no entry covers: raise NotDumpedError, zero them, or leave the buffer as is.
 HolesMode = Literal["error", "zero", "skip"]
 _HOLES_MODES = ("error", "zero", "skip")
+_HOLES_CODE = {"error": 0, "zero": 1, "skip": 2}  # the native planner's
 MAX_CHAIN_DEPTH = 256
 _ZEROS = bytes(1 << 20)
 
@@ -341,6 +344,11 @@ class PageReader:
             flat._file_end = [n] * n
             first = flat.files[0]
             return flat if first is None or first.present is None else _restrict(flat, first)
+        fast = native.fastio
+        if fast is not None:
+            resolved = self._resolve_native(flat, fast)
+            if resolved is not None:
+                return resolved
         add_start, add_size, add_kind, add_flags, add_file, add_offset, add_depth = (
             flat.starts.append, flat.sizes.append, flat.kinds.append, flat.flags.append, flat.files.append,
             flat.offsets.append, flat.depths.append)
@@ -395,6 +403,31 @@ class PageReader:
                 add_file(None)
                 add_offset(-1)
                 add_depth(depth)
+        return self._finish_map(flat, pages)
+
+    def _resolve_native(self, flat: MemoryMap, fast: Any) -> MemoryMap | None:
+        """`_build_map`'s sweep by the native helper (None: the parent cannot be read, the Python sweep
+        makes the runs that need it broken)."""
+        vaddrs, sizes, fl, offs = self.pagemap.columns()
+        kinds = set(fl)
+        parent: MemoryMap | None = None
+        if any(f & PE_PARENT for f in kinds):
+            try:
+                parent = self.parent.memory_map()
+            except CritPageReadError:
+                return None
+        pages = (self._pages or self._pages_file()) if any(f & PE_PRESENT for f in kinds) else None
+        empty: list[Any] = []
+        columns = (parent.starts, parent.sizes, parent.kinds, parent.flags, parent.files, parent.offsets,
+                   parent.depths) if parent is not None else (empty,) * 7
+        broken = fast.resolve(vaddrs, sizes, fl, offs, pages, self.depth, columns,
+                              (flat.starts, flat.sizes, flat.kinds, flat.flags, flat.files, flat.offsets, flat.depths))
+        for index, start, stop, k in broken:
+            flat.broken[index] = parent.broken[k] if k >= 0 else _lacks(self.parent, self, start, stop)  # type: ignore[union-attr]
+        return self._finish_map(flat, pages)
+
+    def _finish_map(self, flat: MemoryMap, pages: PagesFile | None) -> MemoryMap:
+        """The map with its chain's image locations; cut to what `pages` holds if it was unpacked sparse."""
         if self._parent is not None:
             self._parent._map = None  # the parent's own map served only to build this one
         flat.images = [self.images.location]
@@ -450,6 +483,24 @@ class PageReader:
             if flat.depths[i] and self.auto_dedup:
                 self._root._dedup_pending.append((pages, offset, len(dest)))  # type: ignore[arg-type]
             return [ReadRequest(pages, offset, dest, vaddr, self.target)], []
+        fast = native.fastio
+        if fast is not None and not self.auto_dedup and self.strategy.takes_plans:
+            # The native planner: one PlannedRead of pieces, no Python per piece.
+            status, a, b, pieces, zeros, files = fast.plan(
+                flat.starts, flat.sizes, flat.kinds, flat.files, flat.offsets, vaddr, end, _HOLES_CODE[holes_mode])
+            if status == 0:
+                planned: list[Any] = [PlannedRead(files, pieces, dest, vaddr, self.target)] if pieces else []
+                if not zeros:
+                    return planned, []
+                z = memoryview(zeros).cast("q").tolist()
+                return planned, list(zip(z[0::2], z[1::2], strict=True))
+            if status == 1:
+                raise NotDumpedError(self.source, a, b)
+            if status == 3:
+                raise flat.broken[a]
+            if not self.strategy.serves_lazy:
+                raise LazyPageError(self._root.source, a, b)
+            # lazy pages a strategy serves: planned below
         requests: list[AnyRequest] = []
         holes: list[tuple[int, int]] = []
         # Parent ranges to punch once read; owed only if the whole plan succeeds.

@@ -159,7 +159,43 @@ class ScatterRequest:
         return out
 
 
-#: What `read_many`/`submit_many` get from the reader.
+class PlannedRead:
+    """Many pieces of pages files into one buffer: a read as the native planner plans it (crit_pageread/native.py).
+
+    `pieces` is bytes of int64 quadruples (file, offset, dest_offset, length),
+    in address order: `length` bytes at `offset` of `files[file]` go to
+    `dest[dest_offset : dest_offset + length]`; pieces contiguous both in a
+    file and in memory are joined. `vaddr` is the address of `dest[0]`. Only a
+    strategy with `takes_plans` gets these (the local ones, which hand them to
+    the compiled helper); `requests()` gives the same reads as plain requests.
+    """
+
+    __slots__ = ("dest", "files", "pieces", "target", "vaddr")
+
+    def __init__(self, files: list[PagesFile], pieces: bytes, dest: memoryview, vaddr: int, target: Target) -> None:
+        self.files = files
+        self.pieces = pieces
+        self.dest = dest
+        self.vaddr = vaddr
+        self.target = target
+
+    def __len__(self) -> int:
+        return len(self.pieces) // 32
+
+    @property
+    def length(self) -> int:
+        """Bytes the plan reads."""
+        return sum(memoryview(self.pieces).cast("q")[3::4])
+
+    def requests(self) -> list[ReadRequest]:
+        """The pieces as plain requests, in address order."""
+        q = memoryview(self.pieces).cast("q").tolist()
+        files, dest, vaddr, target = self.files, self.dest, self.vaddr, self.target
+        return [ReadRequest(files[q[k]], q[k + 1], dest[q[k + 2] : q[k + 2] + q[k + 3]], vaddr + q[k + 2], target)
+                for k in range(0, len(q), 4)]
+
+
+#: What `read_many`/`submit_many` get from the reader (and PlannedReads if the strategy `takes_plans`).
 AnyRequest = ReadRequest | ScatterRequest
 
 #: Bytes the default `write_to`/`send` move per round through their buffer.
@@ -241,6 +277,8 @@ class Strategy(ABC):
     serves_lazy: ClassVar[bool] = False
     #: True if `write_to` may run in several threads at once (each with its own output).
     concurrent_writes: ClassVar[bool] = False
+    #: True if `read_many`/`submit_many` take `PlannedRead`s (when the native helper plans; see native.py).
+    takes_plans: ClassVar[bool] = False
 
     @abstractmethod
     def read(self, request: ReadRequest) -> None:
@@ -251,22 +289,22 @@ class Strategy(ABC):
         self.read(request)
 
     def read_many(self, requests: list[AnyRequest]) -> None:
-        """`read` each request, in order; a ScatterRequest piece by piece unless overridden."""
+        """`read` each request, in order; a ScatterRequest (or PlannedRead) piece by piece unless overridden."""
         for request in requests:
-            if type(request) is ScatterRequest:
+            if isinstance(request, ReadRequest):
+                self.read(request)
+            else:  # a ScatterRequest, or a PlannedRead
                 for piece in request.requests():
                     self.read(piece)
-            else:
-                self.read(request)  # type: ignore[arg-type]
 
     def submit_many(self, requests: list[AnyRequest]) -> None:
-        """`submit` each request, in order; a ScatterRequest piece by piece unless overridden."""
+        """`submit` each request, in order; a ScatterRequest (or PlannedRead) piece by piece unless overridden."""
         for request in requests:
-            if type(request) is ScatterRequest:
+            if isinstance(request, ReadRequest):
+                self.submit(request)
+            else:  # a ScatterRequest, or a PlannedRead
                 for piece in request.requests():
                     self.submit(piece)
-            else:
-                self.submit(request)  # type: ignore[arg-type]
 
     def sync(self) -> None:
         """Complete every submitted request."""

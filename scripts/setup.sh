@@ -27,8 +27,9 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 STAMP=.venv/.crit-pageread-installed
-WANT=$( (echo "editable_mode=compat"; cat pyproject.toml $(find hooks -name pyproject.toml 2>/dev/null | sort)) \
-    | sha256sum | cut -d' ' -f1)
+# The native helper's source too: a changed crit_pageread/_fastio.c is built again.
+WANT=$( (echo "editable_mode=compat"; cat pyproject.toml crit_pageread/_fastio.c \
+    $(find hooks -name pyproject.toml 2>/dev/null | sort)) | sha256sum | cut -d' ' -f1)
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ] || [ ! -x .venv/bin/crit-pageread ]; then
     log "installing crit-pageread into .venv"
     # compat mode: a .pth line with the project directory. The default (an import-hook finder)
@@ -36,6 +37,8 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ] || [ ! -x .venv/bin/cri
     .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' --config-settings editable_mode=compat \
         2>&1 | grep -v '^WARNING: Location' || true
     .venv/bin/python -c 'import crit_pageread' || { log "pip install failed"; exit 1; }
+    .venv/bin/python -c 'import crit_pageread._fastio' 2>/dev/null \
+        || log "the native helper (crit_pageread/_fastio.c) did not build: the pure-Python code runs instead"
     echo "$WANT" > "$STAMP"
 fi
 # Byte-compile now: with PYTHONDONTWRITEBYTECODE set, every run would otherwise recompile (tens of ms).

@@ -71,6 +71,9 @@ def test_build_declares_the_license_the_spdx_way_without_deprecation_warnings(bu
     assert "License-Expression: MIT" in meta
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert "crit_pageread/data/victim.c" in names and "crit_pageread/py.typed" in names
+    # The native helper: built (a C compiler is here), with its type stub.
+    assert "crit_pageread/_fastio.pyi" in names and any(n.startswith("crit_pageread/_fastio.") and n.endswith(".so")
+                                                         for n in names), names
     assert "crit-pageread = crit_pageread.cli.main:run" in entry_points
     assert "crit-pageread-manifest = crit_pageread.restore.manifest:console" in entry_points
 
@@ -119,7 +122,8 @@ def test_sdist_tests_collect_with_their_helpers(built: tuple[Path, Path, str], t
     for helper in ("conftest.py", "chains.py", "criu_harness.py", "restore_support.py", "cli_driver.py"):
         assert (root / "tests" / helper).exists(), helper
     assert (root / "LICENSE").exists() and (root / "hooks" / "criu-action-manifest").exists()
-    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+    assert not [n for n in names if "__pycache__" in n or n.endswith((".pyc", ".so"))]
+    assert (root / "crit_pageread" / "_fastio.c").exists()  # the native helper builds from the sdist
     ours = run(sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", cwd=REPO)
     theirs = run(sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", cwd=root)
     ids = [line for line in theirs.splitlines() if "::" in line]

@@ -23,6 +23,7 @@ from crit_pageread import (
     StrategyInfo,
     hookimpl,
     load_config,
+    native,
     open_images,
     plugins,
 )
@@ -243,18 +244,42 @@ def _truth(images: Any, pid: int, entries: list[Any]) -> list[bytes]:
         return [reader.read(e.vaddr, e.size) for e in entries]
 
 
-@pytest.fixture(params=["libc", "os"])
+@pytest.fixture(params=["native", "libc", "os"])
 def preadv_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test with libc's preadv through ctypes (the default) and with the os.preadv fallback."""
+    """Run a test with the native helper's preadv loop (when it is built), and without it: libc's preadv
+    through ctypes and the os.preadv fallback."""
+    if request.param == "native":
+        if native.fastio is None:
+            if os.environ.get("CI") == "true":
+                pytest.fail("the native helper crit_pageread._fastio is not built")
+            pytest.skip("the native helper is not built")
+    else:
+        monkeypatch.setattr(native, "fastio", None)
     if request.param == "os":
         monkeypatch.setattr(preadv_module, "_libc_preadv", None)
     return str(request.param)
+
+
+class _TracingFastio:
+    """The native helper, with every preadv call's iovec count recorded (and each call's size limited)."""
+
+    def __init__(self, real: Any, counts: list[int] | None = None, limit: int = 0) -> None:
+        self.real, self.counts, self.limit = real, counts, limit
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def preadv_queue(self, records: bytearray, iov_max: int, max_gap: int, scratch: Any) -> Any:
+        return self.real.preadv_queue(records, iov_max, max_gap, scratch, self.counts, self.limit)
 
 
 @pytest.fixture
 def preadv_calls(monkeypatch: pytest.MonkeyPatch, preadv_path: str) -> list[int]:
     """Record the iovec count of every preadv call, libc's (queued runs) and os.preadv (the rest)."""
     counts: list[int] = []
+    if preadv_path == "native":
+        monkeypatch.setattr(native, "fastio", _TracingFastio(native.fastio, counts))
+        return counts
     real_os = os.preadv
 
     def counting(fd: int, buffers: Any, offset: int, *flags: int) -> int:
@@ -337,6 +362,8 @@ def test_preadv_handles_short_reads(a_single: Path, monkeypatch: pytest.MonkeyPa
         return real(fd, out, offset, *flags)
 
     monkeypatch.setattr(os, "preadv", short)
+    if preadv_path == "native":
+        monkeypatch.setattr(native, "fastio", _TracingFastio(native.fastio, limit=limit))
     real_libc = preadv_module._preadv_function()
     if real_libc is not None:
 

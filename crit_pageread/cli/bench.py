@@ -172,14 +172,15 @@ def allocate(size: int) -> mmap.mmap:
 
 
 def open_indexed(path: str | os.PathLike[str], config: Config | None = None) -> tuple[CheckpointImages, float]:
-    """The checkpoint opened with every pid's pagemap indexed (bulk-planning columns included) and the
-    plugins loaded, and the seconds that took."""
+    """The checkpoint opened with every pid's pagemap indexed (bulk-planning columns included), its VMAs
+    parsed and the plugins loaded, and the seconds that took."""
     start = time.perf_counter()
     images = open_images(path, config)
     try:
         strategies()
         for pid in images.pids:
             images.pagemap(pid).present_runs()
+            images.vmas(pid)  # a process reader's shared mappings come from them
         level = images.parent
         while level is not None:  # a chain's parents too (they may hold only pagemaps and pages)
             for pid in images.pids:

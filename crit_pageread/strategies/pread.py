@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import os
+from array import array
 from typing import Any
 
-from ..errors import ConfigError
+from .. import native
+from ..errors import ConfigError, ImageError
 from ..hookspecs import hookimpl
-from ..strategy import AnyRequest, ReadRequest, ScatterRequest, Strategy, StrategyInfo, read_fully
+from ..strategy import AnyRequest, PlannedRead, ReadRequest, ScatterRequest, Strategy, StrategyInfo, read_fully
 from .kernel import KernelCopies
 
 
 class PreadStrategy(KernelCopies, Strategy):
-    """Every request is read at once: one `preadv` with a single iovec (pread into the buffer)."""
+    """Every request is read at once: one `preadv` with a single iovec (pread into the buffer); a plan's
+    pieces by the native helper, one pread each without the GIL."""
 
     name = "pread"
+    takes_plans = True
 
     def read(self, request: ReadRequest) -> None:
         pages = request.pages
@@ -25,10 +29,13 @@ class PreadStrategy(KernelCopies, Strategy):
     def read_many(self, requests: list[AnyRequest]) -> None:
         preadv = os.preadv
         for request in requests:
+            if isinstance(request, PlannedRead):
+                read_plan(request)
+                continue
             pages = request.pages
             if pages is None:
                 raise ConfigError("pread: strategy cannot serve lazy pages")
-            if type(request) is ScatterRequest:
+            if isinstance(request, ScatterRequest):
                 fd = pages.fd
                 offset = request.offset
                 dest = request.dest
@@ -41,6 +48,22 @@ class PreadStrategy(KernelCopies, Strategy):
                 read_fully(pages.fd, request.dest, request.offset, pages.path)
 
     submit_many = read_many
+
+
+def read_plan(plan: PlannedRead) -> None:
+    """Read a plan's pieces: one pread each (again after a short read), by the native helper if it is there."""
+    fast = native.fastio
+    files = plan.files
+    if fast is None:
+        for piece in plan.requests():
+            pages = piece.pages
+            read_fully(pages.fd, piece.dest, piece.offset, pages.path)  # type: ignore[union-attr]
+        return
+    _calls, status, file, offset, err = fast.pread_plan(array("q", [f.fd for f in files]), plan.pieces, plan.dest)
+    if status == 1:
+        raise ImageError(files[file].path, f"short pages file: no data at offset {offset}")
+    if status:
+        raise ImageError(files[file].path, f"cannot read at offset {offset}: {os.strerror(err)}")
 
 
 def _factory(table: dict[str, Any]) -> Strategy:

@@ -9,17 +9,33 @@ read into a scratch buffer, trading a few unwanted bytes for a system call
 (parent images of a chain are full of such small gaps). Short reads advance
 the iovecs and continue. The queue is flushed on `sync()`, before any
 synchronous read, and when it holds `max_queue` requests.
+
+With the native helper (crit_pageread/native.py) the queue is a bytearray of
+(fd, offset, address, length) records filled from the reader's plans, and
+`sync()` is one call that merges them into runs and issues the preadv calls
+without the GIL; without it, the same batching in Python over ctypes iovecs.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+from array import array
 from typing import Any
 
+from .. import native
 from ..errors import ConfigError, ImageError
 from ..hookspecs import hookimpl
-from ..strategy import AnyRequest, PagesFile, ReadRequest, ScatterRequest, Strategy, StrategyInfo, read_fully
+from ..strategy import (
+    AnyRequest,
+    PagesFile,
+    PlannedRead,
+    ReadRequest,
+    ScatterRequest,
+    Strategy,
+    StrategyInfo,
+    read_fully,
+)
 from .kernel import KernelCopies
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
@@ -71,8 +87,14 @@ class PreadvStrategy(KernelCopies, Strategy):
     """Queues requests; `sync()` reads each contiguous run with few preadv calls."""
 
     name = "preadv"
+    takes_plans = True
 
     def __init__(self, iov_max: int = IOV_MAX, max_queue: int = 65536, max_gap: int = DEFAULT_MAX_GAP) -> None:
+        self._fast = native.fastio
+        # The native queue: records, the buffers they point into (kept alive until read), files by fd.
+        self._records = bytearray()
+        self._holders: list[Any] = []
+        self._by_fd: dict[int, PagesFile] = {}
         self.iov_max = iov_max
         self.max_queue = max_queue
         self.max_gap = max_gap
@@ -128,6 +150,11 @@ class PreadvStrategy(KernelCopies, Strategy):
         pages = request.pages
         if pages is None:
             raise ConfigError("preadv: strategy cannot serve lazy pages")
+        if self._fast is not None:
+            self._queue(request)
+            if self._count >= self.max_queue:
+                self.sync()
+            return
         dest = request.dest
         length = len(dest)
         if not length:
@@ -145,7 +172,37 @@ class PreadvStrategy(KernelCopies, Strategy):
         if self._count >= self.max_queue:
             self.sync()
 
+    def _queue(self, request: AnyRequest) -> None:
+        """Add a request to the native queue."""
+        fast = self._fast
+        dest = request.dest
+        if isinstance(request, PlannedRead):
+            files = request.files
+            by_fd = self._by_fd
+            for pages in files:
+                by_fd[pages.fd] = pages
+            n = fast.queue_plan(self._records, array("q", [f.fd for f in files]), request.pieces, dest)
+        else:
+            pages = request.pages
+            if pages is None:
+                raise ConfigError("preadv: strategy cannot serve lazy pages")
+            self._by_fd[pages.fd] = pages
+            if isinstance(request, ScatterRequest):
+                n = fast.queue_scatter(self._records, pages.fd, request.offset, dest, request.dest_offsets,
+                                       request.lengths)
+            else:
+                n = fast.queue_scatter(self._records, pages.fd, request.offset, dest, None, None)
+        if n:
+            self._holders.append(dest)
+            self._count += n
+
     def submit_many(self, requests: list[AnyRequest]) -> None:
+        if self._fast is not None:
+            for request in requests:
+                self._queue(request)
+                if self._count >= self.max_queue:
+                    self.sync()
+            return
         # A scatter request's pieces become iovecs by arithmetic on its buffer's address: no
         # per-piece Python object. The reader's requests of one plan share one buffer, so its
         # address is taken once.
@@ -153,6 +210,10 @@ class PreadvStrategy(KernelCopies, Strategy):
         base = 0
         tails = self._tails
         for request in requests:
+            if isinstance(request, PlannedRead):  # planned while the native helper was there
+                for piece in request.requests():
+                    self.submit(piece)
+                continue
             if type(request) is not ScatterRequest:
                 self.submit(request)  # type: ignore[arg-type]
                 continue
@@ -187,7 +248,29 @@ class PreadvStrategy(KernelCopies, Strategy):
             if self._count >= self.max_queue:
                 self.sync()
 
+    def _sync_native(self) -> None:
+        records, self._records = self._records, bytearray()
+        holders, self._holders = self._holders, []
+        by_fd, self._by_fd = self._by_fd, {}
+        self._count = 0
+        try:
+            calls, gap, status, fd, offset, err = self._fast.preadv_queue(records, self.iov_max, self.max_gap,
+                                                                         self._scratch)
+        finally:
+            holders.clear()
+        self.calls += calls
+        self.gap_bytes += gap
+        if status == 1:
+            raise ImageError(by_fd[fd].path, f"short pages file: no data at offset {offset}")
+        if status:
+            raise ImageError(by_fd[fd].path, f"cannot read at offset {offset}: {os.strerror(err)}")
+
     def sync(self) -> None:
+        if self._fast is not None:
+            if self._records:
+                self._sync_native()
+            self._count = 0
+            return
         runs, self._runs = self._runs, []
         self._tails = {}
         self._count = 0
@@ -279,6 +362,9 @@ class PreadvStrategy(KernelCopies, Strategy):
                 views[i] = views[i][got:]
 
     def close(self) -> None:
+        self._records = bytearray()
+        self._holders = []
+        self._by_fd = {}
         self._runs = []
         self._tails = {}
         self._count = 0

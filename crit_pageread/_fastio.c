@@ -1,0 +1,1019 @@
+/* _fastio: the per-piece loops of planning and reading, in C (optional: crit_pageread/native.py).
+ *
+ * The reader plans and the strategies move bytes, as in the Python code; these functions only do
+ * the loops that would otherwise cost Python bytecode per piece of a fragmented dump or a chain:
+ *
+ *   plan()          a read of [vaddr, end) over a MemoryMap's run columns (Python lists) ->
+ *                   pieces (int64 quadruples: file, offset, dest_offset, length), joined where
+ *                   contiguous both in one pages file and in memory, and the holes to zero;
+ *   resolve()       a chain level's pagemap columns over its parent's map -> the level's map;
+ *   queue_*()       preadv's queue: records (fd, offset, address, length) in a bytearray;
+ *   preadv_queue()  the queue read with CRIU's batching (one run per file range, bridging gaps
+ *                   up to max_gap, IOV_MAX iovecs per call), without the GIL;
+ *   pread_plan()    one pread per piece, without the GIL;
+ *   copy_plan()     memcpy of pieces from mapped windows of the pages files, without the GIL.
+ *
+ * Errors the reader reports with file names (holes, lazy pages, short files) come back as status
+ * codes; bad arguments raise ValueError/TypeError.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+/* reader.py's run kinds and holes modes */
+enum { K_PRESENT = 0, K_LAZY = 1, K_BROKEN = 2 };
+enum { H_ERROR = 0, H_ZERO = 1, H_SKIP = 2 };
+/* plan() status */
+enum { P_OK = 0, P_HOLE = 1, P_LAZY = 2, P_BROKEN = 3 };
+/* I/O status */
+enum { IO_OK = 0, IO_SHORT = 1, IO_ERRNO = 2, IO_WINDOW = 3, IO_BOUNDS = 4 };
+
+typedef struct { int64_t file, offset, dest, length; } piece_t;
+typedef struct { int64_t fd, offset, addr, length; } rec_t;
+
+/* --- a growable array ------------------------------------------------------------------- */
+
+typedef struct { char *data; size_t len, cap; } vec_t;
+
+static void *vec_add(vec_t *v, size_t size)
+{
+    if (v->len + size > v->cap) {
+        size_t cap = v->cap ? v->cap * 2 : 4096;
+        while (cap < v->len + size)
+            cap *= 2;
+        char *data = PyMem_Realloc(v->data, cap);
+        if (data == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        v->data = data;
+        v->cap = cap;
+    }
+    void *at = v->data + v->len;
+    v->len += size;
+    return at;
+}
+
+static PyObject *vec_bytes(vec_t *v)
+{
+    return PyBytes_FromStringAndSize(v->data ? v->data : "", (Py_ssize_t)v->len);
+}
+
+/* --- reading Python lists of ints -------------------------------------------------------- */
+
+_Static_assert(sizeof(long) == sizeof(int64_t), "a C long holds an int64 (LP64)");
+
+/* An int of a list: on CPython 3.11 an int of at most two digits (below 2**60: addresses, offsets, sizes)
+ * is read in place; else PyLong_AsLong (PyLong_AsLongLong goes through a byte array past 2**30). */
+static inline int item(PyObject *list, Py_ssize_t i, int64_t *out)
+{
+    PyObject *obj = PyList_GET_ITEM(list, i);
+#if PY_VERSION_HEX < 0x030C0000 && !defined(Py_LIMITED_API)
+    if (PyLong_CheckExact(obj)) {
+        const digit *d = ((PyLongObject *)obj)->ob_digit;
+        switch (Py_SIZE(obj)) {
+        case 0:
+            *out = 0;
+            return 0;
+        case 1:
+            *out = (int64_t)d[0];
+            return 0;
+        case -1:
+            *out = -(int64_t)d[0];
+            return 0;
+        case 2:
+            *out = (int64_t)d[0] | (int64_t)d[1] << PyLong_SHIFT;
+            return 0;
+        }
+    }
+#endif
+    long value = PyLong_AsLong(obj);
+    if (value == -1 && PyErr_Occurred())
+        return -1;
+    *out = value;
+    return 0;
+}
+
+static int same_lengths(Py_ssize_t n, PyObject **lists, int count)
+{
+    for (int k = 0; k < count; k++) {
+        if (!PyList_Check(lists[k])) {
+            PyErr_SetString(PyExc_TypeError, "map columns must be lists");
+            return -1;
+        }
+        if (PyList_GET_SIZE(lists[k]) != n) {
+            PyErr_SetString(PyExc_ValueError, "map columns differ in length");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Index of the first run whose end is above `vaddr` (count if none): MemoryMap.index_at. */
+static int index_at(PyObject *starts, PyObject *sizes, Py_ssize_t count, int64_t vaddr, Py_ssize_t *out)
+{
+    Py_ssize_t lo = 0, hi = count;
+    int64_t start, size;
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        if (item(starts, mid, &start) < 0)
+            return -1;
+        if (vaddr < start)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    Py_ssize_t i = lo - 1;
+    if (i >= 0) {
+        if (item(starts, i, &start) < 0 || item(sizes, i, &size) < 0)
+            return -1;
+        if (start + size > vaddr) {
+            *out = i;
+            return 0;
+        }
+    }
+    *out = i + 1;
+    return 0;
+}
+
+/* --- a small table of objects (pages files) by identity --------------------------------- */
+
+typedef struct { PyObject **items; Py_ssize_t len, cap, last; } table_t;
+
+static int64_t table_index(table_t *t, PyObject *obj)
+{
+    if (t->last >= 0 && t->items[t->last] == obj)
+        return t->last;
+    for (Py_ssize_t k = 0; k < t->len; k++)
+        if (t->items[k] == obj)
+            return t->last = k;
+    if (t->len == t->cap) {
+        Py_ssize_t cap = t->cap ? t->cap * 2 : 8;
+        PyObject **items = PyMem_Realloc(t->items, (size_t)cap * sizeof(PyObject *));
+        if (items == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        t->items = items;
+        t->cap = cap;
+    }
+    t->items[t->len] = obj;
+    return t->last = t->len++;
+}
+
+static PyObject *table_list(table_t *t)
+{
+    PyObject *out = PyList_New(t->len);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t k = 0; k < t->len; k++) {
+        Py_INCREF(t->items[k]);
+        PyList_SET_ITEM(out, k, t->items[k]);
+    }
+    return out;
+}
+
+/* --- plan ------------------------------------------------------------------------------- */
+
+PyDoc_STRVAR(plan_doc,
+"plan(starts, sizes, kinds, files, offsets, vaddr, end, holes) -> (status, a, b, pieces, holes, files)\n\n"
+"Plan a read of [vaddr, end) over a MemoryMap's columns (lists). holes: 0 error, 1 zero, 2 skip.\n"
+"status 0: pieces (bytes of int64 file, offset, dest_offset, length; file indexes `files`) and, for\n"
+"holes=zero, holes (bytes of int64 start, stop pairs); 1: a hole at [a, b) with holes=error;\n"
+"2: lazy pages at [a, b); 3: run a is broken (its error is the map's).");
+
+static PyObject *fast_plan(PyObject *self, PyObject *args)
+{
+    PyObject *starts, *sizes, *kinds, *files, *offsets;
+    long long vaddr_ll, end_ll;
+    int mode;
+    if (!PyArg_ParseTuple(args, "OOOOOLLi", &starts, &sizes, &kinds, &files, &offsets, &vaddr_ll, &end_ll, &mode))
+        return NULL;
+    if (!PyList_Check(starts)) {
+        PyErr_SetString(PyExc_TypeError, "map columns must be lists");
+        return NULL;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(starts);
+    PyObject *cols[] = {sizes, kinds, files, offsets};
+    if (same_lengths(count, cols, 4) < 0)
+        return NULL;
+    if (mode < H_ERROR || mode > H_SKIP) {
+        PyErr_SetString(PyExc_ValueError, "holes must be 0, 1 or 2");
+        return NULL;
+    }
+    const int64_t vaddr = vaddr_ll, end = end_ll;
+    vec_t pieces = {0}, holes = {0};
+    table_t table = {NULL, 0, 0, -1};
+    PyObject *result = NULL;
+    int status = P_OK;
+    int64_t a = 0, b = 0;
+    Py_ssize_t i;
+    if (index_at(starts, sizes, count, vaddr, &i) < 0)
+        goto done;
+    piece_t *last = NULL;
+    int64_t pos = vaddr;
+    while (pos < end) {
+        int64_t start = 0, size = 0, kind = -1, stop;
+        if (i < count && item(starts, i, &start) < 0)
+            goto done;
+        if (i >= count || start >= end) {
+            stop = end;
+        } else if (start > pos) {
+            stop = start;
+        } else {
+            if (item(sizes, i, &size) < 0 || item(kinds, i, &kind) < 0)
+                goto done;
+            stop = start + size < end ? start + size : end;
+            if (stop <= pos) { /* an empty run */
+                i++;
+                continue;
+            }
+        }
+        if (kind < 0) { /* not covered: a hole */
+            if (mode == H_ERROR) {
+                status = P_HOLE, a = pos, b = stop;
+                break;
+            }
+            if (mode == H_ZERO) {
+                int64_t *pair = vec_add(&holes, 2 * sizeof(int64_t));
+                if (pair == NULL)
+                    goto done;
+                pair[0] = pos;
+                pair[1] = stop;
+            }
+            pos = stop;
+            continue;
+        }
+        if (kind == K_LAZY) {
+            status = P_LAZY, a = pos, b = stop;
+            break;
+        }
+        if (kind != K_PRESENT) {
+            status = P_BROKEN, a = i;
+            break;
+        }
+        int64_t offset;
+        if (item(offsets, i, &offset) < 0)
+            goto done;
+        int64_t file = table_index(&table, PyList_GET_ITEM(files, i));
+        if (file < 0)
+            goto done;
+        offset += pos - start;
+        int64_t dest = pos - vaddr, length = stop - pos;
+        if (last != NULL && last->file == file && last->offset + last->length == offset
+                && last->dest + last->length == dest) {
+            last->length += length;
+        } else {
+            last = vec_add(&pieces, sizeof(piece_t));
+            if (last == NULL)
+                goto done;
+            last->file = file;
+            last->offset = offset;
+            last->dest = dest;
+            last->length = length;
+        }
+        pos = stop;
+        i++;
+    }
+    {
+        PyObject *p = vec_bytes(&pieces), *h = vec_bytes(&holes), *f = table_list(&table);
+        if (p && h && f)
+            result = Py_BuildValue("iLLNNN", status, (long long)a, (long long)b, p, h, f);
+        else {
+            Py_XDECREF(p);
+            Py_XDECREF(h);
+            Py_XDECREF(f);
+        }
+    }
+done:
+    PyMem_Free(pieces.data);
+    PyMem_Free(holes.data);
+    PyMem_Free(table.items);
+    return result;
+}
+
+/* --- resolve: a chain level over its parent's map --------------------------------------- */
+
+PyDoc_STRVAR(resolve_doc,
+"resolve(vaddrs, sizes, flags, offsets, pages, depth, parent, out) -> list\n\n"
+"Append to `out` (seven lists: starts, sizes, kinds, flags, files, offsets, depths) the map of one\n"
+"chain level from its pagemap columns: an entry with PE_PRESENT has its data in `pages` at its\n"
+"offset; a PE_PARENT one takes the parent map's runs over its range (`parent`: the same seven lists),\n"
+"clipped; PE_LAZY alone is a lazy run. Where a PE_PARENT range has no run in the parent a BROKEN run\n"
+"(flags 0, this level's depth) is appended. Returns (index, start, stop, parent_index) for each\n"
+"BROKEN run appended: parent_index -1 for such a gap, else the parent's broken run it copies; the\n"
+"caller gives them their errors.");
+
+#define PE_PARENT 1
+#define PE_PRESENT 4
+
+static int append_run(PyObject **out, int64_t start, int64_t size, int64_t kind, PyObject *flags,
+                      PyObject *file, int64_t offset, PyObject *depth)
+{
+    PyObject *v[7];
+    v[0] = PyLong_FromLongLong(start);
+    v[1] = PyLong_FromLongLong(size);
+    v[2] = PyLong_FromLongLong(kind);
+    v[3] = flags;
+    v[4] = file;
+    v[5] = PyLong_FromLongLong(offset);
+    v[6] = depth;
+    int rc = 0;
+    for (int k = 0; k < 7; k++)
+        if (v[k] == NULL || PyList_Append(out[k], v[k]) < 0) {
+            rc = -1;
+            break;
+        }
+    Py_XDECREF(v[0]);
+    Py_XDECREF(v[1]);
+    Py_XDECREF(v[2]);
+    Py_XDECREF(v[5]);
+    return rc;
+}
+
+static int note_broken(PyObject *broken, Py_ssize_t index, int64_t start, int64_t stop, Py_ssize_t parent_index)
+{
+    PyObject *t = Py_BuildValue("(nLLn)", index, (long long)start, (long long)stop, parent_index);
+    if (t == NULL)
+        return -1;
+    int rc = PyList_Append(broken, t);
+    Py_DECREF(t);
+    return rc;
+}
+
+static PyObject *fast_resolve(PyObject *self, PyObject *args)
+{
+    PyObject *vaddrs, *sizes, *flags, *offsets, *pages, *depth, *parent, *out;
+    if (!PyArg_ParseTuple(args, "OOOOOOOO", &vaddrs, &sizes, &flags, &offsets, &pages, &depth, &parent, &out))
+        return NULL;
+    if (!PyList_Check(vaddrs)) {
+        PyErr_SetString(PyExc_TypeError, "columns must be lists");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(vaddrs);
+    PyObject *cols[] = {sizes, flags, offsets};
+    if (same_lengths(n, cols, 3) < 0)
+        return NULL;
+    PyObject *p[7], *o[7];
+    if (!PyTuple_Check(parent) || PyTuple_GET_SIZE(parent) != 7 || !PyTuple_Check(out) || PyTuple_GET_SIZE(out) != 7) {
+        PyErr_SetString(PyExc_TypeError, "parent and out must be tuples of seven lists");
+        return NULL;
+    }
+    for (int k = 0; k < 7; k++) {
+        p[k] = PyTuple_GET_ITEM(parent, k);
+        o[k] = PyTuple_GET_ITEM(out, k);
+        if (!PyList_Check(o[k])) {
+            PyErr_SetString(PyExc_TypeError, "parent and out must be tuples of seven lists");
+            return NULL;
+        }
+    }
+    if (!PyList_Check(p[0])) {
+        PyErr_SetString(PyExc_TypeError, "parent and out must be tuples of seven lists");
+        return NULL;
+    }
+    Py_ssize_t pcount = PyList_GET_SIZE(p[0]);
+    if (same_lengths(pcount, p + 1, 6) < 0)
+        return NULL;
+    PyObject *zero = PyLong_FromLong(0);
+    PyObject *broken = PyList_New(0);
+    if (zero == NULL || broken == NULL)
+        goto fail;
+    Py_ssize_t j = 0; /* entries are in address order: the parent runs before an entry are never needed again */
+    for (Py_ssize_t e = 0; e < n; e++) {
+        int64_t vaddr, size, f, offset;
+        if (item(vaddrs, e, &vaddr) < 0 || item(sizes, e, &size) < 0 || item(flags, e, &f) < 0
+                || item(offsets, e, &offset) < 0)
+            goto fail;
+        PyObject *f_obj = PyList_GET_ITEM(flags, e);
+        if (f & PE_PRESENT) {
+            if (append_run(o, vaddr, size, K_PRESENT, f_obj, pages, offset, depth) < 0)
+                goto fail;
+            continue;
+        }
+        if (!(f & PE_PARENT)) {
+            if (f && append_run(o, vaddr, size, K_LAZY, f_obj, Py_None, -1, depth) < 0)
+                goto fail;
+            continue;
+        }
+        const int64_t end = vaddr + size;
+        int64_t pos = vaddr, ps = 0, pz = 0;
+        for (; j < pcount; j++) { /* the first parent run that ends above vaddr */
+            if (item(p[0], j, &ps) < 0 || item(p[1], j, &pz) < 0)
+                goto fail;
+            if (ps + pz > vaddr)
+                break;
+        }
+        for (Py_ssize_t k = j; pos < end; k++) {
+            if (k < pcount && k > j && (item(p[0], k, &ps) < 0 || item(p[1], k, &pz) < 0))
+                goto fail;
+            int64_t next = k >= pcount || ps >= end ? end : ps;
+            if (next > pos) { /* the parent lacks [pos, next) */
+                if (note_broken(broken, PyList_GET_SIZE(o[0]), pos, next, -1) < 0
+                        || append_run(o, pos, next - pos, K_BROKEN, zero, Py_None, -1, depth) < 0)
+                    goto fail;
+                pos = next;
+            }
+            if (pos >= end)
+                break;
+            int64_t stop = ps + pz < end ? ps + pz : end, kind, poff;
+            if (item(p[2], k, &kind) < 0 || item(p[5], k, &poff) < 0)
+                goto fail;
+            if (kind == K_BROKEN && note_broken(broken, PyList_GET_SIZE(o[0]), pos, stop, k) < 0)
+                goto fail;
+            if (append_run(o, pos, stop - pos, kind, PyList_GET_ITEM(p[3], k), PyList_GET_ITEM(p[4], k),
+                           poff >= 0 ? poff + pos - ps : -1, PyList_GET_ITEM(p[6], k)) < 0)
+                goto fail;
+            pos = stop;
+        }
+    }
+    Py_DECREF(zero);
+    return broken;
+fail:
+    Py_XDECREF(zero);
+    Py_XDECREF(broken);
+    return NULL;
+}
+
+/* --- preadv's queue ---------------------------------------------------------------------- */
+
+static rec_t *records_extend(PyObject *records, Py_ssize_t n)
+{
+    if (!PyByteArray_Check(records)) {
+        PyErr_SetString(PyExc_TypeError, "records must be a bytearray");
+        return NULL;
+    }
+    Py_ssize_t old = PyByteArray_GET_SIZE(records);
+    if (old % (Py_ssize_t)sizeof(rec_t)) {
+        PyErr_SetString(PyExc_ValueError, "records: not whole records");
+        return NULL;
+    }
+    if (PyByteArray_Resize(records, old + n * (Py_ssize_t)sizeof(rec_t)) < 0)
+        return NULL;
+    return (rec_t *)(PyByteArray_AS_STRING(records) + old);
+}
+
+static int check_pieces(Py_buffer *view, Py_ssize_t *n)
+{
+    if (view->len % (Py_ssize_t)sizeof(piece_t)) {
+        PyErr_SetString(PyExc_ValueError, "pieces: not whole pieces");
+        return -1;
+    }
+    *n = view->len / (Py_ssize_t)sizeof(piece_t);
+    return 0;
+}
+
+/* The pieces' bytes (and their files) fit the buffer and the table. */
+static int check_fit(const piece_t *pieces, Py_ssize_t n, Py_ssize_t dest_len, Py_ssize_t files)
+{
+    for (Py_ssize_t k = 0; k < n; k++) {
+        const piece_t *p = &pieces[k];
+        if (p->file < 0 || p->file >= files || p->dest < 0 || p->length <= 0 || p->offset < 0
+                || p->length > dest_len - p->dest) {
+            PyErr_SetString(PyExc_ValueError, "a piece lies outside its buffer or names no file");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(queue_plan_doc,
+"queue_plan(records, fds, pieces, dest) -> int\n\n"
+"Append a plan's pieces to preadv's queue (a bytearray of int64 fd, offset, address, length):\n"
+"`fds` is bytes of int64, one per file of the plan; `dest` the writable buffer (keep it alive).");
+
+static PyObject *fast_queue_plan(PyObject *self, PyObject *args)
+{
+    PyObject *records;
+    Py_buffer fds, pieces, dest;
+    if (!PyArg_ParseTuple(args, "Oy*y*w*", &records, &fds, &pieces, &dest))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n;
+    if (check_pieces(&pieces, &n) < 0)
+        goto done;
+    const piece_t *p = pieces.buf;
+    const int64_t *fd = fds.buf;
+    if (check_fit(p, n, dest.len, fds.len / (Py_ssize_t)sizeof(int64_t)) < 0)
+        goto done;
+    rec_t *r = records_extend(records, n);
+    if (r == NULL)
+        goto done;
+    char *base = dest.buf;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        r[k].fd = fd[p[k].file];
+        r[k].offset = p[k].offset;
+        r[k].addr = (int64_t)(intptr_t)(base + p[k].dest);
+        r[k].length = p[k].length;
+    }
+    result = PyLong_FromSsize_t(n);
+done:
+    PyBuffer_Release(&fds);
+    PyBuffer_Release(&pieces);
+    PyBuffer_Release(&dest);
+    return result;
+}
+
+PyDoc_STRVAR(queue_scatter_doc,
+"queue_scatter(records, fd, offset, dest, dest_offsets, lengths) -> int\n\n"
+"Append a ScatterRequest (or, with dest_offsets None, one request filling all of dest).");
+
+static PyObject *fast_queue_scatter(PyObject *self, PyObject *args)
+{
+    PyObject *records, *offs, *lens;
+    long long fd, offset;
+    Py_buffer dest;
+    if (!PyArg_ParseTuple(args, "OLLw*OO", &records, &fd, &offset, &dest, &offs, &lens))
+        return NULL;
+    PyObject *result = NULL;
+    if (offs == Py_None) {
+        Py_ssize_t n = dest.len > 0;
+        rec_t *r = records_extend(records, n);
+        if (r == NULL)
+            goto done;
+        if (n) {
+            r->fd = fd;
+            r->offset = offset;
+            r->addr = (int64_t)(intptr_t)dest.buf;
+            r->length = dest.len;
+        }
+        result = PyLong_FromSsize_t(n);
+        goto done;
+    }
+    if (!PyList_Check(offs) || !PyList_Check(lens) || PyList_GET_SIZE(offs) != PyList_GET_SIZE(lens)) {
+        PyErr_SetString(PyExc_TypeError, "dest_offsets and lengths must be lists of one length");
+        goto done;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(offs), used = 0;
+    Py_ssize_t old = PyByteArray_Check(records) ? PyByteArray_GET_SIZE(records) : 0;
+    rec_t *r = records_extend(records, n);
+    if (r == NULL)
+        goto done;
+    char *base = dest.buf;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        int64_t at, length;
+        if (item(offs, k, &at) < 0 || item(lens, k, &length) < 0)
+            goto undo;
+        if (at < 0 || length < 0 || length > dest.len - at) {
+            PyErr_SetString(PyExc_ValueError, "a piece lies outside its buffer");
+            goto undo;
+        }
+        if (length == 0)
+            continue;
+        r[used].fd = fd;
+        r[used].offset = offset;
+        r[used].addr = (int64_t)(intptr_t)(base + at);
+        r[used].length = length;
+        offset += length;
+        used++;
+    }
+    if (PyByteArray_Resize(records, old + used * (Py_ssize_t)sizeof(rec_t)) < 0)
+        goto done;
+    result = PyLong_FromSsize_t(used);
+    goto done;
+undo:
+    PyByteArray_Resize(records, old);
+done:
+    PyBuffer_Release(&dest);
+    return result;
+}
+
+/* fd -> index of its newest run: open addressing */
+typedef struct { int64_t fd; Py_ssize_t run; } tail_t;
+typedef struct { tail_t *slots; size_t mask, used; } tails_t;
+
+static int tails_init(tails_t *t)
+{
+    t->mask = 63;
+    t->used = 0;
+    t->slots = PyMem_Malloc(64 * sizeof(tail_t));
+    if (t->slots == NULL)
+        return -1;
+    for (size_t k = 0; k < 64; k++)
+        t->slots[k].fd = -1;
+    return 0;
+}
+
+static tail_t *tails_get(tails_t *t, int64_t fd)
+{
+    size_t h = ((uint64_t)fd * 0x9E3779B97F4A7C15ull) >> 20;
+    for (;;) {
+        tail_t *s = &t->slots[h & t->mask];
+        if (s->fd == fd || s->fd == -1)
+            return s;
+        h++;
+    }
+}
+
+static tail_t *tails_put(tails_t *t, int64_t fd)
+{
+    if (2 * (t->used + 1) > t->mask + 1) {
+        size_t cap = 2 * (t->mask + 1);
+        tail_t *old = t->slots;
+        size_t old_cap = t->mask + 1;
+        t->slots = PyMem_Malloc(cap * sizeof(tail_t));
+        if (t->slots == NULL) {
+            t->slots = old;
+            return NULL;
+        }
+        for (size_t k = 0; k < cap; k++)
+            t->slots[k].fd = -1;
+        t->mask = cap - 1;
+        for (size_t k = 0; k < old_cap; k++)
+            if (old[k].fd != -1)
+                *tails_get(t, old[k].fd) = old[k];
+        PyMem_Free(old);
+    }
+    tail_t *s = tails_get(t, fd);
+    if (s->fd == -1) {
+        s->fd = fd;
+        t->used++;
+    }
+    return s;
+}
+
+typedef struct { int64_t fd, offset, length; Py_ssize_t first, count; int last_gap; } run_t;
+
+PyDoc_STRVAR(preadv_queue_doc,
+"preadv_queue(records, iov_max, max_gap, scratch, trace=None, limit=0)\n"
+"    -> (calls, gap_bytes, status, fd, offset, errno)\n\n"
+"Read preadv's queue: records contiguous in one file (by fd) join that file's newest run, also across\n"
+"records of other files; a gap of at most max_gap bytes is read into `scratch`; one preadv per\n"
+"iov_max iovecs of a run; short reads continue. status 0 ok, 1 end of file at (fd, offset),\n"
+"2 an error (errno) there. For tests: a list `trace` gets each call's iovec count; a `limit` above 0\n"
+"asks each call for at most that many bytes (short reads).");
+
+static PyObject *fast_preadv_queue(PyObject *self, PyObject *args)
+{
+    PyObject *records, *scratch_obj, *trace = Py_None;
+    int iov_max;
+    long long max_gap, limit = 0;
+    if (!PyArg_ParseTuple(args, "OiLO|OL", &records, &iov_max, &max_gap, &scratch_obj, &trace, &limit))
+        return NULL;
+    if (!PyByteArray_Check(records)) {
+        PyErr_SetString(PyExc_TypeError, "records must be a bytearray");
+        return NULL;
+    }
+    if (iov_max < 1) {
+        PyErr_SetString(PyExc_ValueError, "iov_max must be positive");
+        return NULL;
+    }
+    Py_buffer scratch = {0};
+    int have_scratch = 0;
+    if (scratch_obj != Py_None) {
+        if (PyObject_GetBuffer(scratch_obj, &scratch, PyBUF_WRITABLE) < 0)
+            return NULL;
+        have_scratch = 1;
+        if (max_gap > scratch.len)
+            max_gap = scratch.len;
+    } else {
+        max_gap = 0;
+    }
+    Py_ssize_t n = PyByteArray_GET_SIZE(records) / (Py_ssize_t)sizeof(rec_t);
+    const rec_t *rec = (const rec_t *)PyByteArray_AS_STRING(records);
+    PyObject *result = NULL;
+    Py_ssize_t *run_of = NULL;
+    int64_t *gap_of = NULL;
+    run_t *runs = NULL;
+    struct iovec *iov = NULL;
+    int *counts = NULL;
+    size_t ncounts = 0, max_counts = 0;
+    tails_t tails = {0};
+    Py_ssize_t nruns = 0;
+    long long calls = 0, gap_bytes = 0;
+    int status = IO_OK, err = 0;
+    int64_t err_fd = -1, err_offset = 0;
+    if (n == 0) {
+        result = Py_BuildValue("LLiLLi", 0LL, 0LL, IO_OK, -1LL, 0LL, 0);
+        goto done;
+    }
+    run_of = PyMem_Malloc((size_t)n * sizeof(Py_ssize_t));
+    gap_of = PyMem_Malloc((size_t)n * sizeof(int64_t));
+    runs = PyMem_Malloc((size_t)n * sizeof(run_t));
+    if (run_of == NULL || gap_of == NULL || runs == NULL || tails_init(&tails) < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    /* 1: the run of each record (CRIU's queue-and-merge), bounds on each run's iovecs */
+    for (Py_ssize_t k = 0; k < n; k++) {
+        const rec_t *r = &rec[k];
+        tail_t *t = tails_get(&tails, r->fd);
+        gap_of[k] = 0;
+        if (t->fd != -1) {
+            run_t *run = &runs[t->run];
+            int64_t gap = r->offset - (run->offset + run->length);
+            if (gap == 0 || (gap > 0 && gap <= max_gap)) {
+                gap_of[k] = gap;
+                gap_bytes += gap;
+                run->length += gap + r->length;
+                run->count += 1 + (gap > 0);
+                run_of[k] = t->run;
+                continue;
+            }
+        }
+        t = tails_put(&tails, r->fd);
+        if (t == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        t->run = nruns;
+        runs[nruns] = (run_t){r->fd, r->offset, r->length, 0, 1, 0};
+        run_of[k] = nruns++;
+    }
+    Py_ssize_t total = 0;
+    for (Py_ssize_t k = 0; k < nruns; k++) {
+        runs[k].first = total;
+        total += runs[k].count;
+        runs[k].count = 0;
+    }
+    iov = PyMem_Malloc((size_t)total * sizeof(struct iovec));
+    if (PyList_Check(trace)) {
+        max_counts = (size_t)(total + nruns) + 64;
+        counts = PyMem_Malloc(max_counts * sizeof(int));
+    }
+    if (iov == NULL || (PyList_Check(trace) && counts == NULL)) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    /* 2: the iovecs, run by run; a destination that continues the previous one extends its iovec */
+    for (Py_ssize_t k = 0; k < n; k++) {
+        run_t *run = &runs[run_of[k]];
+        if (gap_of[k]) {
+            struct iovec *v = &iov[run->first + run->count++];
+            v->iov_base = scratch.buf;
+            v->iov_len = (size_t)gap_of[k];
+            run->last_gap = 1;
+        }
+        char *addr = (char *)(intptr_t)rec[k].addr;
+        struct iovec *prev = run->count ? &iov[run->first + run->count - 1] : NULL;
+        if (prev != NULL && !run->last_gap && (char *)prev->iov_base + prev->iov_len == addr) {
+            prev->iov_len += (size_t)rec[k].length;
+        } else {
+            struct iovec *v = &iov[run->first + run->count++];
+            v->iov_base = addr;
+            v->iov_len = (size_t)rec[k].length;
+        }
+        run->last_gap = 0;
+    }
+    /* 3: the reads, without the GIL */
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t k = 0; k < nruns && status == IO_OK; k++) {
+        run_t *run = &runs[k];
+        struct iovec *v = &iov[run->first];
+        Py_ssize_t left = run->count;
+        int64_t offset = run->offset;
+        while (left > 0) {
+            int count = left < iov_max ? (int)left : iov_max, cut = -1;
+            size_t cut_len = 0;
+            if (limit > 0) { /* tests: ask for at most `limit` bytes */
+                size_t room = (size_t)limit;
+                int c = 0;
+                while (c < count && room > 0) {
+                    if (v[c].iov_len > room) {
+                        cut = c, cut_len = v[c].iov_len;
+                        v[c].iov_len = room;
+                    }
+                    room -= v[c++].iov_len;
+                }
+                count = c;
+            }
+            ssize_t got = preadv((int)run->fd, v, count, (off_t)offset);
+            if (cut >= 0)
+                v[cut].iov_len = cut_len;
+            calls++;
+            if (ncounts < max_counts)
+                counts[ncounts++] = count;
+            if (got < 0) {
+                if (errno == EINTR)
+                    continue;
+                status = IO_ERRNO, err = errno, err_fd = run->fd, err_offset = offset;
+                break;
+            }
+            if (got == 0) {
+                status = IO_SHORT, err_fd = run->fd, err_offset = offset;
+                break;
+            }
+            offset += got;
+            while (got > 0 && left > 0) {
+                if ((size_t)got >= v->iov_len) {
+                    got -= (ssize_t)v->iov_len;
+                    v++;
+                    left--;
+                } else {
+                    v->iov_base = (char *)v->iov_base + got;
+                    v->iov_len -= (size_t)got;
+                    got = 0;
+                }
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    for (size_t k = 0; k < ncounts; k++) {
+        PyObject *c = PyLong_FromLong(counts[k]);
+        if (c == NULL || PyList_Append(trace, c) < 0) {
+            Py_XDECREF(c);
+            goto done;
+        }
+        Py_DECREF(c);
+    }
+    result = Py_BuildValue("LLiLLi", calls, gap_bytes, status, (long long)err_fd, (long long)err_offset, err);
+done:
+    PyMem_Free(counts);
+    PyMem_Free(run_of);
+    PyMem_Free(gap_of);
+    PyMem_Free(runs);
+    PyMem_Free(iov);
+    PyMem_Free(tails.slots);
+    if (have_scratch)
+        PyBuffer_Release(&scratch);
+    return result;
+}
+
+/* --- pread: one positioned read per piece ------------------------------------------------ */
+
+PyDoc_STRVAR(pread_plan_doc,
+"pread_plan(fds, pieces, dest) -> (calls, status, file, offset, errno)\n\n"
+"Read each piece with pread (again after a short read) into dest; status as preadv_queue's, with the\n"
+"plan's file index.");
+
+static PyObject *fast_pread_plan(PyObject *self, PyObject *args)
+{
+    Py_buffer fds, pieces, dest;
+    if (!PyArg_ParseTuple(args, "y*y*w*", &fds, &pieces, &dest))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n;
+    if (check_pieces(&pieces, &n) < 0)
+        goto done;
+    const piece_t *p = pieces.buf;
+    const int64_t *fd = fds.buf;
+    if (check_fit(p, n, dest.len, fds.len / (Py_ssize_t)sizeof(int64_t)) < 0)
+        goto done;
+    long long calls = 0;
+    int status = IO_OK, err = 0;
+    int64_t err_file = -1, err_offset = 0;
+    char *base = dest.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t k = 0; k < n && status == IO_OK; k++) {
+        int64_t done = 0, length = p[k].length;
+        while (done < length) {
+            ssize_t got = pread((int)fd[p[k].file], base + p[k].dest + done, (size_t)(length - done),
+                                (off_t)(p[k].offset + done));
+            calls++;
+            if (got < 0 && errno == EINTR)
+                continue;
+            if (got <= 0) {
+                status = got < 0 ? IO_ERRNO : IO_SHORT;
+                err = got < 0 ? errno : 0;
+                err_file = p[k].file, err_offset = p[k].offset + done;
+                break;
+            }
+            done += got;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("LiLLi", calls, status, (long long)err_file, (long long)err_offset, err);
+done:
+    PyBuffer_Release(&fds);
+    PyBuffer_Release(&pieces);
+    PyBuffer_Release(&dest);
+    return result;
+}
+
+/* --- mmap: copies from mapped windows ---------------------------------------------------- */
+
+PyDoc_STRVAR(copy_plan_doc,
+"copy_plan(windows, bounds, pieces, dest, index, skip) -> (status, index, skip)\n\n"
+"memcpy the pieces from `index` (`skip` bytes into it) on into dest from mapped windows: a list of\n"
+"(file, start, buffer), a window holding bytes [start, start + len(buffer)) of the plan's file.\n"
+"`bounds` is bytes of int64 (low, high) per file: every piece must lie in its file's. status 0 done;\n"
+"3 no window holds the byte at offsets[index] + skip (map one, call again); 4 piece `index` is out\n"
+"of bounds.");
+
+typedef struct { int64_t file, start, length; const char *addr; } window_t;
+
+static PyObject *fast_copy_plan(PyObject *self, PyObject *args)
+{
+    PyObject *windows;
+    Py_buffer bounds, pieces, dest;
+    Py_ssize_t index;
+    long long skip_ll;
+    if (!PyArg_ParseTuple(args, "Oy*y*w*nL", &windows, &bounds, &pieces, &dest, &index, &skip_ll))
+        return NULL;
+    PyObject *result = NULL;
+    Py_buffer views[16];
+    window_t win[16];
+    Py_ssize_t nwin = 0, n;
+    if (!PyList_Check(windows) || PyList_GET_SIZE(windows) > 16) {
+        PyErr_SetString(PyExc_TypeError, "windows must be a list of at most 16 (file, start, buffer)");
+        goto done;
+    }
+    if (check_pieces(&pieces, &n) < 0)
+        goto done;
+    const piece_t *p = pieces.buf;
+    const int64_t *bound = bounds.buf;
+    Py_ssize_t files = bounds.len / (Py_ssize_t)(2 * sizeof(int64_t));
+    if (check_fit(p, n, dest.len, files) < 0)
+        goto done;
+    if (index < 0 || index > n || skip_ll < 0) {
+        PyErr_SetString(PyExc_ValueError, "index or skip out of range");
+        goto done;
+    }
+    for (Py_ssize_t k = index; k < n; k++) {
+        const int64_t *b = &bound[2 * p[k].file];
+        if (p[k].offset < b[0] || p[k].offset > b[1] - p[k].length) {
+            result = Py_BuildValue("inL", IO_BOUNDS, k, 0LL);
+            goto done;
+        }
+    }
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(windows); k++) {
+        PyObject *w = PyList_GET_ITEM(windows, k);
+        long long file, start;
+        PyObject *buffer;
+        if (!PyArg_ParseTuple(w, "LLO", &file, &start, &buffer))
+            goto done;
+        if (PyObject_GetBuffer(buffer, &views[nwin], PyBUF_SIMPLE) < 0)
+            goto done;
+        win[nwin] = (window_t){file, start, views[nwin].len, views[nwin].buf};
+        nwin++;
+    }
+    int64_t skip = skip_ll;
+    int status = IO_OK;
+    char *base = dest.buf;
+    Py_BEGIN_ALLOW_THREADS
+    Py_ssize_t last = 0;
+    while (index < n) {
+        const piece_t *q = &p[index];
+        int64_t pos = q->offset + skip;
+        const window_t *w = NULL;
+        if (last < nwin && win[last].file == q->file && win[last].start <= pos
+                && pos < win[last].start + win[last].length)
+            w = &win[last];
+        else
+            for (Py_ssize_t k = 0; k < nwin; k++)
+                if (win[k].file == q->file && win[k].start <= pos && pos < win[k].start + win[k].length) {
+                    w = &win[k];
+                    last = k;
+                    break;
+                }
+        if (w == NULL) {
+            status = IO_WINDOW;
+            break;
+        }
+        int64_t count = q->length - skip, room = w->start + w->length - pos;
+        if (count > room)
+            count = room;
+        memcpy(base + q->dest + skip, w->addr + (pos - w->start), (size_t)count);
+        skip += count;
+        if (skip == q->length) {
+            index++;
+            skip = 0;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("inL", status, index, (long long)skip);
+done:
+    for (Py_ssize_t k = 0; k < nwin; k++)
+        PyBuffer_Release(&views[k]);
+    PyBuffer_Release(&bounds);
+    PyBuffer_Release(&pieces);
+    PyBuffer_Release(&dest);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"plan", fast_plan, METH_VARARGS, plan_doc},
+    {"resolve", fast_resolve, METH_VARARGS, resolve_doc},
+    {"queue_plan", fast_queue_plan, METH_VARARGS, queue_plan_doc},
+    {"queue_scatter", fast_queue_scatter, METH_VARARGS, queue_scatter_doc},
+    {"preadv_queue", fast_preadv_queue, METH_VARARGS, preadv_queue_doc},
+    {"pread_plan", fast_pread_plan, METH_VARARGS, pread_plan_doc},
+    {"copy_plan", fast_copy_plan, METH_VARARGS, copy_plan_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_fastio",
+    .m_doc = "The per-piece loops of planning and reading in C (optional: crit_pageread/native.py).",
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC PyInit__fastio(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "PIECE_BYTES", (long)sizeof(piece_t)) < 0
+            || PyModule_AddIntConstant(m, "RECORD_BYTES", (long)sizeof(rec_t)) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

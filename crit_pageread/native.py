@@ -1,0 +1,21 @@
+"""The optional compiled helper `_fastio` (crit_pageread/_fastio.c), or None without it.
+
+`pip install` builds it where a C compiler and Python's headers are (it is an optional extension:
+the install goes on without it). It runs the per-piece loops of planning a read over a memory map,
+resolving a chain level over its parent, and the preadv/pread/memcpy loops of the local strategies,
+the reads without the GIL. Without it (not built, or CRIT_PAGEREAD_NATIVE=0 in the environment) the
+pure-Python planner and strategies do the same work with the same results, more slowly on dumps of
+many small pieces. Tests run both by setting `fastio` to None.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+fastio: Any = None
+if os.environ.get("CRIT_PAGEREAD_NATIVE", "1") != "0":
+    try:
+        from . import _fastio as fastio
+    except ImportError:
+        fastio = None

@@ -1,0 +1,328 @@
+"""The native helper (crit_pageread/_fastio.c) and the pure-Python code give the same bytes and errors.
+
+Synthetic images (crit_pageread.testing), no CRIU: every read of chains (with pages a parent lacks and
+lazy pages), fragmented maps, holes in each mode, readv, deferred reads, auto-dedup and shared
+memory through a process reader, by each local strategy with the helper and with `native.fastio`
+set to None, compared with each other and with the bytes the images say a page has.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from crit_pageread import ChainError, ImageError, LazyPageError, NotDumpedError, native, open_images
+from crit_pageread.images import VMA_ANON_SHARED, VMA_AREA_REGULAR
+from crit_pageread.strategy import PlannedRead
+from crit_pageread.testing import LAZY, PARENT, ImageBuilder, MockStrategy, VmaSpec
+
+PAGE = 4096
+BASE = 0x10000
+PAGES = 160
+STRATEGIES = ("preadv", "pread", "mmap")
+FAST = native.fastio
+
+
+def need_native() -> None:
+    """Skip a test of the native helper when it is not built; under CI=true (a C compiler is there) fail it."""
+    if FAST is None:
+        msg = "the native helper crit_pageread._fastio is not built (pip install -e . builds it with a C compiler)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+@pytest.fixture(params=["native", "python"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test once with the native helper, once without it."""
+    if request.param == "native":
+        need_native()
+    else:
+        monkeypatch.setattr(native, "fastio", None)
+    return str(request.param)
+
+
+def _page(level: int, n: int) -> bytes:
+    return bytes([level * 16 + n % 16 + 1]) * 8 + n.to_bytes(4, "little") * ((PAGE - 8) // 4)
+
+
+def _chain(root: Path, levels: int, seed: int, lacking: bool = False, lazy: bool = False
+           ) -> tuple[Path, dict[int, bytes], set[int]]:
+    """A chain whose pages have homes in runs of 1-4 pages (reads hop between the levels' files), holes
+    everywhere in some pages; with `lazy`, lazy pages in the newest level; with `lacking`, the oldest level lacks some
+    pages a newer one has in parent. Returns the newest directory, the truth (vaddr -> bytes) and the
+    pages reading must fail on (lazy or lacking)."""
+    rng = random.Random(seed)
+    home: dict[int, int] = {}
+    n = 0
+    while n < PAGES:
+        run = rng.randint(1, 4)
+        what = rng.random()
+        for k in range(n, min(n + run, PAGES)):
+            if what < 0.15:
+                continue  # a hole
+            home[k] = -1 if lazy and what < 0.2 else rng.randrange(levels)  # -1: lazy in the newest level
+        n += run
+    lacks = {k for k, h in home.items() if lacking and levels > 1 and h == levels - 1 and rng.random() < 0.2}
+    truth = {BASE + k * PAGE: _page(h, k) for k, h in home.items() if h >= 0 and k not in lacks}
+    bad = {BASE + k * PAGE for k, h in home.items() if h < 0 or k in lacks}
+    for d in range(levels - 1, -1, -1):  # oldest first
+        runs: list[Any] = []
+        for k in range(PAGES):
+            h = home.get(k)
+            if h is None:
+                continue
+            vaddr = BASE + k * PAGE
+            if h < 0:
+                if d == 0:
+                    runs.append((vaddr, 1, LAZY))
+            elif h == d:
+                if k not in lacks:  # the oldest level lacks it: the newer ones have it in parent
+                    runs.append((vaddr, _page(d, k)))
+            elif h > d:
+                runs.append((vaddr, 1, PARENT))
+            elif rng.random() < 0.7:  # an older level's stale copy of a page a newer level holds
+                runs.append((vaddr, bytes([0xEE]) * PAGE))
+        b = ImageBuilder(root / f"d{levels - d}")
+        if d == 0:
+            b.process(10, vmas=[VmaSpec(BASE, BASE + PAGES * PAGE)])
+        b.pagemap(10, runs)
+        if d < levels - 1:
+            b.parent(f"../d{levels - d - 1}")
+        b.write()
+    return root / f"d{levels}", truth, bad
+
+
+def _ranges(rng: random.Random, count: int) -> list[tuple[int, int]]:
+    out = [(BASE, PAGES * PAGE), (BASE - PAGE, 3 * PAGE), (BASE + PAGES * PAGE - 100, 300)]
+    for _ in range(count):
+        vaddr = BASE + rng.randrange(PAGES * PAGE - 1)
+        out.append((vaddr, rng.randrange(1, min(BASE + PAGES * PAGE - vaddr, 40 * PAGE) + 1)))
+    return out
+
+
+def _outcome(reader: Any, vaddr: int, length: int, holes: str, defer: bool) -> Any:
+    """What a read gives: the buffer (0x5A where skipped), or the error's type and message."""
+    buf = bytearray(b"\x5a" * length)
+    try:
+        reader.readinto(vaddr, buf, holes=holes, defer=defer)
+        if defer:
+            reader.sync()
+    except (NotDumpedError, LazyPageError, ChainError) as exc:
+        return type(exc).__name__, str(exc)
+    return bytes(buf)
+
+
+def _expected(truth: dict[int, bytes], bad: set[int], vaddr: int, length: int, holes: str) -> Any:
+    out = bytearray(b"\x5a" * length)
+    for a in range(vaddr - vaddr % PAGE, vaddr + length, PAGE):
+        lo, hi = max(a, vaddr), min(a + PAGE, vaddr + length)
+        if a in bad:
+            return "error"
+        if a in truth:
+            out[lo - vaddr : hi - vaddr] = truth[a][lo - a : hi - a]
+        elif holes == "error":
+            return "error"
+        elif holes == "zero":
+            out[lo - vaddr : hi - vaddr] = bytes(hi - lo)
+    return bytes(out)
+
+
+def _all_outcomes(newest: Path, ranges: list[tuple[int, int]]) -> dict[tuple[Any, ...], Any]:
+    got: dict[tuple[Any, ...], Any] = {}
+    with open_images(newest) as images:
+        for strategy in STRATEGIES:
+            with images.reader(10, strategy) as reader:
+                for vaddr, length in ranges:
+                    for holes in ("error", "zero", "skip"):
+                        for defer in (False, True):
+                            got[strategy, vaddr, length, holes, defer] = _outcome(reader, vaddr, length, holes, defer)
+    return got
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_chains_read_the_same_with_and_without_the_helper(tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    need_native()
+    newest, truth, bad = _chain(tmp_path, levels=1 + seed % 4, seed=seed, lacking=seed % 2 == 0, lazy=True)
+    ranges = _ranges(random.Random(seed), 40)
+    with_helper = _all_outcomes(newest, ranges)
+    monkeypatch.setattr(native, "fastio", None)
+    without = _all_outcomes(newest, ranges)
+    assert with_helper == without
+    for (_strategy, vaddr, length, holes, _defer), got in with_helper.items():
+        want = _expected(truth, bad, vaddr, length, holes)
+        if want == "error":
+            assert isinstance(got, tuple), (vaddr, length, holes)
+        else:
+            assert got == want, (vaddr, length, holes)
+
+
+def test_the_memory_map_of_a_chain_is_the_same_with_and_without_the_helper(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    need_native()
+    newest, _truth, _bad = _chain(tmp_path, levels=4, seed=6, lacking=True, lazy=True)
+
+    def columns() -> tuple[Any, ...]:
+        with open_images(newest) as images, images.reader(10, "pread") as reader:
+            m = reader.memory_map()
+            files = [None if f is None else str(f.path) for f in m.files]
+            broken = {k: (type(e).__name__, str(e)) for k, e in m.broken.items()}
+            return m.starts, m.sizes, m.kinds, m.flags, files, m.offsets, m.depths, broken, m.images
+
+    native_map = columns()
+    monkeypatch.setattr(native, "fastio", None)
+    assert columns() == native_map
+    assert native_map[7]  # some runs are broken: the oldest level lacks pages
+
+
+def test_a_fragmented_read_is_one_plan_and_reads_every_piece(tmp_path: Path, path: str) -> None:
+    """Single pages with holes between them: one PlannedRead with the helper, one ScatterRequest without."""
+    b = ImageBuilder(tmp_path / "d")
+    b.process(10, vmas=[VmaSpec(BASE, BASE + 2 * PAGES * PAGE)])
+    b.pagemap(10, [(BASE + 2 * k * PAGE, _page(0, k)) for k in range(PAGES)])
+    b.write()
+    seen: list[Any] = []
+    with open_images(tmp_path / "d") as images:
+        for strategy in STRATEGIES:
+            with images.reader(10, strategy) as reader:
+                real = reader.strategy.read_many
+
+                def spy(requests: list[Any], real: Any = real) -> None:
+                    seen.append([type(r).__name__ for r in requests])
+                    real(requests)
+
+                reader.strategy.read_many = spy  # type: ignore[method-assign]
+                buf = bytearray(2 * PAGES * PAGE)
+                reader.readinto(BASE, buf, holes="skip")
+                for k in range(PAGES):
+                    assert buf[2 * k * PAGE : (2 * k + 1) * PAGE] == _page(0, k)
+                    assert buf[(2 * k + 1) * PAGE : (2 * k + 2) * PAGE] == bytes(PAGE)
+    want = "PlannedRead" if path == "native" else "ScatterRequest"
+    assert seen == [[want]] * len(STRATEGIES)
+
+
+def test_readv_and_deferred_reads_into_one_buffer_match(tmp_path: Path, path: str) -> None:
+    newest, truth, _bad = _chain(tmp_path, levels=3, seed=8)
+    rng = random.Random(8)
+    with open_images(newest) as images:
+        for strategy in STRATEGIES:
+            with images.reader(10, strategy) as reader:
+                ranges = [(BASE + rng.randrange(PAGES) * PAGE, rng.randrange(1, 9) * PAGE) for _ in range(30)]
+                ranges = [(v, min(n, BASE + PAGES * PAGE - v)) for v, n in ranges]
+                buf = bytearray(sum(n for _, n in ranges))
+                view = memoryview(buf)
+                iov, at = [], 0
+                for v, n in ranges:
+                    iov.append((v, view[at : at + n]))
+                    at += n
+                reader.readv(iov, holes="zero", defer=True)
+                reader.sync()
+                at = 0
+                for v, n in ranges:
+                    assert bytes(buf[at : at + n]) == _expected(truth, set(), v, n, "zero")
+                    at += n
+                view.release()
+
+
+def test_auto_dedup_punches_the_same_parent_pages(tmp_path: Path, path: str) -> None:
+    """Auto-dedup plans in Python either way; its reads and punches are the same with the helper."""
+    src, truth, _bad = _chain(tmp_path / "src", levels=3, seed=9)
+    for strategy in STRATEGIES:
+        root = tmp_path / strategy
+        shutil.copytree(tmp_path / "src", root, symlinks=True)
+        with open_images(root / "d3") as images, images.reader(10, strategy, auto_dedup=True, zero_fill=True) as r:
+            assert r.read(BASE, PAGES * PAGE) == _expected(truth, set(), BASE, PAGES * PAGE, "zero")
+        for level in ("d1", "d2"):
+            pages = next((root / level).glob("pages-*.img"))
+            assert pages.stat().st_blocks * 512 < pages.stat().st_size  # punched
+    assert src.exists()
+
+
+def test_shared_memory_reads_through_the_segment(tmp_path: Path, path: str) -> None:
+    b = ImageBuilder(tmp_path / "d")
+    shared = VmaSpec(BASE + 8 * PAGE, BASE + 16 * PAGE, status=VMA_AREA_REGULAR | VMA_ANON_SHARED, shmid=5,
+                     flags=0x21)
+    b.process(10, vmas=[VmaSpec(BASE, BASE + 8 * PAGE), shared])
+    b.pagemap(10, [(BASE + 2 * k * PAGE, _page(0, k)) for k in range(4)])
+    b.shmem_pagemap(5, [(2 * k * PAGE, _page(1, k)) for k in range(4)])
+    b.write()
+    with open_images(tmp_path / "d") as images:
+        for strategy in STRATEGIES:
+            with images.reader(10, strategy) as reader:
+                with pytest.raises(NotDumpedError):
+                    reader.read(BASE, 16 * PAGE)
+                buf = bytearray(16 * PAGE)
+                reader.readinto(BASE, buf, holes="skip")
+                for k in range(4):
+                    assert buf[2 * k * PAGE : (2 * k + 1) * PAGE] == _page(0, k)
+                    assert buf[(8 + 2 * k) * PAGE : (9 + 2 * k) * PAGE] == _page(1, k)
+
+
+def test_a_short_pages_file_is_a_one_line_error_naming_it(tmp_path: Path, path: str) -> None:
+    b = ImageBuilder(tmp_path / "d")
+    b.process(10, vmas=[VmaSpec(BASE, BASE + 8 * PAGE)])
+    b.pagemap(10, [(BASE + 2 * k * PAGE, _page(0, k)) for k in range(4)])
+    b.write()
+    with open_images(tmp_path / "d") as images:
+        pages = next((tmp_path / "d").glob("pages-*.img"))
+        for strategy in STRATEGIES:
+            with images.reader(10, strategy) as reader:
+                reader.memory_map()
+                with open(pages, "r+b") as f:  # shrunk after the pagemap was checked
+                    f.truncate(2 * PAGE)
+                with pytest.raises(ImageError, match=r"pages-1\.img: (short pages file|cannot map)"):
+                    reader.readinto(BASE, bytearray(8 * PAGE), holes="skip")
+                with open(pages, "r+b") as f:
+                    f.truncate(4 * PAGE)
+
+
+def test_a_strategy_with_only_read_gets_plain_requests(tmp_path: Path, path: str) -> None:
+    newest, truth, _bad = _chain(tmp_path, levels=3, seed=10)
+    mock = MockStrategy()
+    with open_images(newest) as images, images.reader(10, mock, zero_fill=True) as reader:
+        assert reader.read(BASE, PAGES * PAGE) == _expected(truth, set(), BASE, PAGES * PAGE, "zero")
+    assert mock.log and {r.how for r in mock.log} == {"read_many"}
+
+
+def test_a_plan_expands_into_the_same_reads(tmp_path: Path) -> None:
+    need_native()
+    newest, truth, _bad = _chain(tmp_path, levels=3, seed=11)
+    with open_images(newest) as images, images.reader(10, "pread") as reader:
+        buf = bytearray(PAGES * PAGE)
+        requests, _zeros = reader._requests(BASE, memoryview(buf), "skip")
+        (plan,) = requests
+        assert isinstance(plan, PlannedRead) and len(plan) > 1
+        for piece in plan.requests():
+            reader.strategy.read(piece)
+        assert plan.length == sum(len(t) for t in truth.values())
+        for vaddr, data in truth.items():
+            assert buf[vaddr - BASE : vaddr - BASE + PAGE] == data
+
+
+def test_the_helper_refuses_bad_arguments_without_crashing() -> None:
+    need_native()
+    dest = bytearray(100)
+    fds = struct.pack("q", 0)
+    with pytest.raises(ValueError, match="outside"):
+        FAST.pread_plan(fds, struct.pack("4q", 0, 0, 90, 20), dest)
+    with pytest.raises(ValueError, match="names no file"):
+        FAST.pread_plan(fds, struct.pack("4q", 1, 0, 0, 20), dest)
+    with pytest.raises(ValueError, match="whole pieces"):
+        FAST.pread_plan(fds, bytes(31), dest)
+    with pytest.raises(ValueError, match="differ in length"):
+        FAST.plan([0], [1], [], [None], [0], 0, 1, 0)
+    with pytest.raises(TypeError):
+        FAST.plan([0], [1], [0], [None], ["x"], 0, 1, 0)
+    with pytest.raises(TypeError, match="bytearray"):
+        FAST.queue_plan(b"", fds, struct.pack("4q", 0, 0, 0, 10), dest)
+    with pytest.raises(TypeError):
+        FAST.queue_plan(bytearray(), fds, struct.pack("4q", 0, 0, 0, 10), b"read-only")
+    assert FAST.preadv_queue(bytearray(), 1024, 0, None) == (0, 0, 0, -1, 0, 0)
