@@ -313,16 +313,19 @@ PyDoc_STRVAR(resolve_doc,
 #define PE_PARENT 1
 #define PE_PRESENT 4
 
-static int append_run(PyObject **out, int64_t start, int64_t size, int64_t kind, PyObject *flags,
-                      PyObject *file, int64_t offset, PyObject *depth)
+/* Append a run to the seven lists; an int given as an object (reused: no new int) is taken as it is. */
+static int append_run(PyObject **out, PyObject *start_obj, int64_t start, PyObject *size_obj, int64_t size,
+                      int64_t kind, PyObject *flags, PyObject *file, PyObject *offset_obj, int64_t offset,
+                      PyObject *depth)
 {
     PyObject *v[7];
-    v[0] = PyLong_FromLongLong(start);
-    v[1] = PyLong_FromLongLong(size);
+    int fresh[7] = {start_obj == NULL, size_obj == NULL, 1, 0, 0, offset_obj == NULL, 0};
+    v[0] = start_obj ? start_obj : PyLong_FromLongLong(start);
+    v[1] = size_obj ? size_obj : PyLong_FromLongLong(size);
     v[2] = PyLong_FromLongLong(kind);
     v[3] = flags;
     v[4] = file;
-    v[5] = PyLong_FromLongLong(offset);
+    v[5] = offset_obj ? offset_obj : PyLong_FromLongLong(offset);
     v[6] = depth;
     int rc = 0;
     for (int k = 0; k < 7; k++)
@@ -330,10 +333,9 @@ static int append_run(PyObject **out, int64_t start, int64_t size, int64_t kind,
             rc = -1;
             break;
         }
-    Py_XDECREF(v[0]);
-    Py_XDECREF(v[1]);
-    Py_XDECREF(v[2]);
-    Py_XDECREF(v[5]);
+    for (int k = 0; k < 7; k++)
+        if (fresh[k])
+            Py_XDECREF(v[k]);
     return rc;
 }
 
@@ -392,12 +394,14 @@ static PyObject *fast_resolve(PyObject *self, PyObject *args)
             goto fail;
         PyObject *f_obj = PyList_GET_ITEM(flags, e);
         if (f & PE_PRESENT) {
-            if (append_run(o, vaddr, size, K_PRESENT, f_obj, pages, offset, depth) < 0)
+            if (append_run(o, PyList_GET_ITEM(vaddrs, e), 0, PyList_GET_ITEM(sizes, e), 0, K_PRESENT, f_obj, pages,
+                           PyList_GET_ITEM(offsets, e), 0, depth) < 0)
                 goto fail;
             continue;
         }
         if (!(f & PE_PARENT)) {
-            if (f && append_run(o, vaddr, size, K_LAZY, f_obj, Py_None, -1, depth) < 0)
+            if (f && append_run(o, PyList_GET_ITEM(vaddrs, e), 0, PyList_GET_ITEM(sizes, e), 0, K_LAZY, f_obj,
+                                Py_None, NULL, -1, depth) < 0)
                 goto fail;
             continue;
         }
@@ -415,7 +419,7 @@ static PyObject *fast_resolve(PyObject *self, PyObject *args)
             int64_t next = k >= pcount || ps >= end ? end : ps;
             if (next > pos) { /* the parent lacks [pos, next) */
                 if (note_broken(broken, PyList_GET_SIZE(o[0]), pos, next, -1) < 0
-                        || append_run(o, pos, next - pos, K_BROKEN, zero, Py_None, -1, depth) < 0)
+                        || append_run(o, NULL, pos, NULL, next - pos, K_BROKEN, zero, Py_None, NULL, -1, depth) < 0)
                     goto fail;
                 pos = next;
             }
@@ -426,8 +430,11 @@ static PyObject *fast_resolve(PyObject *self, PyObject *args)
                 goto fail;
             if (kind == K_BROKEN && note_broken(broken, PyList_GET_SIZE(o[0]), pos, stop, k) < 0)
                 goto fail;
-            if (append_run(o, pos, stop - pos, kind, PyList_GET_ITEM(p[3], k), PyList_GET_ITEM(p[4], k),
-                           poff >= 0 ? poff + pos - ps : -1, PyList_GET_ITEM(p[6], k)) < 0)
+            int whole = pos == ps && stop == ps + pz; /* the parent's run as it is: its ints are reused */
+            if (append_run(o, whole ? PyList_GET_ITEM(p[0], k) : NULL, pos, whole ? PyList_GET_ITEM(p[1], k) : NULL,
+                           stop - pos, kind, PyList_GET_ITEM(p[3], k), PyList_GET_ITEM(p[4], k),
+                           whole ? PyList_GET_ITEM(p[5], k) : NULL, poff >= 0 ? poff + pos - ps : -1,
+                           PyList_GET_ITEM(p[6], k)) < 0)
                 goto fail;
             pos = stop;
         }
@@ -639,6 +646,59 @@ static tail_t *tails_put(tails_t *t, int64_t fd)
 
 typedef struct { int64_t fd, offset, length; Py_ssize_t first, count; int last_gap; } run_t;
 
+/* How runs are read: IOV_MAX, and for tests a limit on each call's bytes and a record of its iovecs. */
+typedef struct { int iov_max; long long limit; int *counts; size_t max_counts, ncounts; long long calls; } io_t;
+
+/* Read `left` iovecs from *offset of fd with preadv, iov_max at a time, again after a short read (the
+ * iovecs are advanced: they are the caller's scratch). Returns IO_OK, or IO_SHORT/IO_ERRNO (*err) with
+ * *offset where it stopped. Called without the GIL. */
+static int read_run(int fd, struct iovec *v, Py_ssize_t left, int64_t *offset, io_t *io, int *err)
+{
+    while (left > 0) {
+        int count = left < io->iov_max ? (int)left : io->iov_max, cut = -1;
+        size_t cut_len = 0;
+        if (io->limit > 0) { /* tests: ask for at most `limit` bytes */
+            size_t room = (size_t)io->limit;
+            int c = 0;
+            while (c < count && room > 0) {
+                if (v[c].iov_len > room) {
+                    cut = c, cut_len = v[c].iov_len;
+                    v[c].iov_len = room;
+                }
+                room -= v[c++].iov_len;
+            }
+            count = c;
+        }
+        ssize_t got = preadv(fd, v, count, (off_t)*offset);
+        if (cut >= 0)
+            v[cut].iov_len = cut_len;
+        io->calls++;
+        if (io->ncounts < io->max_counts)
+            io->counts[io->ncounts++] = count;
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            *err = errno;
+            return IO_ERRNO;
+        }
+        if (got == 0)
+            return IO_SHORT;
+        *offset += got;
+        while (got > 0 && left > 0) {
+            if ((size_t)got >= v->iov_len) {
+                got -= (ssize_t)v->iov_len;
+                v++;
+                left--;
+            } else {
+                v->iov_base = (char *)v->iov_base + got;
+                v->iov_len -= (size_t)got;
+                got = 0;
+            }
+        }
+    }
+    return IO_OK;
+}
+
 PyDoc_STRVAR(preadv_queue_doc,
 "preadv_queue(records, iov_max, max_gap, scratch, trace=None, limit=0)\n"
 "    -> (calls, gap_bytes, status, fd, offset, errno)\n\n"
@@ -762,56 +822,15 @@ static PyObject *fast_preadv_queue(PyObject *self, PyObject *args)
     }
     /* 3: the reads, without the GIL */
     Py_BEGIN_ALLOW_THREADS
+    io_t io = {iov_max, limit, counts, max_counts, 0, 0};
     for (Py_ssize_t k = 0; k < nruns && status == IO_OK; k++) {
         run_t *run = &runs[k];
-        struct iovec *v = &iov[run->first];
-        Py_ssize_t left = run->count;
-        int64_t offset = run->offset;
-        while (left > 0) {
-            int count = left < iov_max ? (int)left : iov_max, cut = -1;
-            size_t cut_len = 0;
-            if (limit > 0) { /* tests: ask for at most `limit` bytes */
-                size_t room = (size_t)limit;
-                int c = 0;
-                while (c < count && room > 0) {
-                    if (v[c].iov_len > room) {
-                        cut = c, cut_len = v[c].iov_len;
-                        v[c].iov_len = room;
-                    }
-                    room -= v[c++].iov_len;
-                }
-                count = c;
-            }
-            ssize_t got = preadv((int)run->fd, v, count, (off_t)offset);
-            if (cut >= 0)
-                v[cut].iov_len = cut_len;
-            calls++;
-            if (ncounts < max_counts)
-                counts[ncounts++] = count;
-            if (got < 0) {
-                if (errno == EINTR)
-                    continue;
-                status = IO_ERRNO, err = errno, err_fd = run->fd, err_offset = offset;
-                break;
-            }
-            if (got == 0) {
-                status = IO_SHORT, err_fd = run->fd, err_offset = offset;
-                break;
-            }
-            offset += got;
-            while (got > 0 && left > 0) {
-                if ((size_t)got >= v->iov_len) {
-                    got -= (ssize_t)v->iov_len;
-                    v++;
-                    left--;
-                } else {
-                    v->iov_base = (char *)v->iov_base + got;
-                    v->iov_len -= (size_t)got;
-                    got = 0;
-                }
-            }
-        }
+        err_offset = run->offset;
+        status = read_run((int)run->fd, &iov[run->first], run->count, &err_offset, &io, &err);
+        err_fd = run->fd;
     }
+    calls = io.calls;
+    ncounts = io.ncounts;
     Py_END_ALLOW_THREADS
     for (size_t k = 0; k < ncounts; k++) {
         PyObject *c = PyLong_FromLong(counts[k]);
@@ -837,16 +856,19 @@ done:
 /* --- pread: one positioned read per piece ------------------------------------------------ */
 
 PyDoc_STRVAR(pread_plan_doc,
-"pread_plan(fds, pieces, dest) -> (calls, status, file, offset, errno)\n\n"
-"Read each piece with pread (again after a short read) into dest; status as preadv_queue's, with the\n"
-"plan's file index.");
+"pread_plan(fds, pieces, dest, iov_max) -> (calls, status, file, offset, errno)\n\n"
+"Read the pieces at once, one positioned read per stretch of consecutive pieces back to back in one file\n"
+"(a preadv of their iovecs, iov_max at a time; again after a short read); status as preadv_queue's, with\n"
+"the plan's file index.");
 
 static PyObject *fast_pread_plan(PyObject *self, PyObject *args)
 {
     Py_buffer fds, pieces, dest;
-    if (!PyArg_ParseTuple(args, "y*y*w*", &fds, &pieces, &dest))
+    int iov_max;
+    if (!PyArg_ParseTuple(args, "y*y*w*i", &fds, &pieces, &dest, &iov_max))
         return NULL;
     PyObject *result = NULL;
+    struct iovec *iov = NULL;
     Py_ssize_t n;
     if (check_pieces(&pieces, &n) < 0)
         goto done;
@@ -854,31 +876,39 @@ static PyObject *fast_pread_plan(PyObject *self, PyObject *args)
     const int64_t *fd = fds.buf;
     if (check_fit(p, n, dest.len, fds.len / (Py_ssize_t)sizeof(int64_t)) < 0)
         goto done;
-    long long calls = 0;
+    if (iov_max < 1) {
+        PyErr_SetString(PyExc_ValueError, "iov_max must be positive");
+        goto done;
+    }
+    iov = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(struct iovec));
+    if (iov == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
     int status = IO_OK, err = 0;
     int64_t err_file = -1, err_offset = 0;
     char *base = dest.buf;
+    io_t io = {iov_max, 0, NULL, 0, 0, 0};
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t k = 0; k < n && status == IO_OK; k++) {
-        int64_t done = 0, length = p[k].length;
-        while (done < length) {
-            ssize_t got = pread((int)fd[p[k].file], base + p[k].dest + done, (size_t)(length - done),
-                                (off_t)(p[k].offset + done));
-            calls++;
-            if (got < 0 && errno == EINTR)
-                continue;
-            if (got <= 0) {
-                status = got < 0 ? IO_ERRNO : IO_SHORT;
-                err = got < 0 ? errno : 0;
-                err_file = p[k].file, err_offset = p[k].offset + done;
-                break;
-            }
-            done += got;
+    for (Py_ssize_t k = 0; k < n && status == IO_OK;) {
+        Py_ssize_t j = k + 1;
+        int64_t end = p[k].offset + p[k].length;
+        while (j < n && p[j].file == p[k].file && p[j].offset == end) {
+            end += p[j].length;
+            j++;
         }
+        for (Py_ssize_t m = k; m < j; m++) {
+            iov[m - k].iov_base = base + p[m].dest;
+            iov[m - k].iov_len = (size_t)p[m].length;
+        }
+        err_file = p[k].file, err_offset = p[k].offset;
+        status = read_run((int)fd[p[k].file], iov, j - k, &err_offset, &io, &err);
+        k = j;
     }
     Py_END_ALLOW_THREADS
-    result = Py_BuildValue("LiLLi", calls, status, (long long)err_file, (long long)err_offset, err);
+    result = Py_BuildValue("LiLLi", io.calls, status, (long long)err_file, (long long)err_offset, err);
 done:
+    PyMem_Free(iov);
     PyBuffer_Release(&fds);
     PyBuffer_Release(&pieces);
     PyBuffer_Release(&dest);
@@ -1010,7 +1040,9 @@ PyMODINIT_FUNC PyInit__fastio(void)
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddIntConstant(m, "PIECE_BYTES", (long)sizeof(piece_t)) < 0
+    /* native.py uses the module only if this is the version its Python side was written for */
+    if (PyModule_AddIntConstant(m, "VERSION", 2) < 0
+            || PyModule_AddIntConstant(m, "PIECE_BYTES", (long)sizeof(piece_t)) < 0
             || PyModule_AddIntConstant(m, "RECORD_BYTES", (long)sizeof(rec_t)) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -4,6 +4,7 @@ from typing import Any
 
 from _typeshed import ReadableBuffer, WriteableBuffer
 
+VERSION: int
 PIECE_BYTES: int
 RECORD_BYTES: int
 
@@ -25,7 +26,7 @@ def preadv_queue(
     limit: int = 0, /,
 ) -> tuple[int, int, int, int, int, int]: ...
 def pread_plan(
-    fds: ReadableBuffer, pieces: ReadableBuffer, dest: WriteableBuffer, /,
+    fds: ReadableBuffer, pieces: ReadableBuffer, dest: WriteableBuffer, iov_max: int, /,
 ) -> tuple[int, int, int, int, int]: ...
 def copy_plan(
     windows: list[tuple[int, int, Any]], bounds: ReadableBuffer, pieces: ReadableBuffer, dest: WriteableBuffer,

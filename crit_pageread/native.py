@@ -5,7 +5,8 @@ the install goes on without it). It runs the per-piece loops of planning a read 
 resolving a chain level over its parent, and the preadv/pread/memcpy loops of the local strategies,
 the reads without the GIL. Without it (not built, or CRIT_PAGEREAD_NATIVE=0 in the environment) the
 pure-Python planner and strategies do the same work with the same results, more slowly on dumps of
-many small pieces. Tests run both by setting `fastio` to None.
+many small pieces; also when the built module is of another VERSION than this code's (a checkout
+updated without `make setup`). Tests run both by setting `fastio` to None.
 """
 
 from __future__ import annotations
@@ -13,9 +14,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
+#: The helper's interface this code calls (`_fastio.VERSION`).
+VERSION = 2
+
 fastio: Any = None
 if os.environ.get("CRIT_PAGEREAD_NATIVE", "1") != "0":
     try:
         from . import _fastio as fastio
     except ImportError:
+        fastio = None
+    if getattr(fastio, "VERSION", None) != VERSION:
         fastio = None

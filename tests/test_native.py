@@ -309,14 +309,15 @@ def test_a_plan_expands_into_the_same_reads(tmp_path: Path) -> None:
 
 def test_the_helper_refuses_bad_arguments_without_crashing() -> None:
     need_native()
+    assert FAST.VERSION == native.VERSION
     dest = bytearray(100)
     fds = struct.pack("q", 0)
     with pytest.raises(ValueError, match="outside"):
-        FAST.pread_plan(fds, struct.pack("4q", 0, 0, 90, 20), dest)
+        FAST.pread_plan(fds, struct.pack("4q", 0, 0, 90, 20), dest, 1024)
     with pytest.raises(ValueError, match="names no file"):
-        FAST.pread_plan(fds, struct.pack("4q", 1, 0, 0, 20), dest)
+        FAST.pread_plan(fds, struct.pack("4q", 1, 0, 0, 20), dest, 1024)
     with pytest.raises(ValueError, match="whole pieces"):
-        FAST.pread_plan(fds, bytes(31), dest)
+        FAST.pread_plan(fds, bytes(31), dest, 1024)
     with pytest.raises(ValueError, match="differ in length"):
         FAST.plan([0], [1], [], [None], [0], 0, 1, 0)
     with pytest.raises(TypeError):

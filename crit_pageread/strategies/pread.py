@@ -12,10 +12,14 @@ from ..hookspecs import hookimpl
 from ..strategy import AnyRequest, PlannedRead, ReadRequest, ScatterRequest, Strategy, StrategyInfo, read_fully
 from .kernel import KernelCopies
 
+#: iovecs per call when the native helper reads a stretch of a plan's pieces
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
 
 class PreadStrategy(KernelCopies, Strategy):
-    """Every request is read at once: one `preadv` with a single iovec (pread into the buffer); a plan's
-    pieces by the native helper, one pread each without the GIL."""
+    """Every request is read at once, nothing queued: one `preadv` with a single iovec (pread into the
+    buffer); a plan's pieces by the native helper without the GIL, one positioned read per stretch of
+    pieces back to back in a pages file (a preadv of their iovecs: a fragmented dump's pages between holes)."""
 
     name = "pread"
     takes_plans = True
@@ -51,7 +55,8 @@ class PreadStrategy(KernelCopies, Strategy):
 
 
 def read_plan(plan: PlannedRead) -> None:
-    """Read a plan's pieces: one pread each (again after a short read), by the native helper if it is there."""
+    """Read a plan's pieces at once: by the native helper, one positioned read per stretch back to back in a
+    file (again after a short read); without it, one pread each."""
     fast = native.fastio
     files = plan.files
     if fast is None:
@@ -59,7 +64,8 @@ def read_plan(plan: PlannedRead) -> None:
             pages = piece.pages
             read_fully(pages.fd, piece.dest, piece.offset, pages.path)  # type: ignore[union-attr]
         return
-    _calls, status, file, offset, err = fast.pread_plan(array("q", [f.fd for f in files]), plan.pieces, plan.dest)
+    _calls, status, file, offset, err = fast.pread_plan(array("q", [f.fd for f in files]), plan.pieces, plan.dest,
+                                                       IOV_MAX)
     if status == 1:
         raise ImageError(files[file].path, f"short pages file: no data at offset {offset}")
     if status:
