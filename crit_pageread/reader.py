@@ -30,6 +30,7 @@ from .strategy import (
     PlannedRead,
     ReadRequest,
     ScatterRequest,
+    Scratch,
     Sink,
     Strategy,
     Target,
@@ -891,7 +892,7 @@ class PageReader:
             observe.crit_pageread_after_copy(reader=self, vaddr=vaddr, length=length)
         return sum(r.length for r in requests) + sum(n for _, n in zeros)
 
-    def view(self, vaddr: int, length: int, scratch: bytearray | None = None) -> View:
+    def view(self, vaddr: int, length: int, scratch: Scratch | None = None) -> View:
         """A read-only view of [vaddr, vaddr+length) for in-place search (close it when done).
 
         The strategy's view (an mmap window of the pages file for the local
@@ -901,7 +902,7 @@ class PageReader:
         """
         return self.view_ranges([(vaddr, length)], scratch)
 
-    def view_ranges(self, ranges: list[tuple[int, int]], scratch: bytearray | None = None) -> View:
+    def view_ranges(self, ranges: list[tuple[int, int]], scratch: Scratch | None = None) -> View:
         """A read-only view of several `(vaddr, length)` ranges, their bytes back to back in order.
 
         In place (the strategy's view) when the ranges lie back to back in one
@@ -941,6 +942,58 @@ class PageReader:
         dest = memoryview(buf)
         self.readv([(vaddr, dest[at : at + length]) for (vaddr, length, at) in iov])
         return View(buf, 0, total)
+
+    def view_segments(self, segments: list[Segment], scratch: Scratch | None = None) -> View:
+        """`view_ranges` for ranges already planned: segments from this reader's `segments()` (present ones,
+        lazy ones if the strategy serves them), their bytes back to back in order.
+
+        The segments go to the strategy's view as they are (pieces contiguous
+        in a pages file and in memory join): no second planning pass. For
+        consumers that walk the segments anyway (grep). A hole, or a lazy
+        segment the strategy cannot serve, is an error.
+        """
+        self._check_open()
+        lazy_ok = self.strategy.serves_lazy
+        target = self.target
+        requests: list[CopyRequest] = []
+        last: CopyRequest | None = None
+        pos = 0
+        parent_pages = False
+        for seg in segments:
+            kind = seg.kind
+            if kind == "present":
+                last = _join_copy(requests, last, seg.pages, seg.offset, seg.length, seg.vaddr, target, pos)  # type: ignore[arg-type]
+                if seg.depth:
+                    parent_pages = True
+            elif kind == "lazy" and lazy_ok:
+                last = None
+                requests.append(CopyRequest(None, -1, seg.length, seg.vaddr, target, pos))
+            elif kind == "lazy":
+                raise LazyPageError(self._root.source, seg.vaddr, seg.end)
+            else:
+                raise NotDumpedError(self.source, seg.vaddr, seg.end)
+            pos += seg.length
+        if parent_pages and self.auto_dedup:
+            # A view of parent pages that auto-dedup punches would show the punched zeros: copied (and
+            # punched once read).
+            buf = scratch if scratch is not None and len(scratch) >= pos else bytearray(pos)
+            dest = memoryview(buf)
+            self.readv([(r.vaddr, dest[r.out_offset : r.out_offset + r.length]) for r in requests])
+            return View(buf, 0, pos)
+        observe = self._root._observe
+        if observe is not None:
+            for r in requests:
+                observe.crit_pageread_before_read(reader=self, vaddr=r.vaddr, length=r.length, deferred=False)
+        if self.strategy.pending:
+            self._root.sync()
+        view = self._moved(lambda: self.strategy.view(requests, scratch))
+        if observe is not None:
+            with memoryview(view.data) as data:
+                at = view.start
+                for r in requests:
+                    observe.crit_pageread_after_read(reader=self, vaddr=r.vaddr, data=data[at : at + r.length])
+                    at += r.length
+        return view
 
     def _moved(self, op: Any) -> Any:
         """Run a strategy operation and return its result; punch what auto-dedup owes only if it succeeded."""

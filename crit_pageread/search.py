@@ -5,6 +5,9 @@ the `(start, end)` of every match in `buf[pos:end]`, in order and not
 overlapping. `buf` is anything with the buffer protocol (a bytearray, a
 read-only `mmap` of a pages file): pages are searched in place. The caller
 bounds every call by a run of dumped memory, so no match crosses a hole.
+`find_many(buf, starts, ends)` is `find` over many such runs of one buffer at
+once (a fragmented dump's pages, back to back in its pages file): the same
+matches as one `find` per run, found by one scan where the engine can.
 
 Matches are the same with either engine:
 
@@ -28,6 +31,7 @@ pattern (backreferences, lookbehind).
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal, Protocol
 
@@ -53,6 +57,42 @@ class Searcher(Protocol):
     def find(self, buf: Any, pos: int, end: int) -> Iterator[tuple[int, int]]:
         """(start, end) of each match in buf[pos:end], in order, not overlapping."""
         ...
+
+    def find_many(self, buf: Any, starts: Sequence[int], ends: Sequence[int]) -> Iterator[tuple[int, int]]:
+        """`find` over each run buf[starts[k]:ends[k]] in turn (runs in order, not overlapping): no match
+        crosses from one run into the next."""
+        ...
+
+
+class _PerRun:
+    """`find_many` as one `find` per run (engines that cannot do better)."""
+
+    def find(self, buf: Any, pos: int, end: int) -> Iterator[tuple[int, int]]:
+        raise NotImplementedError
+
+    def find_many(self, buf: Any, starts: Sequence[int], ends: Sequence[int]) -> Iterator[tuple[int, int]]:
+        find = self.find
+        for pos, end in zip(starts, ends, strict=True):
+            if pos < end:
+                yield from find(buf, pos, end)
+
+
+def _in_one_run(hits: Iterator[tuple[int, int]] | list[tuple[int, int]], starts: Sequence[int],
+                ends: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """The hits (every occurrence, sorted by start then longest first) that lie inside one run, leftmost
+    first and not overlapping: what one search per run reports."""
+    last = -1
+    k = 0
+    for s, e in hits:
+        if s < last:
+            continue
+        k = bisect_right(starts, s, k) - 1
+        if k < 0:
+            k = 0
+            continue
+        if e <= ends[k]:
+            yield s, e
+            last = e
 
 
 def hyperscan_module() -> Any:
@@ -135,7 +175,8 @@ def _alternation(pats: list[bytes], ignore_case: bool) -> re.Pattern[bytes]:
 
 
 class PythonLiteral:
-    """One literal with `bytes.find`."""
+    """One literal with `bytes.find` (over many runs at once: a hit that crosses a run's end restarts the
+    search at the next run)."""
 
     engine = "python"
 
@@ -151,8 +192,31 @@ class PythonLiteral:
             yield i, i + n
             i = buf.find(lit, i + n, end)
 
+    def find_many(self, buf: Any, starts: Sequence[int], ends: Sequence[int]) -> Iterator[tuple[int, int]]:
+        if not starts:
+            return
+        lit = self.literal
+        n = len(lit)
+        last_run = len(starts) - 1
+        stop = ends[-1]
+        k = 0
+        i = buf.find(lit, starts[0], stop)
+        while i >= 0:
+            k = bisect_right(starts, i, k) - 1
+            if k >= 0 and i + n <= ends[k]:
+                yield i, i + n
+                i = buf.find(lit, i + n, stop)
+                continue
+            # Crosses the end of run k (or lies before the first run): every later hit in run k would
+            # too, so the next one is searched from the next run's start.
+            k = max(k, 0)
+            if k >= last_run:
+                return
+            k += 1
+            i = buf.find(lit, starts[k], stop)
 
-class PythonRegex:
+
+class PythonRegex(_PerRun):
     """Regexes (or escaped literals, longest first) as one `re` alternation."""
 
     engine = "python"
@@ -187,30 +251,43 @@ class HyperscanLiterals:
         db.compile(expressions=exprs, ids=list(range(len(uniq))), elements=len(uniq), flags=[flags] * len(uniq))
         self._single = len(uniq) == 1
 
-    def find(self, buf: Any, pos: int, end: int) -> Iterator[tuple[int, int]]:
-        if end - pos < 1:
-            return
+    def _hits(self, buf: Any, pos: int, end: int) -> list[tuple[int, int]]:
+        """Every occurrence of every literal in buf[pos:end] (overlapping ones too), by start, longest first."""
         hits: list[tuple[int, int]] = []
+        if end - pos < 1:
+            return hits
         lengths = self.lengths
         append = hits.append
         view = memoryview(buf)[pos:end]
         try:
             # A literal's occurrence is (end - its length, end): no start-of-match tracking needed.
-            self.db.scan(view, match_event_handler=lambda i, _s, e, _f, _c: append((e - lengths[i], e)))
+            self.db.scan(view, match_event_handler=lambda i, _s, e, _f, _c: append((pos + e - lengths[i], pos + e)))
         finally:
             view.release()
-        if not hits:
-            return
-        if not self._single:
+        if len(hits) > 1 and not self._single:
             hits.sort(key=lambda h: (h[0], -h[1]))
+        return hits
+
+    def find(self, buf: Any, pos: int, end: int) -> Iterator[tuple[int, int]]:
         last = 0
-        for s, e in hits:
+        for s, e in self._hits(buf, pos, end):
             if s >= last:
-                yield pos + s, pos + e
+                yield s, e
                 last = e
 
+    def find_many(self, buf: Any, starts: Sequence[int], ends: Sequence[int]) -> Iterator[tuple[int, int]]:
+        # One scan over all the runs; Hyperscan reports every occurrence, so dropping those that cross
+        # from one run into the next leaves exactly what one scan per run finds.
+        if starts:
+            yield from _in_one_run(self._hits(buf, starts[0], ends[-1]), starts, ends)
 
-class HyperscanRegex:
+
+#: Regex tokens whose truth depends on the bytes around the searched range: a regex with one is searched
+#: run by run (`find_many`), never across a run's edge.
+_EDGE_TOKENS = (b"^", b"$", b"\\A", b"\\Z", b"\\z", b"\\b", b"\\B")
+
+
+class HyperscanRegex(_PerRun):
     """Regexes located by Hyperscan (where matches end), taken whole by `re` (Python's semantics)."""
 
     engine = "hyperscan"
@@ -223,25 +300,61 @@ class HyperscanRegex:
         flags = hs.HS_FLAG_CASELESS if ignore_case else 0
         self.db = db = hs.Database(mode=hs.HS_MODE_BLOCK)
         db.compile(expressions=pats, ids=list(range(len(pats))), elements=len(pats), flags=[flags] * len(pats))
+        #: No anchor or word boundary: a match in a run is one in any bytes around it, so many runs can
+        #: be scanned at once.
+        self._edge_free = not any(tok in p for p in pats for tok in _EDGE_TOKENS)
 
-    def find(self, buf: Any, pos: int, end: int) -> Iterator[tuple[int, int]]:
-        if end - pos < 1:
-            return
+    def _ends(self, buf: Any, pos: int, end: int) -> list[int]:
+        """Where matches end in buf[pos:end] (absolute offsets), sorted."""
         ends: list[int] = []
+        if end - pos < 1:
+            return ends
         append = ends.append
         view = memoryview(buf)[pos:end]
         try:
-            self.db.scan(view, match_event_handler=lambda _i, _s, e, _f, _c: append(e))
+            self.db.scan(view, match_event_handler=lambda _i, _s, e, _f, _c: append(pos + e))
         finally:
             view.release()
+        ends.sort()
+        return ends
+
+    def find(self, buf: Any, pos: int, end: int) -> Iterator[tuple[int, int]]:
+        return self._verify(buf, self._ends(buf, pos, end), pos, end)
+
+    def find_many(self, buf: Any, starts: Sequence[int], ends: Sequence[int]) -> Iterator[tuple[int, int]]:
+        if not self._edge_free or len(starts) < 2:
+            yield from _PerRun.find_many(self, buf, starts, ends)
+            return
+        # One scan for the match ends of every run; each run's ends are then verified in that run.
+        hits = self._ends(buf, starts[0], ends[-1])
+        n = len(hits)
+        h = 0
+        k = 0
+        while h < n:
+            e = hits[h]
+            k = bisect_right(starts, e - 1, k) - 1  # the run holding the match's last byte
+            if k < 0:
+                k = 0
+                h += 1
+                continue
+            run_end = ends[k]
+            g = h
+            while g < n and hits[g] <= run_end:
+                g += 1
+            if g > h:
+                yield from self._verify(buf, hits[h:g], starts[k], run_end)
+                h = g
+            else:
+                h += 1  # in a gap between runs
+
+    def _verify(self, buf: Any, ends: list[int], pos: int, end: int) -> Iterator[tuple[int, int]]:
+        """The matches `re` finds in buf[pos:end], located from the match ends Hyperscan reported there."""
         if not ends:
             return
-        ends.sort()
         search = self.regex.search
         window = self.window
         cur = pos  # re's finditer position: the next match starts at or after it
         for e in ends:
-            e += pos
             if e <= cur:
                 continue
             # Every match of at most `window` bytes that starts at or after `cur` ends at or after `e`
@@ -263,7 +376,7 @@ class HyperscanRegex:
 # --- printable strings -----------------------------------------------------------------------
 
 
-class StringSearcher:
+class StringSearcher(_PerRun):
     """Printable strings of at least `min_len` bytes that contain a literal (every string if none)."""
 
     def __init__(self, contains: bytes, ignore_case: bool, min_len: int, max_match: int,

@@ -98,6 +98,7 @@ def test_grep_finds_exactly_what_re_finds_in_restored_memory(
     """Small chunks force thousands of chunk boundaries; every match is found once (in place or copied),
     by Hyperscan and by the built-in engine alike, for a regex, a literal and many literals (-f)."""
     monkeypatch.setattr(grep_mod, "CHUNK", chunk)
+    monkeypatch.setattr(grep_mod, "STRETCH_WINDOW", chunk)  # many window edges in the in-place search too
     patterns = tmp_path / "patterns"
     patterns.write_bytes(b"\xab\xcd\n\xef\x01\x02\n\x10\x20\n")
     for argv, rx in ((["-E", r"\xab[\x00-\x0f]"], re.compile(rb"\xab[\x00-\x0f]")),

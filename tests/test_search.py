@@ -100,3 +100,22 @@ def test_many_literals_take_the_longest_at_each_position() -> None:
     for engine in ("python", "hyperscan") if hyperscan_module() or os.environ.get("CI") == "true" else ("python",):
         s = compile_search([b"ab", b"abcd", b"cde", b"x"], engine=engine)  # type: ignore[arg-type]
         assert list(s.find(b"zabcdex abx", 0, 11)) == [(1, 5), (6, 7), (8, 10), (10, 11)]
+
+
+@pytest.mark.parametrize("engine", [pytest.param("hyperscan", marks=needs_hyperscan), "python"])
+def test_find_many_finds_what_one_find_per_run_finds(engine: str) -> None:
+    """Runs back to back in one buffer (a fragmented dump's pages in its pages file): one search over all
+    of them reports no match that crosses from one run into the next, and misses none inside a run."""
+    rng = random.Random(13)
+    regexes = [*REGEXES, rb"ab$", rb"^ab", rb"a\Bb"]
+    for n, (pats, kw) in enumerate(_cases(9, 400)):
+        if kw.get("regex") and n % 3 == 0:
+            pats = [rng.choice(regexes)]
+        data = bytearray(rng.choice(ALPHABET) for _ in range(rng.randint(0, 400)))
+        cuts = sorted(rng.sample(range(len(data) + 1), min(len(data) + 1, rng.randint(1, 12))))
+        starts, ends = cuts[:-1], cuts[1:]
+        if rng.random() < 0.3 and starts:  # gaps between runs, and empty runs
+            starts = [s + rng.randint(0, 2) if s + 2 < e else s for s, e in zip(starts, ends, strict=True)]
+        searcher = compile_search(pats, engine=engine, **kw)  # type: ignore[arg-type]
+        want = [m for s, e in zip(starts, ends, strict=True) for m in searcher.find(data, s, e)]
+        assert list(searcher.find_many(data, starts, ends)) == want, (pats, kw, bytes(data), starts, ends)

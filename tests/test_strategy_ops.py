@@ -173,6 +173,28 @@ def test_view_shows_the_bytes_of_a_run_and_of_a_range_with_holes(dumped: Dumped,
         assert data[inside[0][1] - a : inside[1][0] - a] == bytes(inside[1][0] - inside[0][1])
 
 
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_view_segments_shows_planned_segments_back_to_back(dumped: Dumped, name: str) -> None:
+    """grep's path: the segments of a range with holes, planned once, viewed as the bytes of its runs in
+    order (in place when they lie back to back in one pages file); a hole is refused."""
+    with open_images(dumped.images) as images:
+        pid = images.pids[0]
+        a, b = _close_runs(_runs(pagemap_pages(dumped.images, pid)))
+        strategy = _strategy(name)
+        with images.reader(pid, strategy) as reader:
+            segs = [seg for seg in reader.segments(a, b - a) if seg.kind == "present"]
+            want = b"".join(dumped.restored.read(pid, seg.vaddr, seg.length) for seg in segs)
+            with reader.view_segments(segs) as view:
+                assert bytes(view.data[view.start : view.start + view.length]) == want
+                in_place = not isinstance(view.data, bytearray)
+            assert in_place == (name != "read-only")  # the kernel copies' view maps the pages file
+            if isinstance(strategy, ReadOnly):
+                assert strategy.bytes == len(want)
+            hole = next(seg for seg in reader.segments(a, b - a) if seg.kind == "hole")
+            with pytest.raises(NotDumpedError):
+                reader.view_segments([segs[0], hole])
+
+
 def test_local_strategies_refuse_lazy_copies() -> None:
     from crit_pageread.strategies.pread import PreadStrategy
     from crit_pageread.strategy import CopyRequest, Target

@@ -11,8 +11,9 @@ one pwrite per run from the buffer 0.28 s, the buffer with its holes zeroed
 in 1 MiB pwrites 0.15 s (one 128 MiB copy: 0.07 s); from 64 KiB runs on,
 copy_file_range is the fastest. `send` uses `sendfile` to a plain socket,
 pipe or file (a TLS socket goes through the default buffered path); `view`
-maps a read-only window of the pages file when the requests lie back to back
-in it.
+of requests that lie back to back in one pages file is one positioned read into
+the caller's scratch buffer, or without one a read-only map of the range
+(populated at map time: a view is searched whole).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import sys
 from typing import Any, ClassVar
 
 from ..errors import ConfigError, ImageError
-from ..strategy import CopyRequest, PagesFile, Sink, Strategy, View, read_fully
+from ..strategy import CopyRequest, PagesFile, Scratch, Sink, Strategy, View, read_fully
 
 #: errnos after which copy_file_range (or sendfile) is not tried again by this strategy.
 _FALLBACK = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
@@ -36,6 +37,9 @@ SMALL_RUN = 32 << 10
 #: iovecs per preadv (Linux's IOV_MAX).
 _IOV_MAX = 1024
 _ZEROS = bytes(SMALL_RUN * 2)
+#: A view is read whole (searched): its page table is filled in one pass at map time (MAP_POPULATE)
+#: rather than by a fault every few pages during the search.
+VIEW_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
 
 def coalesce(requests: list[CopyRequest]) -> list[list[Any]]:
@@ -202,16 +206,23 @@ class KernelCopies:
             done += sent
         return done
 
-    def view(self, requests: list[CopyRequest], scratch: bytearray | None = None) -> View:
+    def view(self, requests: list[CopyRequest], scratch: Scratch | None = None) -> View:
+        """One range of one pages file: read into `scratch` with one positioned read when the caller gives
+        one large enough (a reused buffer: cheaper here than mapping and unmapping the range), else an
+        mmap window of the range, populated at map time. Other requests are read piece by piece."""
         run = file_range(requests)
         if run is None:  # not one range of one pages file: read the pieces
             return Strategy.view(self, requests, scratch)  # type: ignore[arg-type]
         pages, offset, length = run
         if offset + length > pages.end:  # offsets include the base (archive members)
             raise ImageError(pages.path, f"short pages file: no data at offset {pages.size}")
+        if scratch is not None and len(scratch) >= length:
+            with memoryview(scratch) as dest:
+                read_fully(pages.fd, dest[:length], offset, pages.path)
+            return View(scratch, 0, length)
         shift = offset % mmap.ALLOCATIONGRANULARITY
         try:
-            mm = mmap.mmap(pages.fd, length + shift, prot=mmap.PROT_READ, offset=offset - shift)
+            mm = mmap.mmap(pages.fd, length + shift, flags=VIEW_FLAGS, prot=mmap.PROT_READ, offset=offset - shift)
         except OSError:  # a file system that cannot map: read instead
             return Strategy.view(self, requests, scratch)  # type: ignore[arg-type]
         return View(mm, shift, length, mm.close)

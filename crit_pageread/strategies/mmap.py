@@ -9,8 +9,18 @@ from typing import Any
 from .. import native
 from ..errors import ConfigError, ImageError
 from ..hookspecs import hookimpl
-from ..strategy import AnyRequest, CopyRequest, PagesFile, PlannedRead, ReadRequest, Strategy, StrategyInfo, View
-from .kernel import KernelCopies, file_range
+from ..strategy import (
+    AnyRequest,
+    CopyRequest,
+    PagesFile,
+    PlannedRead,
+    ReadRequest,
+    Scratch,
+    Strategy,
+    StrategyInfo,
+    View,
+)
+from .kernel import VIEW_FLAGS, KernelCopies, file_range
 
 _ADVICE = {
     "normal": mmap.MADV_NORMAL,
@@ -44,10 +54,10 @@ class MmapStrategy(KernelCopies, Strategy):
         self.max_windows = max(1, max_windows)
         self._maps: dict[tuple[PagesFile, int], tuple[mmap.mmap, memoryview]] = {}
 
-    def _map(self, pages: PagesFile, length: int, start: int) -> mmap.mmap:
+    def _map(self, pages: PagesFile, length: int, start: int, flags: int = mmap.MAP_SHARED) -> mmap.mmap:
         """`length` bytes of `pages` from file offset `start`, read-only, with the configured advice."""
         try:
-            mm = mmap.mmap(pages.fd, length, prot=mmap.PROT_READ, offset=start)
+            mm = mmap.mmap(pages.fd, length, flags=flags, prot=mmap.PROT_READ, offset=start)
         except (OSError, ValueError) as exc:
             problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise ImageError(pages.path, f"cannot map {length} bytes at offset {start}: {problem}") from None
@@ -124,9 +134,9 @@ class MmapStrategy(KernelCopies, Strategy):
             pos = offset + skip
             self._window(pages, pos - pos % self.window)
 
-    def view(self, requests: list[CopyRequest], scratch: bytearray | None = None) -> View:
+    def view(self, requests: list[CopyRequest], scratch: Scratch | None = None) -> View:
         """A mapping of just the planned range when the requests lie back to back in one file (released with the
-        view): never the whole file."""
+        view, populated at map time): never the whole file."""
         run = file_range(requests)
         if run is None:
             return Strategy.view(self, requests, scratch)
@@ -136,7 +146,7 @@ class MmapStrategy(KernelCopies, Strategy):
             raise ImageError(pages.path, f"short pages file: no data at offset {max(offset, pages.end) - pages.base}")
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         size = max(end - start, 1)
-        mm = self._map(pages, size, start)
+        mm = self._map(pages, size, start, VIEW_FLAGS)
         return View(mm, offset - start, length, mm.close)
 
     def close(self) -> None:
