@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import operator
 import os
 import sys
-from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 #: Threads copying files in the kernel at once (the copies are bound by page-cache work, per core).
 WRITERS = max(1, min(4, os.cpu_count() or 1))
 INDEX = "index.json"
-_LENGTH = itemgetter(1)  # Segment.length
 #: Default --min-hole: a gap of up to 4 pages costs less written as zeros than one more write call.
 MIN_HOLE = 16 << 10
 
@@ -69,16 +68,23 @@ def crit_pageread_add_commands(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _plan(area: Area) -> tuple[list[Segment], list[Segment]]:
-    """Segments with data to write (present, or lazy the strategy serves) and lazy ones left as holes."""
-    segs = area.segments()
-    # Comprehensions on the tuple's fields (kind is field 2): a fragmented dump has 100,000 segments.
-    if area.reader.strategy.serves_lazy:
-        return [s for s in segs if s[2] != "hole"], []
-    return [s for s in segs if s[2] == "present"], [s for s in segs if s[2] == "lazy"]
+class _Part:
+    """What extract writes of an area: its readable runs (starts, ends: dumped pages, or lazy ones the
+    strategy serves), their bytes, and the lazy pages left out as holes (ranges, bytes)."""
+
+    __slots__ = ("area", "bytes", "ends", "lazy", "lazy_bytes", "starts")
+
+    def __init__(self, area: Area) -> None:
+        self.area = area
+        # From the memory maps by slices: no object per piece (a fragmented dump has 100,000 of them).
+        self.starts, self.ends, self.lazy_bytes = area.reader.readable_runs(area.start, area.end)
+        self.bytes = sum(self.ends) - sum(self.starts)
+        self.lazy: list[list[int]] = []
+        if self.lazy_bytes:  # rare: where they are, for the index
+            self.lazy = _ranges([s for s in area.segments() if s[2] == "lazy"])
 
 
-def _ranges(area: Area, segs: list[Segment]) -> list[list[int]]:
+def _ranges(segs: list[Segment]) -> list[list[int]]:
     """[start, end] of each stretch of `segs` adjacent in memory."""
     out: list[list[int]] = []
     last: list[int] = [-1, -1]
@@ -92,22 +98,20 @@ def _ranges(area: Area, segs: list[Segment]) -> list[list[int]]:
     return out
 
 
-def _length(segs: list[Segment]) -> int:
-    return sum(map(_LENGTH, segs))
-
-
-def _vma_entry(area: Area, data: list[Segment], lazy: list[Segment], offset: int) -> dict[str, Any]:
+def _vma_entry(part: _Part, offset: int) -> dict[str, Any]:
+    area = part.area
     vma = area.vma
     entry: dict[str, Any] = {
         "start": area.start, "end": area.end, "perms": vma.perms, "kind": vma.kind, "mapping": mapping_name(area),
-        "file_offset": offset, "data": _ranges(area, data), "bytes": _length(data),
+        "file_offset": offset, "data": [[a, b] for a, b in zip(part.starts, part.ends, strict=True)],
+        "bytes": part.bytes,
     }
     shmid = area.shmid
     if shmid is not None:
         entry["shmem"] = shmid
         entry["shmem_offset"] = area.start - vma.start + vma.pgoff
-    if lazy:
-        entry["lazy_not_written"] = _ranges(area, lazy)
+    if part.lazy:
+        entry["lazy_not_written"] = part.lazy
     return entry
 
 
@@ -131,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     with open_from_args(args) as images, Readers(images, args.strategy) as readers:
         # Plan everything first: a broken image fails here, before OUT exists.
-        plans: dict[int, list[tuple[Area, list[Segment], list[Segment]]]] = {}
+        plans: dict[int, list[_Part]] = {}
         skipped: list[dict[str, Any]] = []
         total = 0
         lazy_bytes = 0
@@ -141,16 +145,16 @@ def run(args: argparse.Namespace) -> int:
                 clipped = vfilter.clip(vma)
                 if clipped is None:
                     continue
-                area = readers.area(pid, vma, *clipped)
-                data, lazy = _plan(area)
-                lazy_bytes += _length(lazy)
-                if not data:
+                part = _Part(readers.area(pid, vma, *clipped))
+                lazy_bytes += part.lazy_bytes
+                if not part.starts:
+                    area = part.area
                     skipped.append({"pid": pid, "start": area.start, "end": area.end, "perms": vma.perms,
                                     "mapping": mapping_name(area),
-                                    "reason": "lazy pages only" if lazy else "no dumped pages"})
+                                    "reason": "lazy pages only" if part.lazy_bytes else "no dumped pages"})
                     continue
-                plans[pid].append((area, data, lazy))
-                total += _length(data)
+                plans[pid].append(part)
+                total += part.bytes
         from concurrent.futures import ThreadPoolExecutor  # here: it imports logging (5 ms at start-up)
 
         progress = Progress("extract", total)
@@ -160,33 +164,32 @@ def run(args: argparse.Namespace) -> int:
             # when the strategy allows it (the kernel copies release the GIL); the others here.
             jobs: list[Future[None]] = []
 
-            def write(path: Path, size: int, parts: list[tuple[Area, list[Segment], list[Segment]]],
-                      base: int) -> None:
-                if all(a.reader.strategy.concurrent_writes for a, _, _ in parts) and all(
-                    seg.kind == "present" for _, data, _ in parts for seg in data
-                ):
+            def write(path: Path, size: int, parts: list[_Part], base: int) -> None:
+                if all(p.area.reader.strategy.concurrent_writes and not p.area.reader.strategy.serves_lazy
+                       for p in parts):
                     jobs.append(pool.submit(_write_file, path, size, parts, progress, base, args.min_hole))
                 else:
                     _write_file(path, size, parts, progress, base, args.min_hole)
 
             try:
-                for pid, areas in plans.items():
-                    if not areas:
+                for pid, parts in plans.items():
+                    if not parts:
                         continue
                     piddir = tmp / f"pid-{pid}"
                     if args.layout == "vma":
                         piddir.mkdir()
-                        for area, data, lazy in areas:
+                        for part in parts:
+                            area = part.area
                             name = f"{area.start:x}-{area.end:x}-{area.vma.perms}.bin"
-                            write(piddir / name, area.end - area.start, [(area, data, lazy)], area.start)
+                            write(piddir / name, area.end - area.start, [part], area.start)
                             files.append({"file": f"pid-{pid}/{name}", "pid": pid, "size": area.end - area.start,
-                                          "vmas": [_vma_entry(area, data, lazy, 0)]})
+                                          "vmas": [_vma_entry(part, 0)]})
                     else:
                         name = f"pid-{pid}.mem"
-                        size = max(a.end for a, _, _ in areas)
-                        write(tmp / name, size, areas, 0)
+                        size = max(p.area.end for p in parts)
+                        write(tmp / name, size, parts, 0)
                         files.append({"file": name, "pid": pid, "size": size,
-                                      "vmas": [_vma_entry(a, d, lz, a.start) for a, d, lz in areas]})
+                                      "vmas": [_vma_entry(p, p.area.start) for p in parts]})
                 for job in jobs:
                     job.result()
             except BaseException:
@@ -223,24 +226,24 @@ def index_text(index: dict[str, Any]) -> str:
     return f'{{{head},\n "files": [\n  {files}\n]}}\n' if files else f'{{{head}, "files": []}}\n'
 
 
-def _write_file(path: Path, size: int, areas: list[tuple[Area, list[Segment], list[Segment]]],
-                progress: Progress, base: int, fill: int = 0) -> None:
-    """Write the data segments of `areas` into a new file of `size` bytes; file offset = vaddr - base.
+def _write_file(path: Path, size: int, parts: list[_Part], progress: Progress, base: int, fill: int = 0) -> None:
+    """Write the readable runs of `parts` into a new file of `size` bytes; file offset = vaddr - base.
 
-    The planned segments go to the reader's `write_segments`, so the strategy moves the bytes (for the
-    local strategies one kernel copy per large run, small runs through a buffer with holes of at most
-    `fill` bytes between them written as zeros: the file is new, so it reads as zeros there anyway)."""
+    The runs go to the reader's `write_to`, so the strategy moves the bytes (for the local strategies one
+    kernel copy per large run, small runs through a buffer with holes of at most `fill` bytes between them
+    written as zeros: the file is new, so it reads as zeros there anyway)."""
     fd = _open_out(path, size)
     try:
         i = 0
-        while i < len(areas):
+        while i < len(parts):
             # Consecutive areas of one reader in one call: in the sparse layout, runs of adjacent VMAs that
             # are back to back in the pages file become one copy.
-            reader = areas[i][0].reader
-            pieces: list[tuple[Segment, int]] = []
-            while i < len(areas) and areas[i][0].reader is reader:
-                pieces += [(seg, seg.vaddr - base) for seg in areas[i][1]]
+            reader = parts[i].area.reader
+            iov: list[tuple[int, int, int]] = []
+            while i < len(parts) and parts[i].area.reader is reader:
+                starts, ends = parts[i].starts, parts[i].ends
+                iov += zip(starts, map(operator.sub, ends, starts), map((-base).__add__, starts), strict=True)
                 i += 1
-            progress.add(reader.write_segments(fd, pieces, fill))
+            progress.add(reader.write_to(fd, iov, holes="skip", fill=fill))
     finally:
         os.close(fd)

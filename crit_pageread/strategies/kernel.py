@@ -1,6 +1,6 @@
 """Kernel copies for the strategies that read local pages files (pread, preadv, mmap).
 
-`write_to` coalesces requests that are contiguous both in one pages file and
+`write_to` joins requests that are contiguous both in one pages file and
 in the output and moves each large run with `copy_file_range` (else a bounded
 `preadv`/`pwrite`); small runs (under SMALL_RUN) that follow each other in the
 output are read into a 1 MiB buffer (one `preadv` per stretch back to back in
@@ -42,23 +42,6 @@ _ZEROS = bytes(SMALL_RUN * 2)
 VIEW_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
 
-def coalesce(requests: list[CopyRequest]) -> list[list[Any]]:
-    """[pages, offset, length, out_offset] runs: requests contiguous in one pages file and in the output join."""
-    runs: list[list[Any]] = []
-    last: list[Any] | None = None
-    for req in requests:
-        pages = req.pages
-        if pages is None:
-            raise ConfigError("local strategies cannot serve lazy pages")
-        if (last is not None and last[0] is pages and last[1] + last[2] == req.offset
-                and last[3] + last[2] == req.out_offset):
-            last[2] += req.length
-            continue
-        last = [pages, req.offset, req.length, req.out_offset]
-        runs.append(last)
-    return runs
-
-
 class KernelCopies:
     """Mixin (before `Strategy` in the bases): `write_to`, `send` and `view` without a Python buffer."""
 
@@ -69,63 +52,82 @@ class KernelCopies:
     _no_sendfile = False
 
     def write_to(self, requests: list[CopyRequest], fd: int, fill: int = 0) -> None:
-        runs = coalesce(requests)
-        count = len(runs)
+        # One pass over the requests, no object per request: a fragmented dump has tens of thousands.
+        count = len(requests)
         buf: memoryview | None = None
         i = 0
         while i < count:
-            pages, offset, length, out = runs[i]
+            req = requests[i]
+            pages, offset, length, out = req.pages, req.offset, req.length, req.out_offset
+            if pages is None:
+                raise ConfigError("local strategies cannot serve lazy pages")
             j = i + 1
             if length < SMALL_RUN:
-                # Small runs that follow in the output within one buffer: one read per file stretch, one write
-                # per output stretch.
+                # Small runs that follow in the output within one buffer: one read per file stretch, one
+                # write per output stretch.
                 end = out + length
                 limit = out + _BUF
                 while j < count:
-                    nxt = runs[j]
-                    if nxt[2] >= SMALL_RUN or nxt[3] < end or nxt[3] + nxt[2] > limit:
+                    nxt = requests[j]
+                    at = nxt.out_offset
+                    if nxt.length >= SMALL_RUN or at < end or at + nxt.length > limit or nxt.pages is None:
                         break
-                    end = nxt[3] + nxt[2]
+                    end = at + nxt.length
                     j += 1
-            if j == i + 1:
-                self._copy_run(pages, offset, length, fd, out)
-            else:
+            if j > i + 1:
                 if buf is None:
                     buf = memoryview(bytearray(_BUF))  # per call: write_to may run in several threads
-                self._buffered(runs, i, j, buf, fd, fill)
+                self._buffered(requests, i, j, buf, fd, fill)
+            else:
+                # A large run (or a lone small one): the requests contiguous with it in the pages file and
+                # in the output join it, one kernel copy.
+                while j < count:
+                    nxt = requests[j]
+                    if nxt.pages is not pages or nxt.offset != offset + length or nxt.out_offset != out + length:
+                        break
+                    length += nxt.length
+                    j += 1
+                self._copy_run(pages, offset, length, fd, out)
             i = j
 
-    def _buffered(self, runs: list[list[Any]], i: int, j: int, buf: memoryview, fd: int, fill: int) -> None:
-        """Read runs[i:j] (in output order, within _BUF bytes of output) into `buf` at their output
+    def _buffered(self, requests: list[CopyRequest], i: int, j: int, buf: memoryview, fd: int, fill: int) -> None:
+        """Read requests[i:j] (in output order, within _BUF bytes of output) into `buf` at their output
         positions, then write each stretch of output, gaps of at most `fill` bytes written as zeros."""
-        base = runs[i][3]
+        base = requests[i].out_offset
         k = i
         while k < j:
-            pages, offset, _, _ = runs[k]
+            first = requests[k]
+            pages = first.pages
+            assert pages is not None
+            offset = first.offset
             iov = []
             want = 0
             m = k
-            while m < j and runs[m][0] is pages and runs[m][1] == offset + want and m - k < _IOV_MAX:
-                n, at = runs[m][2], runs[m][3] - base
-                iov.append(buf[at : at + n])
-                want += n
+            while m < j and m - k < _IOV_MAX:
+                req = requests[m]
+                if req.pages is not pages or req.offset != offset + want:
+                    break
+                at = req.out_offset - base
+                iov.append(buf[at : at + req.length])
+                want += req.length
                 m += 1
             self.copies += 1
             got = os.preadv(pages.fd, iov, offset)
             if got < want:  # a short read (end of file): the rest piece by piece, or a one-line error
-                for piece, run in zip(iov, runs[k:m], strict=True):
-                    read_fully(pages.fd, piece, run[1], pages.path)
+                for piece, req in zip(iov, requests[k:m], strict=True):
+                    read_fully(pages.fd, piece, req.offset, pages.path)
             k = m
         start = end = base
         for k in range(i, j):
-            at = runs[k][3]
+            req = requests[k]
+            at = req.out_offset
             gap = at - end
             if gap > fill:
                 self._pwrite(fd, buf[start - base : end - base], start)
                 start = at
             elif gap:
                 buf[end - base : at - base] = _ZEROS[:gap] if gap <= len(_ZEROS) else bytes(gap)
-            end = at + runs[k][2]
+            end = at + req.length
         self._pwrite(fd, buf[start - base : end - base], start)
 
     def _pwrite(self, fd: int, data: memoryview, pos: int) -> None:
