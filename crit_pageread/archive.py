@@ -183,6 +183,8 @@ class ArchiveIndex:
     entries: dict[str, _Entry] = field(default_factory=dict)
     dirs: set[str] = field(default_factory=set)
     tempdir: Path | None = None
+    #: With `images_only`: the member where reading stopped (the rest of the archive was not read), else None.
+    stopped_at: str | None = None
     _finalizer: Any = None
 
     # lookup -----------------------------------------------------------------------------
@@ -346,7 +348,8 @@ _MM_RE = re.compile(r"mm-(\d+)\.img")
 
 
 def open_archive(path: str | os.PathLike[str], limits: ArchiveLimits | None = None, *,
-                 pages_wanted: PagesWanted | None = None, page_size: int = 4096) -> ArchiveIndex:
+                 pages_wanted: PagesWanted | None = None, page_size: int = 4096,
+                 images_only: bool = False) -> ArchiveIndex:
     """Index an archive; a compressed one has its images unpacked (close the index to remove them).
 
     With `pages_wanted` (for a command that reads a few ranges of each process,
@@ -356,6 +359,11 @@ def open_archive(path: str | os.PathLike[str], limits: ArchiveLimits | None = No
     (as in Podman's exports, whose members are in lexical order); any other
     pages file is unpacked whole. A read of a page that was not written is an
     ImageError through the reader (`Member.present`), never zeros.
+
+    With `images_only` (a caller that reads the CRIU images only, not
+    config.dump or rootfs-diff.tar), decompressing a container export stops at
+    the first member after `checkpoint/` and every level of its `parent` chain
+    (`stopped_at`); the rest of the archive is neither read nor checked.
     """
     path = Path(path)
     limits = limits or ArchiveLimits()
@@ -378,7 +386,8 @@ def open_archive(path: str | os.PathLike[str], limits: ArchiveLimits | None = No
         with _decompressed(path, kind) as stream:
             source = _StreamSource(path, stream)
             try:
-                _Indexer(index, limits, source, unpack_to=tmp, pages_wanted=pages_wanted, page_size=page_size).run()
+                _Indexer(index, limits, source, unpack_to=tmp, pages_wanted=pages_wanted, page_size=page_size,
+                         images_only=images_only).run()
             finally:
                 source.close()
     except BaseException:
@@ -630,7 +639,7 @@ class _Indexer:
     """Walks the headers of an archive once, checking every bound, recording (or unpacking) members."""
 
     def __init__(self, index: ArchiveIndex, limits: ArchiveLimits, source: Any, unpack_to: Path | None = None,
-                 pages_wanted: PagesWanted | None = None, page_size: int = 4096):
+                 pages_wanted: PagesWanted | None = None, page_size: int = 4096, images_only: bool = False):
         self.index = index
         self.limits = limits
         self.src = source
@@ -643,6 +652,7 @@ class _Indexer:
         #: pid -> mm entries (the newest level's first: a pre-dump's level has none).
         self._pagemaps: dict[str, list[tuple[int | None, _Entry]]] = {}
         self._mms: dict[int, list[_Entry]] = {}
+        self.images_only = images_only
 
     def fail(self, name: str | None, problem: str) -> ImageError:
         where = f"{self.index.path}: {short_name(name)}" if name else str(self.index.path)
@@ -712,6 +722,9 @@ class _Indexer:
                         break
             long_name = long_link = None
             pax = {}
+            if self.images_only and self._past_images(name):
+                self.index.stopped_at = name
+                return
             self.member(name, kind, size, link, sparse, header)
             if not self._data(name, kind, size, padded, sparse):
                 raise self.fail(name, f"truncated archive: member declares {size} bytes, the archive ends before")
@@ -830,6 +843,28 @@ class _Indexer:
             return len(data) == size and self.src.skip(stored - size)
         return self.src.skip(stored)
 
+
+    def _past_images(self, raw: str) -> bool:
+        """True at the first member after a container export's `checkpoint/` and every level of its chain
+        (Podman and CRI-O write each directory's members together): the rest is container files."""
+        index = self.index
+        if not (index.is_file("checkpoint/pstree.img") and index.is_file("checkpoint/inventory.img")):
+            return False
+        name = "/".join(p for p in raw.split("/") if p not in ("", "."))
+        level, seen = "checkpoint", 0
+        while True:
+            if name == level or name.startswith(level + "/"):
+                return False
+            link = index.entries.get(f"{level}/parent")
+            if link is None or link.kind != "symlink" or seen > 64:
+                return True
+            try:
+                level = index.resolve(f"{level}/parent")
+            except ImageError:
+                return False
+            if level not in index.dirs or not level:
+                return False  # the parent level is still to come (or is the top): read on
+            seen += 1
 
     def _note(self, entry: _Entry, base: str) -> None:
         """Remember an unpacked pagemap or mm image (what a later pages file's wanted ranges come from)."""

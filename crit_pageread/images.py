@@ -602,7 +602,7 @@ class CheckpointImages:
 
 
 def open_images(path: str | os.PathLike[str], config: Config | None = None, *,
-                pages_wanted: PagesWanted | None = None) -> CheckpointImages:
+                pages_wanted: PagesWanted | None = None, images_only: bool = False) -> CheckpointImages:
     """Open a CRIU image directory, a Podman/CRI-O checkpoint (directory or archive) for reading.
 
     Use it as a context manager::
@@ -620,6 +620,9 @@ def open_images(path: str | os.PathLike[str], config: Config | None = None, *,
     `pages_wanted(pid, mm_image)`, for a caller that reads only some ranges of
     each process (`ps`: argv and environment), lets a compressed archive's pages
     be unpacked sparse (`archive.open_archive`); other reads then fail.
+    `images_only`: the caller needs no container file (config.dump,
+    rootfs-diff.tar...): a compressed export is read up to the end of
+    `checkpoint/` and its chain only.
     """
     from .plugins import configure, get_plugin_manager
 
@@ -629,7 +632,7 @@ def open_images(path: str | os.PathLike[str], config: Config | None = None, *,
 
         config = config if config is not None else load_config()
         index = open_archive(path, ArchiveLimits.from_table(config.table("archive")), pages_wanted=pages_wanted,
-                             page_size=config.page_size)
+                             page_size=config.page_size, images_only=images_only)
         try:
             member_dir = index.images_dir()
             images = CheckpointImages(path, config, _index=index, _member_dir=member_dir)

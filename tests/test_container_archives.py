@@ -257,6 +257,32 @@ def test_ps_on_a_podman_ordered_archive_unpacks_only_the_pages_it_reads(ctr: Con
 
 
 @pytest.mark.criu
+@pytest.mark.parametrize("kind", ["zst", "gz"])
+def test_ps_stops_decompressing_after_the_images(ctr: Container, tmp_path: Path, kind: str) -> None:
+    """ps needs no container file: after checkpoint/ nothing is read. Shown by an export whose tail (inside
+    rootfs-diff.tar) is cut off: ps gives the directory's output; grep, which reads on, names the cut."""
+    layout = tmp_path / "ctr"
+    layout.mkdir()
+    for name in ("checkpoint", "config.dump", "spec.dump"):
+        (shutil.copytree if name == "checkpoint" else shutil.copy)(ctr.dir / name, layout / name)
+    (tmp_path / "blob").write_bytes(os.urandom(16 << 20))  # incompressible: the cut falls inside it
+    subprocess.run(["tar", "-C", str(tmp_path), "-cf", str(layout / "rootfs-diff.tar"), "blob"], check=True)
+    tar = subprocess.run(["tar", "--sort=name", "-C", str(layout), "-cf", "-", "config.dump", "spec.dump",
+                          "checkpoint", "rootfs-diff.tar"], stdout=subprocess.PIPE, check=True).stdout
+    packed = subprocess.run(KINDS[kind], input=tar, stdout=subprocess.PIPE, check=True).stdout
+    archive = tmp_path / f"cut.tar.{kind}"
+    archive.write_bytes(packed[: len(packed) - (2 << 20)])
+    with _tmpdir(tmp_path / "tmp") as tmp:
+        got = run_jobs("crit_pageread", [{"argv": ["ps", str(archive)]}, {"argv": ["grep", str(archive), "x"]}])
+        assert list(tmp.iterdir()) == []
+    want = run_jobs("crit_pageread", [{"argv": ["ps", str(layout)]}])[0]
+    assert got[0]["rc"] == want["rc"] == 0 and got[0]["err"] == "", got[0]["err"]
+    assert _names(got[0]["out"], archive, layout) == want["out"]
+    assert got[1]["rc"] != 0 and len(got[1]["err"].splitlines()) == 1
+    assert got[1]["err"].startswith(f"crit-pageread: {archive}"), got[1]["err"]
+
+
+@pytest.mark.criu
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 @pytest.mark.parametrize("kind", ["zst", "gz"])
 def test_a_signal_during_an_archive_read_leaves_nothing_in_tmpdir(ctr: Container, tmp_path: Path, kind: str,

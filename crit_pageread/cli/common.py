@@ -38,10 +38,11 @@ def config_from_args(args: argparse.Namespace, **extra: Any) -> Config:
 
 
 def open_from_args(args: argparse.Namespace, path: str | None = None, *, pages_wanted: Any = None,
-                   **extra: Any) -> CheckpointImages:
-    """Open the image directory (or archive) named by `args.dir` with the CLI's config (`pages_wanted`: see
-    `open_images`)."""
-    return open_images(path or args.dir, config_from_args(args, **extra), pages_wanted=pages_wanted)
+                   images_only: bool = False, **extra: Any) -> CheckpointImages:
+    """Open the image directory (or archive) named by `args.dir` with the CLI's config (`pages_wanted`,
+    `images_only`: see `open_images`)."""
+    return open_images(path or args.dir, config_from_args(args, **extra), pages_wanted=pages_wanted,
+                       images_only=images_only)
 
 
 def selected_pids(images: CheckpointImages, args: argparse.Namespace) -> list[int]:

@@ -142,8 +142,9 @@ def process_info(images: CheckpointImages, pid: int, strategy: str | None, env: 
 
 
 def run(args: argparse.Namespace) -> int:
-    # A compressed archive's pages are unpacked only where argv and the environment are (never read elsewhere).
-    with open_from_args(args, pages_wanted=pages_wanted) as images:
+    # A compressed archive's pages are unpacked only where argv and the environment are (never read elsewhere),
+    # and decompression stops after the images (ps shows nothing of the container files).
+    with open_from_args(args, pages_wanted=pages_wanted, images_only=True) as images:
         pids = selected_pids(images, args)
         infos = {pid: process_info(images, pid, args.strategy, not args.no_env) for pid in pids}
     if args.json:
