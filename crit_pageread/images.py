@@ -484,7 +484,7 @@ class CheckpointImages:
         except OSError as exc:  # ENAMETOOLONG, EACCES, ...
             raise ChainError(link, f"parent link to {shown(target)}: {exc.strerror}") from None
         if not is_dir:
-            raise ChainError(link, f"dangling parent link to {shown(target)}")
+            raise ChainError(link, f"dangling parent link to {shown(target)}{_podman_hint(target)}")
         real = os.path.realpath(full)
         if real in self._chain:
             raise ChainError(link, f"parent chain has a cycle through {shown(target)}")
@@ -506,10 +506,10 @@ class CheckpointImages:
             raise ChainError(label, "parent link is not a symlink")
         target = index.resolve(name)
         if target.startswith("..") or (target and not index.is_dir(target)):
-            raise ChainError(label, f"dangling parent link to {entry.link}")
+            raise ChainError(label, f"dangling parent link to {shown(entry.link)}{_podman_hint(entry.link)}")
         here = f"{self.path}\0{target}"
         if here in self._chain:
-            raise ChainError(label, f"parent chain has a cycle through {entry.link}")
+            raise ChainError(label, f"parent chain has a cycle through {shown(entry.link)}")
         self._parent = CheckpointImages(
             self.path, self.config, _chain=self._chain, _index=index, _member_dir=target
         )
@@ -679,6 +679,14 @@ def container_layout(directory: str | os.PathLike[str]) -> bool:
         and not (directory / "inventory.img").exists()
         and ((checkpoint / "pstree.img").is_file() or (checkpoint / "inventory.img").is_file())
     )
+
+
+def _podman_hint(link: str) -> str:
+    """What a dangling `../pre-checkpoint` link is: Podman's `--with-previous` export alone."""
+    if link.rstrip("/").rsplit("/", 1)[-1] != "pre-checkpoint":
+        return ""
+    return (" (a `podman container checkpoint --with-previous` checkpoint: its pre-checkpoint is a separate"
+            " export; put pre-checkpoint/ beside checkpoint/)")
 
 
 def _join(directory: str, name: str) -> str:

@@ -182,7 +182,9 @@ def test_a_with_previous_export_alone_names_its_dangling_parent(corpus41: Corpus
     assert str(info.value).startswith(f"{archive}: checkpoint/parent: dangling parent link to ../pre-checkpoint")
     res = run_jobs("crit_pageread", [{"argv": ["ps", str(archive)]}, {"argv": ["check", str(archive)]}])
     assert res[0]["rc"] != 0 and res[0]["err"].splitlines() == [
-        f"crit-pageread: {archive}: checkpoint/parent: dangling parent link to ../pre-checkpoint"]
+        f"crit-pageread: {archive}: checkpoint/parent: dangling parent link to ../pre-checkpoint (a `podman "
+        "container checkpoint --with-previous` checkpoint: its pre-checkpoint is a separate export; put "
+        "pre-checkpoint/ beside checkpoint/)"]
     assert res[1]["rc"] != 0 and f"error: {archive}: checkpoint/parent: dangling parent link" in res[1]["out"].decode()
 
 
