@@ -227,6 +227,11 @@ def _varint(data: bytes) -> int:
     return value
 
 
+#: Entries parsed at once by `_parse_canonical` (its lists of matches are the memory it adds).
+CHUNK_ENTRIES = 4096
+_CHUNK = re.compile(rb"(?:" + _CANONICAL.pattern + rb"){1,%d}" % CHUNK_ENTRIES, re.DOTALL)
+
+
 def _addresses(varints: list[bytes]) -> list[int]:
     """Decode address varints; the bytes past the third (bits 21 and up, shared by neighbouring entries)
     once per distinct value, the rest in one comprehension (no call per entry)."""
@@ -239,13 +244,36 @@ def _addresses(varints: list[bytes]) -> list[int]:
 def _parse_canonical(data: bytes, pos: int, offset: int, page_size: int) -> tuple[Any, ...] | None:
     """The entries of `data` from `pos` on if every one is canonical (see _CANONICAL) and valid, as
     (starts, sizes, flags, offsets, layout, end offset); None if any is not (the general decoder
-    then reads them and names what is wrong). Column by column: no Python loop body per entry."""
-    found = _CANONICAL.findall(data, pos)
+    then reads them and names what is wrong). Column by column: no Python loop body per entry;
+    CHUNK_ENTRIES entries at a time, so what parsing adds to the index's memory stays bounded."""
+    columns: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
+    layout = None
+    prev_end = 0
+    while pos < len(data):
+        chunk = _CHUNK.match(data, pos)  # up to CHUNK_ENTRIES canonical frames back to back from pos
+        if chunk is None:
+            return None
+        got = _parse_chunk(data, pos, chunk.end(), offset, page_size)
+        if got is None or layout not in (None, got[4]) or got[0][0] < prev_end:
+            return None
+        layout, offset = got[4], got[5]
+        prev_end = got[0][-1] + got[1][-1]
+        for column, part in zip(columns, got[:4], strict=True):
+            column += part
+        pos = chunk.end()
+    if layout is None:
+        return None
+    return (*columns, layout, offset)
+
+
+def _parse_chunk(data: bytes, pos: int, end: int, offset: int, page_size: int) -> tuple[Any, ...] | None:
+    """`_parse_canonical` of the frames in data[pos:end]."""
+    found = _CANONICAL.findall(data, pos, end)
     if not found:
         return None
     # The size byte must be the payload's (tag bytes, the flags byte, the varints), and the matches must
     # cover the data: else the framing is not what the pattern read.
-    if sum(t[0][0] for t in found) + 4 * len(found) != len(data) - pos:
+    if sum(t[0][0] for t in found) + 4 * len(found) != end - pos:
         return None
     if found[0][4]:  # 4.2: field 2 is 0, the page count is field 5
         layout = "4.2"

@@ -71,10 +71,19 @@ def test_the_index_is_columns_and_entries_are_made_from_them_only_when_asked(tmp
 
 
 @pytest.mark.parametrize("layout", ["4.1", "4.2"])
-def test_the_one_pass_parser_gives_the_loops_index_or_its_error_on_every_mutant(tmp_path: Path, layout: str) -> None:
-    """For a flipped, cut or inserted byte, the one-pass parser of entries as CRIU writes them gives exactly
-    what the entry-by-entry decoder gives: the same index, or the same error."""
+@pytest.mark.parametrize("chunk", [pagemap.CHUNK_ENTRIES, 7])
+def test_the_one_pass_parser_gives_the_loops_index_or_its_error_on_every_mutant(
+    tmp_path: Path, layout: str, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """For a flipped, cut or inserted byte, the parser of entries as CRIU writes them (a chunk of entries at
+    a time: also 7, so that chunks end everywhere) gives exactly what the entry-by-entry decoder gives: the
+    same index, or the same error."""
+    import re
+
     from crit_pageread.errors import ImageError
+
+    monkeypatch.setattr(pagemap, "_CHUNK", re.compile(rb"(?:" + pagemap._CANONICAL.pattern + rb"){1,%d}" % chunk,
+                                                      re.DOTALL))
 
     runs = _runs(400, seed=3)
     runs.append((runs[-1][0] + (runs[-1][1] + 1) * PAGE, 1 << 20, PE_PRESENT))  # a 3-byte page count
@@ -109,3 +118,8 @@ def test_the_one_pass_parser_gives_the_loops_index_or_its_error_on_every_mutant(
         assert outcome(data, True) == want, data.hex()
         loaded += isinstance(want, tuple)
     assert loaded >= 5  # some mutants still load (a changed address, say), most are refused
+    from crit_pageread.imagefile import check_magic
+
+    first = check_magic(image, good, "PAGEMAP")  # the good image goes through the fast parser itself
+    parsed = pagemap._parse_canonical(good, first + 4 + good[first], 4096, PAGE)
+    assert parsed is not None and parsed[4] == layout and parsed[0] == [v for v, _, _ in runs]
