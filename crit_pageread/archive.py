@@ -912,7 +912,7 @@ class _Indexer:
         try:
             wanted = self.pages_wanted(pid, Member(self.index.path, mm.name, mm.source or "", 0, mm.size))
             pagemap = load_pagemap(pagemap_member, self.page_size, locate=lambda _: (0, entry.size, label))
-        except CritPageReadError:
+        except Exception:  # a bad image (or caller): unpack it whole; the command reports it
             return None
         mask = self.page_size - 1
         ranges: list[tuple[int, int]] = []
