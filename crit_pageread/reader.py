@@ -46,6 +46,7 @@ SegmentKind = Literal["present", "lazy", "hole"]
 HolesMode = Literal["error", "zero", "skip"]
 _HOLES_MODES = ("error", "zero", "skip")
 _HOLES_CODE = {"error": 0, "zero": 1, "skip": 2}  # the native planner's
+_NATIVE_END = 1 << 62  # ranges the native planner takes (int64); addresses past it are holes, planned in Python
 MAX_CHAIN_DEPTH = 256
 _ZEROS = bytes(1 << 20)
 
@@ -485,7 +486,8 @@ class PageReader:
                 self._root._dedup_pending.append((pages, offset, len(dest)))  # type: ignore[arg-type]
             return [ReadRequest(pages, offset, dest, vaddr, self.target)], []
         fast = native.fastio
-        if fast is not None and not self.auto_dedup and self.strategy.takes_plans:
+        if (fast is not None and not self.auto_dedup and self.strategy.takes_plans
+                and 0 <= vaddr and end < _NATIVE_END):
             # The native planner: one PlannedRead of pieces, no Python per piece.
             status, a, b, pieces, zeros, files = fast.plan(
                 flat.starts, flat.sizes, flat.kinds, flat.files, flat.offsets, vaddr, end, _HOLES_CODE[holes_mode])

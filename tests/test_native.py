@@ -284,6 +284,19 @@ def test_a_short_pages_file_is_a_one_line_error_naming_it(tmp_path: Path, path: 
                     f.truncate(4 * PAGE)
 
 
+def test_addresses_past_int64_are_holes_as_without_the_helper(tmp_path: Path, path: str) -> None:
+    newest, _truth, _bad = _chain(tmp_path, levels=2, seed=12)
+    with open_images(newest) as images:
+        for strategy in STRATEGIES:
+            with images.reader(10, strategy) as reader:
+                for vaddr in (1 << 62, (1 << 64) - PAGE, 1 << 70):
+                    with pytest.raises(NotDumpedError):
+                        reader.read(vaddr, 2 * PAGE)
+                    buf = bytearray(b"x" * 16)
+                    reader.readinto(vaddr, buf, holes="zero")
+                    assert buf == bytes(16)
+
+
 def test_a_strategy_with_only_read_gets_plain_requests(tmp_path: Path, path: str) -> None:
     newest, truth, _bad = _chain(tmp_path, levels=3, seed=10)
     mock = MockStrategy()
