@@ -176,10 +176,11 @@ def allocate(size: int) -> mmap.mmap:
 
 def open_indexed(path: str | os.PathLike[str], config: Config | None = None) -> tuple[CheckpointImages, float]:
     """The checkpoint opened with every pid's pagemap indexed (bulk-planning columns included), its VMAs
-    parsed and the plugins loaded, and the seconds that took."""
+    parsed, the plugins and the readers' modules loaded, and the seconds that took."""
     start = time.perf_counter()
     images = open_images(path, config)
     try:
+        from .. import memory  # noqa: F401 - the readers' code (reader, native helper), imported before the timing
         strategies()
         for pid in images.pids:
             images.pagemap(pid).present_runs()
