@@ -2,7 +2,7 @@
 
 For each cached benchmark checkpoint (benchmarks/generate.py shapes), interleaved rounds of
 `crit-pageread extract` (both layouts), `squash` and `coredump` against `cat` of the same pages
-files into one file on the same file system (and `grep` against `grep -c -a -F`); with
+files (a chain's: every level's) into one file on the same file system (and `grep` against `grep -c -a -F`); with
 `--tree NAME=DIR` (repeatable) each command runs from each source tree (`python -m crit_pageread`
 with DIR as the working directory), so a change is measured against the code before it in the
 same run. Every measurement is its own process (peak
@@ -52,6 +52,20 @@ def run_child(cmd: list[str], stdout_path: str | None, cwd: Path) -> dict[str, A
             "code": os.waitstatus_to_exitcode(status), "stderr": err, "rss_mib": usage.ru_maxrss / 1024}
 
 
+def pages_files(directory: Path) -> list[str]:
+    """The pages files of an image directory and of every level of its chain (`parent` links), newest first:
+    what `cat` reads for a chain is what the reader may read."""
+    files: list[str] = []
+    level: Path | None = directory
+    seen: set[Path] = set()
+    while level is not None and level.resolve() not in seen:
+        seen.add(level.resolve())
+        files += sorted(str(p) for p in level.glob("pages-*.img"))
+        parent = level / "parent"
+        level = (level / os.readlink(parent)) if parent.is_symlink() else None
+    return files
+
+
 def command(name: str, directory: Path, out: Path) -> list[str]:
     cli = [PY, "-m", "crit_pageread"]
     if name == "extract":
@@ -69,7 +83,7 @@ def command(name: str, directory: Path, out: Path) -> list[str]:
 
 def bench_shape(directory: Path, trees: dict[str, Path], commands: list[str], runs: int, warmup: int,
                 scratch: Path) -> dict[str, Any]:
-    files = sorted(str(p) for p in directory.glob("pages-*.img"))
+    files = pages_files(directory)
     nbytes = sum(os.path.getsize(f) for f in files)
     pairs: dict[str, tuple[list[str], Path | None, str | None]] = {"cat > file": (["cat", *files], None, "cat.out")}
     if "grep" in commands:
