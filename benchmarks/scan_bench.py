@@ -60,17 +60,23 @@ print(n, hits, time.perf_counter() - t0)
 
 
 def scan_cmd(rules: Path, images: Path, tree: str | None = None) -> list[str]:
-    """`crit-pageread scan` of this checkout, or of `tree` (its package first on PYTHONPATH), on one core."""
+    """`crit-pageread scan` of this checkout, or of `tree`, on one core. `python -m` puts the working
+    directory first on sys.path: run_child runs it in the tree whose package it must import (see cwd_of)."""
     env = ["env", f"PYTHONPATH={tree}"] if tree else []
     return [*PIN, *env, PY, "-m", "crit_pageread", "scan", "--rules", str(rules), str(images), "--jobs", "1", "--json"]
 
 
-def synthetic(entries: int, work: Path) -> Path:
+def cwd_of(name: str, before: str | None) -> Path:
+    """The working directory of a method: the other tree for scan-before, this one otherwise."""
+    return Path(before) if name == "scan-before" and before else ROOT
+
+
+def synthetic(entries: int, work: Path | str) -> Path:
     """One process, `entries` single-page present entries with a hole after each, over 64 VMAs."""
     from crit_pageread.pagemap import PE_PRESENT, encode_pagemap
     from crit_pageread.testing import ImageBuilder, VmaSpec
 
-    out = work / f"entries-{entries}"
+    out = Path(work) / f"entries-{entries}"
     per = -(-entries // 64)
     base = 0x7F0000000000
     vmas = [VmaSpec(base + i * 2 * (per + 1) * 4096, base + i * 2 * (per + 1) * 4096 + 2 * per * 4096)
@@ -87,14 +93,18 @@ def measure_entries(counts: list[int], runs: int, rules: Path, work: Path, befor
     """Peak RSS (and seconds) of scan on synthetic checkpoints with many entries, rounds interleaved."""
     out = []
     for n in counts:
-        images = synthetic(n, work)
+        # made in a child process: this one stays small (a child's ru_maxrss counts the parent's pages
+        # between fork and exec)
+        subprocess.run([PY, "-c", f"from benchmarks.scan_bench import synthetic; synthetic({n}, {str(work)!r})"],
+                       check=True, cwd=ROOT)
+        images = work / f"entries-{n}"
         methods = {"scan": scan_cmd(rules, images)}
         if before:
             methods["scan-before"] = scan_cmd(rules, images, before)
         samples: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
         for _ in range(runs):
             for name, cmd in methods.items():
-                r = run_child(cmd)
+                r = run_child(cmd, cwd=cwd_of(name, before))
                 if r["code"] not in (0, 1):
                     raise SystemExit(f"{name} failed ({r['code']}): {r['stderr'].decode()[-500:]}")
                 samples[name].append(r)
@@ -122,7 +132,7 @@ def measure(shape_name: str, runs: int, rules: Path, work: Path, before: str | N
     samples: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     for round_ in range(runs + 1):  # round 0 warms the cache and is not counted
         for name, cmd in methods.items():
-            r = run_child(cmd)
+            r = run_child(cmd, cwd=cwd_of(name, before))
             if r["code"] not in (0, 1):
                 raise SystemExit(f"{name} failed ({r['code']}): {r['stderr'].decode()[-500:]}")
             if round_:
