@@ -71,3 +71,30 @@ def test_sigint_at_random_moments_is_one_line_and_exit_130(small: Dump, tmp_path
     print(f"SIGINT outcomes over {RUNS} runs: {dict(outcomes)}")
     assert not bad, bad
     assert outcomes["interrupted"] > 0
+
+
+SET_NAME_INTERRUPT = r"""
+import os, signal, sys
+sys.argv[0] = "crit-pageread"
+from crit_pageread.cli import main as cli_main
+
+class Interrupting:
+    def __set_name__(self, owner, name):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while a class is made (as in an import)
+
+def command(argv, words, debug):
+    class Made:
+        attribute = Interrupting()
+    return 0
+
+cli_main._main = command
+sys.exit(cli_main.main([]))
+"""
+
+
+def test_sigint_while_a_class_is_made_is_one_line_and_exit_130():
+    # Python 3.11 wraps an exception raised in __set_name__ (functools.cached_property in an import) in a
+    # RuntimeError caused by it: that is still Ctrl-C, not a traceback.
+    proc = subprocess.run([sys.executable, "-c", SET_NAME_INTERRUPT], capture_output=True, text=True, timeout=60,
+                          preexec_fn=_default_sigint)
+    assert (proc.returncode, proc.stderr.splitlines()) == (130, ["crit-pageread: interrupted"]), proc.stderr

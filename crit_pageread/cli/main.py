@@ -137,13 +137,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             if cli:
                 _interrupt.install_early()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RuntimeError) as exc:
         if cli:
             _interrupt.install_early()
-        if debug:
+        if debug or not _interrupted(exc):
             raise
         print("crit-pageread: interrupted", file=sys.stderr)
         return 128 + _SIGINT
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether `exc` is Ctrl-C: a KeyboardInterrupt, or one that Python wrapped while creating a class
+    (3.11 turns an exception in a descriptor's `__set_name__`, e.g. `functools.cached_property` during an
+    import, into a RuntimeError caused by it)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc = exc.__cause__  # type: ignore[assignment]
+        seen += 1
+    return False
 
 
 def _main(argv: Sequence[str] | None, words: list[str], debug: bool) -> int:
