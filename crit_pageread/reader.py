@@ -925,20 +925,7 @@ class PageReader:
             requests, zeros = [], [(0, 0)]  # readv below raises it again, or zeroes what it may
         # A view of parent pages that auto-dedup punches would show the punched zeros: those are copied.
         if not zeros and requests and not self.auto_dedup and all(r.pages is not None for r in requests):
-            observe = self._root._observe
-            if observe is not None:
-                for vaddr, length in ranges:
-                    observe.crit_pageread_before_read(reader=self, vaddr=vaddr, length=length, deferred=False)
-            if self.strategy.pending:
-                self._root.sync()
-            view = self._moved(lambda: self.strategy.view(requests, scratch))
-            if observe is not None:
-                with memoryview(view.data) as data:
-                    at = view.start
-                    for vaddr, length in ranges:
-                        observe.crit_pageread_after_read(reader=self, vaddr=vaddr, data=data[at : at + length])
-                        at += length
-            return view
+            return self._view(requests, ranges, scratch)
         del pending[mark:]  # readv plans (and owes) its own
         buf = scratch if scratch is not None and len(scratch) >= total else bytearray(total)
         dest = memoryview(buf)
@@ -982,19 +969,26 @@ class PageReader:
             dest = memoryview(buf)
             self.readv([(r.vaddr, dest[r.out_offset : r.out_offset + r.length]) for r in requests])
             return View(buf, 0, pos)
+        return self._view(requests, None, scratch)
+
+    def _view(self, requests: list[CopyRequest], ranges: list[tuple[int, int]] | None,
+              scratch: Scratch | None) -> View:
+        """The strategy's view of planned `requests`; observers see `ranges` (the requests' own if None)."""
         observe = self._root._observe
+        pieces: list[tuple[int, int]] = []
         if observe is not None:
-            for r in requests:
-                observe.crit_pageread_before_read(reader=self, vaddr=r.vaddr, length=r.length, deferred=False)
+            pieces = ranges if ranges is not None else [(r.vaddr, r.length) for r in requests]
+            for vaddr, length in pieces:
+                observe.crit_pageread_before_read(reader=self, vaddr=vaddr, length=length, deferred=False)
         if self.strategy.pending:
             self._root.sync()
         view = self._moved(lambda: self.strategy.view(requests, scratch))
         if observe is not None:
             with memoryview(view.data) as data:
                 at = view.start
-                for r in requests:
-                    observe.crit_pageread_after_read(reader=self, vaddr=r.vaddr, data=data[at : at + r.length])
-                    at += r.length
+                for vaddr, length in pieces:
+                    observe.crit_pageread_after_read(reader=self, vaddr=vaddr, data=data[at : at + length])
+                    at += length
         return view
 
     def _moved(self, op: Any) -> Any:

@@ -435,30 +435,21 @@ class _Scanner:
         origin = offsets[i]
         tainted: set[int] = set()
         found: list[tuple[int, Match]] = []
-        for rule in results.matching_rules:
-            any_match = False
-            for pattern in rule.patterns:
-                matches = pattern.matches
-                if not matches:
-                    continue
-                any_match = True
-                if len(matches) >= self.max_matches:
-                    self.truncated = True
-                for m in matches:
-                    off = m.offset
-                    k = bisect.bisect_right(offsets, origin + off, i, j) - 1
-                    inside = origin + off - offsets[k]
-                    if inside >= lens[k]:
-                        continue  # starts in a separator: not memory
-                    if inside + m.length > lens[k]:
-                        tainted.add(k)  # in memory it would cross a hole: the run is scanned again alone
-                        continue
-                    span = owners[bisect.bisect_right(owner_ends, k)][1]
-                    found.append((k, _match(span, rule, pattern.identifier, starts[k] + inside, m.length,
-                                            data[off : off + min(m.length, EXCERPT)])))
-            if not any_match and (rule.namespace, rule.identifier) not in rule_only:
-                rule_only.add((rule.namespace, rule.identifier))
-                out.append(_match(owners[bisect.bisect_right(owner_ends, i)][1], rule, None, starts[i], 0, b""))
+        for rule, identifier, m in self._matches(results):
+            if m is None:
+                _rule_only(owners[bisect.bisect_right(owner_ends, i)][1], rule, starts[i], out, rule_only)
+                continue
+            off = m.offset
+            k = bisect.bisect_right(offsets, origin + off, i, j) - 1
+            inside = origin + off - offsets[k]
+            if inside >= lens[k]:
+                continue  # starts in a separator: not memory
+            if inside + m.length > lens[k]:
+                tainted.add(k)  # in memory it would cross a hole: the run is scanned again alone
+                continue
+            span = owners[bisect.bisect_right(owner_ends, k)][1]
+            found.append((k, _match(span, rule, identifier, starts[k] + inside, m.length,
+                                    data[off : off + min(m.length, EXCERPT)])))
         out.extend(m for k, m in found if k not in tainted)
         for k in sorted(tainted):
             a = offsets[k] - origin
@@ -492,6 +483,18 @@ class _Scanner:
     def _report(self, results: Any, data: bytes, span: Span, base: int, own_start: int, own_end: int,
                 out: list[Match], rule_only: set[tuple[str, str]]) -> None:
         """Append yara-x's matches over `data` (memory from `base`) that start in [own_start, own_end)."""
+        for rule, identifier, m in self._matches(results):
+            if m is None:
+                _rule_only(span, rule, base, out, rule_only)
+                continue
+            vaddr = base + m.offset
+            if own_start <= vaddr < own_end:
+                out.append(_match(span, rule, identifier, vaddr, m.length,
+                                  data[m.offset : m.offset + min(m.length, EXCERPT)]))
+
+    def _matches(self, results: Any) -> Iterator[tuple[Any, str | None, Any]]:
+        """yara-x's string matches in `results` as (rule, identifier, match); (rule, None, None) for a matching
+        rule without any (a condition such as `not $a`). Notes a pattern cut at `max_matches`."""
         for rule in results.matching_rules:
             any_match = False
             for pattern in rule.patterns:
@@ -501,15 +504,19 @@ class _Scanner:
                 any_match = True
                 if len(matches) >= self.max_matches:
                     self.truncated = True
+                identifier = pattern.identifier
                 for m in matches:
-                    vaddr = base + m.offset
-                    if own_start <= vaddr < own_end:
-                        out.append(_match(span, rule, pattern.identifier, vaddr, m.length,
-                                          data[m.offset : m.offset + min(m.length, EXCERPT)]))
-            if not any_match and (rule.namespace, rule.identifier) not in rule_only:
-                # A condition with no string match (e.g. `not $a`, `filesize > 0`): once per process.
-                rule_only.add((rule.namespace, rule.identifier))
-                out.append(_match(span, rule, None, base, 0, b""))
+                    yield rule, identifier, m
+            if not any_match:
+                yield rule, None, None
+
+
+def _rule_only(span: Span, rule: Any, vaddr: int, out: list[Match], rule_only: set[tuple[str, str]]) -> None:
+    """A rule that holds with no string match (e.g. `not $a`, `filesize > 0`): reported once per process."""
+    key = (rule.namespace, rule.identifier)
+    if key not in rule_only:
+        rule_only.add(key)
+        out.append(_match(span, rule, None, vaddr, 0, b""))
 
 
 def _match(span: Span, rule: Any, identifier: str | None, vaddr: int, length: int, data: bytes) -> Match:
