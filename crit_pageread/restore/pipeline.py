@@ -307,6 +307,10 @@ def _restore_lazy(images_dir: Path, config: Config, options: dict[str, Any]) -> 
         if code != 0:
             raise RestoreError(images_dir, f"criu lazy-pages failed (exit {code}): "
                                f"{_log_tail(images_dir / daemon_log)}")
+        # A session counts its pages after sending them: the daemon may exit before the count, so the
+        # sessions are ended (the server's close joins them) before reading it.
+        server.shutdown()
+        thread.join(timeout=options["timeout"] + 2)
         result.pages_served = counter.pages
         return result
     finally:
