@@ -6,6 +6,9 @@
  *   plan()          a read of [vaddr, end) over a MemoryMap's run columns (Python lists) ->
  *                   pieces (int64 quadruples: file, offset, dest_offset, length), joined where
  *                   contiguous both in one pages file and in memory, and the holes to zero;
+ *   pack()          plan()'s pieces for many ranges laid one after another in one buffer, a gap of
+ *                   zero bytes after each (a scan's pack of short runs);
+ *   parse_pagemap() a pagemap image's entries as CRIU writes them -> the index's columns (bytes);
  *   resolve()       a chain level's pagemap columns over its parent's map -> the level's map;
  *   queue_*()       preadv's queue: records (fd, offset, address, length) in a bytearray;
  *   preadv_queue()  the queue read with CRIU's batching (one run per file range, bridging gaps
@@ -295,6 +298,287 @@ done:
     PyMem_Free(pieces.data);
     PyMem_Free(holes.data);
     PyMem_Free(table.items);
+    return result;
+}
+
+/* --- pack: many ranges one after another into one buffer -------------------------------- */
+
+PyDoc_STRVAR(pack_doc,
+"pack(starts, sizes, kinds, files, offsets, rstarts, rends, first, dest, gap) -> "
+"(status, a, b, next, used, pieces, addresses, files)\n\n"
+"Plan a read of the ranges [rstarts[k], rends[k]) from k = first on over a MemoryMap's columns into\n"
+"`dest` one after another, `gap` bytes after each (zeroed here), as many as fit with their gaps.\n"
+"status 0: next is the index past the last range planned, used the bytes of dest they take (gaps\n"
+"included); pieces as plan()'s (dest_offset in dest) and addresses (bytes of int64: each piece's\n"
+"address in memory). 1: a hole at [a, b); 2: lazy pages at [a, b); 3: run a is broken;\n"
+"4: an address past 2**62 (plan in Python). ValueError if the first range does not fit.");
+
+#define PACK_LIMIT ((int64_t)1 << 62)
+
+static PyObject *fast_pack(PyObject *self, PyObject *args)
+{
+    PyObject *starts, *sizes, *kinds, *files, *offsets, *rstarts, *rends;
+    Py_ssize_t first, gap;
+    Py_buffer dest;
+    if (!PyArg_ParseTuple(args, "OOOOOOOnw*n", &starts, &sizes, &kinds, &files, &offsets, &rstarts, &rends, &first,
+                          &dest, &gap))
+        return NULL;
+    vec_t pieces = {0}, addrs = {0};
+    table_t table = {NULL, 0, 0, -1};
+    PyObject *result = NULL;
+    if (!PyList_Check(starts) || !PyList_Check(rstarts)) {
+        PyErr_SetString(PyExc_TypeError, "map columns and ranges must be lists");
+        goto done;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(starts), nranges = PyList_GET_SIZE(rstarts);
+    PyObject *cols[] = {sizes, kinds, files, offsets};
+    if (same_lengths(count, cols, 4) < 0 || same_lengths(nranges, &rends, 1) < 0)
+        goto done;
+    if (first < 0 || first >= nranges || gap < 0) {
+        PyErr_SetString(PyExc_ValueError, "first must index a range and gap must not be negative");
+        goto done;
+    }
+    char *base = dest.buf;
+    const Py_ssize_t cap = dest.len;
+    int status = P_OK;
+    int64_t a = 0, b = 0, used = 0;
+    Py_ssize_t k = first;
+    piece_t *last = NULL;
+    int64_t last_vaddr = 0, prev_end = 0;
+    Py_ssize_t i = 0;
+    for (; k < nranges; k++) {
+        int64_t rs, re;
+        if (item(rstarts, k, &rs) < 0 || item(rends, k, &re) < 0) {
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+                goto done;
+            PyErr_Clear();
+            status = 4;
+            break;
+        }
+        if (rs < 0 || re >= PACK_LIMIT) {
+            status = 4;
+            break;
+        }
+        if (re <= rs) {
+            PyErr_SetString(PyExc_ValueError, "a range is empty or reversed");
+            goto done;
+        }
+        if (re - rs > cap - used - gap) {
+            if (k == first) {
+                PyErr_SetString(PyExc_ValueError, "the first range and its gap do not fit the buffer");
+                goto done;
+            }
+            break;
+        }
+        /* the map's run at rs: a few steps on from the previous range's (ranges in address order), else
+         * a binary search */
+        int found = 0;
+        if (k > first && rs >= prev_end) {
+            for (int step = 0; step < 8 && i < count; step++, i++) {
+                int64_t s0, n0;
+                if (item(starts, i, &s0) < 0 || item(sizes, i, &n0) < 0)
+                    goto done;
+                if (s0 + n0 > rs) {
+                    found = 1;
+                    break;
+                }
+            }
+            found = found || i >= count;
+        }
+        if (!found && index_at(starts, sizes, count, rs, &i) < 0)
+            goto done;
+        prev_end = re;
+        int64_t pos = rs;
+        while (pos < re) {
+            int64_t start = 0, size, kind, offset;
+            if (i < count && item(starts, i, &start) < 0)
+                goto done;
+            if (i >= count || start > pos) {
+                status = P_HOLE, a = pos, b = i < count && start < re ? start : re;
+                goto planned;
+            }
+            if (item(sizes, i, &size) < 0 || item(kinds, i, &kind) < 0)
+                goto done;
+            int64_t stop = start + size < re ? start + size : re;
+            if (stop <= pos) { /* an empty run */
+                i++;
+                continue;
+            }
+            if (kind == K_LAZY) {
+                status = P_LAZY, a = pos, b = stop;
+                goto planned;
+            }
+            if (kind != K_PRESENT) {
+                status = P_BROKEN, a = i;
+                goto planned;
+            }
+            if (item(offsets, i, &offset) < 0)
+                goto done;
+            int64_t file = table_index(&table, PyList_GET_ITEM(files, i));
+            if (file < 0)
+                goto done;
+            offset += pos - start;
+            int64_t at = used + (pos - rs), length = stop - pos;
+            if (last != NULL && last->file == file && last->offset + last->length == offset
+                    && last->dest + last->length == at && last_vaddr + last->length == pos) {
+                last->length += length;
+            } else {
+                last = vec_add(&pieces, sizeof(piece_t));
+                int64_t *addr = last ? vec_add(&addrs, sizeof(int64_t)) : NULL;
+                if (addr == NULL)
+                    goto done;
+                last->file = file;
+                last->offset = offset;
+                last->dest = at;
+                last->length = length;
+                *addr = last_vaddr = pos;
+            }
+            pos = stop;
+            i++;
+        }
+        used += re - rs;
+        memset(base + used, 0, (size_t)gap);
+        used += gap;
+    }
+planned:
+    {
+        PyObject *p = vec_bytes(&pieces), *v = vec_bytes(&addrs), *f = table_list(&table);
+        if (p && v && f)
+            result = Py_BuildValue("iLLnLNNN", status, (long long)a, (long long)b, k, (long long)used, p, v, f);
+        else {
+            Py_XDECREF(p);
+            Py_XDECREF(v);
+            Py_XDECREF(f);
+        }
+    }
+done:
+    PyMem_Free(pieces.data);
+    PyMem_Free(addrs.data);
+    PyMem_Free(table.items);
+    PyBuffer_Release(&dest);
+    return result;
+}
+
+/* --- parse_pagemap: entries as CRIU writes them, in one pass ------------------------------ */
+
+PyDoc_STRVAR(parse_pagemap_doc,
+"parse_pagemap(data, pos, offset, page_size, limit, prev_end, layout, count)\n"
+"    -> (starts, sizes, flags, offsets, layout, offset, pos, prev_end) | None\n\n"
+"pagemap.py's one-pass parser, up to `count` entries of `data` from `pos` on (frames of a one-byte\n"
+"size, three zero bytes, then fields 1 vaddr, 2 nr_pages, 4 flags (one byte) and in the 4.2 layout 5\n"
+"nr_pages, field 2 then 0), all of one layout (`layout` so far: \"\", \"4.1\" or \"4.2\"), valid (known\n"
+"flags, not present and parent, page-aligned, in order from `prev_end` on, ending by `limit`, 4.1 page\n"
+"counts below 2**32). Columns as bytes: int64 starts, sizes in bytes and pages-file offsets (from\n"
+"`offset` on, -1 without PE_PRESENT), uint8 flags; then the layout, the offset past the last present\n"
+"page, the position past the last entry read and its end, to go on from. None if an entry is not such\n"
+"(the general decoder then reads them and names what is wrong).");
+
+/* A varint of at most `max` bytes at *p (before end); 0 if there is none, or its value is 2**63 or more. */
+static int varint(const unsigned char **p, const unsigned char *end, int max, uint64_t *out)
+{
+    uint64_t value = 0;
+    for (int k = 0; k < max && *p < end; k++) {
+        unsigned char byte = *(*p)++;
+        uint64_t bits = byte & 0x7F;
+        if (k == 9 && bits)
+            return 0;
+        value |= bits << (7 * k);
+        if (!(byte & 0x80)) {
+            *out = value;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *fast_parse_pagemap(PyObject *self, PyObject *args)
+{
+    Py_buffer data;
+    Py_ssize_t pos, count;
+    long long offset_ll, page_size_ll, limit_ll, prev_ll;
+    const char *layout_in;
+    if (!PyArg_ParseTuple(args, "y*nLLLLsn", &data, &pos, &offset_ll, &page_size_ll, &limit_ll, &prev_ll, &layout_in,
+                          &count))
+        return NULL;
+    PyObject *result = NULL;
+    vec_t cols[4] = {{0}, {0}, {0}, {0}};
+    const int64_t page_size = page_size_ll, limit = limit_ll;
+    int layout = strcmp(layout_in, "4.1") == 0 ? 41 : strcmp(layout_in, "4.2") == 0 ? 42 : 0; /* 0: none yet */
+    if (pos < 0 || pos > data.len || page_size <= 0 || (page_size & (page_size - 1)) || limit <= 0 || count < 1
+            || (!layout && *layout_in)) {
+        PyErr_SetString(PyExc_ValueError, "bad position, page size, limit, layout or count");
+        goto done;
+    }
+    const unsigned char *p = (const unsigned char *)data.buf + pos, *end = (const unsigned char *)data.buf + data.len;
+    int64_t offset = offset_ll, prev_end = prev_ll;
+    Py_ssize_t n = 0;
+    while (p < end && n < count) {
+        if (end - p < 4 || p[1] || p[2] || p[3] || end - (p + 4) < p[0])
+            goto none;
+        const unsigned char *q = p + 4, *qe = p + 4 + p[0];
+        uint64_t vaddr, compat, nr = 0;
+        if (q >= qe || *q++ != 0x08 || !varint(&q, qe, 10, &vaddr))
+            goto none;
+        if (q >= qe || *q++ != 0x10)
+            goto none;
+        const unsigned char *compat_at = q;
+        if (!varint(&q, qe, 5, &compat))
+            goto none;
+        const Py_ssize_t compat_len = q - compat_at;
+        if (qe - q < 2 || q[0] != 0x20 || q[1] & 0x80)
+            goto none;
+        const int flags = q[1];
+        q += 2;
+        int here = 41;
+        if (q < qe) {
+            /* 4.2: field 5 ends the entry; field 2 is one zero byte */
+            if (*q++ != 0x28 || !varint(&q, qe, 10, &nr) || q != qe || compat_len != 1 || compat != 0)
+                goto none;
+            here = 42;
+        } else {
+            nr = compat;
+            if (nr > 0xFFFFFFFFu)
+                goto none;
+        }
+        if (layout && layout != here)
+            goto none;
+        layout = here;
+        if (flags < 1 || flags > 7 || (flags & 5) == 5 || nr < 1 || (vaddr & (uint64_t)(page_size - 1))
+                || vaddr > (uint64_t)limit || nr > (uint64_t)(limit / page_size)
+                || (int64_t)vaddr + (int64_t)nr * page_size > limit || (int64_t)vaddr < prev_end)
+            goto none;
+        const int64_t start = (int64_t)vaddr, size = (int64_t)nr * page_size, off = flags & 4 ? offset : -1;
+        int64_t *a = vec_add(&cols[0], 8), *b = vec_add(&cols[1], 8), *o = vec_add(&cols[3], 8);
+        unsigned char *f = vec_add(&cols[2], 1);
+        if (!a || !b || !o || !f)
+            goto done;
+        *a = start, *b = size, *o = off, *f = (unsigned char)flags;
+        if (flags & 4)
+            offset += size;
+        prev_end = start + size;
+        p = qe;
+        n++;
+    }
+    if (!n)
+        goto none;
+    {
+        PyObject *v[4];
+        for (int k = 0; k < 4; k++)
+            v[k] = vec_bytes(&cols[k]);
+        if (v[0] && v[1] && v[2] && v[3])
+            result = Py_BuildValue("NNNNsLnL", v[0], v[1], v[2], v[3], layout == 42 ? "4.2" : "4.1", (long long)offset,
+                                   (Py_ssize_t)(p - (const unsigned char *)data.buf), (long long)prev_end);
+        else
+            for (int k = 0; k < 4; k++)
+                Py_XDECREF(v[k]);
+    }
+    goto done;
+none:
+    result = Py_NewRef(Py_None);
+done:
+    for (int k = 0; k < 4; k++)
+        PyMem_Free(cols[k].data);
+    PyBuffer_Release(&data);
     return result;
 }
 
@@ -1018,6 +1302,8 @@ done:
 
 static PyMethodDef methods[] = {
     {"plan", fast_plan, METH_VARARGS, plan_doc},
+    {"pack", fast_pack, METH_VARARGS, pack_doc},
+    {"parse_pagemap", fast_parse_pagemap, METH_VARARGS, parse_pagemap_doc},
     {"resolve", fast_resolve, METH_VARARGS, resolve_doc},
     {"queue_plan", fast_queue_plan, METH_VARARGS, queue_plan_doc},
     {"queue_scatter", fast_queue_scatter, METH_VARARGS, queue_scatter_doc},
@@ -1041,7 +1327,7 @@ PyMODINIT_FUNC PyInit__fastio(void)
     if (m == NULL)
         return NULL;
     /* native.py uses the module only if this is the version its Python side was written for */
-    if (PyModule_AddIntConstant(m, "VERSION", 2) < 0
+    if (PyModule_AddIntConstant(m, "VERSION", 3) < 0
             || PyModule_AddIntConstant(m, "PIECE_BYTES", (long)sizeof(piece_t)) < 0
             || PyModule_AddIntConstant(m, "RECORD_BYTES", (long)sizeof(rec_t)) < 0) {
         Py_DECREF(m);

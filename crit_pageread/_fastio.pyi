@@ -12,6 +12,13 @@ def plan(
     starts: list[int], sizes: list[int], kinds: list[int], files: list[Any], offsets: list[int],
     vaddr: int, end: int, holes: int, /,
 ) -> tuple[int, int, int, bytes, bytes, list[Any]]: ...
+def pack(
+    starts: list[int], sizes: list[int], kinds: list[int], files: list[Any], offsets: list[int],
+    rstarts: list[int], rends: list[int], first: int, dest: WriteableBuffer, gap: int, /,
+) -> tuple[int, int, int, int, int, bytes, bytes, list[Any]]: ...
+def parse_pagemap(
+    data: ReadableBuffer, pos: int, offset: int, page_size: int, limit: int, prev_end: int, layout: str, count: int, /,
+) -> tuple[bytes, bytes, bytes, bytes, str, int, int, int] | None: ...
 def resolve(
     vaddrs: list[int], sizes: list[int], flags: list[int], offsets: list[int], pages: Any, depth: int,
     parent: tuple[list[Any], ...], out: tuple[list[Any], ...], /,

@@ -15,7 +15,7 @@ import os
 from typing import Any
 
 #: The helper's interface this code calls (`_fastio.VERSION`).
-VERSION = 2
+VERSION = 3
 
 fastio: Any = None
 if os.environ.get("CRIT_PAGEREAD_NATIVE", "1") != "0":

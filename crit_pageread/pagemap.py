@@ -19,6 +19,7 @@ from itertools import compress, repeat
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from . import native
 from .errors import ImageError
 from .imagefile import (
     check_magic,
@@ -245,7 +246,11 @@ def _parse_canonical(data: bytes, pos: int, offset: int, page_size: int) -> tupl
     """The entries of `data` from `pos` on if every one is canonical (see _CANONICAL) and valid, as
     (starts, sizes, flags, offsets, layout, end offset); None if any is not (the general decoder
     then reads them and names what is wrong). Column by column: no Python loop body per entry;
-    CHUNK_ENTRIES entries at a time, so what parsing adds to the index's memory stays bounded."""
+    CHUNK_ENTRIES entries at a time, so what parsing adds to the index's memory stays bounded. The native
+    helper, when built, does the same in one pass in C (crit_pageread/native.py)."""
+    fast = native.fastio
+    if fast is not None:
+        return _parse_native(fast, data, pos, offset, page_size)
     columns: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
     layout = None
     prev_end = 0
@@ -264,6 +269,30 @@ def _parse_canonical(data: bytes, pos: int, offset: int, page_size: int) -> tupl
     if layout is None:
         return None
     return (*columns, layout, offset)
+
+
+def _parse_native(fast: Any, data: bytes, pos: int, offset: int, page_size: int) -> tuple[Any, ...] | None:
+    """`_parse_canonical` by the native helper, CHUNK_ENTRIES entries at a time: its columns (bytes) appended
+    to the index's lists, one int object per distinct size as the Python parser keeps."""
+    starts: list[int] = []
+    sizes: list[int] = []
+    flags: list[int] = []
+    offsets: list[int] = []
+    by_size: dict[int, int] = {}
+    layout, prev_end = "", 0
+    while pos < len(data):
+        got = fast.parse_pagemap(data, pos, offset, page_size, ADDRESS_LIMIT, prev_end, layout, CHUNK_ENTRIES)
+        if got is None:
+            return None
+        raw_starts, raw_sizes, raw_flags, raw_offsets, layout, offset, pos, prev_end = got
+        starts += memoryview(raw_starts).cast("q").tolist()
+        chunk = memoryview(raw_sizes).cast("q").tolist()
+        sizes += map(by_size.setdefault, chunk, chunk)
+        flags += raw_flags
+        offsets += memoryview(raw_offsets).cast("q").tolist()
+    if not layout:
+        return None
+    return starts, sizes, flags, offsets, layout, offset
 
 
 def _parse_chunk(data: bytes, pos: int, end: int, offset: int, page_size: int) -> tuple[Any, ...] | None:

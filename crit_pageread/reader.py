@@ -689,6 +689,55 @@ class PageReader:
                 observe.crit_pageread_after_read(reader=self, vaddr=vaddr, data=dest)
         return total
 
+    def read_packed(self, starts: list[int], ends: list[int], first: int, buffer: Any, *, gap: int = 0,
+                    defer: bool = False) -> tuple[int, int]:
+        """Read the ranges [starts[k], ends[k]) from k = `first` on into `buffer` one after another, `gap`
+        zero bytes after each, as many as fit with their gaps (the first must); returns the index past
+        the last range read and the bytes of `buffer` used, gaps included.
+
+        For many short ranges at once (a scan's pack of fragmented memory): the native helper plans
+        them in one call, one PlannedRead for the strategy (no Python per range); otherwise, or where
+        a range is not all data of this reader's own map (holes, lazy pages, shared mappings of a
+        process), it is `readv` of the ranges, with its errors.
+        """
+        self._check_open()
+        dest = _byte_view(buffer, "read_packed")
+        fast = native.fastio
+        if (fast is not None and not self.auto_dedup and self.strategy.takes_plans
+                and self._root._observe is None and 0 <= first < len(starts)):
+            flat = self._map or self.memory_map()
+            status, _, _, nxt, used, pieces, addresses, files = fast.pack(
+                flat.starts, flat.sizes, flat.kinds, flat.files, flat.offsets, starts, ends, first, dest, gap)
+            if status == 0:
+                if not defer and self.strategy.pending:
+                    self._root.sync()
+                if pieces:
+                    self._issue([PlannedRead(files, pieces, dest, starts[first], self.target, addresses)], defer)  # type: ignore[list-item]
+                return nxt, used
+        iov: list[tuple[int, memoryview]] = []
+        gaps: list[int] = []
+        used = 0
+        k = first
+        room = len(dest) - gap
+        while k < len(starts):
+            n = ends[k] - starts[k]
+            if n <= 0:
+                raise ValueError("a range is empty or reversed")
+            if used + n > room:
+                break
+            iov.append((starts[k], dest[used : used + n]))
+            gaps.append(used + n)
+            used += n + gap
+            k += 1
+        if k == first:
+            raise ValueError("the first range and its gap do not fit the buffer")
+        self.readv(iov, defer=defer)
+        if gap:
+            zeros = bytes(gap)
+            for at in gaps:
+                dest[at : at + gap] = zeros
+        return k, used
+
     def _issue(self, requests: list[AnyRequest], defer: bool) -> None:
         """Hand planned requests to the strategy: queued, or read now and what auto-dedup owes punched."""
         strategy = self.strategy

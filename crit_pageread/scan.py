@@ -32,7 +32,6 @@ import resource
 import sys
 import time
 import uuid
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate, compress, repeat
@@ -41,7 +40,7 @@ from typing import Any
 
 from .archive import is_archive
 from .config import Config
-from .errors import ConfigError, CritPageReadError, LazyPageError
+from .errors import ConfigError, CritPageReadError
 from .images import CheckpointImages, open_images
 from .memory import Area, Span, VmaFilter, spans
 
@@ -53,16 +52,12 @@ WINDOW = 16 << 20
 OVERLAP = 64 << 10
 #: Matches kept per pattern and window (yara-x stops recording after that many).
 MAX_MATCHES = 1000
-#: Runs up to this long are packed: read a stretch at a time, copied one after another, scanned together.
+#: Runs up to this long are packed: read one after another into one buffer, scanned together.
 SMALL_RUN = 64 << 10
-#: Bytes of memory (from a stretch's first run to its last one's end) read at once for packing.
-BATCH = 4 << 20
 #: Bytes of short runs scanned at once (a pack).
 PACK = 1 << 20
 #: Zero bytes between two runs of a pack (where a hole or an unmapped gap is).
 SEPARATOR = 16
-_SEPARATOR = bytes(SEPARATOR)
-_setitem: Any = operator.setitem  # view[slice] = bytes, mapped over many slices at C level
 #: Short runs of a process kept waiting for packing at most (their addresses only).
 PENDING_RUNS = 1 << 16
 #: Bytes of a match kept for the excerpt.
@@ -330,10 +325,10 @@ class _Scanner:
 
     A run longer than SMALL_RUN is read into the window buffer window by
     window and scanned on its own. Shorter runs (fragmented memory) are
-    packed, with no Python per run: a stretch of memory at a time is read
-    (one `readinto`, holes skipped) into the batch buffer, its runs are
-    joined with SEPARATOR zero bytes between them, and PACK bytes of them are
-    scanned at once. A match that does not lie inside one run (it overlaps a
+    packed, with no Python per run: the reader reads PACK bytes of them at
+    a time into the window buffer, one after another with SEPARATOR zero
+    bytes after each (`PageReader.read_packed`: one plan for the strategy),
+    and they are scanned at once. A match that does not lie inside one run (it overlaps a
     separator: in memory it would cross a hole) is dropped, and the run where
     it starts is scanned again on its own, so each run's matches are the ones
     it holds.
@@ -352,7 +347,6 @@ class _Scanner:
         self.buffer = WindowBuffer(self.window)
         self.pack_size = min(PACK, self.window)
         self.small = min(SMALL_RUN, self.pack_size - SEPARATOR)
-        self.batch = bytearray(min(BATCH, self.window))
         self.truncated = False
         # Short runs not scanned yet (one process's): their starts and ends, and (index past its last run, span)
         # per span they come from.
@@ -387,52 +381,32 @@ class _Scanner:
         return sum(lens)
 
     def flush(self, out: list[Match], rule_only: set[tuple[str, str]]) -> None:
-        """Scan the pending short runs, PACK bytes of them at a time."""
+        """Scan the pending short runs, PACK bytes of them at a time: the reader lays each pack's runs one
+        after another in the window buffer with SEPARATOR zero bytes after each (`read_packed`)."""
         starts, ends, owners = self._starts, self._ends, self._spans
         if not starts:
             return
         self._starts, self._ends, self._spans = [], [], []
-        lens = list(map(operator.sub, ends, starts))
-        # offsets[k]: where run k starts in the joined runs (a separator after each)
-        offsets = list(accumulate(map(operator.add, lens, repeat(SEPARATOR)), initial=0))
         owner_ends = [e for e, _ in owners]
-        bview = memoryview(self.batch)
-        extent = len(bview)
-        view = self.buffer.view
+        pack = self.buffer.view[: self.pack_size]
         reader = owners[0][1].reader
         count = len(starts)
         i = 0
         while i < count:
-            # the pack: runs i..j-1, at most pack_size bytes with their separators (at least one run)
-            j = max(bisect.bisect_right(offsets, offsets[i] + self.pack_size, i) - 1, i + 1)
-            origin = offsets[i]
-            s = i
-            while s < j:  # a stretch of memory at a time: runs s..t-1 lie within `extent` bytes of run s's start
-                t = max(bisect.bisect_right(ends, starts[s] + extent, s, j), s + 1)
-                base = starts[s]
-                sources = list(map(bview.__getitem__, map(slice, map(operator.sub, starts[s:t], repeat(base)),
-                                                           map(operator.sub, ends[s:t], repeat(base)))))
-                try:
-                    reader.readinto(base, bview[: ends[t - 1] - base], holes="skip")
-                except LazyPageError:  # lazy pages the strategy does not serve lie between runs: read the runs
-                    reader.readv(zip(starts[s:t], sources, strict=True))
-                # each run to its place in the window buffer, a separator after it (C-level loops)
-                places = list(map(operator.sub, offsets[s:t], repeat(origin)))
-                run_ends = list(map(operator.add, places, lens[s:t]))
-                deque(map(_setitem, repeat(view), map(slice, places, run_ends), sources), maxlen=0)
-                deque(map(_setitem, repeat(view), map(slice, run_ends, map(operator.add, run_ends,
-                      repeat(SEPARATOR))), repeat(_SEPARATOR)), maxlen=0)
-                s = t
-            results, data = self.buffer.scan(self.scanner, offsets[j] - origin - SEPARATOR)
-            self._scan_pack(results, data, starts, lens, offsets, i, j, owners, owner_ends, out, rule_only)
+            j, used = reader.read_packed(starts, ends, i, pack, gap=SEPARATOR)
+            results, data = self.buffer.scan(self.scanner, used - SEPARATOR)
+            if results.matching_rules:
+                self._scan_pack(results, data, starts, ends, i, j, owners, owner_ends, out, rule_only)
             i = j
 
-    def _scan_pack(self, results: Any, data: bytes, starts: list[int], lens: list[int], offsets: list[int], i: int,
-                   j: int, owners: list[tuple[int, Span]], owner_ends: list[int], out: list[Match],
+    def _scan_pack(self, results: Any, data: bytes, starts: list[int], ends: list[int], i: int, j: int,
+                   owners: list[tuple[int, Span]], owner_ends: list[int], out: list[Match],
                    rule_only: set[tuple[str, str]]) -> None:
         """yara-x's `results` over the packed runs i..j-1 (`data`): keep the matches inside one run; scan again
         alone each run where a match starts that leaves it."""
-        origin = offsets[i]
+        lens = list(map(operator.sub, ends[i:j], starts[i:j]))
+        # offsets[k - i]: where run k starts in the pack (a separator after each)
+        offsets = list(accumulate(map(operator.add, lens, repeat(SEPARATOR)), initial=0))
         tainted: set[int] = set()
         found: list[tuple[int, Match]] = []
         for rule, identifier, m in self._matches(results):
@@ -440,22 +414,22 @@ class _Scanner:
                 _rule_only(owners[bisect.bisect_right(owner_ends, i)][1], rule, starts[i], out, rule_only)
                 continue
             off = m.offset
-            k = bisect.bisect_right(offsets, origin + off, i, j) - 1
-            inside = origin + off - offsets[k]
+            k = bisect.bisect_right(offsets, off) - 1
+            inside = off - offsets[k]
             if inside >= lens[k]:
                 continue  # starts in a separator: not memory
             if inside + m.length > lens[k]:
                 tainted.add(k)  # in memory it would cross a hole: the run is scanned again alone
                 continue
-            span = owners[bisect.bisect_right(owner_ends, k)][1]
-            found.append((k, _match(span, rule, identifier, starts[k] + inside, m.length,
+            span = owners[bisect.bisect_right(owner_ends, i + k)][1]
+            found.append((k, _match(span, rule, identifier, starts[i + k] + inside, m.length,
                                     data[off : off + min(m.length, EXCERPT)])))
         out.extend(m for k, m in found if k not in tainted)
         for k in sorted(tainted):
-            a = offsets[k] - origin
+            a = offsets[k]
             run = data[a : a + lens[k]]  # a copy: the window buffer is scanned again
-            span = owners[bisect.bisect_right(owner_ends, k)][1]
-            self._report(self.scanner.scan(run), run, span, starts[k], starts[k], starts[k] + lens[k], out,
+            span = owners[bisect.bisect_right(owner_ends, i + k)][1]
+            self._report(self.scanner.scan(run), run, span, starts[i + k], starts[i + k], ends[i + k], out,
                          rule_only)
 
     def scan_run(self, span: Span, rs: int, re_: int, out: list[Match], rule_only: set[tuple[str, str]]) -> None:

@@ -166,19 +166,23 @@ class PlannedRead:
     `pieces` is bytes of int64 quadruples (file, offset, dest_offset, length),
     in address order: `length` bytes at `offset` of `files[file]` go to
     `dest[dest_offset : dest_offset + length]`; pieces contiguous both in a
-    file and in memory are joined. `vaddr` is the address of `dest[0]`. Only a
-    strategy with `takes_plans` gets these (the local ones, which hand them to
-    the compiled helper); `requests()` gives the same reads as plain requests.
+    file and in memory are joined. `vaddr` is the address of `dest[0]`; for
+    ranges laid one after another (`PageReader.read_packed`) `addresses` is
+    bytes of int64, each piece's own address. Only a strategy with
+    `takes_plans` gets these (the local ones, which hand them to the compiled
+    helper); `requests()` gives the same reads as plain requests.
     """
 
-    __slots__ = ("dest", "files", "pieces", "target", "vaddr")
+    __slots__ = ("addresses", "dest", "files", "pieces", "target", "vaddr")
 
-    def __init__(self, files: list[PagesFile], pieces: bytes, dest: memoryview, vaddr: int, target: Target) -> None:
+    def __init__(self, files: list[PagesFile], pieces: bytes, dest: memoryview, vaddr: int, target: Target,
+                 addresses: bytes | None = None) -> None:
         self.files = files
         self.pieces = pieces
         self.dest = dest
         self.vaddr = vaddr
         self.target = target
+        self.addresses = addresses
 
     def __len__(self) -> int:
         return len(self.pieces) // 32
@@ -191,8 +195,12 @@ class PlannedRead:
     def requests(self) -> list[ReadRequest]:
         """The pieces as plain requests, in address order."""
         q = memoryview(self.pieces).cast("q").tolist()
-        files, dest, vaddr, target = self.files, self.dest, self.vaddr, self.target
-        return [ReadRequest(files[q[k]], q[k + 1], dest[q[k + 2] : q[k + 2] + q[k + 3]], vaddr + q[k + 2], target)
+        files, dest, target = self.files, self.dest, self.target
+        if self.addresses is None:
+            addrs = [self.vaddr + d for d in q[2::4]]
+        else:
+            addrs = memoryview(self.addresses).cast("q").tolist()
+        return [ReadRequest(files[q[k]], q[k + 1], dest[q[k + 2] : q[k + 2] + q[k + 3]], addrs[k // 4], target)
                 for k in range(0, len(q), 4)]
 
 

@@ -266,6 +266,111 @@ def test_shared_memory_reads_through_the_segment(tmp_path: Path, path: str) -> N
                     assert buf[(8 + 2 * k) * PAGE : (9 + 2 * k) * PAGE] == _page(1, k)
 
 
+def _packed(reader: Any, starts: list[int], ends: list[int], size: int, gap: int, defer: bool) -> Any:
+    """Every pack `read_packed` makes of the ranges, buffers of `size` (0x5A where nothing is written):
+    (next, used, bytes), or the error's type and message."""
+    out: list[Any] = []
+    i = 0
+    try:
+        while i < len(starts):
+            buf = bytearray(b"\x5a" * size)
+            nxt, used = reader.read_packed(starts, ends, i, buf, gap=gap, defer=defer)
+            if defer:
+                reader.sync()
+            out.append((nxt, used, bytes(buf)))
+            i = nxt
+    except (NotDumpedError, LazyPageError, ChainError) as exc:
+        return type(exc).__name__, str(exc)
+    return out
+
+
+def test_read_packed_lays_ranges_one_after_another_with_zero_gaps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                   ) -> None:
+    """A scan's packs: the readable runs of a chain and of a process with a shared mapping, read into
+    buffers one after another with zeroed gaps, are the same with the helper (one PlannedRead per pack,
+    each piece at its own address) and without it, and hold each run's bytes; a range over a hole or
+    lazy pages is the same error."""
+    need_native()
+    newest, truth, bad = _chain(tmp_path / "chain", levels=3, seed=13, lacking=False, lazy=True)
+    b = ImageBuilder(tmp_path / "shm")
+    shared = VmaSpec(BASE + 8 * PAGE, BASE + 16 * PAGE, status=VMA_AREA_REGULAR | VMA_ANON_SHARED, shmid=5,
+                     flags=0x21)
+    b.process(10, vmas=[VmaSpec(BASE, BASE + 8 * PAGE), shared, VmaSpec(BASE + 16 * PAGE, BASE + 24 * PAGE)])
+    b.pagemap(10, [(BASE + 2 * k * PAGE, _page(0, k)) for k in range(4)]
+              + [(BASE + (16 + 2 * k) * PAGE, _page(0, 16 + k)) for k in range(4)])
+    b.shmem_pagemap(5, [(2 * k * PAGE, _page(1, k)) for k in range(4)])
+    b.write()
+    shm_truth = {BASE + 2 * k * PAGE: _page(0, k) for k in range(4)}
+    shm_truth.update({BASE + (8 + 2 * k) * PAGE: _page(1, k) for k in range(4)})
+    shm_truth.update({BASE + (16 + 2 * k) * PAGE: _page(0, 16 + k) for k in range(4)})
+
+    def outcomes() -> dict[tuple[Any, ...], Any]:
+        got: dict[tuple[Any, ...], Any] = {}
+        for name, root, end in (("chain", newest, BASE + PAGES * PAGE), ("shm", tmp_path / "shm", BASE + 24 * PAGE)):
+            with open_images(root) as images:
+                for strategy in STRATEGIES:
+                    with images.reader(10, strategy) as reader:
+                        starts, ends, _lazy = reader.readable_runs(BASE, end)
+                        runs = [(s, e) for s, e in zip(starts, ends, strict=True)
+                                if not any(s <= a < e for a in bad)]
+                        starts, ends = [s for s, _ in runs], [e for _, e in runs]
+                        longest = max(e - s for s, e in runs)
+                        for size, gap in ((longest + 16, 16), (longest + 3 * PAGE, 0), (longest + 40 * PAGE, 7)):
+                            for defer in (False, True):
+                                got[name, strategy, size, gap, defer] = _packed(reader, starts, ends, size, gap, defer)
+                        # a range over a hole, and one over lazy pages
+                        for s, e in ((BASE, end), *((a, a + PAGE) for a in sorted(bad)[:1])):
+                            got[name, strategy, "bad", s] = _packed(reader, [s], [e], e - s + 16, 16, False)
+                        got[name, strategy, "runs"] = (starts, ends)
+        return got
+
+    seen: list[Any] = []
+    real = PlannedRead.requests
+    monkeypatch.setattr(PlannedRead, "requests", lambda self: seen.append(self) or real(self))
+    with_helper = outcomes()
+    monkeypatch.setattr(native, "fastio", None)
+    assert outcomes() == with_helper
+    for (name, _strategy, *rest), packs in with_helper.items():
+        if rest[0] in ("runs", "bad"):
+            if rest[0] == "bad":
+                assert isinstance(packs, tuple), (name, rest)
+            continue
+        size, gap, _defer = rest
+        starts, ends = with_helper[name, _strategy, "runs"]
+        want = truth if name == "chain" else shm_truth
+        i = 0
+        for nxt, used, data in packs:
+            at = 0
+            for k in range(i, nxt):
+                n = ends[k] - starts[k]
+                for a in range(starts[k], ends[k], PAGE):
+                    assert data[at + a - starts[k] : at + a - starts[k] + PAGE] == want[a]
+                assert data[at + n : at + n + gap] == bytes(gap)
+                at += n + gap
+            assert at == used <= size and data[used:] == b"\x5a" * (size - used)
+            # as many as fit: the next range and its gap would not
+            assert nxt == len(starts) or used + ends[nxt] - starts[nxt] + gap > size
+            i = nxt
+        assert i == len(starts)
+    # a plan's pieces expand to plain requests at their own addresses (as a strategy without the helper reads them)
+    assert not seen
+    with open_images(newest) as images, images.reader(10, "pread") as reader:
+        starts, ends, _ = reader.readable_runs(BASE, BASE + PAGES * PAGE)
+        keep = [k for k in range(len(starts)) if not any(starts[k] <= a < ends[k] for a in bad)]
+        starts, ends = [starts[k] for k in keep], [ends[k] for k in keep]
+        monkeypatch.setattr(native, "fastio", FAST)
+        fast = native.fastio
+        flat = reader.memory_map()
+        buf = bytearray(PAGES * PAGE * 2)
+        status, _, _, nxt, used, pieces, addresses, files = fast.pack(
+            flat.starts, flat.sizes, flat.kinds, flat.files, flat.offsets, starts, ends, 0, buf, 16)
+        assert status == 0 and nxt == len(starts)
+        plan = PlannedRead(files, pieces, memoryview(buf), starts[0], reader.target, addresses)
+        for piece in plan.requests():
+            reader.strategy.read(piece)
+            assert bytes(piece.dest) == reader.read(piece.vaddr, len(piece.dest))
+
+
 def test_a_short_pages_file_is_a_one_line_error_naming_it(tmp_path: Path, path: str) -> None:
     b = ImageBuilder(tmp_path / "d")
     b.process(10, vmas=[VmaSpec(BASE, BASE + 8 * PAGE)])

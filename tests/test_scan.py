@@ -554,15 +554,25 @@ def _scan_lib(images: Path, rules: Path, **kw: Any) -> set[tuple[str, int, int]]
     return {(m.identifier or "", m.vaddr, m.length) for m in res.matches}
 
 
+@pytest.mark.parametrize("helper", ["native", "python"])
 def test_scan_packs_short_runs_and_finds_what_each_run_holds_alone(
-    frag: tuple[Path, list[tuple[int, bytes]]], tmp_path: Path
+    frag: tuple[Path, list[tuple[int, bytes]]], tmp_path: Path, helper: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Short runs are scanned packed; the matches are those of yara-x scanning each run alone: nothing
     across a hole (even where a regex would run on through the separator), a greedy regex cut at its
     run's end, `fullword` after a hole, strings across adjacent entries and adjacent VMAs, far runs and
-    a long run, whatever the window (and so the pack) size."""
+    a long run, whatever the window (and so the pack) size; packs planned by the native helper or not."""
     import yara_x
 
+    from crit_pageread import native
+
+    if helper == "python":
+        monkeypatch.setattr(native, "fastio", None)
+    elif native.fastio is None:
+        msg = "the native helper crit_pageread._fastio is not built (pip install -e . builds it with a C compiler)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
     images, runs = frag
     rules = tmp_path / "frag.yar"
     rules.write_text(FRAG_RULES)

@@ -99,7 +99,7 @@ def summary(res: CheckpointResult) -> str:
     if res.error is not None:
         return f"crit-pageread: scan: {res.checkpoint}: {res.error}"
     text = (f"crit-pageread: scan: {res.checkpoint}: {res.pids} processes, {res.bytes / (1 << 20):.1f} MiB in "
-            f"{res.spans} spans, {len(res.matches)} matches of {res.rules} rules, {res.seconds:.2f} s, "
+            f"{res.spans} spans, {len(res.matches)} matches of {res.rules} rules, {res.seconds:.3f} s, "
             f"{res.peak_rss_mib:.0f} MiB peak RSS")
     if res.lazy_skipped:
         text += f"; {res.lazy_skipped / (1 << 20):.1f} MiB of lazy pages not scanned (use --strategy remote)"
