@@ -19,8 +19,12 @@ counts per strategy under `strace -c -f` against the number of contiguous
 file runs, and `benchmarks/remote_bench.py` if present. Writes
 results.json, results.md (the tables) and throughput.png to --out.
 
+The warm cache is the one a read of the pages files leaves (`--warm-from read`: each shape's files are
+evicted and read once first), not whatever CRIU's writes left (`--warm-from as-is`).
+
 usage: python -m benchmarks.run [--shapes big,frag,chain] [--runs 5] [--warmup 1]
-                                [--no-cold] [--no-stream] [--no-strace] [--grep-shapes plain,big] [--out DIR]
+                                [--no-cold] [--no-stream] [--no-strace] [--grep-shapes plain,big]
+                                [--warm-from read|as-is] [--out DIR]
 """
 
 from __future__ import annotations
@@ -90,6 +94,27 @@ def drop() -> None:
     problem = drop_caches()
     if problem:
         raise OSError(problem)
+
+
+WARM_FROM = {"read": "as one read of the pages files leaves it", "as-is": "as found (not settled)"}
+
+
+def settle_cache(files: list[str]) -> None:
+    """Leave `files` in the page cache as reading them leaves it: each is written back, evicted
+    (POSIX_FADV_DONTNEED: no root needed) and read once from start to end, so readahead fills the cache
+    (with the kernel's large folios). A file CRIU has just written is cached as its writes left it (pages
+    spliced one by one), which costs mmap's faults and small copies several times more; "warm" should not
+    depend on which process last wrote a checkpoint."""
+    buf = bytearray(1 << 20)
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            while os.readv(fd, [buf]):
+                pass
+        finally:
+            os.close(fd)
 
 
 def median_of(samples: list[dict[str, Any]], nbytes: int) -> dict[str, Any]:
@@ -441,7 +466,8 @@ def tables(results: dict[str, Any]) -> str:
     lines = [f"Benchmarks ({results['environment']['date']}, {results['environment']['kernel']}, "
              f"{results['environment']['cpus']} CPUs, load {results['environment']['loadavg_before']} -> "
              f"{results['environment']['loadavg_after']}; medians of {results['runs']} runs after "
-             f"{results['warmup']} warm-up)", ""]
+             f"{results['warmup']} warm-up; warm cache: "
+             f"{WARM_FROM[results['environment'].get('warm_from', 'as-is')]})", ""]
     for name, shape in results["shapes"].items():
         plan = shape["plan"]
         entries = sum(plan["entries_by_pid"].values())
@@ -624,6 +650,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grep-shapes", default="plain,big", help="shapes the grep suite runs on (\"\": none)")
     parser.add_argument("--no-materialize", action="store_true", help="skip materializing (and strace)")
     parser.add_argument("--no-remote", action="store_true", help="skip benchmarks/remote_bench.py")
+    parser.add_argument("--warm-from", choices=["read", "as-is"], default="read",
+                        help="warm cache as one read of the pages files leaves it (default), or as it is "
+                             "(e.g. as CRIU's writes left it)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     out_dir = Path(args.out)
@@ -644,6 +673,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "loadavg_before": loadavg(),
+            "warm_from": args.warm_from,
             "note": "shared machine: other processes ran during the measurements; methods are interleaved "
                     "round by round so each comparison sees the same load",
         },
@@ -662,6 +692,8 @@ def main(argv: list[str] | None = None) -> int:
                                  check=True, cwd=ROOT)
             plan = json.loads(res.stdout)
             shape: dict[str, Any] = {"directory": str(directory), "params": SHAPES[name].__dict__, "plan": plan}
+            if args.warm_from == "read":
+                settle_cache(plan["pages_files"])
             shape["materialize"] = {} if args.no_materialize else bench_materialize(
                 directory, plan, modes, args.runs, args.warmup)
             if not args.no_strace and not args.no_materialize:
