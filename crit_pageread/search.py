@@ -63,6 +63,11 @@ class Searcher(Protocol):
         crosses from one run into the next."""
         ...
 
+    def thread_copy(self) -> Searcher | None:
+        """A searcher for the same patterns that may search in another thread while this one does (its
+        own Hyperscan scratch), or None where the engine holds the GIL (no search would overlap)."""
+        ...
+
 
 class _PerRun:
     """`find_many` as one `find` per run (engines that cannot do better)."""
@@ -75,6 +80,9 @@ class _PerRun:
         for pos, end in zip(starts, ends, strict=True):
             if pos < end:
                 yield from find(buf, pos, end)
+
+    def thread_copy(self) -> Searcher | None:
+        return None  # `re` holds the GIL
 
 
 def _in_one_run(hits: Iterator[tuple[int, int]] | list[tuple[int, int]], starts: Sequence[int],
@@ -215,6 +223,9 @@ class PythonLiteral:
             k += 1
             i = buf.find(lit, starts[k], stop)
 
+    def thread_copy(self) -> Searcher | None:
+        return None  # `find` holds the GIL
+
 
 class PythonRegex(_PerRun):
     """Regexes (or escaped literals, longest first) as one `re` alternation."""
@@ -235,6 +246,15 @@ class PythonRegex(_PerRun):
 # --- hyperscan engine ------------------------------------------------------------------------
 
 
+def _with_scratch(searcher: Any) -> Any:
+    """A copy of a Hyperscan searcher with a scratch of its own (Hyperscan releases the GIL while it
+    scans; one scratch serves one scan at a time)."""
+    other = object.__new__(type(searcher))
+    other.__dict__.update(searcher.__dict__)
+    other._scratch = searcher._hs.Scratch(searcher.db)
+    return other
+
+
 class HyperscanLiterals:
     """Literals in one Hyperscan block-mode database; leftmost-longest, not overlapping."""
 
@@ -250,6 +270,11 @@ class HyperscanLiterals:
         exprs = [b"".join(b"\\x%02x" % c for c in p) for p in uniq]
         db.compile(expressions=exprs, ids=list(range(len(uniq))), elements=len(uniq), flags=[flags] * len(uniq))
         self._single = len(uniq) == 1
+        self._hs = hs
+        self._scratch: Any = None  # None: the database's own
+
+    def thread_copy(self) -> Searcher | None:
+        return _with_scratch(self)
 
     def _hits(self, buf: Any, pos: int, end: int) -> list[tuple[int, int]]:
         """Every occurrence of every literal in buf[pos:end] (overlapping ones too), by start, longest first."""
@@ -261,7 +286,8 @@ class HyperscanLiterals:
         view = memoryview(buf)[pos:end]
         try:
             # A literal's occurrence is (end - its length, end): no start-of-match tracking needed.
-            self.db.scan(view, match_event_handler=lambda i, _s, e, _f, _c: append((pos + e - lengths[i], pos + e)))
+            self.db.scan(view, match_event_handler=lambda i, _s, e, _f, _c: append((pos + e - lengths[i], pos + e)),
+                         scratch=self._scratch)
         finally:
             view.release()
         if len(hits) > 1 and not self._single:
@@ -300,6 +326,8 @@ class HyperscanRegex(_PerRun):
         flags = hs.HS_FLAG_CASELESS if ignore_case else 0
         self.db = db = hs.Database(mode=hs.HS_MODE_BLOCK)
         db.compile(expressions=pats, ids=list(range(len(pats))), elements=len(pats), flags=[flags] * len(pats))
+        self._hs = hs
+        self._scratch: Any = None  # None: the database's own
         #: No anchor or word boundary: a match in a run is one in any bytes around it, so many runs can
         #: be scanned at once.
         self._edge_free = not any(tok in p for p in pats for tok in _EDGE_TOKENS)
@@ -312,7 +340,7 @@ class HyperscanRegex(_PerRun):
         append = ends.append
         view = memoryview(buf)[pos:end]
         try:
-            self.db.scan(view, match_event_handler=lambda _i, _s, e, _f, _c: append(pos + e))
+            self.db.scan(view, match_event_handler=lambda _i, _s, e, _f, _c: append(pos + e), scratch=self._scratch)
         finally:
             view.release()
         ends.sort()
@@ -320,6 +348,9 @@ class HyperscanRegex(_PerRun):
 
     def find(self, buf: Any, pos: int, end: int) -> Iterator[tuple[int, int]]:
         return self._verify(buf, self._ends(buf, pos, end), pos, end)
+
+    def thread_copy(self) -> Searcher | None:
+        return _with_scratch(self)
 
     def find_many(self, buf: Any, starts: Sequence[int], ends: Sequence[int]) -> Iterator[tuple[int, int]]:
         if not self._edge_free or len(starts) < 2:
@@ -389,6 +420,17 @@ class StringSearcher(_PerRun):
         self._strings = re.compile(STRING_CLASS + b"{%d,}" % min_len)
         # A pattern with bytes no string can hold matches nothing.
         self._never = bool(contains) and inner is None
+
+    def thread_copy(self) -> Searcher | None:
+        # Hyperscan finds the pattern; widening its few hits to strings is cheap. Every string (no
+        # pattern) is `re`'s work, which holds the GIL.
+        inner = self.inner.thread_copy() if self.inner is not None else None
+        if inner is None:
+            return None
+        other = object.__new__(StringSearcher)
+        other.__dict__.update(self.__dict__)
+        other.inner = inner
+        return other
 
     def find(self, buf: Any, pos: int, end: int) -> Iterator[tuple[int, int]]:
         if self._never:

@@ -291,6 +291,9 @@ class Strategy(ABC):
     concurrent_writes: ClassVar[bool] = False
     #: True if `read_many`/`submit_many` take `PlannedRead`s (when the native helper plans; see native.py).
     takes_plans: ClassVar[bool] = False
+    #: True if `view` without a scratch buffer maps one range of a pages file (no copy) rather than
+    #: reading it into a new buffer.
+    maps_views: ClassVar[bool] = False
 
     @abstractmethod
     def read(self, request: ReadRequest) -> None:

@@ -117,6 +117,29 @@ def test_grep_finds_exactly_what_re_finds_in_restored_memory(
         assert len(want) > 10
 
 
+@pytest.mark.parametrize("strategy", [[], ["--strategy", "mmap"], ["--strategy", "pread"]])
+def test_grep_search_thread_and_window_edges_change_nothing(
+    dumped: Dumped, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, strategy: list[str],
+) -> None:
+    """The search thread (a window searched while the next is read) and small windows, whose edges cut
+    strings and matches, give the output of one search after the other in large windows, line for line."""
+    cases = (["-E", r"[a-z]{4,12}", "-C", "3"], ["--strings", "", "-n", "12"], ["--hex", "00 00 00 01"],
+             ["-i", "secret"], ["--strings", "e", "-n", "6", "--json"])
+    want = []
+    monkeypatch.setattr(grep_mod, "SEARCH_THREAD", False)
+    for argv in cases:
+        code, out, err = cli(["grep", str(dumped.images), *argv, *strategy], capsys)
+        assert code == 0, err
+        assert out.count("\n") > 5
+        want.append(out)
+    monkeypatch.setattr(grep_mod, "SEARCH_THREAD", True)
+    for window in (4099, 1 << 16):
+        monkeypatch.setattr(grep_mod, "STRETCH_WINDOW", window)
+        for argv, expected in zip(cases, want, strict=True):
+            code, out, err = cli(["grep", str(dumped.images), *argv, *strategy], capsys)
+            assert (code, out) == (0, expected), (window, argv, err)
+
+
 def test_grep_hex_strings_and_context(dumped: Dumped, capsys: pytest.CaptureFixture[str]) -> None:
     secret = dumped.victim.info["secret"]
     addr, text = secret["addr"], secret["text"].encode()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import mmap
+import os
 import sys
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
@@ -31,10 +32,12 @@ from .memscan import Progress, add_vma_filters, vma_filter_from_args
 from .progress import before_output
 
 CHUNK = 8 << 20
-#: Bytes of a pages file viewed at a time when runs that lie back to back in it are searched: small enough
-#: that the local strategies' view (one positioned read into a reused buffer) stays in the CPU's cache.
-STRETCH_WINDOW = 1 << 20
+#: Bytes of a pages file viewed at a time when runs that lie back to back in it are searched: the local
+#: strategies map them (populated at map time), large enough that mapping costs less than copying.
+STRETCH_WINDOW = 8 << 20
 MAX_WINDOW = 1 << 20
+#: Search stretch windows in a second thread where the engine releases the GIL and a second CPU is there.
+SEARCH_THREAD = True
 PRINTABLE = frozenset(range(0x20, 0x7F)) | {9, 10, 13}
 
 
@@ -161,7 +164,7 @@ SMALL_RUN = 64 << 10
 
 class ChunkBuffer:
     """The buffers of a search, made on first use: CHUNK bytes that runs are read into, and the scratch
-    buffer that views of a pages file are read into by strategies that do not map it.
+    buffers (two) that views of a pages file are read into by strategies that do not map it.
 
     Both are anonymous maps, so page-aligned: the kernel copied into a bytearray (16 bytes past a page
     boundary) at a quarter of the speed on this project's machines.
@@ -169,33 +172,307 @@ class ChunkBuffer:
 
     def __init__(self) -> None:
         self._buf: mmap.mmap | None = None
-        self._scratch: mmap.mmap | None = None
+        self._scratch: list[mmap.mmap | None] = [None, None]
 
     def get(self) -> mmap.mmap:
         if self._buf is None:
             self._buf = mmap.mmap(-1, CHUNK)
         return self._buf
 
-    def scratch(self, size: int) -> mmap.mmap:
-        if self._scratch is None or len(self._scratch) < size:
-            self._scratch = mmap.mmap(-1, size)
-        return self._scratch
+    def scratch(self, size: int, which: int = 0) -> mmap.mmap:
+        """Scratch buffer `which` (0 or 1: one is read into while the other is searched)."""
+        buf = self._scratch[which]
+        if buf is None or len(buf) < size:
+            buf = self._scratch[which] = mmap.mmap(-1, size)
+        return buf
+
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class _Stretch:
+    """Runs that lie back to back in one pages file of one reader (a fragmented dump's entries, and the
+    runs of consecutive spans): `pieces` are `(vaddr, end, file offset)`, `spans` the span of each,
+    `segs` their segments; `last_end` is the file offset where the last match emitted in them ends
+    (the next match starts at or after it)."""
+
+    __slots__ = ("f_end", "fends", "fstarts", "last_end", "next_ws", "pages", "pieces", "reader", "seg_offsets",
+                 "segs", "spans")
+
+    def __init__(self, reader: Any, pages: Any, offset: int) -> None:
+        self.reader = reader
+        self.pages = pages
+        self.pieces: list[tuple[int, int, int]] = []
+        self.spans: list[Span] = []
+        self.fstarts: list[int] = []
+        self.fends: list[int] = []
+        self.segs: list[Segment] = []
+        self.seg_offsets: list[int] = []
+        self.f_end = offset
+        self.last_end = offset
+        self.next_ws = offset  # where the next window starts
+
+    def add(self, span: Span, rs: int, re_: int, offset: int, segs: list[Segment]) -> None:
+        self.pieces.append((rs, re_, offset))
+        self.spans.append(span)
+        self.fstarts.append(offset)
+        self.f_end = offset + re_ - rs
+        self.fends.append(self.f_end)
+        self.segs.extend(segs)
+        self.seg_offsets.extend(seg.offset for seg in segs)
+
+
+class _Window:
+    """File bytes [ws, we) of a stretch, viewed as [lo, hi) (`view`), and the runs searched in them:
+    `starts`/`ends` index `view.data`; `data[x - map_start]` is the byte at file offset x."""
+
+    __slots__ = ("ends", "hi", "ja", "map_start", "starts", "stretch", "view", "we", "ws")
+
+    def __init__(self, stretch: _Stretch, ws: int, we: int, hi: int, ja: int, view: Any, map_start: int,
+                 starts: list[int], ends: list[int]) -> None:
+        self.stretch = stretch
+        self.ws = ws
+        self.we = we
+        self.hi = hi
+        self.ja = ja
+        self.view = view
+        self.map_start = map_start
+        self.starts = starts
+        self.ends = ends
+
+
+def _search_window(searcher: Searcher, data: Any, starts: list[int], ends: list[int],
+                   stop: int) -> list[tuple[int, int]]:
+    """The matches `searcher.find_many` finds in the runs, up to the first that starts at `stop`."""
+    hits = []
+    for i, j in searcher.find_many(data, starts, ends):
+        if i >= stop:
+            break
+        hits.append((i, j))
+    return hits
+
+
+def _search_thread(searcher: Searcher, jobs: Any, done: Any) -> None:
+    """Search each `(data, starts, ends, stop)` job in turn; results (or the exception) in order to `done`."""
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        try:
+            hits: Any = _search_window(searcher, *job)
+        except BaseException as exc:  # handed to the main thread, which raises it
+            hits = exc
+        done.put(hits)
+
+
+class Windows:
+    """The in-place search: runs that lie back to back in one pages file (a fragmented dump's entries,
+    and consecutive spans: `add`) are searched together in views of STRETCH_WINDOW bytes, the segments
+    handed to the strategy as planned (`PageReader.view_segments`: an mmap window for the local
+    strategies, a read into a buffer for others), one search per window for all its runs
+    (`Searcher.find_many`), bounded by each run, so no match crosses from one run into the next (they
+    are not adjacent in memory). Matches are emitted in order, by the caller's thread.
+
+    Where the engine releases the GIL while it searches (Hyperscan: `Searcher.thread_copy`) and a second
+    CPU is there, a thread searches each window while this one reads the next through the strategy
+    (the strategy is only ever called from this thread). The thread searches a window from its first
+    byte; if the last match of the window before ends inside it (a match across the window edge), the
+    window is searched again here from that match's end, so the matches are exactly those of one
+    search after the other.
+    """
+
+    def __init__(self, matcher: Matcher, chunk: ChunkBuffer, context: int, emit: Emit, progress: Progress) -> None:
+        self.searcher = matcher.searcher
+        self.size = matcher.window
+        self.context = context
+        self.chunk = chunk
+        self.emit = emit
+        self.progress = progress
+        self.found = 0
+        self._open: _Stretch | None = None
+        self._pending: _Window | None = None
+        self._flip = 0
+        self._jobs: Any = None
+        self._done: Any = None
+        self._thread: Any = None
+        self._threaded: bool | None = None  # decided at the first window
+
+    def add(self, span: Span, rs: int, re_: int, pages: Any, offset: int, segs: list[Segment]) -> None:
+        """Run [rs, re_) of `span`, at `offset` of `pages`, its segments `segs`: searched with the runs
+        before it if it follows them in the same pages file."""
+        st = self._open
+        if st is not None and (span.reader is not st.reader or pages is not st.pages or offset != st.f_end):
+            self.end_stretch()
+            st = None
+        if st is None:
+            st = self._open = _Stretch(span.reader, pages, offset)
+        st.add(span, rs, re_, offset, segs)
+        # Windows whose bytes (and the overlap past them) are all there are searched now, not at the end.
+        reach = self.size - 1 + self.context
+        while st.next_ws + STRETCH_WINDOW + reach <= st.f_end:
+            ws = st.next_ws
+            we = st.next_ws = ws + STRETCH_WINDOW
+            self._window(st, ws, we, max(st.fstarts[0], ws - self.context), we + reach)
+
+    def end_stretch(self) -> None:
+        """Search what is left of the runs added since the last call (the last window may still be being
+        searched: `flush`)."""
+        st, self._open = self._open, None
+        if st is None:
+            return
+        size = self.size
+        context = self.context
+        f_start = st.fstarts[0]
+        f_end = st.f_end
+        for ws in range(st.next_ws, f_end, STRETCH_WINDOW):
+            we = min(ws + STRETCH_WINDOW, f_end)
+            self._window(st, ws, we, max(f_start, ws - context), min(f_end, we + size - 1 + context))
+
+    def flush(self) -> None:
+        """Search every run added, and emit the matches (before the caller emits others)."""
+        self.end_stretch()
+        self._collect()
+
+    def _start(self) -> bool:
+        helper = self.searcher.thread_copy() if SEARCH_THREAD and _cpus() > 1 else None
+        if helper is None:
+            return False
+        import threading
+        from queue import SimpleQueue
+
+        self._jobs, self._done = SimpleQueue(), SimpleQueue()
+        self._thread = threading.Thread(target=_search_thread, args=(helper, self._jobs, self._done),
+                                        name="crit-pageread grep search", daemon=True)
+        self._thread.start()
+        return True
+
+    def _view(self, st: _Stretch, lo: int, hi: int, scratch: Any) -> Any:
+        """The strategy's view of file bytes [lo, hi) of `st`."""
+        offsets = st.seg_offsets
+        a = max(0, bisect_right(offsets, lo) - 1)
+        b = bisect_left(offsets, hi, a)
+        part = st.segs[a:b]
+        first = part[0]
+        if first.offset < lo:
+            cut = lo - first.offset
+            part[0] = first._replace(vaddr=first.vaddr + cut, length=first.length - cut, offset=lo)
+        last = part[-1]
+        if last.offset + last.length > hi:
+            part[-1] = last._replace(length=hi - last.offset)
+        return st.reader.view_segments(part, scratch)
+
+    def _window(self, st: _Stretch, ws: int, we: int, lo: int, hi: int) -> None:
+        """Search file bytes [ws, we) of `st` (matches that start there), viewed as [lo, hi)."""
+        threaded = self._threaded
+        if threaded is None:
+            threaded = self._threaded = self._start()
+        # Two scratch buffers when threaded: one window is read while the one before is searched.
+        which = self._flip
+        if threaded:
+            self._flip ^= 1
+        # A strategy that maps views maps the window (no copy); others read it into a scratch buffer.
+        scratch = None
+        if not st.reader.strategy.maps_views:
+            scratch = self.chunk.scratch(STRETCH_WINDOW + self.size + 2 * self.context, which)
+        view = self._view(st, lo, hi, scratch)
+        try:
+            map_start = lo - view.start
+            ja = bisect_right(st.fstarts, ws) - 1  # the run holding ws: the stretch has no gap in the file
+            jb = bisect_left(st.fstarts, we, ja)  # runs that start before we
+            starts = [x - map_start for x in st.fstarts[ja:jb]]
+            ends = [x - map_start for x in st.fends[ja:jb]]
+            starts[0] = max(starts[0], ws - map_start)
+            ends[-1] = min(ends[-1], we + self.size - 1 - map_start)  # only the last run reaches past we
+            w = _Window(st, ws, we, hi, ja, view, map_start, starts, ends)
+        except BaseException:
+            view.close()
+            raise
+        if not threaded:
+            self._emit(w, None)
+            return
+        self._jobs.put((view.data, starts, ends, we - map_start))
+        self._collect()
+        self._pending = w
+
+    def _collect(self) -> None:
+        """Emit the matches of the window the thread searches."""
+        w = self._pending
+        if w is None:
+            return
+        self._pending = None
+        hits = self._done.get()
+        if isinstance(hits, BaseException):
+            w.view.close()
+            raise hits
+        self._emit(w, hits)
+
+    def _emit(self, w: _Window, hits: list[tuple[int, int]] | None) -> None:
+        """Emit the window's matches (searched here if `hits` is None or the last match ends inside it)."""
+        st = w.stretch
+        map_start = w.map_start
+        context = self.context
+        emit = self.emit
+        with w.view as view:
+            data = view.data
+            found: Any = hits
+            if hits is None or st.last_end > w.ws:
+                starts = w.starts
+                if st.last_end > w.ws:
+                    starts = [max(starts[0], st.last_end - map_start), *starts[1:]]
+                found = self.searcher.find_many(data, starts, w.ends)
+            fstarts, fends, pieces, spans_ = st.fstarts, st.fends, st.pieces, st.spans
+            we = w.we
+            try:
+                for i, j_end in found:
+                    s = i + map_start
+                    if s >= we:
+                        break
+                    e = j_end + map_start
+                    k = bisect_right(fstarts, s, w.ja) - 1
+                    vs, _, fs = pieces[k]
+                    before = after = b""
+                    if context:
+                        before = bytes(data[max(fs, s - context) - map_start : i])
+                        after = bytes(data[j_end : min(fends[k], e + context, w.hi) - map_start])
+                    vaddr = vs + s - fs
+                    emit(spans_[k].area_at(vaddr), vaddr, bytes(data[i:j_end]), before, after)
+                    self.found += 1
+                    st.last_end = e
+            finally:
+                close = getattr(found, "close", None)
+                if close is not None:
+                    close()  # the search's hold on a mapped view goes before the view does
+        self.progress.add(we - w.ws)
+
+    def close(self) -> None:
+        """Stop the thread (after the window it searches) and release a window not emitted."""
+        w, self._pending = self._pending, None
+        self._open = None
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+        if w is not None:
+            w.view.close()
 
 
 def scan_span(span: Span, chunk: ChunkBuffer, matcher: Matcher, context: int, emit: Emit,
-              progress: Progress) -> int:
-    """Search every readable run of `span`; returns the number of matches.
+              progress: Progress, windows: Windows) -> int:
+    """Search every readable run of `span`; returns the number of matches it emitted (runs that are one
+    range of one pages file go to `windows`, which counts and emits their matches: `Windows.flush`).
 
     Every byte comes through the span's reader and its strategy. The span's
     segments are walked once: runs (maximal readable ranges of memory; a match
     may cross the page, entry and VMA boundaries inside one, never a hole) that
-    lie back to back in one pages file (a fragmented dump's entries) are
-    searched together in views of STRETCH_WINDOW bytes, the segments handed to
-    the strategy as planned (`PageReader.view_segments`: an mmap window for the
-    local strategies, a read into a buffer for others), one search per window
-    for all its runs (`Searcher.find_many`). Other runs are read in windows of
-    len(buf) bytes that overlap by the longest match plus the context; small
-    ones are batched into buf.
+    are one range of one pages file are searched in place (`Windows`), with the
+    runs before them that lie back to back in that file. Other runs are read in
+    windows of len(buf) bytes that overlap by the longest match plus the context;
+    small ones are batched into buf.
     """
     reader = span.reader
     window = matcher.window + context
@@ -203,6 +480,7 @@ def scan_span(span: Span, chunk: ChunkBuffer, matcher: Matcher, context: int, em
 
     def scan_run(rs: int, re_: int) -> None:
         nonlocal found
+        windows.flush()  # their matches come first
         buf = chunk.get()
         view = memoryview(buf)
         pos = base = rs
@@ -232,6 +510,7 @@ def scan_span(span: Span, chunk: ChunkBuffer, matcher: Matcher, context: int, em
     def scan_small(batch: list[tuple[int, int, int]]) -> None:
         """Runs read together into buf with one sync (one preadv per contiguous file range)."""
         nonlocal found
+        windows.flush()  # their matches come first
         buf = chunk.get()
         reader.sync()
         for rs, off, n in batch:
@@ -242,67 +521,6 @@ def scan_span(span: Span, chunk: ChunkBuffer, matcher: Matcher, context: int, em
                 emit(span.area_at(vaddr), vaddr, bytes(buf[s:e]), before, after)
                 found += 1
             progress.add(n)
-
-    def window_view(segs: list[Segment], lo: int, hi: int) -> Any:
-        """The strategy's view of file bytes [lo, hi) of a stretch whose segments are `segs`."""
-        a = max(0, bisect_right(seg_offsets, lo) - 1)
-        b = bisect_left(seg_offsets, hi, a)
-        part = segs[a:b]
-        first = part[0]
-        if first.offset < lo:
-            cut = lo - first.offset
-            part[0] = first._replace(vaddr=first.vaddr + cut, length=first.length - cut, offset=lo)
-        last = part[-1]
-        if last.offset + last.length > hi:
-            part[-1] = last._replace(length=hi - last.offset)
-        # A strategy that does not map the pages file reads into this (bounded, reused) buffer.
-        return reader.view_segments(part, chunk.scratch(STRETCH_WINDOW + window + context))
-
-    seg_offsets: list[int] = []
-
-    def scan_stretch(pieces: list[tuple[int, int, int]], segs: list[Segment]) -> None:
-        """Search of runs that lie back to back in one pages file (`(vaddr, end, file offset)` each, their
-        segments `segs`), in views of STRETCH_WINDOW bytes: one search per window over all its runs,
-        bounded by each run, so no match crosses from one run into the next (they are not adjacent in
-        memory)."""
-        nonlocal found, seg_offsets
-        find_many = matcher.searcher.find_many
-        size = matcher.window
-        seg_offsets = [seg.offset for seg in segs]
-        fstarts = [p[2] for p in pieces]
-        fends = [p[2] + p[1] - p[0] for p in pieces]
-        f_start = fstarts[0]
-        f_end = fends[-1]
-        last_end = f_start
-        for ws in range(f_start, f_end, STRETCH_WINDOW):
-            we = min(ws + STRETCH_WINDOW, f_end)
-            lo = max(f_start, ws - context)
-            hi = min(f_end, we + size - 1 + context)
-            ja = bisect_right(fstarts, ws) - 1  # the run holding ws: the stretch has no gap in the file
-            jb = bisect_left(fstarts, we, ja)  # runs that start before we
-            with window_view(segs, lo, hi) as got:
-                data = got.data
-                map_start = lo - got.start  # data[x - map_start] is the byte at file offset x
-                starts = [x - map_start for x in fstarts[ja:jb]]
-                ends = [x - map_start for x in fends[ja:jb]]
-                starts[0] = max(starts[0], ws - map_start, last_end - map_start)
-                ends[-1] = min(ends[-1], we + size - 1 - map_start)  # only the last run reaches past we
-                for i, j_end in find_many(data, starts, ends):
-                    s = i + map_start
-                    if s >= we:
-                        break
-                    e = j_end + map_start
-                    k = bisect_right(fstarts, s, ja) - 1
-                    vs, _, fs = pieces[k]
-                    before = after = b""
-                    if context:
-                        before = bytes(data[max(fs, s - context) - map_start : i])
-                        after = bytes(data[j_end : min(fends[k], e + context, hi) - map_start])
-                    vaddr = vs + s - fs
-                    emit(span.area_at(vaddr), vaddr, bytes(data[i:j_end]), before, after)
-                    found += 1
-                    last_end = e
-            progress.add(we - ws)
 
     # One walk over the span's segments: its runs (maximal readable ranges, across VMA and entry
     # boundaries) and, for a run that is one range of one pages file, where.
@@ -331,36 +549,21 @@ def scan_span(span: Span, chunk: ChunkBuffer, matcher: Matcher, context: int, em
     if end > start:
         runs.append((start, end, len(segs), cur, offset))
 
-    # Runs back to back in one pages file are searched together (in place for the local strategies).
-    stretch: list[tuple[int, int, int]] = []
-    stretch_pages: Any = None
-    stretch_end = stretch_first = -1
-    first_seg = 0  # index of the run's first segment
-
-    def flush_stretch(upto: int) -> None:
-        nonlocal stretch, stretch_pages, stretch_end
-        if stretch:
-            scan_stretch(stretch, segs[stretch_first:upto])
-        stretch, stretch_pages, stretch_end = [], None, -1
-
     # Small runs that are not one file range (lazy, or across files) are batched into buf, so the
     # cost per run is a deferred read and a search, not a system call of its own.
     batch: list[tuple[int, int, int]] = []
     used = 0
+    first_seg = 0  # index of the run's first segment
     for rs, re_, past, pages, offset in runs:
         n = re_ - rs
         if pages is not None:
             if batch:
                 scan_small(batch)
                 batch, used = [], 0
-            if pages is not stretch_pages or offset != stretch_end:
-                flush_stretch(first_seg)
-                stretch_pages, stretch_first = pages, first_seg
-            stretch.append((rs, re_, offset))
-            stretch_end = offset + n
+            windows.add(span, rs, re_, pages, offset, segs[first_seg:past])
             first_seg = past
             continue
-        flush_stretch(first_seg)
+        windows.end_stretch()  # searched (read) before the batch's reads are deferred
         first_seg = past
         if n >= SMALL_RUN or n > CHUNK:
             if batch:
@@ -376,7 +579,6 @@ def scan_span(span: Span, chunk: ChunkBuffer, matcher: Matcher, context: int, em
         used += n
     if batch:
         scan_small(batch)
-    flush_stretch(first_seg)
     return found
 
 
@@ -447,8 +649,14 @@ def run(args: argparse.Namespace) -> int:
                     lazy_skipped += seg.length
         progress = Progress("grep", total)
         chunk = ChunkBuffer()
-        for span in spans(areas):
-            found += scan_span(span, chunk, matcher, context, emit, progress)
+        windows = Windows(matcher, chunk, context, emit, progress)
+        try:
+            for span in spans(areas):
+                found += scan_span(span, chunk, matcher, context, emit, progress, windows)
+            windows.flush()
+        finally:
+            windows.close()
+        found += windows.found
         progress.finish()
         page_size = images.page_size
     if matcher.hint:

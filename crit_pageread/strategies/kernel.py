@@ -50,6 +50,7 @@ class KernelCopies:
     """Mixin (before `Strategy` in the bases): `write_to`, `send` and `view` without a Python buffer."""
 
     concurrent_writes: ClassVar[bool] = True
+    maps_views: ClassVar[bool] = True
     #: Kernel copy system calls issued by write_to/send (for benchmarks and tests).
     copies = 0
     _no_copy_file_range = False
