@@ -16,12 +16,14 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from . import TYPE_CHECKING
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # typing and dataclasses are not imported at start-up
+    from collections.abc import Mapping
+    from typing import Any
 
 ENV_PREFIX = "CRIT_PAGEREAD_"
 TOP_LEVEL: dict[str, type] = {
@@ -37,18 +39,37 @@ def host_page_size() -> int:
     return os.sysconf("SC_PAGE_SIZE")
 
 
-@dataclass
 class Config:
-    """The merged configuration. `table(name)` gives a plugin its section."""
+    """The merged configuration. `table(name)` gives a plugin its section. Compared and shown by its fields."""
 
-    strategy: str = "preadv"
-    page_size: int = field(default_factory=host_page_size)
-    auto_dedup: bool = False
-    zero_fill: bool = False
-    criu: str | None = None
-    tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _FIELDS = ("strategy", "page_size", "auto_dedup", "zero_fill", "criu", "tables", "sources")
+    strategy: str
+    page_size: int
+    auto_dedup: bool
+    zero_fill: bool
+    criu: str | None
+    tables: dict[str, dict[str, Any]]
     #: Where the values came from, lowest precedence first (files and "env"/"arguments").
-    sources: list[str] = field(default_factory=list)
+    sources: list[str]
+
+    def __init__(self, strategy: str = "preadv", page_size: int | None = None, auto_dedup: bool = False,
+                 zero_fill: bool = False, criu: str | None = None, tables: dict[str, dict[str, Any]] | None = None,
+                 sources: list[str] | None = None) -> None:
+        self.strategy = strategy
+        self.page_size = host_page_size() if page_size is None else page_size
+        self.auto_dedup = auto_dedup
+        self.zero_fill = zero_fill
+        self.criu = criu
+        self.tables = {} if tables is None else tables
+        self.sources = [] if sources is None else sources
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not Config:
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in self._FIELDS)
+
+    def __repr__(self) -> str:
+        return f"Config({', '.join(f'{name}={getattr(self, name)!r}' for name in self._FIELDS)})"
 
     def table(self, name: str) -> dict[str, Any]:
         """The `[name]` table (empty if absent)."""

@@ -8,18 +8,53 @@ plugins too.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-import pluggy
+from . import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, TypeVar
+
     from .config import Config
     from .images import CheckpointImages
     from .reader import PageReader
     from .strategy import StrategyInfo
 
-hookspec = pluggy.HookspecMarker("crit_pageread")
-hookimpl = pluggy.HookimplMarker("crit_pageread")
+    F = TypeVar("F", bound=Callable[..., Any])
+
+PROJECT = "crit_pageread"
+
+
+class Marker:
+    """`@hookimpl`, `@hookimpl(tryfirst=True)` (and `@hookspec`): pluggy's marker without importing pluggy.
+
+    The options are kept on the function (`_crit_pageread_impl` / `_crit_pageread_spec`); the plugin
+    manager hands them to pluggy's own `HookimplMarker` / `HookspecMarker` when it registers the plugin,
+    so a plugin is what pluggy's marker would make it. Options pluggy does not know are a TypeError now.
+    """
+
+    def __init__(self, kind: str, options: tuple[str, ...]) -> None:
+        self.kind = kind
+        self.attr = f"_{PROJECT}_{kind}"
+        self.options = options
+        self.project_name = PROJECT
+
+    def __call__(self, function: F | None = None, **options: Any) -> Any:
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise TypeError(f"hook{self.kind}() got unexpected keyword arguments: {', '.join(unknown)}")
+
+        def mark(func: F) -> F:
+            setattr(func, self.attr, options)
+            return func
+
+        return mark(function) if function is not None else mark
+
+    def __repr__(self) -> str:
+        return f"<crit_pageread hook{self.kind} marker>"
+
+
+hookspec = Marker("spec", ("firstresult", "historic", "warn_on_impl", "warn_on_impl_args"))
+hookimpl = Marker("impl", ("wrapper", "hookwrapper", "optionalhook", "tryfirst", "trylast", "specname"))
 
 
 # --- Set-up: what plugins contribute ---------------------------------------------------------

@@ -12,10 +12,13 @@ from __future__ import annotations
 import os
 import stat
 import struct
-from collections.abc import Iterator
-from typing import Any
 
+from . import TYPE_CHECKING
 from .errors import ImageError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import Any
 
 IMG_COMMON = 0x54564319
 IMG_SERVICE = 0x55105940

@@ -12,11 +12,11 @@ import os
 import re
 import stat
 import weakref
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
 
+from . import TYPE_CHECKING
+from ._record import Record
 from .config import Config, load_config
 from .criu_env import pycriu
 from .errors import ChainError, ImageError
@@ -24,7 +24,9 @@ from .imagefile import load_messages, load_raw_messages, open_regular
 from .pagemap import Pagemap, load_pagemap
 from .strategy import PagesFile, Strategy, Target
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # typing and dataclasses are not imported at start-up
+    from typing import Any
+
     from .archive import ArchiveIndex, Member, PagesWanted
     from .memory import ProcessReader
     from .reader import PageReader
@@ -52,21 +54,24 @@ TASK_DEAD = 2
 MAP_SHARED = 1
 
 
-@dataclass(frozen=True, slots=True)
-class Process:
-    """A task of the pstree: its pid, parent, group, session and threads."""
+class Process(Record):
+    """A task of the pstree: its pid, parent, group, session and threads (immutable)."""
 
+    __slots__ = _fields = ("pid", "ppid", "pgid", "sid", "threads")
     pid: int
     ppid: int
     pgid: int
     sid: int
     threads: tuple[int, ...]
 
+    def __init__(self, pid: int, ppid: int, pgid: int, sid: int, threads: tuple[int, ...]) -> None:
+        self._set(pid, ppid, pgid, sid, threads)
 
-@dataclass(frozen=True, slots=True)
-class Vma:
-    """A mapping from mm-<pid>.img, with CRIU's status bits and a printable name."""
 
+class Vma(Record):
+    """A mapping from mm-<pid>.img, with CRIU's status bits and a printable name (immutable)."""
+
+    __slots__ = _fields = ("start", "end", "pgoff", "shmid", "prot", "flags", "status", "name")
     start: int
     end: int
     pgoff: int
@@ -75,6 +80,10 @@ class Vma:
     flags: int
     status: int
     name: str
+
+    def __init__(self, start: int, end: int, pgoff: int, shmid: int, prot: int, flags: int, status: int,
+                 name: str) -> None:
+        self._set(start, end, pgoff, shmid, prot, flags, status, name)
 
     @property
     def size(self) -> int:
@@ -526,7 +535,8 @@ class CheckpointImages:
         closes it). `options`: zero_fill, auto_dedup.
         """
         self._check_pid(pid)
-        return cast("ProcessReader", self._reader(Target("pid", pid), strategy, options, process=True))
+        reader = self._reader(Target("pid", pid), strategy, options, process=True)
+        return reader  # type: ignore[return-value]  # a ProcessReader when `process`
 
     def shmem_reader(self, shmid: int, strategy: str | Strategy | None = None, **options: Any) -> PageReader:
         """A PageReader of a shared-memory segment (addresses are offsets in it)."""
@@ -624,7 +634,7 @@ def open_images(path: str | os.PathLike[str], config: Config | None = None, *,
     rootfs-diff.tar...): a compressed export is read up to the end of
     `checkpoint/` and its chain only.
     """
-    from .plugins import configure, get_plugin_manager
+    from .plugins import configure, manager
 
     # A directory is no archive: archive.py (and tempfile, threading) are not imported for it.
     if not os.path.isdir(path) and _archive().is_archive(path):
@@ -659,7 +669,7 @@ def open_images(path: str | os.PathLike[str], config: Config | None = None, *,
     except BaseException:
         images.close()
         raise
-    get_plugin_manager().hook.crit_pageread_images_opened(images=images)
+    manager().hook.crit_pageread_images_opened(images=images)
     return images
 
 

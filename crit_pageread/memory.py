@@ -16,13 +16,11 @@ page tables scan by.
 from __future__ import annotations
 
 import bisect
-import fnmatch
 import operator
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections import namedtuple
 from itertools import compress
-from typing import Any, NamedTuple
 
+from . import TYPE_CHECKING
 from .errors import ConfigError, LazyPageError, NotDumpedError
 from .images import (
     VMA_ANON_SHARED,
@@ -32,8 +30,15 @@ from .images import (
     Vma,
 )
 from .pagemap import PE_LAZY, PE_PARENT, PE_PRESENT, Pagemap
-from .reader import BROKEN, LAZY, PRESENT, HolesMode, MemoryMap, PageReader, Segment
-from .strategy import AnyRequest, PagesFile, Strategy, Target
+from .reader import BROKEN, LAZY, PRESENT, MemoryMap, PageReader, Segment
+from .strategy import PagesFile, Strategy, Target
+
+if TYPE_CHECKING:  # typing and dataclasses are not imported at start-up
+    from collections.abc import Iterator
+    from typing import Any
+
+    from .reader import HolesMode
+    from .strategy import AnyRequest
 
 
 def shmem_id(images: CheckpointImages, vma: Vma) -> int | None:
@@ -45,13 +50,8 @@ def shmem_id(images: CheckpointImages, vma: Vma) -> int | None:
     return None
 
 
-class _Overlay(NamedTuple):
-    """A VMA whose pages the pid's pagemap lacks are in segment `shmid` at `vaddr + delta`."""
-
-    start: int
-    end: int
-    delta: int
-    shmid: int
+#: A VMA whose pages the pid's pagemap lacks are in segment `shmid` at `vaddr + delta`.
+_Overlay = namedtuple("_Overlay", ("start", "end", "delta", "shmid"))
 
 
 #: A piece of a planned range: [start, stop) read by the pid's own pagemap (shmid None) or by a segment.
@@ -286,16 +286,29 @@ def _map_runs(flat: MemoryMap, start: int, end: int, lazy_ok: bool) -> tuple[lis
     return [starts[0], *compress(starts[1:], new)], [*compress(ends[:-1], new), ends[-1]], lazy
 
 
-@dataclass(eq=False, slots=True)
 class Area:
     """[start, end) of `vma` in `pid`, read by the pid's process reader."""
 
+    __slots__ = ("_segments", "end", "pid", "reader", "start", "vma")
     pid: int
     vma: Vma
     start: int
     end: int
     reader: ProcessReader
-    _segments: list[Segment] | None = field(default=None, repr=False)
+    _segments: list[Segment] | None
+
+    def __init__(self, pid: int, vma: Vma, start: int, end: int, reader: ProcessReader,
+                 _segments: list[Segment] | None = None) -> None:
+        self.pid = pid
+        self.vma = vma
+        self.start = start
+        self.end = end
+        self.reader = reader
+        self._segments = _segments
+
+    def __repr__(self) -> str:
+        return (f"Area(pid={self.pid!r}, vma={self.vma!r}, start={self.start!r}, end={self.end!r}, "
+                f"reader={self.reader!r})")
 
     @property
     def shmid(self) -> int | None:
@@ -314,11 +327,19 @@ class Area:
         return self._segments
 
 
-@dataclass
 class Span:
     """Adjacent areas of one pid: a match may cross from one VMA into the next."""
 
     areas: list[Area]
+
+    def __init__(self, areas: list[Area]) -> None:
+        self.areas = areas
+
+    def __eq__(self, other: object) -> bool:
+        return self.areas == other.areas if other.__class__ is Span else NotImplemented
+
+    def __repr__(self) -> str:
+        return f"Span(areas={self.areas!r})"
 
     @property
     def reader(self) -> ProcessReader:
@@ -422,7 +443,6 @@ def parse_addr(text: str) -> int:
     return int(text[2:] if text.startswith("0x") else text, 16)
 
 
-@dataclass
 class VmaFilter:
     """Which VMAs (and which part of them) a command works on."""
 
@@ -430,6 +450,21 @@ class VmaFilter:
     kinds: list[str]
     perms: str | None
     range: tuple[int, int] | None
+
+    def __init__(self, names: list[str], kinds: list[str], perms: str | None, range: tuple[int, int] | None) -> None:
+        self.names = names
+        self.kinds = kinds
+        self.perms = perms
+        self.range = range
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not VmaFilter:
+            return NotImplemented
+        return (self.names, self.kinds, self.perms, self.range) == (
+            other.names, other.kinds, other.perms, other.range)
+
+    def __repr__(self) -> str:
+        return f"VmaFilter(names={self.names!r}, kinds={self.kinds!r}, perms={self.perms!r}, range={self.range!r})"
 
     def clip(self, vma: Vma) -> tuple[int, int] | None:
         """The part of `vma` selected, or None."""
@@ -450,6 +485,8 @@ class VmaFilter:
 def _name_matches(pattern: str, vma: Vma) -> bool:
     name = vma.name
     if any(ch in pattern for ch in "*?["):
+        import fnmatch  # re: only for a pattern
+
         return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name.rsplit("/", 1)[-1], pattern)
     return pattern in name or pattern == vma.kind
 

@@ -12,7 +12,11 @@ updated without `make setup`). Tests run both by setting `fastio` to None.
 from __future__ import annotations
 
 import os
-from typing import Any
+
+from . import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
 
 #: The helper's interface this code calls (`_fastio.VERSION`).
 VERSION = 3

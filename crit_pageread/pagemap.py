@@ -14,12 +14,10 @@ import operator
 import os
 import re
 import stat
-from collections.abc import Callable, Iterator
 from itertools import compress, repeat
 from pathlib import Path
-from typing import Any, NamedTuple
 
-from . import native
+from . import TYPE_CHECKING, native
 from .errors import ImageError
 from .imagefile import (
     check_magic,
@@ -30,6 +28,21 @@ from .imagefile import (
     iter_entries,
     read_image,
 )
+
+if TYPE_CHECKING:  # typing is not imported at start-up
+    from collections.abc import Callable, Iterator
+    from typing import Any, NamedTuple
+
+    class _EntryTuple(NamedTuple):
+        vaddr: int
+        nr_pages: int
+        flags: int
+        offset: int
+        page_size: int
+else:
+    from collections import namedtuple
+
+    _EntryTuple = namedtuple("PagemapEntry", ("vaddr", "nr_pages", "flags", "offset", "page_size"))
 
 PE_PARENT = 1
 PE_LAZY = 2
@@ -52,19 +65,15 @@ def flag_names(flags: int) -> str:
     return "|".join(names) or "none"
 
 
-class PagemapEntry(NamedTuple):
+class PagemapEntry(_EntryTuple):
     """One run of pages: `nr_pages` pages from `vaddr`, with CRIU's PE_* flags.
 
     `offset` is the byte offset of the run's data in the pages file, or -1 when
-    the entry has no data there (no `PE_PRESENT`). A named tuple: an index of
-    tens of thousands of entries is built at every open.
+    the entry has no data there (no `PE_PRESENT`). A named tuple (vaddr, nr_pages, flags, offset, page_size):
+    an index of tens of thousands of entries is built at every open.
     """
 
-    vaddr: int
-    nr_pages: int
-    flags: int
-    offset: int
-    page_size: int
+    __slots__ = ()
 
     @property
     def end(self) -> int:

@@ -20,7 +20,6 @@ wrapper that still passes `criu check` is kept.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -294,7 +293,10 @@ def read_manifest() -> dict[str, dict[str, str | None]]:
     """criu.json: line -> what `provision_line` recorded; {} if there is none."""
     try:
         with open(os.path.join(cache_base(), "bin", MANIFEST)) as f:
-            data = json.loads(f.read())
+            text = f.read()
+        import json  # json imports re: only when there is a manifest
+
+        data = json.loads(text)
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -302,6 +304,8 @@ def read_manifest() -> dict[str, dict[str, str | None]]:
 
 def setup(lines: list[str]) -> list[Provisioned]:
     """Provision every line in `lines` under the lock; update criu.json."""
+    import json
+
     done = []
     with locked():
         manifest = read_manifest()
@@ -327,6 +331,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"setup-criu: {exc}", file=sys.stderr)
         return 1
     if args.json:  # one document per CRIU line (NDJSON)
+        import json
+
         for p in done:
             print(json.dumps(p.as_dict()))
     else:

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-from . import native
+from . import TYPE_CHECKING, native
 from .dedup import punch_hole
 from .errors import ChainError, CritPageReadError, ImageError, LazyPageError, NotDumpedError
 from .pagemap import PE_PARENT, PE_PRESENT, Pagemap
@@ -30,20 +28,48 @@ from .strategy import (
     PlannedRead,
     ReadRequest,
     ScatterRequest,
-    Scratch,
-    Sink,
     Strategy,
     Target,
     View,
     write_all,
 )
 
-if TYPE_CHECKING:
-    from .images import CheckpointImages
+if TYPE_CHECKING:  # typing is not imported at start-up
+    from collections.abc import Iterable, Iterator
+    from typing import Any, Literal, NamedTuple
 
-SegmentKind = Literal["present", "lazy", "hole"]
-#: What a read does with addresses no entry covers: raise NotDumpedError, zero them, or leave the buffer as is.
-HolesMode = Literal["error", "zero", "skip"]
+    from .images import CheckpointImages
+    from .strategy import Scratch, Sink
+
+    SegmentKind = Literal["present", "lazy", "hole"]
+    #: What a read does with addresses no entry covers: raise NotDumpedError, zero them, or leave the buffer as is.
+    HolesMode = Literal["error", "zero", "skip"]
+
+    class _SegmentTuple(NamedTuple):
+        vaddr: int
+        length: int
+        kind: SegmentKind
+        flags: int
+        pages: PagesFile | None
+        offset: int
+        image: str
+        depth: int
+else:
+    from collections import namedtuple
+
+    _SegmentTuple = namedtuple("Segment", ("vaddr", "length", "kind", "flags", "pages", "offset", "image", "depth"))
+
+
+def __getattr__(name: str) -> object:
+    """`SegmentKind` and `HolesMode`, made on first use."""
+    if name not in ("SegmentKind", "HolesMode"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from typing import Literal
+
+    value = Literal["present", "lazy", "hole"] if name == "SegmentKind" else Literal["error", "zero", "skip"]
+    globals()[name] = value
+    return value
+
 _HOLES_MODES = ("error", "zero", "skip")
 _HOLES_CODE = {"error": 0, "zero": 1, "skip": 2}  # the native planner's
 _NATIVE_END = 1 << 62  # ranges the native planner takes (int64); addresses past it are holes, planned in Python
@@ -51,23 +77,17 @@ MAX_CHAIN_DEPTH = 256
 _ZEROS = bytes(1 << 20)
 
 
-class Segment(NamedTuple):
+class Segment(_SegmentTuple):
     """A piece of an address range and where its bytes are.
 
     `kind` is "present" (in `pages` at `offset`), "lazy" (on a page server
     only) or "hole" (not dumped). `image` is the image directory that holds
     the entry, `depth` its distance from the newest image (0 = newest). A
-    named tuple: a fragmented dump has tens of thousands of them.
+    named tuple (vaddr, length, kind, flags, pages, offset, image, depth): a fragmented dump has tens of
+    thousands of them.
     """
 
-    vaddr: int
-    length: int
-    kind: SegmentKind
-    flags: int
-    pages: PagesFile | None
-    offset: int
-    image: str
-    depth: int
+    __slots__ = ()
 
     @property
     def end(self) -> int:

@@ -21,19 +21,37 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union
 
+from . import TYPE_CHECKING
 from .errors import ImageError
 from .imagefile import open_regular
 
-if TYPE_CHECKING:  # not imported at start-up: a sink is checked by `isinstance(out, int)`
+if TYPE_CHECKING:  # not imported at start-up: a sink is checked by `isinstance(out, int)`; typing neither
     import mmap
     import socket
+    from collections.abc import Iterator
+    from pathlib import Path
+    from typing import Any, ClassVar, Literal
 
-TargetKind = Literal["pid", "shmem"]
+    TargetKind = Literal["pid", "shmem"]
+    #: Where `send` writes: a file descriptor (pipe, socket, file at its position) or a socket object (TLS too).
+    Sink = int | socket.socket
+    #: A buffer a view may be read into: a bytearray, or an anonymous map (page-aligned: kernel copies into a
+    #: buffer that is not 32-byte aligned ran 4x slower on this project's machines).
+    Scratch = bytearray | mmap.mmap
+
+
+def __getattr__(name: str) -> object:
+    """The typing aliases above, made on first use (typing is not imported at start-up)."""
+    if name not in ("TargetKind", "Sink", "Scratch"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from typing import Literal, Union
+
+    value = {"TargetKind": Literal["pid", "shmem"], "Sink": Union[int, "socket.socket"],
+             "Scratch": Union[bytearray, "mmap.mmap"]}[name]
+    globals()[name] = value
+    return value
+
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc: Any = None
@@ -98,18 +116,44 @@ class PagesFile:
         return f"PagesFile({str(self.path)!r})"
 
 
-@dataclass(frozen=True, slots=True)
 class Target:
-    """Whose memory: a pid's (`kind="pid"`) or a shared-memory segment's (`"shmem"`)."""
+    """Whose memory: a pid's (`kind="pid"`) or a shared-memory segment's (`"shmem"`). Immutable, hashable.
 
+    (The classes of this module are written out, not dataclasses: dataclasses imports inspect at start-up.)
+    """
+
+    __slots__ = ("id", "kind")
     kind: TargetKind
     id: int
+
+    def __init__(self, kind: TargetKind, id: int) -> None:
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "id", id)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r} of a Target")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r} of a Target")
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not Target:
+            return NotImplemented
+        return self.kind == other.kind and self.id == other.id
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.id))
+
+    def __reduce__(self) -> tuple[type[Target], tuple[str, int]]:
+        return Target, (self.kind, self.id)
+
+    def __repr__(self) -> str:
+        return f"Target(kind={self.kind!r}, id={self.id!r})"
 
     def __str__(self) -> str:
         return f"{self.kind} {self.id}"
 
 
-@dataclass(slots=True)
 class ReadRequest:
     """Read `len(dest)` bytes of `target`'s memory at `vaddr` into `dest`.
 
@@ -118,14 +162,29 @@ class ReadRequest:
     strategy can serve it.
     """
 
+    __slots__ = ("dest", "offset", "pages", "target", "vaddr")
     pages: PagesFile | None
     offset: int
     dest: memoryview
     vaddr: int
     target: Target
 
+    def __init__(self, pages: PagesFile | None, offset: int, dest: memoryview, vaddr: int, target: Target) -> None:
+        self.pages = pages
+        self.offset = offset
+        self.dest = dest
+        self.vaddr = vaddr
+        self.target = target
 
-@dataclass(slots=True)
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not ReadRequest:
+            return NotImplemented
+        return _fields(self) == _fields(other)
+
+    def __repr__(self) -> str:
+        return _repr(self)
+
+
 class ScatterRequest:
     """Read back-to-back bytes of a pages file from `offset` into pieces of `dest`.
 
@@ -136,6 +195,7 @@ class ScatterRequest:
     can read it in one vectored call; `requests()` splits it for others.
     """
 
+    __slots__ = ("dest", "dest_offsets", "lengths", "offset", "pages", "target", "vaddr")
     pages: PagesFile
     offset: int
     dest: memoryview
@@ -143,6 +203,24 @@ class ScatterRequest:
     lengths: list[int]
     vaddr: int
     target: Target
+
+    def __init__(self, pages: PagesFile, offset: int, dest: memoryview, dest_offsets: list[int], lengths: list[int],
+                 vaddr: int, target: Target) -> None:
+        self.pages = pages
+        self.offset = offset
+        self.dest = dest
+        self.dest_offsets = dest_offsets
+        self.lengths = lengths
+        self.vaddr = vaddr
+        self.target = target
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not ScatterRequest:
+            return NotImplemented
+        return _fields(self) == _fields(other)
+
+    def __repr__(self) -> str:
+        return _repr(self)
 
     @property
     def length(self) -> int:
@@ -211,7 +289,6 @@ AnyRequest = ReadRequest | ScatterRequest
 COPY_CHUNK = 1 << 20
 
 
-@dataclass(slots=True)
 class CopyRequest:
     """Move `length` bytes of `target`'s memory at `vaddr` to `out_offset` of an output.
 
@@ -222,24 +299,35 @@ class CopyRequest:
     order and ignores it.
     """
 
+    __slots__ = ("length", "offset", "out_offset", "pages", "target", "vaddr")
     pages: PagesFile | None
     offset: int
     length: int
     vaddr: int
     target: Target
-    out_offset: int = 0
+    out_offset: int
+
+    def __init__(self, pages: PagesFile | None, offset: int, length: int, vaddr: int, target: Target,
+                 out_offset: int = 0) -> None:
+        self.pages = pages
+        self.offset = offset
+        self.length = length
+        self.vaddr = vaddr
+        self.target = target
+        self.out_offset = out_offset
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not CopyRequest:
+            return NotImplemented
+        return _fields(self) == _fields(other)
+
+    def __repr__(self) -> str:
+        return _repr(self)
 
     def read_request(self, dest: memoryview, skip: int = 0) -> ReadRequest:
         """The plain read of this request's bytes from `skip` on into `dest`."""
         offset = self.offset + skip if self.pages is not None else -1
         return ReadRequest(self.pages, offset, dest, self.vaddr + skip, self.target)
-
-
-#: Where `send` writes: a file descriptor (pipe, socket, file at its position) or a socket object (TLS too).
-Sink = Union[int, "socket.socket"]
-#: A buffer a view may be read into: a bytearray, or an anonymous map (page-aligned: kernel copies into a
-#: buffer that is not 32-byte aligned ran 4x slower on this project's machines).
-Scratch = Union[bytearray, "mmap.mmap"]
 
 
 class View:
@@ -271,14 +359,39 @@ class View:
         self.close()
 
 
-@dataclass
 class StrategyInfo:
     """A strategy as a plugin contributes it: a name, a factory and a description."""
 
     name: str
     factory: Any  # Callable[[plugins.StrategyContext], Strategy]: called each time the strategy is made
-    description: str = ""
-    plugin: str = field(default="")
+    description: str
+    plugin: str
+
+    def __init__(self, name: str, factory: Any, description: str = "", plugin: str = "") -> None:
+        self.name = name
+        self.factory = factory
+        self.description = description
+        self.plugin = plugin
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not StrategyInfo:
+            return NotImplemented
+        return _fields(self) == _fields(other)
+
+    def __repr__(self) -> str:
+        return _repr(self, ("name", "factory", "description", "plugin"))
+
+
+def _fields(obj: Any) -> tuple[Any, ...]:
+    names = obj.__slots__ if hasattr(obj.__class__, "__slots__") else tuple(vars(obj))
+    return tuple(getattr(obj, name) for name in names)
+
+
+def _repr(obj: Any, names: tuple[str, ...] | None = None) -> str:
+    """`Class(field=value, ...)` in the order of `__init__`'s arguments, as a dataclass shows itself."""
+    code = obj.__class__.__init__.__code__
+    names = names or code.co_varnames[1 : code.co_argcount]
+    return f"{obj.__class__.__qualname__}({', '.join(f'{n}={getattr(obj, n)!r}' for n in names)})"
 
 
 class Strategy(ABC):

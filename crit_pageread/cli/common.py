@@ -2,19 +2,38 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from collections.abc import Iterable
-from typing import Any
 
-from ..config import Config, load_config
+from .. import TYPE_CHECKING
+from ..config import load_config
 from ..errors import ConfigError
-from ..images import CheckpointImages, open_images
-from ..output import atomic_dir, atomic_file
+from ..images import open_images
 from ..plugins import configure
 
-__all__ = ["atomic_dir", "atomic_file"]  # for the commands: the core's one atomic-output helper (output.py)
+if TYPE_CHECKING:  # typing, argparse and output.py (signal, shutil) are not imported at start-up
+    import argparse
+    import os
+    from collections.abc import Iterable
+    from contextlib import AbstractContextManager
+    from pathlib import Path
+    from typing import IO, Any
+
+    from ..config import Config
+    from ..images import CheckpointImages
+
+
+def atomic_file(path: str | os.PathLike[str], mode: str = "wb") -> AbstractContextManager[IO[Any]]:
+    """`output.atomic_file`: the core's one atomic-output helper, for the commands."""
+    from ..output import atomic_file
+
+    return atomic_file(path, mode)
+
+
+def atomic_dir(path: str | os.PathLike[str]) -> AbstractContextManager[Path]:
+    """`output.atomic_dir`, for the commands."""
+    from ..output import atomic_dir
+
+    return atomic_dir(path)
 
 
 def add_common_options(parser: argparse.ArgumentParser, *, pid: bool = True, one_pid: bool = False) -> None:
@@ -58,11 +77,15 @@ def selected_pids(images: CheckpointImages, args: argparse.Namespace) -> list[in
 
 def print_json(obj: Any) -> None:
     """A single result: one JSON document on one line (the README's --json convention)."""
+    import json
+
     sys.stdout.write(json.dumps(obj) + "\n")
 
 
 def print_ndjson(items: Iterable[Any]) -> None:
     """A stream: one JSON object per line, one per item, written as each comes."""
+    import json
+
     write = sys.stdout.write
     for item in items:
         write(json.dumps(item) + "\n")

@@ -51,9 +51,9 @@ COMMAND_MODULES = {
 
 def plugin_manager(command: str | None = None) -> Any:
     """The plugin manager with the command plugins registered (only `command`'s if it is built in)."""
-    from ..plugins import get_plugin_manager, register_modules
+    from ..plugins import manager, register_modules
 
-    pm = get_plugin_manager()
+    pm = manager()
     module = COMMAND_MODULES.get(command) if command else None
     register_modules(pm, (module,) if module else COMMAND_PLUGINS)
     return pm

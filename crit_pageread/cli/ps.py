@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
-from typing import Any
-
+from .. import TYPE_CHECKING
 from ..errors import CritPageReadError, ImageError, PageError
 from ..hookspecs import hookimpl
 from ..imagefile import load_raw_messages
-from ..images import CheckpointImages
 from .common import add_common_options, open_from_args, print_ndjson, selected_pids
+
+if TYPE_CHECKING:  # argparse and typing are not imported at start-up
+    import argparse
+    from typing import Any
+
+    from ..images import CheckpointImages
 
 MAX_AREA = 16 << 20  # argv or environ larger than this is a corrupt mm entry
 

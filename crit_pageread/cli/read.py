@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
-from collections.abc import Iterator
-from typing import IO, Any
 
+from .. import TYPE_CHECKING
 from ..errors import ConfigError, LazyPageError, NotDumpedError
 from ..hookspecs import hookimpl
 from ..memory import parse_addr
 from .common import add_common_options, atomic_file, open_from_args, print_json, selected_pids
+
+if TYPE_CHECKING:  # argparse and typing are not imported at start-up
+    import argparse
+    from collections.abc import Iterator
+    from typing import IO, Any
 
 CHUNK = 8 << 20
 ADDRESS_LIMIT = 1 << 64

@@ -23,10 +23,15 @@ import errno
 import mmap
 import os
 import sys
-from typing import Any, ClassVar
 
+from .. import TYPE_CHECKING
 from ..errors import ConfigError, ImageError
-from ..strategy import CopyRequest, PagesFile, Scratch, Sink, Strategy, View, read_fully
+from ..strategy import CopyRequest, PagesFile, Strategy, View, read_fully
+
+if TYPE_CHECKING:
+    from typing import Any, ClassVar
+
+    from ..strategy import Scratch, Sink
 
 #: errnos after which copy_file_range (or sendfile) is not tried again by this strategy.
 _FALLBACK = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import mmap
 from array import array
-from typing import Any
 
-from .. import native
+from .. import TYPE_CHECKING, native
 from ..errors import ConfigError, ImageError
 from ..hookspecs import hookimpl
 from ..strategy import (
@@ -15,12 +14,16 @@ from ..strategy import (
     PagesFile,
     PlannedRead,
     ReadRequest,
-    Scratch,
     Strategy,
     StrategyInfo,
     View,
 )
 from .kernel import VIEW_FLAGS, KernelCopies, file_range
+
+if TYPE_CHECKING:
+    from typing import Any
+
+    from ..strategy import Scratch
 
 _ADVICE = {
     "normal": mmap.MADV_NORMAL,

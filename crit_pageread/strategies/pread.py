@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 from array import array
-from typing import Any
 
-from .. import native
+from .. import TYPE_CHECKING, native
 from ..errors import ConfigError, ImageError
 from ..hookspecs import hookimpl
 from ..strategy import AnyRequest, PlannedRead, ReadRequest, ScatterRequest, Strategy, StrategyInfo, read_fully
 from .kernel import KernelCopies
+
+if TYPE_CHECKING:
+    from typing import Any
 
 #: iovecs per call when the native helper reads a stretch of a plan's pieces
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024

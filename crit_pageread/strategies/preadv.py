@@ -18,12 +18,10 @@ without the GIL; without it, the same batching in Python over ctypes iovecs.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from array import array
-from typing import Any
 
-from .. import native
+from .. import TYPE_CHECKING, native
 from ..errors import ConfigError, ImageError
 from ..hookspecs import hookimpl
 from ..strategy import (
@@ -38,23 +36,40 @@ from ..strategy import (
 )
 from .kernel import KernelCopies
 
+if TYPE_CHECKING:
+    from typing import Any
+
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 #: Largest gap in a pages file bridged by reading it into scratch memory (0: never).
 DEFAULT_MAX_GAP = 0
 
 
-addressof = ctypes.addressof
-c_char = ctypes.c_char
-c_size_t = ctypes.c_size_t
-_IOVEC_BYTES = 2 * ctypes.sizeof(c_size_t)  # struct iovec: a pointer and a size_t
+# ctypes, for the batching in Python when the native helper is absent: set by `_load_ctypes` (start-up).
+addressof: Any = None
+c_char: Any = None
+c_size_t: Any = None
+_IOVEC_BYTES = 16  # struct iovec: a pointer and a size_t (set by `_load_ctypes`)
 _UNSET: Any = object()
 _libc_preadv: Any = _UNSET
+
+
+def _load_ctypes() -> None:
+    """Import ctypes for the Python batching (not at start-up: with the native helper it is not used)."""
+    global addressof, c_char, c_size_t, _IOVEC_BYTES
+    if addressof is None:
+        import ctypes
+
+        c_char, c_size_t = ctypes.c_char, ctypes.c_size_t
+        _IOVEC_BYTES = 2 * ctypes.sizeof(c_size_t)
+        addressof = ctypes.addressof
 
 
 def _preadv_function() -> Any:
     """libc's preadv(2) taking a ctypes iovec array (no memoryview per iovec), or None."""
     global _libc_preadv
     if _libc_preadv is _UNSET:
+        import ctypes
+
         try:
             func = ctypes.CDLL(None, use_errno=True).preadv
             func.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
@@ -99,7 +114,7 @@ class PreadvStrategy(KernelCopies, Strategy):
         self.max_queue = max_queue
         self.max_gap = max_gap
         self._scratch = bytearray(max_gap) if max_gap else None
-        self._scratch_addr = addressof(c_char.from_buffer(self._scratch)) if self._scratch else 0
+        self._scratch_addr = -1  # its address, taken by `_run_for` (ctypes)
         #: Unwanted bytes read to bridge gaps (for benchmarks and tests).
         self.gap_bytes = 0
         self._runs: list[_Run] = []
@@ -137,6 +152,9 @@ class PreadvStrategy(KernelCopies, Strategy):
             if not gap:
                 return run
             if 0 < gap <= self.max_gap:
+                if self._scratch_addr < 0:
+                    _load_ctypes()
+                    self._scratch_addr = addressof(c_char.from_buffer(self._scratch)) if self._scratch else 0
                 run.addrs.append(self._scratch_addr)
                 run.lens.append(gap)
                 run.length += gap
@@ -159,6 +177,7 @@ class PreadvStrategy(KernelCopies, Strategy):
         length = len(dest)
         if not length:
             return
+        _load_ctypes()
         addr = addressof(c_char.from_buffer(dest))
         run = self._run_for(pages, request.offset)
         run.holders.append(dest)
@@ -206,6 +225,7 @@ class PreadvStrategy(KernelCopies, Strategy):
         # A scatter request's pieces become iovecs by arithmetic on its buffer's address: no
         # per-piece Python object. The reader's requests of one plan share one buffer, so its
         # address is taken once.
+        _load_ctypes()
         last_dest: Any = None
         base = 0
         tails = self._tails
@@ -276,6 +296,7 @@ class PreadvStrategy(KernelCopies, Strategy):
         self._count = 0
         if not runs:
             return
+        _load_ctypes()
         try:
             preadv = _preadv_function()
             if preadv is None:
@@ -291,8 +312,8 @@ class PreadvStrategy(KernelCopies, Strategy):
                 lens += run.lens
             total = len(addrs)
             iovecs = (c_size_t * (2 * total))()
-            iovecs[0::2] = addrs  # type: ignore[assignment]  # ctypes converts the ints
-            iovecs[1::2] = lens  # type: ignore[assignment]
+            iovecs[0::2] = addrs  # ctypes converts the ints
+            iovecs[1::2] = lens
             base = addressof(iovecs)
             iov_max = self.iov_max
             first = 0
@@ -323,6 +344,8 @@ class PreadvStrategy(KernelCopies, Strategy):
         while True:
             if got is not None:
                 if got < 0:
+                    import ctypes
+
                     err = ctypes.get_errno()
                     raise ImageError(run.pages.path, f"cannot read at offset {offset}: {os.strerror(err)}")
                 if got == 0:

@@ -16,16 +16,18 @@ local.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
+from .. import TYPE_CHECKING
 from ..config import Config, env_text
 from ..errors import ConfigError, RemoteError
 from ..hookspecs import hookimpl
-from ..strategy import CopyRequest, ReadRequest, Sink, Strategy, StrategyInfo, read_fully
+from ..strategy import CopyRequest, ReadRequest, Strategy, StrategyInfo, read_fully
 
 if TYPE_CHECKING:  # the client (ssl, sockets) is imported when a remote strategy is made, not at start-up
+    from typing import Any
+
     from ..pageserver.client import Connection, ServerAddress
     from ..plugins import StrategyContext
+    from ..strategy import Sink
 
 KEYS = (
     "address", "port", "protocol", "tls", "tls_cacert", "tls_cert", "tls_key", "tls_no_cn_verify",
