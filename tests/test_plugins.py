@@ -446,3 +446,55 @@ def test_preadv_strategy_alone(a_single: Path, tmp_path: Path) -> None:
             strategy.sync()
     finally:
         pf.close()
+
+
+def test_builtins_without_pluggy_call_hooks_as_pluggy_does(fresh: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`plugins.manager()` before pluggy is needed: the same plugins, hook functions in pluggy's order, the
+    same strategies; `get_plugin_manager()` then takes every plugin over, and the relay follows it."""
+    monkeypatch.setenv("CRIT_PAGEREAD_LOAD_PLUGINS", "")  # no entry-point plugin of this environment
+    from crit_pageread.cli.main import COMMAND_PLUGINS
+
+    light = fresh.manager()
+    assert type(light).__name__ == "_Builtins"
+    fresh.register_modules(light, COMMAND_PLUGINS)
+    ours = {name: [(i.plugin_name, i.function) for i in getattr(light.hook, name).get_hookimpls()]
+            for name in ("crit_pageread_strategies", "crit_pageread_configure", "crit_pageread_add_commands")}
+    known = {name: (info.plugin, info.description) for name, info in fresh.strategies().items()}
+    listed = [name for name, _ in light.list_name_plugin()]
+    fresh.reset()
+    pm = fresh.get_plugin_manager()
+    fresh.register_modules(pm, COMMAND_PLUGINS)
+    for name, impls in ours.items():
+        assert impls == [(i.plugin_name, i.function) for i in getattr(pm.hook, name).get_hookimpls()], name
+    assert known == {name: (info.plugin, info.description) for name, info in fresh.strategies().items()}
+    assert listed == [name for name, _ in pm.list_name_plugin()]
+
+    fresh.reset()
+    light = fresh.manager()
+    pm = fresh.get_plugin_manager()  # pluggy takes over: the light manager's relay and lookups are pluggy's
+    assert fresh.manager() is pm
+    assert light.get_plugin("crit_pageread.strategies.pread") is pm.get_plugin("crit_pageread.strategies.pread")
+    assert light.hook.crit_pageread_strategies is pm.hook.crit_pageread_strategies
+
+
+def test_hookimpl_options_reach_pluggy(fresh: Any) -> None:
+    """`@hookimpl(tryfirst=True)` (our marker, no pluggy import) is pluggy's tryfirst once registered."""
+    calls: list[str] = []
+
+    class Late:
+        @hookimpl
+        def crit_pageread_images_opened(self, images: Any) -> None:
+            calls.append("late")
+
+    class First:
+        @hookimpl(tryfirst=True)
+        def crit_pageread_images_opened(self, images: Any) -> None:
+            calls.append("first")
+
+    with pytest.raises(TypeError):
+        hookimpl(no_such_option=True)
+    pm = fresh.get_plugin_manager()
+    pm.register(First(), name="first")
+    pm.register(Late(), name="late")
+    pm.hook.crit_pageread_images_opened(images=None)
+    assert calls == ["first", "late"]
