@@ -17,10 +17,12 @@ too, so `time ratio` also gives yara-x's scan-phase seconds over scan's: the sam
 `--before TREE` adds `scan` of another checkout of crit-pageread (its package first on PYTHONPATH) to every
 round, for before/after figures in one run. `--entries N,M,...` measures instead scan's peak RSS on synthetic
 checkpoints of one process with N single-page entries, a hole after each (the pages file sparse: its zeros
-cost no disk), to show how memory grows with the number of pagemap entries.
+cost no disk), to show how memory grows with the number of pagemap entries; with `--commands scan,grep,...`
+the peak RSS of each of those commands (scan, grep, extract, squash, coredump, read) on the same checkpoints,
+their outputs written under `--out DIR` (default: a temporary directory) and removed after each run.
 
 usage: python -m benchmarks.scan_bench [--shapes plain,big,frag] [--runs 5] [--rules FILE] [--before TREE]
-                                       [--entries N,...] [--json]
+                                       [--entries N,... [--commands scan,grep,...] [--out DIR]] [--json]
 """
 
 from __future__ import annotations
@@ -68,14 +70,34 @@ def scan_cmd(rules: Path, images: Path, tree: str | None = None) -> list[str]:
 
 
 def cwd_of(name: str, before: str | None) -> Path:
-    """The working directory of a method: the other tree for scan-before, this one otherwise."""
-    return Path(before) if name == "scan-before" and before else ROOT
+    """The working directory of a method: the other tree for a `-before` method, this one otherwise."""
+    return Path(before) if name.endswith("-before") and before else ROOT
+
+
+#: The streaming commands `--commands` measures: what each runs on a synthetic checkpoint (`{images}`, `{out}`:
+#: a path under --out that does not exist yet, `{addr}`: an address with data) and the exit codes that are success.
+COMMANDS: dict[str, tuple[list[str], tuple[int, ...]]] = {
+    "scan": (["scan", "--rules", "{rules}", "{images}", "--jobs", "1", "--json"], (0, 1)),
+    "grep": (["grep", "{images}", "no such bytes here"], (0, 1)),
+    "extract": (["extract", "{images}", "-o", "{out}"], (0,)),
+    "squash": (["squash", "{images}", "{out}"], (0,)),
+    "coredump": (["coredump", "{images}", "-o", "{out}"], (0,)),
+    "read": (["read", "{images}", "{addr}", "-o", "{out}"], (0,)),
+}
+
+
+def command_cmd(command: str, rules: Path, images: Path, out: Path, addr: int, tree: str | None = None) -> list[str]:
+    """`crit-pageread COMMAND` of this checkout, or of `tree`, on one core (see scan_cmd)."""
+    env = ["env", f"PYTHONPATH={tree}"] if tree else []
+    args = [a.format(rules=rules, images=images, out=out, addr=f"{addr:x}") for a in COMMANDS[command][0]]
+    return [*PIN, *env, PY, "-m", "crit_pageread", *args]
 
 
 def synthetic(entries: int, work: Path | str) -> Path:
     """One process, `entries` single-page present entries with a hole after each, over 64 VMAs."""
+    from crit_pageread.imagefile import frame
     from crit_pageread.pagemap import PE_PRESENT, encode_pagemap
-    from crit_pageread.testing import ImageBuilder, VmaSpec
+    from crit_pageread.testing import ImageBuilder, VmaSpec, _message
 
     out = Path(work) / f"entries-{entries}"
     per = -(-entries // 64)
@@ -83,6 +105,11 @@ def synthetic(entries: int, work: Path | str) -> Path:
     vmas = [VmaSpec(base + i * 2 * (per + 1) * 4096, base + i * 2 * (per + 1) * 4096 + 2 * per * 4096)
             for i in range(64)]
     ImageBuilder(out).process(10, vmas=vmas).write()
+    # a thread's core image (x86_64 registers of zeros) for coredump
+    regs = [*((n, 0) for n in range(1, 28)), (28, 1)]  # mode 1: native x86_64
+    info = [(1, 0), (2, regs), (3, [(n, 0) for n in range(1, 9)])]
+    core = [(1, 1), (2, info), (3, [(1, 1), (2, 0), (3, 0), (4, 0), (5, 0), (6, "synthetic")])]
+    (out / "core-10.img").write_bytes(frame("CORE", [_message(core)]))
     pages = [(v.start + 2 * k * 4096, 1, PE_PRESENT) for v in vmas for k in range(per)][:entries]
     (out / "pagemap-10.img").write_bytes(encode_pagemap(1, pages))
     with open(out / "pages-1.img", "wb") as f:
@@ -117,6 +144,55 @@ def measure_entries(counts: list[int], runs: int, rules: Path, work: Path, befor
         out.append(row)
         shutil.rmtree(images)
     return out
+
+
+def measure_commands(counts: list[int], commands: list[str], runs: int, rules: Path, work: Path, out_dir: Path,
+                     before: str | None) -> list[dict[str, Any]]:
+    """Peak RSS (and seconds) of each command on synthetic checkpoints with many entries, this tree and
+    `before` interleaved; each run's output is removed after it."""
+    rows = []
+    for n in counts:
+        subprocess.run([PY, "-c", f"from benchmarks.scan_bench import synthetic; synthetic({n}, {str(work)!r})"],
+                       check=True, cwd=ROOT)
+        images = work / f"entries-{n}"
+        row: dict[str, Any] = {"entries": n, "bytes": n * 4096}
+        for command in commands:
+            out = out_dir / f"{command}-out"
+            methods = {command: command_cmd(command, rules, images, out, 0x7F0000000000)}
+            if before:
+                methods[f"{command}-before"] = command_cmd(command, rules, images, out, 0x7F0000000000, before)
+            samples: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+            for _ in range(runs):
+                for name, cmd in methods.items():
+                    r = run_child(cmd, cwd=cwd_of(name, before), stdout_path=os.devnull)
+                    shutil.rmtree(out, ignore_errors=True)
+                    if out.exists():
+                        out.unlink()
+                    if r["code"] not in COMMANDS[command][1]:
+                        raise SystemExit(f"{name} failed ({r['code']}): {r['stderr'].decode()[-500:]}")
+                    samples[name].append(r)
+            for name, rs in samples.items():
+                row[name] = {"peak_rss_mib": round(max(r["rss_mib"] for r in rs), 1),
+                             "median_s": round(statistics.median(r["seconds"] for r in rs), 3),
+                             "cpu_median_s": round(statistics.median(r["cpu_s"] for r in rs), 3)}
+        rows.append(row)
+        shutil.rmtree(images)
+    return rows
+
+
+def print_commands(rows: list[dict[str, Any]], commands: list[str], before: bool) -> None:
+    """One table: a row per checkpoint size, per command its peak RSS (before -> after with --before)."""
+    print("| entries | memory | " + " | ".join(f"{c} peak RSS" for c in commands) + " |")
+    print("|---:|---:|" + "---:|" * len(commands))
+    for r in rows:
+        cells = []
+        for c in commands:
+            now = f"{r[c]['peak_rss_mib']} MiB"
+            cells.append(f"{r[f'{c}-before']['peak_rss_mib']} -> {now}" if before else now)
+        print(f"| {r['entries']} | {r['bytes'] >> 20} MiB | " + " | ".join(cells) + " |")
+    print("CPU seconds, medians: " + "; ".join(
+        f"{r['entries']}: " + ", ".join(f"{m} {v['cpu_median_s']}" for m, v in r.items() if isinstance(v, dict))
+        for r in rows))
 
 
 def measure(shape_name: str, runs: int, rules: Path, work: Path, before: str | None = None) -> dict[str, Any]:
@@ -184,10 +260,27 @@ def main() -> None:
     parser.add_argument("--rules", default=str(ROOT / "examples" / "rules.yar"))
     parser.add_argument("--before", metavar="TREE", help="also scan with the crit-pageread checkout TREE")
     parser.add_argument("--entries", metavar="N,...", help="peak RSS on synthetic checkpoints of N entries instead")
+    parser.add_argument("--commands", metavar="CMD,...",
+                        help=f"with --entries: peak RSS of these commands ({','.join(COMMANDS)}) instead of scan's")
+    parser.add_argument("--out", metavar="DIR", help="with --commands: where the commands write (default: temporary)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     before = str(Path(args.before).resolve()) if args.before else None
     with tempfile.TemporaryDirectory(prefix="scan-bench-") as tmp:
+        if args.entries and args.commands:
+            commands = args.commands.split(",")
+            unknown = set(commands) - set(COMMANDS)
+            if unknown:
+                parser.error(f"--commands: unknown {', '.join(sorted(unknown))}")
+            out_dir = Path(args.out) if args.out else Path(tmp)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            rows = measure_commands([int(x) for x in args.entries.split(",")], commands, args.runs, Path(args.rules),
+                                    Path(tmp), out_dir, before)
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                print_commands(rows, commands, before is not None)
+            return
         if args.entries:
             rows = measure_entries([int(x) for x in args.entries.split(",")], args.runs, Path(args.rules), Path(tmp),
                                    before)

@@ -3,7 +3,7 @@
  * The reader plans and the strategies move bytes, as in the Python code; these functions only do
  * the loops that would otherwise cost Python bytecode per piece of a fragmented dump or a chain:
  *
- *   plan()          a read of [vaddr, end) over a MemoryMap's run columns (Python lists) ->
+ *   plan()          a read of [vaddr, end) over a MemoryMap's run columns (typed arrays) ->
  *                   pieces (int64 quadruples: file, offset, dest_offset, length), joined where
  *                   contiguous both in one pages file and in memory, and the holes to zero;
  *   pack()          plan()'s pieces for many ranges laid one after another in one buffer, a gap of
@@ -68,7 +68,7 @@ static PyObject *vec_bytes(vec_t *v)
     return PyBytes_FromStringAndSize(v->data ? v->data : "", (Py_ssize_t)v->len);
 }
 
-/* --- reading Python lists of ints -------------------------------------------------------- */
+/* --- reading columns: typed arrays (array.array, memoryview) and Python lists of ints ---------- */
 
 _Static_assert(sizeof(long) == sizeof(int64_t), "a C long holds an int64 (LP64)");
 
@@ -103,46 +103,125 @@ static inline int item(PyObject *list, Py_ssize_t i, int64_t *out)
     return 0;
 }
 
-static int same_lengths(Py_ssize_t n, PyObject **lists, int count)
+/* A typed column: a C-contiguous buffer of `itemsize`-byte integers with one of the formats `formats`
+ * (array('q'), array('B'), array('H'), or a memoryview cast so). */
+static int column(PyObject *obj, Py_buffer *view, Py_ssize_t itemsize, const char *formats, const char *what)
 {
-    for (int k = 0; k < count; k++) {
-        if (!PyList_Check(lists[k])) {
-            PyErr_SetString(PyExc_TypeError, "map columns must be lists");
-            return -1;
-        }
-        if (PyList_GET_SIZE(lists[k]) != n) {
-            PyErr_SetString(PyExc_ValueError, "map columns differ in length");
-            return -1;
-        }
+    if (PyObject_GetBuffer(obj, view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
+        return -1;
+    const char *f = view->format ? view->format : "B";
+    if (*f == '@' || *f == '=')
+        f++;
+    if (view->itemsize != itemsize || f[0] == '\0' || f[1] != '\0' || strchr(formats, f[0]) == NULL) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_TypeError, "%s must be a typed column of format %s", what, formats);
+        return -1;
     }
     return 0;
 }
 
-/* Index of the first run whose end is above `vaddr` (count if none): MemoryMap.index_at. */
-static int index_at(PyObject *starts, PyObject *sizes, Py_ssize_t count, int64_t vaddr, Py_ssize_t *out)
+/* ranges: a list of ints, or an int64 column */
+typedef struct { PyObject *list; const int64_t *data; Py_ssize_t len; Py_buffer view; int has_view; } seq_t;
+
+static int seq_open(PyObject *obj, seq_t *s, const char *what)
 {
-    Py_ssize_t lo = 0, hi = count;
-    int64_t start, size;
+    memset(s, 0, sizeof(*s));
+    if (PyList_Check(obj)) {
+        s->list = obj;
+        s->len = PyList_GET_SIZE(obj);
+        return 0;
+    }
+    if (column(obj, &s->view, 8, "qlQL", what) < 0)
+        return -1;
+    s->has_view = 1;
+    s->data = s->view.buf;
+    s->len = s->view.len / 8;
+    return 0;
+}
+
+static inline int seq_get(const seq_t *s, Py_ssize_t i, int64_t *out)
+{
+    if (s->list)
+        return item(s->list, i, out);
+    *out = s->data[i];
+    return 0;
+}
+
+static void seq_close(seq_t *s)
+{
+    if (s->has_view)
+        PyBuffer_Release(&s->view);
+    s->has_view = 0;
+}
+
+/* A MemoryMap's columns (reader.py): int64 starts, sizes, offsets; uint8 kinds; uint16 depths; and its
+ * table, the pages file of each depth (a list). */
+typedef struct {
+    const int64_t *starts, *sizes, *offsets;
+    const uint8_t *kinds;
+    const uint16_t *depths;
+    PyObject *table;
+    Py_ssize_t count;
+    Py_buffer views[5];
+    int open;
+} map_t;
+
+static void map_close(map_t *m)
+{
+    for (int k = 0; k < m->open; k++)
+        PyBuffer_Release(&m->views[k]);
+    m->open = 0;
+}
+
+static int map_open(map_t *m, PyObject *starts, PyObject *sizes, PyObject *kinds, PyObject *depths,
+                    PyObject *offsets, PyObject *table)
+{
+    memset(m, 0, sizeof(*m));
+    PyObject *objs[5] = {starts, sizes, offsets, kinds, depths};
+    const Py_ssize_t sizes_of[5] = {8, 8, 8, 1, 2};
+    const char *formats[5] = {"ql", "ql", "ql", "B", "H"};
+    for (int k = 0; k < 5; k++) {
+        if (column(objs[k], &m->views[k], sizes_of[k], formats[k], "map columns") < 0)
+            goto fail;
+        m->open++;
+    }
+    m->count = m->views[0].len / 8;
+    for (int k = 1; k < 5; k++)
+        if (m->views[k].len / sizes_of[k] != m->count) {
+            PyErr_SetString(PyExc_ValueError, "map columns differ in length");
+            goto fail;
+        }
+    if (!PyList_Check(table)) {
+        PyErr_SetString(PyExc_TypeError, "the map's table must be a list");
+        goto fail;
+    }
+    m->starts = m->views[0].buf;
+    m->sizes = m->views[1].buf;
+    m->offsets = m->views[2].buf;
+    m->kinds = m->views[3].buf;
+    m->depths = m->views[4].buf;
+    m->table = table;
+    return 0;
+fail:
+    map_close(m);
+    return -1;
+}
+
+/* Index of the first run whose end is above `vaddr` (count if none): MemoryMap.index_at. */
+static Py_ssize_t map_index_at(const map_t *m, int64_t vaddr)
+{
+    Py_ssize_t lo = 0, hi = m->count;
     while (lo < hi) {
         Py_ssize_t mid = lo + (hi - lo) / 2;
-        if (item(starts, mid, &start) < 0)
-            return -1;
-        if (vaddr < start)
+        if (vaddr < m->starts[mid])
             hi = mid;
         else
             lo = mid + 1;
     }
     Py_ssize_t i = lo - 1;
-    if (i >= 0) {
-        if (item(starts, i, &start) < 0 || item(sizes, i, &size) < 0)
-            return -1;
-        if (start + size > vaddr) {
-            *out = i;
-            return 0;
-        }
-    }
-    *out = i + 1;
-    return 0;
+    if (i >= 0 && m->starts[i] + m->sizes[i] > vaddr)
+        return i;
+    return i + 1;
 }
 
 /* --- a small table of objects (pages files) by identity --------------------------------- */
@@ -170,6 +249,17 @@ static int64_t table_index(table_t *t, PyObject *obj)
     return t->last = t->len++;
 }
 
+/* The index in `t` of the pages file of run i of `m` (its depth's in the map's table). */
+static int64_t run_file(table_t *t, const map_t *m, Py_ssize_t i)
+{
+    Py_ssize_t d = m->depths[i];
+    if (d >= PyList_GET_SIZE(m->table) || PyList_GET_ITEM(m->table, d) == Py_None) {
+        PyErr_SetString(PyExc_ValueError, "a present run's depth has no pages file in the map's table");
+        return -1;
+    }
+    return table_index(t, PyList_GET_ITEM(m->table, d));
+}
+
 static PyObject *table_list(table_t *t)
 {
     PyObject *out = PyList_New(t->len);
@@ -185,54 +275,47 @@ static PyObject *table_list(table_t *t)
 /* --- plan ------------------------------------------------------------------------------- */
 
 PyDoc_STRVAR(plan_doc,
-"plan(starts, sizes, kinds, files, offsets, vaddr, end, holes) -> (status, a, b, pieces, holes, files)\n\n"
-"Plan a read of [vaddr, end) over a MemoryMap's columns (lists). holes: 0 error, 1 zero, 2 skip.\n"
+"plan(starts, sizes, kinds, depths, offsets, table, vaddr, end, holes) -> (status, a, b, pieces, holes, files)\n\n"
+"Plan a read of [vaddr, end) over a MemoryMap's columns (typed arrays; a present run's pages file is\n"
+"table[depth]). holes: 0 error, 1 zero, 2 skip.\n"
 "status 0: pieces (bytes of int64 file, offset, dest_offset, length; file indexes `files`) and, for\n"
 "holes=zero, holes (bytes of int64 start, stop pairs); 1: a hole at [a, b) with holes=error;\n"
 "2: lazy pages at [a, b); 3: run a is broken (its error is the map's).");
 
 static PyObject *fast_plan(PyObject *self, PyObject *args)
 {
-    PyObject *starts, *sizes, *kinds, *files, *offsets;
+    PyObject *starts, *sizes, *kinds, *depths, *offsets, *tab;
     long long vaddr_ll, end_ll;
     int mode;
-    if (!PyArg_ParseTuple(args, "OOOOOLLi", &starts, &sizes, &kinds, &files, &offsets, &vaddr_ll, &end_ll, &mode))
-        return NULL;
-    if (!PyList_Check(starts)) {
-        PyErr_SetString(PyExc_TypeError, "map columns must be lists");
-        return NULL;
-    }
-    Py_ssize_t count = PyList_GET_SIZE(starts);
-    PyObject *cols[] = {sizes, kinds, files, offsets};
-    if (same_lengths(count, cols, 4) < 0)
+    if (!PyArg_ParseTuple(args, "OOOOOOLLi", &starts, &sizes, &kinds, &depths, &offsets, &tab, &vaddr_ll, &end_ll,
+                          &mode))
         return NULL;
     if (mode < H_ERROR || mode > H_SKIP) {
         PyErr_SetString(PyExc_ValueError, "holes must be 0, 1 or 2");
         return NULL;
     }
+    map_t m;
+    if (map_open(&m, starts, sizes, kinds, depths, offsets, tab) < 0)
+        return NULL;
     const int64_t vaddr = vaddr_ll, end = end_ll;
+    const Py_ssize_t count = m.count;
     vec_t pieces = {0}, holes = {0};
     table_t table = {NULL, 0, 0, -1};
     PyObject *result = NULL;
     int status = P_OK;
     int64_t a = 0, b = 0;
-    Py_ssize_t i;
-    if (index_at(starts, sizes, count, vaddr, &i) < 0)
-        goto done;
+    Py_ssize_t i = map_index_at(&m, vaddr);
     piece_t *last = NULL;
     int64_t pos = vaddr;
     while (pos < end) {
-        int64_t start = 0, size = 0, kind = -1, stop;
-        if (i < count && item(starts, i, &start) < 0)
-            goto done;
+        int64_t start = i < count ? m.starts[i] : 0, kind = -1, stop;
         if (i >= count || start >= end) {
             stop = end;
         } else if (start > pos) {
             stop = start;
         } else {
-            if (item(sizes, i, &size) < 0 || item(kinds, i, &kind) < 0)
-                goto done;
-            stop = start + size < end ? start + size : end;
+            kind = m.kinds[i];
+            stop = start + m.sizes[i] < end ? start + m.sizes[i] : end;
             if (stop <= pos) { /* an empty run */
                 i++;
                 continue;
@@ -261,13 +344,10 @@ static PyObject *fast_plan(PyObject *self, PyObject *args)
             status = P_BROKEN, a = i;
             break;
         }
-        int64_t offset;
-        if (item(offsets, i, &offset) < 0)
-            goto done;
-        int64_t file = table_index(&table, PyList_GET_ITEM(files, i));
+        int64_t file = run_file(&table, &m, i);
         if (file < 0)
             goto done;
-        offset += pos - start;
+        int64_t offset = m.offsets[i] + pos - start;
         int64_t dest = pos - vaddr, length = stop - pos;
         if (last != NULL && last->file == file && last->offset + last->length == offset
                 && last->dest + last->length == dest) {
@@ -295,6 +375,7 @@ static PyObject *fast_plan(PyObject *self, PyObject *args)
         }
     }
 done:
+    map_close(&m);
     PyMem_Free(pieces.data);
     PyMem_Free(holes.data);
     PyMem_Free(table.items);
@@ -304,10 +385,11 @@ done:
 /* --- pack: many ranges one after another into one buffer -------------------------------- */
 
 PyDoc_STRVAR(pack_doc,
-"pack(starts, sizes, kinds, files, offsets, rstarts, rends, first, dest, gap) -> "
+"pack(starts, sizes, kinds, depths, offsets, table, rstarts, rends, first, dest, gap) -> "
 "(status, a, b, next, used, pieces, addresses, files)\n\n"
-"Plan a read of the ranges [rstarts[k], rends[k]) from k = first on over a MemoryMap's columns into\n"
-"`dest` one after another, `gap` bytes after each (zeroed here), as many as fit with their gaps.\n"
+"Plan a read of the ranges [rstarts[k], rends[k]) (lists of ints or int64 columns) from k = first on\n"
+"over a MemoryMap's columns (as plan()'s) into `dest` one after another, `gap` bytes after each (zeroed\n"
+"here), as many as fit with their gaps.\n"
 "status 0: next is the index past the last range planned, used the bytes of dest they take (gaps\n"
 "included); pieces as plan()'s (dest_offset in dest) and addresses (bytes of int64: each piece's\n"
 "address in memory). 1: a hole at [a, b); 2: lazy pages at [a, b); 3: run a is broken;\n"
@@ -317,23 +399,26 @@ PyDoc_STRVAR(pack_doc,
 
 static PyObject *fast_pack(PyObject *self, PyObject *args)
 {
-    PyObject *starts, *sizes, *kinds, *files, *offsets, *rstarts, *rends;
+    PyObject *starts, *sizes, *kinds, *depths, *offsets, *tab, *rstarts_obj, *rends_obj;
     Py_ssize_t first, gap;
     Py_buffer dest;
-    if (!PyArg_ParseTuple(args, "OOOOOOOnw*n", &starts, &sizes, &kinds, &files, &offsets, &rstarts, &rends, &first,
-                          &dest, &gap))
+    if (!PyArg_ParseTuple(args, "OOOOOOOOnw*n", &starts, &sizes, &kinds, &depths, &offsets, &tab, &rstarts_obj,
+                          &rends_obj, &first, &dest, &gap))
         return NULL;
     vec_t pieces = {0}, addrs = {0};
     table_t table = {NULL, 0, 0, -1};
     PyObject *result = NULL;
-    if (!PyList_Check(starts) || !PyList_Check(rstarts)) {
-        PyErr_SetString(PyExc_TypeError, "map columns and ranges must be lists");
+    map_t m = {0};
+    seq_t rstarts = {0}, rends = {0};
+    if (map_open(&m, starts, sizes, kinds, depths, offsets, tab) < 0)
+        goto done;
+    if (seq_open(rstarts_obj, &rstarts, "ranges") < 0 || seq_open(rends_obj, &rends, "ranges") < 0)
+        goto done;
+    const Py_ssize_t count = m.count, nranges = rstarts.len;
+    if (rends.len != nranges) {
+        PyErr_SetString(PyExc_ValueError, "range starts and ends differ in length");
         goto done;
     }
-    Py_ssize_t count = PyList_GET_SIZE(starts), nranges = PyList_GET_SIZE(rstarts);
-    PyObject *cols[] = {sizes, kinds, files, offsets};
-    if (same_lengths(count, cols, 4) < 0 || same_lengths(nranges, &rends, 1) < 0)
-        goto done;
     if (first < 0 || first >= nranges || gap < 0) {
         PyErr_SetString(PyExc_ValueError, "first must index a range and gap must not be negative");
         goto done;
@@ -348,7 +433,7 @@ static PyObject *fast_pack(PyObject *self, PyObject *args)
     Py_ssize_t i = 0;
     for (; k < nranges; k++) {
         int64_t rs, re;
-        if (item(rstarts, k, &rs) < 0 || item(rends, k, &re) < 0) {
+        if (seq_get(&rstarts, k, &rs) < 0 || seq_get(&rends, k, &re) < 0) {
             if (!PyErr_ExceptionMatches(PyExc_OverflowError))
                 goto done;
             PyErr_Clear();
@@ -374,32 +459,25 @@ static PyObject *fast_pack(PyObject *self, PyObject *args)
          * a binary search */
         int found = 0;
         if (k > first && rs >= prev_end) {
-            for (int step = 0; step < 8 && i < count; step++, i++) {
-                int64_t s0, n0;
-                if (item(starts, i, &s0) < 0 || item(sizes, i, &n0) < 0)
-                    goto done;
-                if (s0 + n0 > rs) {
+            for (int step = 0; step < 8 && i < count; step++, i++)
+                if (m.starts[i] + m.sizes[i] > rs) {
                     found = 1;
                     break;
                 }
-            }
             found = found || i >= count;
         }
-        if (!found && index_at(starts, sizes, count, rs, &i) < 0)
-            goto done;
+        if (!found)
+            i = map_index_at(&m, rs);
         prev_end = re;
         int64_t pos = rs;
         while (pos < re) {
-            int64_t start = 0, size, kind, offset;
-            if (i < count && item(starts, i, &start) < 0)
-                goto done;
+            int64_t start = i < count ? m.starts[i] : 0;
             if (i >= count || start > pos) {
                 status = P_HOLE, a = pos, b = i < count && start < re ? start : re;
                 goto planned;
             }
-            if (item(sizes, i, &size) < 0 || item(kinds, i, &kind) < 0)
-                goto done;
-            int64_t stop = start + size < re ? start + size : re;
+            int64_t kind = m.kinds[i];
+            int64_t stop = start + m.sizes[i] < re ? start + m.sizes[i] : re;
             if (stop <= pos) { /* an empty run */
                 i++;
                 continue;
@@ -412,12 +490,10 @@ static PyObject *fast_pack(PyObject *self, PyObject *args)
                 status = P_BROKEN, a = i;
                 goto planned;
             }
-            if (item(offsets, i, &offset) < 0)
-                goto done;
-            int64_t file = table_index(&table, PyList_GET_ITEM(files, i));
+            int64_t file = run_file(&table, &m, i);
             if (file < 0)
                 goto done;
-            offset += pos - start;
+            int64_t offset = m.offsets[i] + pos - start;
             int64_t at = used + (pos - rs), length = stop - pos;
             if (last != NULL && last->file == file && last->offset + last->length == offset
                     && last->dest + last->length == at && last_vaddr + last->length == pos) {
@@ -452,6 +528,9 @@ planned:
         }
     }
 done:
+    map_close(&m);
+    seq_close(&rstarts);
+    seq_close(&rends);
     PyMem_Free(pieces.data);
     PyMem_Free(addrs.data);
     PyMem_Free(table.items);
@@ -585,42 +664,30 @@ done:
 /* --- resolve: a chain level over its parent's map --------------------------------------- */
 
 PyDoc_STRVAR(resolve_doc,
-"resolve(vaddrs, sizes, flags, offsets, pages, depth, parent, out) -> list\n\n"
-"Append to `out` (seven lists: starts, sizes, kinds, flags, files, offsets, depths) the map of one\n"
-"chain level from its pagemap columns: an entry with PE_PRESENT has its data in `pages` at its\n"
-"offset; a PE_PARENT one takes the parent map's runs over its range (`parent`: the same seven lists),\n"
-"clipped; PE_LAZY alone is a lazy run. Where a PE_PARENT range has no run in the parent a BROKEN run\n"
-"(flags 0, this level's depth) is appended. Returns (index, start, stop, parent_index) for each\n"
-"BROKEN run appended: parent_index -1 for such a gap, else the parent's broken run it copies; the\n"
-"caller gives them their errors.");
+"resolve(vaddrs, sizes, flags, offsets, depth, parent) -> (starts, sizes, kinds, flags, offsets, depths, broken)\n\n"
+"The map of one chain level from its pagemap columns (int64 vaddrs, sizes, offsets; uint8 flags): an\n"
+"entry with PE_PRESENT has its data in this level's pages file at its offset; a PE_PARENT one takes the\n"
+"runs of the parent's map over its range (`parent`: its columns starts, sizes, kinds, flags, offsets,\n"
+"depths, or None), clipped; PE_LAZY alone is a lazy run. Where a PE_PARENT range has no run in the parent\n"
+"a BROKEN run (flags 0, this level's depth) is made. The map's columns as bytes (int64 starts, sizes,\n"
+"offsets; uint8 kinds, flags; uint16 depths) and, for each BROKEN run, (index, start, stop, parent_index):\n"
+"parent_index -1 for such a gap, else the parent's broken run it copies; the caller gives them their errors.");
 
 #define PE_PARENT 1
 #define PE_PRESENT 4
 
-/* Append a run to the seven lists; an int given as an object (reused: no new int) is taken as it is. */
-static int append_run(PyObject **out, PyObject *start_obj, int64_t start, PyObject *size_obj, int64_t size,
-                      int64_t kind, PyObject *flags, PyObject *file, PyObject *offset_obj, int64_t offset,
-                      PyObject *depth)
+typedef struct { vec_t starts, sizes, kinds, flags, offsets, depths; Py_ssize_t n; } runs_t;
+
+static int add_run(runs_t *r, int64_t start, int64_t size, int kind, int flags, int64_t offset, int depth)
 {
-    PyObject *v[7];
-    int fresh[7] = {start_obj == NULL, size_obj == NULL, 1, 0, 0, offset_obj == NULL, 0};
-    v[0] = start_obj ? start_obj : PyLong_FromLongLong(start);
-    v[1] = size_obj ? size_obj : PyLong_FromLongLong(size);
-    v[2] = PyLong_FromLongLong(kind);
-    v[3] = flags;
-    v[4] = file;
-    v[5] = offset_obj ? offset_obj : PyLong_FromLongLong(offset);
-    v[6] = depth;
-    int rc = 0;
-    for (int k = 0; k < 7; k++)
-        if (v[k] == NULL || PyList_Append(out[k], v[k]) < 0) {
-            rc = -1;
-            break;
-        }
-    for (int k = 0; k < 7; k++)
-        if (fresh[k])
-            Py_XDECREF(v[k]);
-    return rc;
+    int64_t *s = vec_add(&r->starts, 8), *z = vec_add(&r->sizes, 8), *o = vec_add(&r->offsets, 8);
+    uint8_t *k = vec_add(&r->kinds, 1), *f = vec_add(&r->flags, 1);
+    uint16_t *d = vec_add(&r->depths, 2);
+    if (!s || !z || !o || !k || !f || !d)
+        return -1;
+    *s = start, *z = size, *o = offset, *k = (uint8_t)kind, *f = (uint8_t)flags, *d = (uint16_t)depth;
+    r->n++;
+    return 0;
 }
 
 static int note_broken(PyObject *broken, Py_ssize_t index, int64_t start, int64_t stop, Py_ssize_t parent_index)
@@ -635,100 +702,117 @@ static int note_broken(PyObject *broken, Py_ssize_t index, int64_t start, int64_
 
 static PyObject *fast_resolve(PyObject *self, PyObject *args)
 {
-    PyObject *vaddrs, *sizes, *flags, *offsets, *pages, *depth, *parent, *out;
-    if (!PyArg_ParseTuple(args, "OOOOOOOO", &vaddrs, &sizes, &flags, &offsets, &pages, &depth, &parent, &out))
+    PyObject *vaddrs_o, *sizes_o, *flags_o, *offsets_o, *parent;
+    int depth;
+    if (!PyArg_ParseTuple(args, "OOOOiO", &vaddrs_o, &sizes_o, &flags_o, &offsets_o, &depth, &parent))
         return NULL;
-    if (!PyList_Check(vaddrs)) {
-        PyErr_SetString(PyExc_TypeError, "columns must be lists");
-        return NULL;
-    }
-    Py_ssize_t n = PyList_GET_SIZE(vaddrs);
-    PyObject *cols[] = {sizes, flags, offsets};
-    if (same_lengths(n, cols, 3) < 0)
-        return NULL;
-    PyObject *p[7], *o[7];
-    if (!PyTuple_Check(parent) || PyTuple_GET_SIZE(parent) != 7 || !PyTuple_Check(out) || PyTuple_GET_SIZE(out) != 7) {
-        PyErr_SetString(PyExc_TypeError, "parent and out must be tuples of seven lists");
+    if (depth < 0 || depth > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "depth out of range");
         return NULL;
     }
-    for (int k = 0; k < 7; k++) {
-        p[k] = PyTuple_GET_ITEM(parent, k);
-        o[k] = PyTuple_GET_ITEM(out, k);
-        if (!PyList_Check(o[k])) {
-            PyErr_SetString(PyExc_TypeError, "parent and out must be tuples of seven lists");
-            return NULL;
+    Py_buffer v[4], pv[6];
+    int nv = 0, npv = 0;
+    PyObject *result = NULL, *broken = NULL;
+    runs_t out;
+    memset(&out, 0, sizeof(out));
+    PyObject *objs[4] = {vaddrs_o, sizes_o, offsets_o, flags_o};
+    const Py_ssize_t isz[4] = {8, 8, 8, 1};
+    const char *fmt[4] = {"ql", "ql", "ql", "B"};
+    for (; nv < 4; nv++)
+        if (column(objs[nv], &v[nv], isz[nv], fmt[nv], "pagemap columns") < 0)
+            goto done;
+    const Py_ssize_t n = v[0].len / 8;
+    if (v[1].len / 8 != n || v[2].len / 8 != n || v[3].len != n) {
+        PyErr_SetString(PyExc_ValueError, "pagemap columns differ in length");
+        goto done;
+    }
+    const int64_t *vaddrs = v[0].buf, *sizes = v[1].buf, *offsets = v[2].buf;
+    const uint8_t *flags = v[3].buf;
+    /* the parent's map: starts, sizes, kinds, flags, offsets, depths */
+    const int64_t *ps_ = NULL, *pz_ = NULL, *po_ = NULL;
+    const uint8_t *pk_ = NULL, *pf_ = NULL;
+    const uint16_t *pd_ = NULL;
+    Py_ssize_t pcount = 0;
+    if (parent != Py_None) {
+        if (!PyTuple_Check(parent) || PyTuple_GET_SIZE(parent) != 6) {
+            PyErr_SetString(PyExc_TypeError, "parent must be None or a tuple of six columns");
+            goto done;
         }
+        const Py_ssize_t psz[6] = {8, 8, 1, 1, 8, 2};
+        const char *pfmt[6] = {"ql", "ql", "B", "B", "ql", "H"};
+        for (; npv < 6; npv++)
+            if (column(PyTuple_GET_ITEM(parent, npv), &pv[npv], psz[npv], pfmt[npv], "parent columns") < 0)
+                goto done;
+        pcount = pv[0].len / 8;
+        for (int k = 1; k < 6; k++)
+            if (pv[k].len / psz[k] != pcount) {
+                PyErr_SetString(PyExc_ValueError, "parent columns differ in length");
+                goto done;
+            }
+        ps_ = pv[0].buf, pz_ = pv[1].buf, pk_ = pv[2].buf, pf_ = pv[3].buf, po_ = pv[4].buf, pd_ = pv[5].buf;
     }
-    if (!PyList_Check(p[0])) {
-        PyErr_SetString(PyExc_TypeError, "parent and out must be tuples of seven lists");
-        return NULL;
-    }
-    Py_ssize_t pcount = PyList_GET_SIZE(p[0]);
-    if (same_lengths(pcount, p + 1, 6) < 0)
-        return NULL;
-    PyObject *zero = PyLong_FromLong(0);
-    PyObject *broken = PyList_New(0);
-    if (zero == NULL || broken == NULL)
-        goto fail;
+    broken = PyList_New(0);
+    if (broken == NULL)
+        goto done;
     Py_ssize_t j = 0; /* entries are in address order: the parent runs before an entry are never needed again */
     for (Py_ssize_t e = 0; e < n; e++) {
-        int64_t vaddr, size, f, offset;
-        if (item(vaddrs, e, &vaddr) < 0 || item(sizes, e, &size) < 0 || item(flags, e, &f) < 0
-                || item(offsets, e, &offset) < 0)
-            goto fail;
-        PyObject *f_obj = PyList_GET_ITEM(flags, e);
+        const int64_t vaddr = vaddrs[e], size = sizes[e];
+        const int f = flags[e];
         if (f & PE_PRESENT) {
-            if (append_run(o, PyList_GET_ITEM(vaddrs, e), 0, PyList_GET_ITEM(sizes, e), 0, K_PRESENT, f_obj, pages,
-                           PyList_GET_ITEM(offsets, e), 0, depth) < 0)
-                goto fail;
+            if (add_run(&out, vaddr, size, K_PRESENT, f, offsets[e], depth) < 0)
+                goto done;
             continue;
         }
         if (!(f & PE_PARENT)) {
-            if (f && append_run(o, PyList_GET_ITEM(vaddrs, e), 0, PyList_GET_ITEM(sizes, e), 0, K_LAZY, f_obj,
-                                Py_None, NULL, -1, depth) < 0)
-                goto fail;
+            if (f && add_run(&out, vaddr, size, K_LAZY, f, -1, depth) < 0)
+                goto done;
             continue;
         }
         const int64_t end = vaddr + size;
-        int64_t pos = vaddr, ps = 0, pz = 0;
-        for (; j < pcount; j++) { /* the first parent run that ends above vaddr */
-            if (item(p[0], j, &ps) < 0 || item(p[1], j, &pz) < 0)
-                goto fail;
-            if (ps + pz > vaddr)
-                break;
-        }
+        int64_t pos = vaddr;
+        while (j < pcount && ps_[j] + pz_[j] <= vaddr) /* the first parent run that ends above vaddr */
+            j++;
         for (Py_ssize_t k = j; pos < end; k++) {
-            if (k < pcount && k > j && (item(p[0], k, &ps) < 0 || item(p[1], k, &pz) < 0))
-                goto fail;
-            int64_t next = k >= pcount || ps >= end ? end : ps;
+            int64_t next = k >= pcount || ps_[k] >= end ? end : ps_[k];
             if (next > pos) { /* the parent lacks [pos, next) */
-                if (note_broken(broken, PyList_GET_SIZE(o[0]), pos, next, -1) < 0
-                        || append_run(o, NULL, pos, NULL, next - pos, K_BROKEN, zero, Py_None, NULL, -1, depth) < 0)
-                    goto fail;
+                if (note_broken(broken, out.n, pos, next, -1) < 0
+                        || add_run(&out, pos, next - pos, K_BROKEN, 0, -1, depth) < 0)
+                    goto done;
                 pos = next;
             }
             if (pos >= end)
                 break;
-            int64_t stop = ps + pz < end ? ps + pz : end, kind, poff;
-            if (item(p[2], k, &kind) < 0 || item(p[5], k, &poff) < 0)
-                goto fail;
-            if (kind == K_BROKEN && note_broken(broken, PyList_GET_SIZE(o[0]), pos, stop, k) < 0)
-                goto fail;
-            int whole = pos == ps && stop == ps + pz; /* the parent's run as it is: its ints are reused */
-            if (append_run(o, whole ? PyList_GET_ITEM(p[0], k) : NULL, pos, whole ? PyList_GET_ITEM(p[1], k) : NULL,
-                           stop - pos, kind, PyList_GET_ITEM(p[3], k), PyList_GET_ITEM(p[4], k),
-                           whole ? PyList_GET_ITEM(p[5], k) : NULL, poff >= 0 ? poff + pos - ps : -1,
-                           PyList_GET_ITEM(p[6], k)) < 0)
-                goto fail;
+            const int64_t stop = ps_[k] + pz_[k] < end ? ps_[k] + pz_[k] : end, poff = po_[k];
+            if (pk_[k] == K_BROKEN && note_broken(broken, out.n, pos, stop, k) < 0)
+                goto done;
+            if (add_run(&out, pos, stop - pos, pk_[k], pf_[k], poff >= 0 ? poff + pos - ps_[k] : -1, pd_[k]) < 0)
+                goto done;
             pos = stop;
         }
     }
-    Py_DECREF(zero);
-    return broken;
-fail:
-    Py_XDECREF(zero);
+    {
+        PyObject *c[6] = {vec_bytes(&out.starts), vec_bytes(&out.sizes), vec_bytes(&out.kinds), vec_bytes(&out.flags),
+                          vec_bytes(&out.offsets), vec_bytes(&out.depths)};
+        if (c[0] && c[1] && c[2] && c[3] && c[4] && c[5]) {
+            result = Py_BuildValue("NNNNNNO", c[0], c[1], c[2], c[3], c[4], c[5], broken);
+        } else {
+            for (int k = 0; k < 6; k++)
+                Py_XDECREF(c[k]);
+        }
+    }
+done:
+    for (int k = 0; k < nv; k++)
+        PyBuffer_Release(&v[k]);
+    for (int k = 0; k < npv; k++)
+        PyBuffer_Release(&pv[k]);
+    PyMem_Free(out.starts.data);
+    PyMem_Free(out.sizes.data);
+    PyMem_Free(out.kinds.data);
+    PyMem_Free(out.flags.data);
+    PyMem_Free(out.offsets.data);
+    PyMem_Free(out.depths.data);
     Py_XDECREF(broken);
-    return NULL;
+    return result;
 }
 
 /* --- preadv's queue ---------------------------------------------------------------------- */
@@ -1327,7 +1411,7 @@ PyMODINIT_FUNC PyInit__fastio(void)
     if (m == NULL)
         return NULL;
     /* native.py uses the module only if this is the version its Python side was written for */
-    if (PyModule_AddIntConstant(m, "VERSION", 3) < 0
+    if (PyModule_AddIntConstant(m, "VERSION", 4) < 0
             || PyModule_AddIntConstant(m, "PIECE_BYTES", (long)sizeof(piece_t)) < 0
             || PyModule_AddIntConstant(m, "RECORD_BYTES", (long)sizeof(rec_t)) < 0) {
         Py_DECREF(m);

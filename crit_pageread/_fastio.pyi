@@ -9,20 +9,21 @@ PIECE_BYTES: int
 RECORD_BYTES: int
 
 def plan(
-    starts: list[int], sizes: list[int], kinds: list[int], files: list[Any], offsets: list[int],
-    vaddr: int, end: int, holes: int, /,
+    starts: ReadableBuffer, sizes: ReadableBuffer, kinds: ReadableBuffer, depths: ReadableBuffer,
+    offsets: ReadableBuffer, table: list[Any], vaddr: int, end: int, holes: int, /,
 ) -> tuple[int, int, int, bytes, bytes, list[Any]]: ...
 def pack(
-    starts: list[int], sizes: list[int], kinds: list[int], files: list[Any], offsets: list[int],
-    rstarts: list[int], rends: list[int], first: int, dest: WriteableBuffer, gap: int, /,
+    starts: ReadableBuffer, sizes: ReadableBuffer, kinds: ReadableBuffer, depths: ReadableBuffer,
+    offsets: ReadableBuffer, table: list[Any], rstarts: list[int] | ReadableBuffer, rends: list[int] | ReadableBuffer,
+    first: int, dest: WriteableBuffer, gap: int, /,
 ) -> tuple[int, int, int, int, int, bytes, bytes, list[Any]]: ...
 def parse_pagemap(
     data: ReadableBuffer, pos: int, offset: int, page_size: int, limit: int, prev_end: int, layout: str, count: int, /,
 ) -> tuple[bytes, bytes, bytes, bytes, str, int, int, int] | None: ...
 def resolve(
-    vaddrs: list[int], sizes: list[int], flags: list[int], offsets: list[int], pages: Any, depth: int,
-    parent: tuple[list[Any], ...], out: tuple[list[Any], ...], /,
-) -> list[tuple[int, int, int, int]]: ...
+    vaddrs: ReadableBuffer, sizes: ReadableBuffer, flags: ReadableBuffer, offsets: ReadableBuffer, depth: int,
+    parent: tuple[ReadableBuffer, ...] | None, /,
+) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes, list[tuple[int, int, int, int]]]: ...
 def queue_plan(records: bytearray, fds: ReadableBuffer, pieces: ReadableBuffer, dest: WriteableBuffer, /) -> int: ...
 def queue_scatter(
     records: bytearray, fd: int, offset: int, dest: WriteableBuffer, dest_offsets: list[int] | None,

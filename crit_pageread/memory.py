@@ -267,7 +267,7 @@ def _map_runs(flat: MemoryMap, start: int, end: int, lazy_ok: bool) -> tuple[lis
     kinds = flat.kinds[i:j]
     if BROKEN in kinds:
         raise flat.broken[i + kinds.index(BROKEN)]
-    starts = flat.starts[i:j]
+    starts = flat.starts[i:j].tolist()
     ends = list(map(operator.add, starts, flat.sizes[i:j]))
     starts[0] = max(starts[0], start)
     ends[-1] = min(ends[-1], end)

@@ -14,6 +14,7 @@ import operator
 import os
 import re
 import stat
+from array import array
 from itertools import compress, repeat
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from .imagefile import (
 
 if TYPE_CHECKING:  # typing is not imported at start-up
     from collections.abc import Callable, Iterator
-    from typing import Any, NamedTuple
+    from typing import Any, NamedTuple, overload
 
     class _EntryTuple(NamedTuple):
         vaddr: int
@@ -96,13 +97,69 @@ class PagemapEntry(_EntryTuple):
         return bool(self.flags & PE_LAZY)
 
 
+#: The index's column types: int64 vaddr, size in bytes and pages-file offset, uint8 PE_* flags.
+INT64, FLAGS = "q", "B"
+
+
+def int64s(values: Any = ()) -> array[int]:
+    """An int64 column (array('q')) of `values`."""
+    return array(INT64, values)
+
+
+class PagemapEntries:
+    """A pagemap's entries as a read-only sequence of PagemapEntry, each made when it is asked for
+    (the index keeps columns: no object per entry lives on)."""
+
+    __slots__ = ("_pagemap",)
+
+    def __init__(self, pagemap: Pagemap) -> None:
+        self._pagemap = pagemap
+
+    def __len__(self) -> int:
+        return len(self._pagemap)
+
+    if TYPE_CHECKING:
+        @overload
+        def __getitem__(self, i: int) -> PagemapEntry: ...
+        @overload
+        def __getitem__(self, i: slice) -> list[PagemapEntry]: ...
+
+    def __getitem__(self, i: int | slice) -> PagemapEntry | list[PagemapEntry]:
+        pm = self._pagemap
+        if isinstance(i, slice):
+            return [pm._entry(k) for k in range(*i.indices(len(pm)))]
+        n = len(pm)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("pagemap entry index out of range")
+        return pm._entry(i)
+
+    def __iter__(self) -> Iterator[PagemapEntry]:
+        starts, sizes, flags, offsets = self._pagemap.columns()
+        ps = self._pagemap.page_size
+        return map(PagemapEntry, starts, map(ps.__rfloordiv__, sizes), flags, offsets, repeat(ps))
+
+    def __bool__(self) -> bool:
+        return len(self._pagemap) > 0
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PagemapEntries | list | tuple):
+            return len(self) == len(other) and all(map(operator.eq, self, other))
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"<PagemapEntries of {self._pagemap.path}: {len(self)}>"
+
+
 class Pagemap:
     """A parsed, validated pagemap image and the pages file it names.
 
-    The index is kept as columns (each entry's vaddr, size in bytes, flags,
-    pages-file offset): `entries`, the same as PagemapEntry tuples, is made
-    from them on first use only (a fragmented dump has hundreds of thousands
-    of entries; the reader plans from the columns).
+    The index is typed columns (array('q') of each entry's vaddr, size in bytes
+    and pages-file offset, array('B') of its flags: 25 bytes an entry);
+    `entries` is a sequence view of them as PagemapEntry tuples, each made on
+    access (a fragmented dump has millions of entries; the reader plans from
+    the columns).
     """
 
     def __init__(
@@ -112,42 +169,38 @@ class Pagemap:
         entries: list[PagemapEntry] | None,
         layout: str,
         page_size: int,
-        starts: list[int] | None = None,
-        columns: tuple[list[int], list[int], list[int]] | None = None,
+        starts: Any = None,
+        columns: tuple[Any, Any, Any] | None = None,
     ) -> None:
         #: The pagemap image: a Path, or an `archive.Member` (str() is `ARCHIVE: MEMBER`).
         self.path: Path = path
         self.pages_id = pages_id
-        self._entries = entries
         self.layout = layout
         self.page_size = page_size
-        if entries is None:
-            assert starts is not None and columns is not None, "Pagemap without entries needs its columns"
-        self._starts = starts if starts is not None else [e.vaddr for e in entries or ()]
-        self._columns = columns
-        self._runs: tuple[list[int], list[int]] | None = None
+        if entries is not None:
+            starts = [e.vaddr for e in entries]
+            columns = ([e.nr_pages * e.page_size for e in entries], [e.flags for e in entries],
+                       [e.offset for e in entries])
+        assert starts is not None and columns is not None, "Pagemap needs its entries or its columns"
+        self._starts: array[int] = starts if type(starts) is array else int64s(starts)
+        sizes, flags, offsets = columns
+        self._columns: tuple[array[int], array[int], array[int]] = (
+            sizes if type(sizes) is array else int64s(sizes),
+            flags if type(flags) is array else array(FLAGS, flags),
+            offsets if type(offsets) is array else int64s(offsets),
+        )
+        self._runs: tuple[array[int], array[int]] | None = None
         #: What the loader read as CRIU does but that no CRIU writes (one line each; `check` lists them).
         self.anomalies: list[str] = []
 
     @property
-    def entries(self) -> list[PagemapEntry]:
-        """The entries in address order (made from the columns on first use, then kept)."""
-        if self._entries is None:
-            sizes, flags, offsets = self._columns  # type: ignore[misc]
-            ps = self.page_size
-            self._entries = list(map(PagemapEntry, self._starts, map(ps.__rfloordiv__, sizes), flags, offsets,
-                                     repeat(ps)))
-        return self._entries
+    def entries(self) -> PagemapEntries:
+        """The entries in address order: a sequence view of the columns (each entry made on access)."""
+        return PagemapEntries(self)
 
-    def columns(self) -> tuple[list[int], list[int], list[int], list[int]]:
+    def columns(self) -> tuple[array[int], array[int], array[int], array[int]]:
         """The index as columns (the reader's planning works on them, not on entries): each entry's
         vaddr, size in bytes, flags and pages-file offset (-1 without data). Read-only: shared."""
-        if self._columns is None:
-            self._columns = (
-                [e.nr_pages * e.page_size for e in self.entries],
-                [e.flags for e in self.entries],
-                [e.offset for e in self.entries],
-            )
         return (self._starts, *self._columns)
 
     @property
@@ -159,7 +212,7 @@ class Pagemap:
         _, sizes, flags, _ = self.columns()
         return sum(compress(sizes, [f & PE_PRESENT for f in flags]))
 
-    def present_runs(self) -> tuple[list[int], list[int]]:
+    def present_runs(self) -> tuple[array[int], array[int]]:
         """Columns for bulk planning: each entry's size in bytes and, per entry, the index past the
         last of the consecutive `PE_PRESENT` entries it is in (its own index if not present).
 
@@ -167,12 +220,12 @@ class Pagemap:
         stretch of them is one contiguous file range. Built on first use.
         """
         if self._runs is None:
-            entries = self.entries
-            sizes = [e.nr_pages * e.page_size for e in entries]
-            run_end = list(range(len(entries)))
-            end = len(entries)
-            for k in range(len(entries) - 1, -1, -1):
-                if entries[k].flags & PE_PRESENT:
+            _, sizes, flags, _ = self.columns()
+            n = len(sizes)
+            run_end = int64s(range(n))
+            end = n
+            for k in range(n - 1, -1, -1):
+                if flags[k] & PE_PRESENT:
                     run_end[k] = end
                 else:
                     end = k
@@ -188,8 +241,6 @@ class Pagemap:
         return i + 1
 
     def _entry(self, i: int) -> PagemapEntry:
-        if self._entries is not None:
-            return self._entries[i]
         starts, sizes, flags, offsets = self.columns()
         return PagemapEntry(starts[i], sizes[i] // self.page_size, flags[i], offsets[i], self.page_size)
 
@@ -260,7 +311,7 @@ def _parse_canonical(data: bytes, pos: int, offset: int, page_size: int) -> tupl
     fast = native.fastio
     if fast is not None:
         return _parse_native(fast, data, pos, offset, page_size)
-    columns: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
+    columns = (int64s(), int64s(), array(FLAGS), int64s())
     layout = None
     prev_end = 0
     while pos < len(data):
@@ -273,7 +324,7 @@ def _parse_canonical(data: bytes, pos: int, offset: int, page_size: int) -> tupl
         layout, offset = got[4], got[5]
         prev_end = got[0][-1] + got[1][-1]
         for column, part in zip(columns, got[:4], strict=True):
-            column += part
+            column.extend(part)
         pos = chunk.end()
     if layout is None:
         return None
@@ -282,26 +333,19 @@ def _parse_canonical(data: bytes, pos: int, offset: int, page_size: int) -> tupl
 
 def _parse_native(fast: Any, data: bytes, pos: int, offset: int, page_size: int) -> tuple[Any, ...] | None:
     """`_parse_canonical` by the native helper, CHUNK_ENTRIES entries at a time: its columns (bytes) appended
-    to the index's lists, one int object per distinct size as the Python parser keeps."""
-    starts: list[int] = []
-    sizes: list[int] = []
-    flags: list[int] = []
-    offsets: list[int] = []
-    by_size: dict[int, int] = {}
+    to the index's arrays."""
+    columns = (int64s(), int64s(), array(FLAGS), int64s())
     layout, prev_end = "", 0
     while pos < len(data):
         got = fast.parse_pagemap(data, pos, offset, page_size, ADDRESS_LIMIT, prev_end, layout, CHUNK_ENTRIES)
         if got is None:
             return None
-        raw_starts, raw_sizes, raw_flags, raw_offsets, layout, offset, pos, prev_end = got
-        starts += memoryview(raw_starts).cast("q").tolist()
-        chunk = memoryview(raw_sizes).cast("q").tolist()
-        sizes += map(by_size.setdefault, chunk, chunk)
-        flags += raw_flags
-        offsets += memoryview(raw_offsets).cast("q").tolist()
+        layout, offset, pos, prev_end = got[4:]
+        for column, raw in zip(columns, got[:4], strict=True):
+            column.frombytes(raw)
     if not layout:
         return None
-    return starts, sizes, flags, offsets, layout, offset
+    return (*columns, layout, offset)
 
 
 def _parse_chunk(data: bytes, pos: int, end: int, offset: int, page_size: int) -> tuple[Any, ...] | None:
@@ -366,7 +410,7 @@ def load_pagemap(
     if 1 not in head_fields:
         raise ImageError(path, "pagemap_head has no pages_id")
     pages_id = head_fields[1]
-    starts: list[int] = []
+    starts = int64s()
     extent = locate(pages_id) if locate is not None else None
     base = extent[0] if extent is not None else 0
     offset = base
@@ -379,12 +423,10 @@ def load_pagemap(
     layout = "4.1"
     mask = page_size - 1
     append_start = starts.append
-    interned: dict[int, int] = {}  # one int object per distinct entry size (most entries share a few)
-    intern = interned.setdefault
     pagemap_anomalies: list[str] = []
-    sizes: list[int] = []
-    flag_col: list[int] = []
-    offsets: list[int] = []
+    sizes = int64s()
+    flag_col = array(FLAGS)
+    offsets = int64s()
     append_size, append_flags, append_offset = sizes.append, flag_col.append, offsets.append
     for number, payload in enumerate(payloads, 1):
         f = decode_varint_fields(path, payload)
@@ -432,7 +474,7 @@ def load_pagemap(
         else:
             append_offset(-1)
         append_start(vaddr)
-        append_size(intern(size, size))
+        append_size(size)
         append_flags(flags)
         prev_end = end
     pagemap = Pagemap(path, pages_id, None, layout, page_size, starts, (sizes, flag_col, offsets))

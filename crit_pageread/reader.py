@@ -15,12 +15,13 @@ dump, and `segments()` is a view of it.
 from __future__ import annotations
 
 import os
+from array import array
 from bisect import bisect_left, bisect_right
 
 from . import TYPE_CHECKING, native
 from .dedup import punch_hole
 from .errors import ChainError, CritPageReadError, ImageError, LazyPageError, NotDumpedError
-from .pagemap import PE_PARENT, PE_PRESENT, Pagemap
+from .pagemap import PE_PARENT, PE_PRESENT, Pagemap, int64s
 from .strategy import (
     AnyRequest,
     CopyRequest,
@@ -96,36 +97,48 @@ class Segment(_SegmentTuple):
 PRESENT, LAZY, BROKEN, HOLE = 0, 1, 2, 3
 
 
+#: Column types of a MemoryMap besides its int64 ones: uint8 kinds and flags, uint16 depths.
+_BYTE, _DEPTH = "B", "H"
+
+
 class MemoryMap:
     """A target's memory resolved through its chain: runs in address order, each with where its bytes are.
 
-    Parallel lists, one item per run (a pagemap entry, or the part of a parent's
-    run that an entry of a newer image has in parent): `starts`, `sizes`,
-    `kinds` (PRESENT, LAZY, or BROKEN: a newer image has the range in parent but
-    the chain lacks it, `broken` holds the error a read raises), `flags` (the
-    entry's PE_* flags), `files`/`offsets` (where a present run's bytes are),
-    `depths` (the level that holds them, 0 = newest). Addresses no run covers
-    are holes. Memory is per run, never per page.
+    Typed columns, one item per run (a pagemap entry, or the part of a parent's
+    run that an entry of a newer image has in parent): int64 `starts`, `sizes`
+    and `offsets` (where a present run's bytes are in its pages file), uint8
+    `kinds` (PRESENT, LAZY, or BROKEN: a newer image has the range in parent
+    but the chain lacks it, `broken` holds the error a read raises) and `flags`
+    (the entry's PE_* flags), uint16 `depths` (the level that holds the bytes,
+    0 = newest). `table[depth]` is that level's pages file (one per level).
+    Addresses no run covers are holes. 30 bytes a run, no object per run.
     """
 
-    __slots__ = ("_cont_end", "_file_end", "broken", "depths", "files", "flags", "images", "kinds", "offsets",
-                 "sizes", "starts")
+    __slots__ = ("_cont_end", "_file_end", "_one_file", "broken", "depths", "flags", "images", "kinds", "offsets",
+                 "sizes", "starts", "table")
 
     def __init__(self) -> None:
-        self.starts: list[int] = []
-        self.sizes: list[int] = []
-        self.kinds: list[int] = []
-        self.flags: list[int] = []
-        self.files: list[PagesFile | None] = []
-        self.offsets: list[int] = []
-        self.depths: list[int] = []
+        self.starts: array[int] = int64s()
+        self.sizes: array[int] = int64s()
+        self.kinds: array[int] = array(_BYTE)
+        self.flags: array[int] = array(_BYTE)
+        self.offsets: array[int] = int64s()
+        self.depths: array[int] = array(_DEPTH)
+        #: The pages file of each depth (None where this map has no present run of that depth).
+        self.table: list[PagesFile | None] = []
         self.broken: dict[int, CritPageReadError] = {}
         self.images: list[str] = []
-        self._cont_end: list[int] | None = None
-        self._file_end: list[int] | None = None
+        self._cont_end: array[int] | None = None
+        self._file_end: array[int] | None = None
+        #: Every run is present, one after another in one pages file (a flat dump's map).
+        self._one_file = False
 
     def __len__(self) -> int:
         return len(self.starts)
+
+    def pages(self, k: int) -> PagesFile | None:
+        """The pages file of run `k` (None unless it is present)."""
+        return self.table[self.depths[k]] if self.kinds[k] == PRESENT else None
 
     def index_at(self, vaddr: int) -> int:
         """Index of the first run whose end is above `vaddr` (len(self) if none)."""
@@ -134,37 +147,50 @@ class MemoryMap:
             return i
         return i + 1
 
-    def add_broken(self, start: int, size: int, flags: int, depth: int, error: CritPageReadError) -> None:
-        self.broken[len(self.starts)] = error
+    def add(self, start: int, size: int, kind: int, flags: int, offset: int, depth: int) -> None:
         self.starts.append(start)
         self.sizes.append(size)
-        self.kinds.append(BROKEN)
+        self.kinds.append(kind)
         self.flags.append(flags)
-        self.files.append(None)
-        self.offsets.append(-1)
+        self.offsets.append(offset)
         self.depths.append(depth)
 
-    def gap_free(self) -> list[int]:
+    def add_broken(self, start: int, size: int, flags: int, depth: int, error: CritPageReadError) -> None:
+        self.broken[len(self.starts)] = error
+        self.add(start, size, BROKEN, flags, -1, depth)
+
+    def set_table(self, depth: int, pages: PagesFile | None, parent: MemoryMap | None = None) -> None:
+        """`table` from the parent's (if any) with `pages` as the file of `depth`."""
+        table = list(parent.table) if parent is not None else []
+        if len(table) <= depth:
+            table += [None] * (depth + 1 - len(table))
+        table[depth] = pages
+        self.table = table
+
+    def gap_free(self) -> array[int]:
         """Per run, the index past the last run of the gap-free stretch it is in (covering checks)."""
         if self._cont_end is None:
             starts, sizes = self.starts, self.sizes
             n = len(starts)
-            cont = list(range(1, n + 1))
+            cont = int64s(range(1, n + 1))
             for k in range(n - 2, -1, -1):
                 if starts[k] + sizes[k] == starts[k + 1]:
                     cont[k] = cont[k + 1]
             self._cont_end = cont
         return self._cont_end
 
-    def file_runs(self) -> list[int]:
+    def file_runs(self) -> array[int]:
         """Per run, the index past the last of the following runs that are present and back to back
         with it in the same pages file (its own index + 1 if none): a stretch one file range holds."""
+        if self._file_end is None and self._one_file:
+            n = len(self.starts)
+            self._file_end = int64s([n]) * n
         if self._file_end is None:
-            starts, kinds, files, offsets, sizes = self.starts, self.kinds, self.files, self.offsets, self.sizes
+            starts, kinds, depths, offsets, sizes = self.starts, self.kinds, self.depths, self.offsets, self.sizes
             n = len(starts)
-            out = list(range(1, n + 1))
+            out = int64s(range(1, n + 1))
             for k in range(n - 2, -1, -1):
-                if (kinds[k] == PRESENT and kinds[k + 1] == PRESENT and files[k] is files[k + 1]
+                if (kinds[k] == PRESENT and kinds[k + 1] == PRESENT and depths[k] == depths[k + 1]
                         and offsets[k] + sizes[k] == offsets[k + 1]):
                     out[k] = out[k + 1]
             self._file_end = out
@@ -184,7 +210,6 @@ class MemoryMap:
             out.sizes += sizes[i:j]
             out.kinds += self.kinds[i:j]
             out.flags += self.flags[i:j]
-            out.files += self.files[i:j]
             out.offsets += self.offsets[i:j]
             out.depths += self.depths[i:j]
             for k, error in self.broken.items():
@@ -209,13 +234,8 @@ class MemoryMap:
             e = min(starts[k] + sizes[k], end)
             if k in self.broken:
                 out.broken[len(out.starts)] = self.broken[k]
-            out.starts.append(s)
-            out.sizes.append(e - s)
-            out.kinds.append(self.kinds[k])
-            out.flags.append(self.flags[k])
-            out.files.append(self.files[k])
-            out.offsets.append(self.offsets[k] + s - starts[k] if self.offsets[k] >= 0 else -1)
-            out.depths.append(self.depths[k])
+            out.add(s, e - s, self.kinds[k], self.flags[k],
+                    self.offsets[k] + s - starts[k] if self.offsets[k] >= 0 else -1, self.depths[k])
             pos = e
         if pos < end:
             out.add_broken(pos, end - pos, 0, child.depth, _lacks(parent, child, pos, end))
@@ -227,17 +247,14 @@ def _restrict(flat: MemoryMap, pages: PagesFile) -> MemoryMap:
     present = pages.present or []
     out = MemoryMap()
     out.images = flat.images
-    columns: tuple[list[Any], ...] = (flat.starts, flat.sizes, flat.kinds, flat.flags, flat.files, flat.offsets,
-                                      flat.depths)
-    outs: tuple[list[Any], ...] = (out.starts, out.sizes, out.kinds, out.flags, out.files, out.offsets, out.depths)
+    out.table = flat.table
     for k in range(len(flat.starts)):
-        if flat.files[k] is not pages:
+        vaddr, flags, depth = flat.starts[k], flat.flags[k], flat.depths[k]
+        if flat.pages(k) is not pages:
             if k in flat.broken:
                 out.broken[len(out.starts)] = flat.broken[k]
-            for col, src in zip(outs, columns, strict=True):
-                col.append(src[k])
+            out.add(vaddr, flat.sizes[k], flat.kinds[k], flags, flat.offsets[k], depth)
             continue
-        vaddr, flags, depth = flat.starts[k], flat.flags[k], flat.depths[k]
         pos = flat.offsets[k] - pages.base  # the run's bytes in the pages: [pos, end)
         end = pos + flat.sizes[k]
         shift = vaddr - pos  # vaddr of byte p of the pages is p + shift
@@ -253,9 +270,7 @@ def _restrict(flat: MemoryMap, pages: PagesFile) -> MemoryMap:
                     "(the archive was opened for some ranges only)"))
             else:
                 stop = min(b, end)
-                for col, value in zip(outs, (pos + shift, stop - pos, flat.kinds[k], flags, pages,
-                                             pages.base + pos, depth), strict=True):
-                    col.append(value)
+                out.add(pos + shift, stop - pos, flat.kinds[k], flags, pages.base + pos, depth)
             pos = stop
     return out
 
@@ -359,38 +374,29 @@ class PageReader:
             # another are back to back in the one pages file.
             n = len(vaddrs)
             flat.starts, flat.sizes, flat.flags, flat.offsets = vaddrs, sizes, fl, offs
-            flat.kinds = [PRESENT] * n
-            flat.files = [self._pages or self._pages_file()] * n
-            flat.depths = [self.depth] * n
+            flat.kinds = array(_BYTE, bytes(n))  # PRESENT is 0
+            flat.depths = array(_DEPTH, [self.depth]) * n
+            first = self._pages or self._pages_file()
+            flat.set_table(self.depth, first)
             flat.images = [self.images.location]
-            flat._file_end = [n] * n
-            first = flat.files[0]
+            flat._one_file = True
             return flat if first is None or first.present is None else _restrict(flat, first)
         fast = native.fastio
         if fast is not None:
             resolved = self._resolve_native(flat, fast)
             if resolved is not None:
                 return resolved
-        add_start, add_size, add_kind, add_flags, add_file, add_offset, add_depth = (
-            flat.starts.append, flat.sizes.append, flat.kinds.append, flat.flags.append, flat.files.append,
-            flat.offsets.append, flat.depths.append)
+        add = flat.add
         depth = self.depth
         parent: MemoryMap | None = None
         parent_error: CritPageReadError | None = None
         pages: PagesFile | None = None
-        pstarts: list[int] = []
-        for vaddr, nr, f, offset, page_size in self.pagemap.entries:
-            size = nr * page_size
+        pstarts: Any = ()
+        for vaddr, size, f, offset in zip(vaddrs, sizes, fl, offs, strict=True):
             if f & PE_PRESENT:
                 if pages is None:
                     pages = self._pages or self._pages_file()
-                add_start(vaddr)
-                add_size(size)
-                add_kind(PRESENT)
-                add_flags(f)
-                add_file(pages)
-                add_offset(offset)
-                add_depth(depth)
+                add(vaddr, size, PRESENT, f, offset, depth)
             elif f & PE_PARENT:
                 if parent is None and parent_error is None:
                     try:
@@ -398,33 +404,21 @@ class PageReader:
                     except CritPageReadError as exc:  # no parent link, no pagemap there: only reads of it fail
                         parent_error = exc
                     else:
-                        pstarts, psizes, pkinds, pflags, pfiles, poffsets, pdepths = (
-                            parent.starts, parent.sizes, parent.kinds, parent.flags, parent.files,
-                            parent.offsets, parent.depths)
+                        pstarts, psizes, pkinds, pflags, poffsets, pdepths = (
+                            parent.starts, parent.sizes, parent.kinds, parent.flags, parent.offsets, parent.depths)
                 if parent is None:
                     flat.add_broken(vaddr, size, f, depth, parent_error)  # type: ignore[arg-type]
                     continue
                 # Usually the range lies inside one run of the parent's map: take it, clipped.
                 i = bisect_right(pstarts, vaddr) - 1
                 if i >= 0 and vaddr + size <= pstarts[i] + psizes[i] and pkinds[i] != BROKEN:
-                    add_start(vaddr)
-                    add_size(size)
-                    add_kind(pkinds[i])
-                    add_flags(pflags[i])
-                    add_file(pfiles[i])
                     off = poffsets[i]
-                    add_offset(off + vaddr - pstarts[i] if off >= 0 else -1)
-                    add_depth(pdepths[i])
+                    add(vaddr, size, pkinds[i], pflags[i], off + vaddr - pstarts[i] if off >= 0 else -1, pdepths[i])
                 else:
                     parent.copy_into(flat, vaddr, vaddr + size, self)
             elif f:  # PE_LAZY alone: data only on a page server
-                add_start(vaddr)
-                add_size(size)
-                add_kind(LAZY)
-                add_flags(f)
-                add_file(None)
-                add_offset(-1)
-                add_depth(depth)
+                add(vaddr, size, LAZY, f, -1, depth)
+        flat.set_table(depth, pages, parent)
         return self._finish_map(flat, pages)
 
     def _resolve_native(self, flat: MemoryMap, fast: Any) -> MemoryMap | None:
@@ -439,13 +433,16 @@ class PageReader:
             except CritPageReadError:
                 return None
         pages = (self._pages or self._pages_file()) if any(f & PE_PRESENT for f in kinds) else None
-        empty: list[Any] = []
-        columns = (parent.starts, parent.sizes, parent.kinds, parent.flags, parent.files, parent.offsets,
-                   parent.depths) if parent is not None else (empty,) * 7
-        broken = fast.resolve(vaddrs, sizes, fl, offs, pages, self.depth, columns,
-                              (flat.starts, flat.sizes, flat.kinds, flat.flags, flat.files, flat.offsets, flat.depths))
+        columns = (parent.starts, parent.sizes, parent.kinds, parent.flags, parent.offsets,
+                   parent.depths) if parent is not None else None
+        *raw, broken = fast.resolve(vaddrs, sizes, fl, offs, self.depth, columns)
+        for column, data in zip((flat.starts, flat.sizes, flat.kinds, flat.flags, flat.offsets, flat.depths), raw,
+                                strict=True):
+            column.frombytes(data)
+        del raw
         for index, start, stop, k in broken:
             flat.broken[index] = parent.broken[k] if k >= 0 else _lacks(self.parent, self, start, stop)  # type: ignore[union-attr]
+        flat.set_table(self.depth, pages, parent)
         return self._finish_map(flat, pages)
 
     def _finish_map(self, flat: MemoryMap, pages: PagesFile | None) -> MemoryMap:
@@ -484,7 +481,7 @@ class PageReader:
                 raise flat.broken[i]
             d = flat.depths[i]
             if kind == PRESENT:
-                yield Segment(pos, stop - pos, "present", flat.flags[i], flat.files[i],
+                yield Segment(pos, stop - pos, "present", flat.flags[i], flat.table[d],
                               flat.offsets[i] + pos - start, flat.images[d - self.depth], d)
             else:
                 yield Segment(pos, stop - pos, "lazy", flat.flags[i], None, -1, flat.images[d - self.depth], d)
@@ -500,7 +497,7 @@ class PageReader:
         # Fast path (most reads): the range lies inside one run with data.
         i = bisect_right(flat.starts, vaddr) - 1
         if i >= 0 and end <= flat.starts[i] + flat.sizes[i] and flat.kinds[i] == PRESENT and dest:
-            pages = flat.files[i]
+            pages = flat.table[flat.depths[i]]
             offset = flat.offsets[i] + vaddr - flat.starts[i]
             if flat.depths[i] and self.auto_dedup:
                 self._root._dedup_pending.append((pages, offset, len(dest)))  # type: ignore[arg-type]
@@ -510,7 +507,8 @@ class PageReader:
                 and 0 <= vaddr and end < _NATIVE_END):
             # The native planner: one PlannedRead of pieces, no Python per piece.
             status, a, b, pieces, zeros, files = fast.plan(
-                flat.starts, flat.sizes, flat.kinds, flat.files, flat.offsets, vaddr, end, _HOLES_CODE[holes_mode])
+                flat.starts, flat.sizes, flat.kinds, flat.depths, flat.offsets, flat.table, vaddr, end,
+                _HOLES_CODE[holes_mode])
             if status == 0:
                 planned: list[Any] = [PlannedRead(files, pieces, dest, vaddr, self.target)] if pieces else []
                 if not zeros:
@@ -547,7 +545,8 @@ class PageReader:
         """Append to `requests` what [vaddr, end) needs (`dest[0]` is at `vaddr`): requests contiguous in
         both file and memory are merged, and a stretch of runs back to back in one pages file with holes
         between them in memory becomes one ScatterRequest (unless holes are errors)."""
-        starts, sizes, kinds, files, offsets = flat.starts, flat.sizes, flat.kinds, flat.files, flat.offsets
+        starts, sizes, kinds, offsets = flat.starts, flat.sizes, flat.kinds, flat.offsets
+        table, run_depths = flat.table, flat.depths
         count = len(starts)
         i = flat.index_at(vaddr)
         base = pos = vaddr
@@ -574,7 +573,7 @@ class PageReader:
                     i += 1
             if kind == PRESENT:
                 k = i - 1
-                pages = files[k]
+                pages = table[run_depths[k]]
                 offset = offsets[k] + pos - starts[k]
                 if scatter and i < count and starts[i] < end and kinds[i] == PRESENT:
                     j = bisect_left(starts, end, i, flat.file_runs()[k])
@@ -727,7 +726,8 @@ class PageReader:
                 and self._root._observe is None and 0 <= first < len(starts)):
             flat = self._map or self.memory_map()
             status, _, _, nxt, used, pieces, addresses, files = fast.pack(
-                flat.starts, flat.sizes, flat.kinds, flat.files, flat.offsets, starts, ends, first, dest, gap)
+                flat.starts, flat.sizes, flat.kinds, flat.depths, flat.offsets, flat.table, starts, ends, first,
+                dest, gap)
             if status == 0:
                 if not defer and self.strategy.pending:
                     self._root.sync()

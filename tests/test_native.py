@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import struct
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ import pytest
 
 from crit_pageread import ChainError, ImageError, LazyPageError, NotDumpedError, native, open_images
 from crit_pageread.images import VMA_ANON_SHARED, VMA_AREA_REGULAR
+from crit_pageread.reader import BROKEN as BROKEN_KIND
+from crit_pageread.reader import LAZY as LAZY_KIND
 from crit_pageread.strategy import PlannedRead
 from crit_pageread.testing import LAZY, PARENT, ImageBuilder, MockStrategy, VmaSpec
 
@@ -52,7 +55,7 @@ def _page(level: int, n: int) -> bytes:
     return bytes([level * 16 + n % 16 + 1]) * 8 + n.to_bytes(4, "little") * ((PAGE - 8) // 4)
 
 
-def _chain(root: Path, levels: int, seed: int, lacking: bool = False, lazy: bool = False
+def _chain(root: Path, levels: int, seed: int, lacking: bool = False, lazy: bool = False, layout: str = "4.1"
            ) -> tuple[Path, dict[int, bytes], set[int]]:
     """A chain whose pages have homes in runs of 1-4 pages (reads hop between the levels' files), holes
     everywhere in some pages; with `lazy`, lazy pages in the newest level; with `lacking`, the oldest level lacks some
@@ -89,7 +92,7 @@ def _chain(root: Path, levels: int, seed: int, lacking: bool = False, lazy: bool
                 runs.append((vaddr, 1, PARENT))
             elif rng.random() < 0.7:  # an older level's stale copy of a page a newer level holds
                 runs.append((vaddr, bytes([0xEE]) * PAGE))
-        b = ImageBuilder(root / f"d{levels - d}")
+        b = ImageBuilder(root / f"d{levels - d}", layout=layout)
         if d == 0:
             b.process(10, vmas=[VmaSpec(BASE, BASE + PAGES * PAGE)])
         b.pagemap(10, runs)
@@ -164,23 +167,28 @@ def test_chains_read_the_same_with_and_without_the_helper(tmp_path: Path, seed: 
             assert got == want, (vaddr, length, holes)
 
 
+@pytest.mark.parametrize("layout", ["4.1", "4.2"])
 def test_the_memory_map_of_a_chain_is_the_same_with_and_without_the_helper(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
 ) -> None:
+    """PE_PARENT, PE_LAZY and pages the oldest level lacks, in both layouts: the same typed columns."""
     need_native()
-    newest, _truth, _bad = _chain(tmp_path, levels=4, seed=6, lacking=True, lazy=True)
+    newest, _truth, _bad = _chain(tmp_path, levels=4, seed=6, lacking=True, lazy=True, layout=layout)
 
     def columns() -> tuple[Any, ...]:
         with open_images(newest) as images, images.reader(10, "pread") as reader:
             m = reader.memory_map()
-            files = [None if f is None else str(f.path) for f in m.files]
+            files = [None if f is None else str(f.path) for f in map(m.pages, range(len(m)))]
             broken = {k: (type(e).__name__, str(e)) for k, e in m.broken.items()}
             return m.starts, m.sizes, m.kinds, m.flags, files, m.offsets, m.depths, broken, m.images
 
     native_map = columns()
+    assert [c.typecode for c in native_map[:4]] + [c.typecode for c in native_map[5:7]] == ["q", "q", "B", "B",
+                                                                                          "q", "H"]
     monkeypatch.setattr(native, "fastio", None)
     assert columns() == native_map
     assert native_map[7]  # some runs are broken: the oldest level lacks pages
+    assert {LAZY_KIND, BROKEN_KIND} <= set(native_map[2])
 
 
 def test_a_fragmented_read_is_one_plan_and_reads_every_piece(tmp_path: Path, path: str) -> None:
@@ -363,7 +371,7 @@ def test_read_packed_lays_ranges_one_after_another_with_zero_gaps(tmp_path: Path
         flat = reader.memory_map()
         buf = bytearray(PAGES * PAGE * 2)
         status, _, _, nxt, used, pieces, addresses, files = fast.pack(
-            flat.starts, flat.sizes, flat.kinds, flat.files, flat.offsets, starts, ends, 0, buf, 16)
+            flat.starts, flat.sizes, flat.kinds, flat.depths, flat.offsets, flat.table, starts, ends, 0, buf, 16)
         assert status == 0 and nxt == len(starts)
         plan = PlannedRead(files, pieces, memoryview(buf), starts[0], reader.target, addresses)
         for piece in plan.requests():
@@ -436,10 +444,17 @@ def test_the_helper_refuses_bad_arguments_without_crashing() -> None:
         FAST.pread_plan(fds, struct.pack("4q", 1, 0, 0, 20), dest, 1024)
     with pytest.raises(ValueError, match="whole pieces"):
         FAST.pread_plan(fds, bytes(31), dest, 1024)
+    q, b, h = array("q", [0]), array("B", [0]), array("H", [0])
     with pytest.raises(ValueError, match="differ in length"):
-        FAST.plan([0], [1], [], [None], [0], 0, 1, 0)
-    with pytest.raises(TypeError):
-        FAST.plan([0], [1], [0], [None], ["x"], 0, 1, 0)
+        FAST.plan(q, array("q", [1]), array("B"), h, q, [None], 0, 1, 0)
+    with pytest.raises(TypeError, match="bytes-like"):
+        FAST.plan([0], [1], [0], [0], [0], [None], 0, 1, 0)  # lists are not columns
+    with pytest.raises(TypeError, match="typed column"):
+        FAST.plan(q, q, b, b, q, [None], 0, 1, 0)  # depths are uint16
+    with pytest.raises(ValueError, match="no pages file"):
+        FAST.plan(q, array("q", [4096]), b, h, q, [None], 0, 1, 0)  # a present run whose depth has no file
+    with pytest.raises(TypeError, match="six columns"):
+        FAST.resolve(q, q, b, q, 0, (q, q))
     with pytest.raises(TypeError, match="bytearray"):
         FAST.queue_plan(b"", fds, struct.pack("4q", 0, 0, 0, 10), dest)
     with pytest.raises(TypeError):

@@ -64,8 +64,8 @@ def test_a_big_pagemap_reads_the_same_with_either_decoder(tmp_path: Path, layout
 
 
 def test_the_index_is_columns_and_entries_are_made_from_them_only_when_asked(tmp_path: Path) -> None:
-    """A loaded pagemap keeps columns, not an object per entry; lookups answer from them, and `entries`
-    (made on first use) holds the same entries."""
+    """A loaded pagemap keeps typed columns (25 bytes an entry), not an object per entry; lookups answer from
+    them, and `entries` (a view: each entry made when asked for) holds the same entries."""
     runs = _runs(3000, seed=9)
     image = tmp_path / "pagemap-1.img"
     image.write_bytes(encode_pagemap(7, runs, "4.1"))
@@ -75,9 +75,15 @@ def test_the_index_is_columns_and_entries_are_made_from_them_only_when_asked(tmp
     probes = [v + d for v, nr, _ in runs[::97] for d in (-1, 0, nr * PAGE - 1, nr * PAGE)]
     found = [pm.find(v) for v in probes]
     inside = list(pm.entries_in(runs[100][0] - 1, runs[200][0] + 1))
-    assert len(pm) == len(runs) and pm._entries is None  # nothing per entry made yet
+    assert len(pm) == len(runs)
+    assert [(type(c).__name__, c.itemsize) for c in pm.columns()] == [("array", 8), ("array", 8), ("array", 1),
+                                                                       ("array", 8)]
     entries = pm.entries
     assert [(e.vaddr, e.nr_pages, e.flags) for e in entries] == runs
+    assert len(entries) == len(runs) and entries[-1] == list(entries)[-1] and entries[5:9] == list(entries)[5:9]
+    assert entries == list(entries) and entries[0].vaddr == runs[0][0]
+    with pytest.raises(IndexError):
+        entries[len(runs)]
     assert found == [next((e for e in entries if e.vaddr <= v < e.end), None) for v in probes]
     lo, hi = runs[100][0] - 1, runs[200][0] + 1
     assert inside == [e for e in entries if e.vaddr < hi and e.end > lo] and len(inside) >= 101
@@ -136,4 +142,4 @@ def test_the_one_pass_parser_gives_the_loops_index_or_its_error_on_every_mutant(
 
     first = check_magic(image, good, "PAGEMAP")  # the good image goes through the fast parser itself
     parsed = pagemap._parse_canonical(good, first + 4 + good[first], 4096, PAGE)
-    assert parsed is not None and parsed[4] == layout and parsed[0] == [v for v, _, _ in runs]
+    assert parsed is not None and parsed[4] == layout and parsed[0].tolist() == [v for v, _, _ in runs]
