@@ -242,6 +242,21 @@ class ProcessReader(PageReader):
             ends += ee
         return starts, ends, lazy
 
+    def readable_bytes(self, start: int, end: int) -> tuple[int, int]:
+        """The bytes of [start, end) that `readable_runs` gives, and the bytes of lazy pages it leaves out,
+        counted on the memory maps (no list of runs); a broken run raises its error."""
+        lazy_ok = self.strategy.serves_lazy
+        pieces = self._pieces(start, end) if end > start else None
+        if pieces is None:
+            return _map_bytes(self.memory_map(), start, end, lazy_ok)
+        readable = lazy = 0
+        for a, b, shmid, delta in pieces:
+            flat = self.memory_map() if shmid is None else self.segment_reader(shmid).memory_map()
+            got, skipped = _map_bytes(flat, a + delta, b + delta, lazy_ok)
+            readable += got
+            lazy += skipped
+        return readable, lazy
+
     def page_counts(self, start: int, end: int) -> dict[str, int]:
         """Pages of [start, end) present, in a parent image, lazy only or not dumped, shared mappings
         counted in their segment."""
@@ -286,6 +301,25 @@ def _map_runs(flat: MemoryMap, start: int, end: int, lazy_ok: bool) -> tuple[lis
     return [starts[0], *compress(starts[1:], new)], [*compress(ends[:-1], new), ends[-1]], lazy
 
 
+def _map_bytes(flat: MemoryMap, start: int, end: int, lazy_ok: bool) -> tuple[int, int]:
+    """`readable_bytes` of one memory map: the sizes of its runs over [start, end), clipped, summed (C-level)."""
+    i = flat.index_at(start)
+    j = bisect.bisect_left(flat.starts, end, i)
+    if i >= j:
+        return 0, 0
+    kinds = flat.kinds[i:j]
+    if BROKEN in kinds:
+        raise flat.broken[i + kinds.index(BROKEN)]
+    sizes = flat.sizes[i:j]
+    sizes[0] -= max(0, start - flat.starts[i])
+    sizes[-1] -= max(0, flat.starts[j - 1] + flat.sizes[j - 1] - end)
+    total = sum(sizes)
+    if lazy_ok or LAZY not in kinds:
+        return total, 0
+    lazy = sum(compress(sizes, map(LAZY.__eq__, kinds)))
+    return total - lazy, lazy
+
+
 class Area:
     """[start, end) of `vma` in `pid`, read by the pid's process reader."""
 
@@ -321,10 +355,14 @@ class Area:
         return self.shmid is not None
 
     def segments(self) -> list[Segment]:
-        """Where each piece of the area is; planned once."""
-        if self._segments is None:
-            self._segments = list(self.reader.segments(self.start, self.end - self.start))
-        return self._segments
+        """Where each piece of the area is (planned at each call: a fragmented area has millions)."""
+        if self._segments is not None:
+            return self._segments
+        return list(self.reader.segments(self.start, self.end - self.start))
+
+    def readable_bytes(self) -> tuple[int, int]:
+        """The area's readable bytes and lazy bytes left out (`ProcessReader.readable_bytes`)."""
+        return self.reader.readable_bytes(self.start, self.end)
 
 
 class Span:

@@ -122,7 +122,8 @@ def test_grep_search_thread_and_window_edges_change_nothing(
     dumped: Dumped, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, strategy: list[str],
 ) -> None:
     """The search thread (a window searched while the next is read) and small windows, whose edges cut
-    strings and matches, give the output of one search after the other in large windows, line for line."""
+    strings and matches, give the output of one search after the other in large windows, line for line; so
+    do windows that drop the runs searched before them at once (TRIM_RUNS 1)."""
     cases = (["-E", r"[a-z]{4,12}", "-C", "3"], ["--strings", "", "-n", "12"], ["--hex", "00 00 00 01"],
              ["-i", "secret"], ["--strings", "e", "-n", "6", "--json"])
     want = []
@@ -133,11 +134,12 @@ def test_grep_search_thread_and_window_edges_change_nothing(
         assert out.count("\n") > 5
         want.append(out)
     monkeypatch.setattr(grep_mod, "SEARCH_THREAD", True)
-    for window in (4099, 1 << 16):
+    for window, trim in ((4099, 1), (4099, grep_mod.TRIM_RUNS), (1 << 16, 1)):
         monkeypatch.setattr(grep_mod, "STRETCH_WINDOW", window)
+        monkeypatch.setattr(grep_mod, "TRIM_RUNS", trim)
         for argv, expected in zip(cases, want, strict=True):
             code, out, err = cli(["grep", str(dumped.images), *argv, *strategy], capsys)
-            assert (code, out) == (0, expected), (window, argv, err)
+            assert (code, out) == (0, expected), (window, trim, argv, err)
 
 
 def test_grep_hex_strings_and_context(dumped: Dumped, capsys: pytest.CaptureFixture[str]) -> None:

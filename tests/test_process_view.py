@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -192,6 +193,49 @@ def _segment_runs(r, start: int, end: int, lazy_ok: bool) -> list[tuple[int, int
             else:
                 runs.append((s.vaddr, s.end))
     return runs
+
+
+def _segment_bytes(r: Any, a: int, b: int, lazy_ok: bool) -> tuple[int, int]:
+    """(readable, lazy left out) bytes of [a, b) by walking segments(), as grep's total once did."""
+    readable = lazy = 0
+    for s in r.segments(a, b - a):
+        if s.kind == "present" or (s.kind == "lazy" and lazy_ok):
+            readable += s.length
+        elif s.kind == "lazy":
+            lazy += s.length
+    return readable, lazy
+
+
+def test_readable_bytes_are_what_a_walk_of_the_segments_counts(d: Path, tmp_path: Path) -> None:
+    """grep's total (readable_bytes, counted on the memory maps) is the bytes the segments hold, shared
+    mappings, lazy pages and a chain's parent pages included, for every range boundary."""
+    lo, hi = PRIV, 0x51000
+    cuts = [PRIV, PRIV + PAGE + 100, ANON_SH, ANON_SH + 2 * PAGE, MEMFD + PAGE, MEMFD + 3 * PAGE + 8, SYSV + 100,
+            0x50000]
+    for lazy in (None, {0x50000: pages("L")}):
+        with open_images(d) as images, images.reader(10, MockStrategy(lazy)) as r:
+            for a in [lo, *cuts]:
+                for b in [*cuts, hi]:
+                    if b > a:
+                        assert r.readable_bytes(a, b) == _segment_bytes(r, a, b, lazy is not None), (a, b)
+    # a chain: the newest level has pages in parent and lazy ones, runs split across the levels' files
+    base = 0x7F0000000000
+    old = ImageBuilder(tmp_path / "old", layout="4.2")
+    old.pagemap(10, [(base + 2 * k * PAGE, pages(chr(65 + k % 26))) for k in range(40)])
+    old.write()
+    new = ImageBuilder(tmp_path / "new", layout="4.2").parent("../old")
+    new.process(10, vmas=[VmaSpec(base, base + 90 * PAGE)])
+    runs: list[Any] = []
+    for k in range(40):
+        runs.append((base + 2 * k * PAGE, 1) if k % 3 else (base + 2 * k * PAGE, pages("n")))
+    runs.append((base + 85 * PAGE, 2, LAZY))
+    new.pagemap(10, runs).write()
+    with open_images(tmp_path / "new") as images, images.reader(10, "pread") as r:
+        for a, b in [(base, base + 90 * PAGE), (base + PAGE // 2, base + 86 * PAGE),
+                     (base + 3 * PAGE, base + 4 * PAGE)]:
+            assert r.readable_bytes(a, b) == _segment_bytes(r, a, b, False)
+        area = Readers(images, "pread").area(10, images.vmas(10)[0])
+        assert area.readable_bytes() == _segment_bytes(r, base, base + 90 * PAGE, False) == (40 * PAGE, 2 * PAGE)
 
 
 def test_readable_runs_are_the_segments_readable_pieces_joined(d: Path) -> None:

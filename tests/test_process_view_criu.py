@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from corpus import Corpus
 from criu_harness import Victim, dump, restore_stopped, start_victim
 
 from crit_pageread import open_images
-from crit_pageread.memory import shmem_id
+from crit_pageread.memory import Readers, shmem_id
 
 pytestmark = pytest.mark.criu
 PAGE = 4096
@@ -85,6 +86,23 @@ def test_every_page_of_every_shared_vma_reads_as_the_restored_task_has_it(dumped
     assert {"memfd:victim-memfd", "memfd:victim-private-memfd", "sysv-shm"} <= kinds
     assert kinds & {"memfd:/dev/zero", "anon-shared"}
     assert len({pid for pid, _ in dumped.truth}) == 2  # both processes map the segments
+
+
+def test_grep_total_counted_on_the_maps_is_the_bytes_of_the_segments(dumped: Dumped, corpus41: Corpus) -> None:
+    """readable_bytes (grep's total, no segment kept) equals a walk of segments() on every VMA of real dumps:
+    shared mappings, a zombie, a chain's parent pages, lazy pages."""
+    dirs = [dumped.images, *(corpus41.case(c) for c in ("a_single", "d_shm", "f_lazy")),
+            corpus41.case("e2_chain2") / "d2"]
+    for path in dirs:
+        with open_images(path) as images, Readers(images, "pread") as readers:
+            for pid in images.pids:
+                for vma in images.vmas(pid):
+                    area = readers.area(pid, vma)
+                    walked = [0, 0]
+                    for seg in area.segments():
+                        if seg.kind != "hole":
+                            walked[seg.kind == "lazy"] += seg.length
+                    assert area.readable_bytes() == tuple(walked), (path, pid, vma)
 
 
 def test_read_zero_fill_over_a_shared_vma_returns_its_data(dumped: Dumped) -> None:

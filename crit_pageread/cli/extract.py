@@ -16,6 +16,7 @@ import json
 import operator
 import os
 import sys
+from array import array
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,11 +24,12 @@ from ..errors import CritPageReadError
 from ..hookspecs import hookimpl
 from ..memory import Area, Readers
 from ..reader import Segment
-from .common import add_common_options, atomic_dir, open_from_args, print_json, selected_pids
+from .common import add_common_options, atomic_dir, open_from_args, selected_pids
 from .grep import mapping_name
 from .memscan import Progress, add_vma_filters, vma_filter_from_args
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from concurrent.futures import Future
 
 #: Threads copying files in the kernel at once (the copies are bound by page-cache work, per core).
@@ -35,6 +37,9 @@ WRITERS = max(1, min(4, os.cpu_count() or 1))
 INDEX = "index.json"
 #: Default --min-hole: a gap of up to 4 pages costs less written as zeros than one more write call.
 MIN_HOLE = 16 << 10
+#: Runs handed to the reader's write_to at once, and written to the index at once (bounds what is planned
+#: or encoded in memory: a fragmented VMA has millions of runs).
+RUNS_AT_ONCE = 1 << 14
 
 
 def _bytes_arg(text: str) -> int:
@@ -70,14 +75,17 @@ def crit_pageread_add_commands(subparsers: Any) -> None:
 
 class _Part:
     """What extract writes of an area: its readable runs (starts, ends: dumped pages, or lazy ones the
-    strategy serves), their bytes, and the lazy pages left out as holes (ranges, bytes)."""
+    strategy serves; int64 arrays, 16 bytes a run), their bytes, and the lazy pages left out as holes
+    (ranges, bytes)."""
 
     __slots__ = ("area", "bytes", "ends", "lazy", "lazy_bytes", "starts")
 
     def __init__(self, area: Area) -> None:
         self.area = area
-        # From the memory maps by slices: no object per piece (a fragmented dump has 100,000 of them).
-        self.starts, self.ends, self.lazy_bytes = area.reader.readable_runs(area.start, area.end)
+        # From the memory maps by slices: no object per piece (a fragmented dump has millions of them).
+        starts, ends, self.lazy_bytes = area.reader.readable_runs(area.start, area.end)
+        self.starts, self.ends = array("q", starts), array("q", ends)
+        del starts, ends
         self.bytes = sum(self.ends) - sum(self.starts)
         self.lazy: list[list[int]] = []
         if self.lazy_bytes:  # rare: where they are, for the index
@@ -98,13 +106,17 @@ def _ranges(segs: list[Segment]) -> list[list[int]]:
     return out
 
 
-def _vma_entry(part: _Part, offset: int) -> dict[str, Any]:
+#: Where a VMA entry's "data" goes in its JSON text (json.dumps escapes the NULs: no name holds it).
+_DATA = "\0data\0"
+
+
+def _vma_json(write: Callable[[str], Any], part: _Part, offset: int) -> None:
+    """Write the index entry of `part` as JSON (what json.dumps of it gives), its runs RUNS_AT_ONCE at a time."""
     area = part.area
     vma = area.vma
     entry: dict[str, Any] = {
         "start": area.start, "end": area.end, "perms": vma.perms, "kind": vma.kind, "mapping": mapping_name(area),
-        "file_offset": offset, "data": [[a, b] for a, b in zip(part.starts, part.ends, strict=True)],
-        "bytes": part.bytes,
+        "file_offset": offset, "data": _DATA, "bytes": part.bytes,
     }
     shmid = area.shmid
     if shmid is not None:
@@ -112,7 +124,34 @@ def _vma_entry(part: _Part, offset: int) -> dict[str, Any]:
         entry["shmem_offset"] = area.start - vma.start + vma.pgoff
     if part.lazy:
         entry["lazy_not_written"] = part.lazy
-    return entry
+    head, tail = json.dumps(entry).split(json.dumps(_DATA), 1)
+    write(head + "[")
+    starts, ends = part.starts, part.ends
+    for k in range(0, len(starts), RUNS_AT_ONCE):
+        pairs = json.dumps(list(map(list, zip(starts[k : k + RUNS_AT_ONCE], ends[k : k + RUNS_AT_ONCE], strict=True))))
+        write((", " if k else "") + pairs[1:-1])
+    write("]" + tail)
+
+
+class _File:
+    """An output file: its name in OUT, pid, size and the parts it holds with their file offsets."""
+
+    __slots__ = ("name", "parts", "pid", "size")
+
+    def __init__(self, name: str, pid: int, size: int, parts: list[tuple[_Part, int]]) -> None:
+        self.name = name
+        self.pid = pid
+        self.size = size
+        self.parts = parts
+
+    def write_json(self, write: Callable[[str], Any]) -> None:
+        """Write the file's index entry as JSON (json.dumps of {file, pid, size, vmas})."""
+        write(json.dumps({"file": self.name, "pid": self.pid, "size": self.size})[:-1] + ', "vmas": [')
+        for n, (part, offset) in enumerate(self.parts):
+            if n:
+                write(", ")
+            _vma_json(write, part, offset)
+        write("]}")
 
 
 def _open_out(path: Path, size: int) -> int:
@@ -157,39 +196,36 @@ def run(args: argparse.Namespace) -> int:
                 total += part.bytes
         from concurrent.futures import ThreadPoolExecutor  # here: it imports logging (5 ms at start-up)
 
+        files: list[_File] = []
+        for pid, parts in plans.items():
+            if not parts:
+                continue
+            if args.layout == "vma":
+                for part in parts:
+                    area = part.area
+                    name = f"pid-{pid}/{area.start:x}-{area.end:x}-{area.vma.perms}.bin"
+                    files.append(_File(name, pid, area.end - area.start, [(part, 0)]))
+            else:
+                files.append(_File(f"pid-{pid}.mem", pid, max(p.area.end for p in parts),
+                                   [(p, p.area.start) for p in parts]))
+        head = {"checkpoint": str(images.archive or images.path), "layout": args.layout,
+                "page_size": images.page_size, "skipped": skipped, "totals": {"files": len(files), "bytes": total}}
         progress = Progress("extract", total)
-        files: list[dict[str, Any]] = []
         with atomic_dir(out) as tmp, ThreadPoolExecutor(WRITERS) as pool:
             # Files whose bytes all come from local pages files are written by WRITERS threads at once
             # when the strategy allows it (the kernel copies release the GIL); the others here.
             jobs: list[Future[None]] = []
-
-            def write(path: Path, size: int, parts: list[_Part], base: int) -> None:
-                if all(p.area.reader.strategy.concurrent_writes and not p.area.reader.strategy.serves_lazy
-                       for p in parts):
-                    jobs.append(pool.submit(_write_file, path, size, parts, progress, base, args.min_hole))
-                else:
-                    _write_file(path, size, parts, progress, base, args.min_hole)
-
             try:
-                for pid, parts in plans.items():
-                    if not parts:
-                        continue
-                    piddir = tmp / f"pid-{pid}"
-                    if args.layout == "vma":
-                        piddir.mkdir()
-                        for part in parts:
-                            area = part.area
-                            name = f"{area.start:x}-{area.end:x}-{area.vma.perms}.bin"
-                            write(piddir / name, area.end - area.start, [part], area.start)
-                            files.append({"file": f"pid-{pid}/{name}", "pid": pid, "size": area.end - area.start,
-                                          "vmas": [_vma_entry(part, 0)]})
+                for f in files:
+                    parts = [p for p, _ in f.parts]
+                    path = tmp / f.name
+                    path.parent.mkdir(exist_ok=True)
+                    base = f.parts[0][0].area.start if args.layout == "vma" else 0
+                    if all(p.area.reader.strategy.concurrent_writes and not p.area.reader.strategy.serves_lazy
+                           for p in parts):
+                        jobs.append(pool.submit(_write_file, path, f.size, parts, progress, base, args.min_hole))
                     else:
-                        name = f"pid-{pid}.mem"
-                        size = max(p.area.end for p in parts)
-                        write(tmp / name, size, parts, 0)
-                        files.append({"file": name, "pid": pid, "size": size,
-                                      "vmas": [_vma_entry(p, p.area.start) for p in parts]})
+                        _write_file(path, f.size, parts, progress, base, args.min_hole)
                 for job in jobs:
                     job.result()
             except BaseException:
@@ -197,33 +233,41 @@ def run(args: argparse.Namespace) -> int:
                     job.cancel()
                 raise
             progress.finish()
-            index = {
-                "checkpoint": str(images.archive or images.path),
-                "layout": args.layout,
-                "page_size": images.page_size,
-                "files": files,
-                "skipped": skipped,
-                "totals": {"files": len(files), "bytes": sum(v["bytes"] for f in files for v in f["vmas"])},
-            }
-            (tmp / INDEX).write_text(index_text(index))
+            with open(tmp / INDEX, "w") as index_file:
+                write_index(index_file.write, head, files)
     if lazy_bytes:
         print(f"crit-pageread: extract: {lazy_bytes // images.page_size} lazy pages left out as holes "
               "(their data is on a page server; use --strategy remote)", file=sys.stderr)
     if args.json:
-        print_json({"checkpoint": index["checkpoint"], "output": str(out),
-                    **{k: v for k, v in index.items() if k != "checkpoint"}})
+        # One line, as print_json writes it: the files' entries written as they are encoded.
+        write = sys.stdout.write
+        write(json.dumps({"checkpoint": head["checkpoint"], "output": str(out), "layout": args.layout,
+                          "page_size": images.page_size})[:-1] + ', "files": [')
+        for n, f in enumerate(files):
+            if n:
+                write(", ")
+            f.write_json(write)
+        write("], " + json.dumps({"skipped": skipped, "totals": head["totals"]})[1:] + "\n")
     else:
-        print(f"{out}: {len(files)} files, {index['totals']['bytes']} bytes of memory"
+        print(f"{out}: {len(files)} files, {total} bytes of memory"
               + (f", {lazy_bytes // images.page_size} lazy pages left as holes" if lazy_bytes else "")
               + f" (index: {out / INDEX})")
     return 0
 
 
-def index_text(index: dict[str, Any]) -> str:
-    """The index as JSON with one line per file (json's C encoder: an index can list 100,000 ranges)."""
-    head = ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in index.items() if k != "files")
-    files = ",\n  ".join(json.dumps(f) for f in index["files"])
-    return f'{{{head},\n "files": [\n  {files}\n]}}\n' if files else f'{{{head}, "files": []}}\n'
+def write_index(write: Callable[[str], Any], head: dict[str, Any], files: list[_File]) -> None:
+    """The index as JSON with one line per file, written as it is encoded (an index can list millions of
+    ranges): the keys of `head`, then "files"."""
+    text = ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in head.items())
+    if not files:
+        write(f'{{{text}, "files": []}}\n')
+        return
+    write(f'{{{text},\n "files": [\n  ')
+    for n, f in enumerate(files):
+        if n:
+            write(",\n  ")
+        f.write_json(write)
+    write("\n]}\n")
 
 
 def _write_file(path: Path, size: int, parts: list[_Part], progress: Progress, base: int, fill: int = 0) -> None:
@@ -238,12 +282,19 @@ def _write_file(path: Path, size: int, parts: list[_Part], progress: Progress, b
         while i < len(parts):
             # Consecutive areas of one reader in one call: in the sparse layout, runs of adjacent VMAs that
             # are back to back in the pages file become one copy.
+            # (RUNS_AT_ONCE runs at a time: what is planned at once stays bounded).
             reader = parts[i].area.reader
             iov: list[tuple[int, int, int]] = []
             while i < len(parts) and parts[i].area.reader is reader:
                 starts, ends = parts[i].starts, parts[i].ends
-                iov += zip(starts, map(operator.sub, ends, starts), map((-base).__add__, starts), strict=True)
+                for k in range(0, len(starts), RUNS_AT_ONCE):
+                    s, e = starts[k : k + RUNS_AT_ONCE], ends[k : k + RUNS_AT_ONCE]
+                    iov += zip(s, map(operator.sub, e, s), map((-base).__add__, s), strict=True)
+                    if len(iov) >= RUNS_AT_ONCE:
+                        progress.add(reader.write_to(fd, iov, holes="skip", fill=fill))
+                        iov = []
                 i += 1
-            progress.add(reader.write_to(fd, iov, holes="skip", fill=fill))
+            if iov:
+                progress.add(reader.write_to(fd, iov, holes="skip", fill=fill))
     finally:
         os.close(fd)

@@ -19,7 +19,7 @@ import mmap
 import os
 import sys
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..errors import ConfigError
@@ -199,10 +199,11 @@ class _Stretch:
     """Runs that lie back to back in one pages file of one reader (a fragmented dump's entries, and the
     runs of consecutive spans): `pieces` are `(vaddr, end, file offset)`, `spans` the span of each,
     `segs` their segments; `last_end` is the file offset where the last match emitted in them ends
-    (the next match starts at or after it)."""
+    (the next match starts at or after it). The runs and segments before the windows still to search
+    or emit are dropped as the search goes on (`trim`): `dropped` runs so far."""
 
-    __slots__ = ("f_end", "fends", "fstarts", "last_end", "next_ws", "pages", "pieces", "reader", "seg_offsets",
-                 "segs", "spans")
+    __slots__ = ("dropped", "f_end", "f_start", "fends", "fstarts", "last_end", "next_ws", "pages", "pieces",
+                 "reader", "seg_offsets", "segs", "spans")
 
     def __init__(self, reader: Any, pages: Any, offset: int) -> None:
         self.reader = reader
@@ -213,9 +214,25 @@ class _Stretch:
         self.fends: list[int] = []
         self.segs: list[Segment] = []
         self.seg_offsets: list[int] = []
+        self.f_start = offset
         self.f_end = offset
         self.last_end = offset
         self.next_ws = offset  # where the next window starts
+        self.dropped = 0
+
+    def trim(self, keep: int) -> None:
+        """Drop the runs before index `keep` (once there are enough of them to be worth it)."""
+        if keep < TRIM_RUNS:
+            return
+        for column in (self.pieces, self.spans, self.fstarts, self.fends):
+            del column[:keep]
+        self.dropped += keep
+
+    def trim_segments(self, keep: int) -> None:
+        """Drop the segments before index `keep` (as `trim`)."""
+        if keep >= TRIM_RUNS:
+            del self.segs[:keep]
+            del self.seg_offsets[:keep]
 
     def add(self, span: Span, rs: int, re_: int, offset: int, segs: list[Segment]) -> None:
         self.pieces.append((rs, re_, offset))
@@ -225,6 +242,10 @@ class _Stretch:
         self.fends.append(self.f_end)
         self.segs.extend(segs)
         self.seg_offsets.extend(seg.offset for seg in segs)
+
+
+#: Runs (and segments) of a stretch dropped at once, when the windows searched have left them behind.
+TRIM_RUNS = 1024
 
 
 class _Window:
@@ -317,7 +338,7 @@ class Windows:
         while st.next_ws + STRETCH_WINDOW + reach <= st.f_end:
             ws = st.next_ws
             we = st.next_ws = ws + STRETCH_WINDOW
-            self._window(st, ws, we, max(st.fstarts[0], ws - self.context), we + reach)
+            self._window(st, ws, we, max(st.f_start, ws - self.context), we + reach)
 
     def end_stretch(self) -> None:
         """Search what is left of the runs added since the last call (the last window may still be being
@@ -327,7 +348,7 @@ class Windows:
             return
         size = self.size
         context = self.context
-        f_start = st.fstarts[0]
+        f_start = st.f_start
         f_end = st.f_end
         for ws in range(st.next_ws, f_end, STRETCH_WINDOW):
             we = min(ws + STRETCH_WINDOW, f_end)
@@ -357,6 +378,7 @@ class Windows:
         a = max(0, bisect_right(offsets, lo) - 1)
         b = bisect_left(offsets, hi, a)
         part = st.segs[a:b]
+        st.trim_segments(a)  # later windows start further on
         first = part[0]
         if first.offset < lo:
             cut = lo - first.offset
@@ -375,6 +397,12 @@ class Windows:
         which = self._flip
         if threaded:
             self._flip ^= 1
+        # Runs before this window's and the pending one's are no longer needed.
+        keep = bisect_right(st.fstarts, lo) - 1
+        pending = self._pending
+        if pending is not None and pending.stretch is st:
+            keep = min(keep, pending.ja - st.dropped)
+        st.trim(keep)
         # A strategy that maps views maps the window (no copy); others read it into a scratch buffer.
         scratch = None
         if not st.reader.strategy.maps_views:
@@ -388,7 +416,7 @@ class Windows:
             ends = [x - map_start for x in st.fends[ja:jb]]
             starts[0] = max(starts[0], ws - map_start)
             ends[-1] = min(ends[-1], we + self.size - 1 - map_start)  # only the last run reaches past we
-            w = _Window(st, ws, we, hi, ja, view, map_start, starts, ends)
+            w = _Window(st, ws, we, hi, ja + st.dropped, view, map_start, starts, ends)
         except BaseException:
             view.close()
             raise
@@ -433,7 +461,7 @@ class Windows:
                     if s >= we:
                         break
                     e = j_end + map_start
-                    k = bisect_right(fstarts, s, w.ja) - 1
+                    k = bisect_right(fstarts, s, w.ja - st.dropped) - 1
                     vs, _, fs = pieces[k]
                     before = after = b""
                     if context:
@@ -522,49 +550,19 @@ def scan_span(span: Span, chunk: ChunkBuffer, matcher: Matcher, context: int, em
                 found += 1
             progress.add(n)
 
-    # One walk over the span's segments: its runs (maximal readable ranges, across VMA and entry
-    # boundaries) and, for a run that is one range of one pages file, where.
-    lazy_ok = reader.strategy.serves_lazy
-    segs: list[Segment] = []
-    runs: list[tuple[int, int, int, Any, int]] = []  # (start, end, index past its last segment, pages, offset)
-    start = end = -1
-    cur: Any = None
-    offset = expect = -1
-    for area in span.areas:
-        for seg in area.segments():
-            kind = seg.kind
-            if kind != "present" and not (kind == "lazy" and lazy_ok):
-                continue
-            if seg.vaddr == end:
-                end += seg.length
-                if cur is not None and (seg.pages is not cur or seg.offset != expect):
-                    cur = None  # this run is not one file range
-                expect += seg.length
-            else:
-                if end > start:
-                    runs.append((start, end, len(segs), cur, offset))
-                start, end = seg.vaddr, seg.vaddr + seg.length
-                cur, offset, expect = seg.pages, seg.offset, seg.offset + seg.length
-            segs.append(seg)
-    if end > start:
-        runs.append((start, end, len(segs), cur, offset))
-
     # Small runs that are not one file range (lazy, or across files) are batched into buf, so the
     # cost per run is a deferred read and a search, not a system call of its own.
     batch: list[tuple[int, int, int]] = []
     used = 0
-    first_seg = 0  # index of the run's first segment
-    for rs, re_, past, pages, offset in runs:
+    for rs, re_, pages, offset, segs in _span_runs(span):
         n = re_ - rs
         if pages is not None:
             if batch:
                 scan_small(batch)
                 batch, used = [], 0
-            windows.add(span, rs, re_, pages, offset, segs[first_seg:past])
-            first_seg = past
+            windows.add(span, rs, re_, pages, offset, segs)
             continue
         windows.end_stretch()  # searched (read) before the batch's reads are deferred
-        first_seg = past
         if n >= SMALL_RUN or n > CHUNK:
             if batch:
                 scan_small(batch)
@@ -580,6 +578,36 @@ def scan_span(span: Span, chunk: ChunkBuffer, matcher: Matcher, context: int, em
     if batch:
         scan_small(batch)
     return found
+
+
+def _span_runs(span: Span) -> Iterator[tuple[int, int, Any, int, list[Segment]]]:
+    """The runs of `span` (maximal readable ranges, across VMA and entry boundaries) as `(start, end, pages,
+    offset, segments)`, `pages` None unless the run is one range of one pages file: one walk over its
+    segments, a run at a time (what is kept is one run's segments)."""
+    lazy_ok = span.reader.strategy.serves_lazy
+    segs: list[Segment] = []
+    start = end = -1
+    cur: Any = None
+    offset = expect = -1
+    for area in span.areas:
+        for seg in area.reader.segments(area.start, area.end - area.start):
+            kind = seg.kind
+            if kind != "present" and not (kind == "lazy" and lazy_ok):
+                continue
+            if seg.vaddr == end:
+                end += seg.length
+                if cur is not None and (seg.pages is not cur or seg.offset != expect):
+                    cur = None  # this run is not one file range
+                expect += seg.length
+            else:
+                if end > start:
+                    yield start, end, cur, offset, segs
+                    segs = []
+                start, end = seg.vaddr, seg.vaddr + seg.length
+                cur, offset, expect = seg.pages, seg.offset, seg.offset + seg.length
+            segs.append(seg)
+    if end > start:
+        yield start, end, cur, offset, segs
 
 
 def _escape(data: bytes) -> str:
@@ -641,12 +669,9 @@ def run(args: argparse.Namespace) -> int:
                     areas.append(readers.area(pid, vma, *clipped))
         total = 0
         for area in areas:
-            serves_lazy = area.reader.strategy.serves_lazy
-            for seg in area.segments():
-                if seg.kind == "present" or (seg.kind == "lazy" and serves_lazy):
-                    total += seg.length
-                elif seg.kind == "lazy":
-                    lazy_skipped += seg.length
+            readable, lazy = area.readable_bytes()  # counted on the memory map: no segment kept
+            total += readable
+            lazy_skipped += lazy
         progress = Progress("grep", total)
         chunk = ChunkBuffer()
         windows = Windows(matcher, chunk, context, emit, progress)
