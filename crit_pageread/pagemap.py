@@ -21,6 +21,7 @@ from pathlib import Path
 from . import TYPE_CHECKING, native
 from .errors import ImageError
 from .imagefile import (
+    _U32,
     check_magic,
     decode_varint_fields,
     encode_varint_fields,
@@ -31,7 +32,7 @@ from .imagefile import (
 )
 
 if TYPE_CHECKING:  # typing is not imported at start-up
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterable, Iterator
     from typing import Any, NamedTuple, overload
 
     class _EntryTuple(NamedTuple):
@@ -539,14 +540,27 @@ def check_pages_size(pagemap: Pagemap, needed: int) -> None:
         )
 
 
-def encode_pagemap(pages_id: int, entries: list[tuple[int, int, int]], layout: str = "4.1") -> bytes:
+def encode_pagemap(pages_id: int, entries: Iterable[tuple[int, int, int]], layout: str = "4.1") -> bytes:
     """A pagemap image from (vaddr, nr_pages, flags) runs, in the 4.1 or 4.2 layout."""
+    return b"".join(encode_pagemap_parts(pages_id, entries, layout))
+
+
+def encode_pagemap_parts(pages_id: int, entries: Iterable[tuple[int, int, int]], layout: str = "4.1"
+                         ) -> Iterator[bytes]:
+    """`encode_pagemap`'s bytes in parts of CHUNK_ENTRIES entries (what is encoded at once stays bounded)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown pagemap layout {layout!r}")
-    payloads = [encode_varint_fields([(1, pages_id)])]
+    yield frame("PAGEMAP", [encode_varint_fields([(1, pages_id)])])
+    part: list[bytes] = []
+    size = _U32.pack
     for vaddr, nr, flags in entries:
         if layout == "4.1":
-            payloads.append(encode_varint_fields([(1, vaddr), (2, nr), (4, flags)]))
+            payload = encode_varint_fields([(1, vaddr), (2, nr), (4, flags)])
         else:
-            payloads.append(encode_varint_fields([(1, vaddr), (2, 0), (4, flags), (5, nr)]))
-    return frame("PAGEMAP", payloads)
+            payload = encode_varint_fields([(1, vaddr), (2, 0), (4, flags), (5, nr)])
+        part += (size(len(payload)), payload)
+        if len(part) >= 2 * CHUNK_ENTRIES:
+            yield b"".join(part)
+            part = []
+    if part:
+        yield b"".join(part)

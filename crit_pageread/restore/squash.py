@@ -21,6 +21,7 @@ import hashlib
 import os
 import re
 import shutil
+from array import array
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from ..check import check_checkpoint
 from ..config import Config, load_config
 from ..errors import ImageError
 from ..images import CheckpointImages, open_images
-from ..pagemap import LAYOUTS, PE_LAZY, PE_PRESENT, encode_pagemap
+from ..pagemap import LAYOUTS, PE_LAZY, PE_PRESENT, encode_pagemap_parts
 from ..plugins import make_strategy
 from ..reader import PageReader, Segment
 from ..strategy import Strategy, Target
@@ -43,6 +44,8 @@ _LAZY_CHUNK = 1 << 20
 #: Bytes of present pages queued before they are handed to the strategy and progress is shown (without a
 #: progress callback a target's pages go to the strategy at once: a segment list, not bytes, is queued).
 _COPY_BATCH = 64 << 20
+#: Segments queued at most before they are handed to the strategy (what is planned at once stays bounded).
+_COPY_PIECES = 1 << 14
 _VERIFY_CHUNK = 4 << 20
 
 #: progress(what, done_bytes, total_bytes), called after each run is written or verified
@@ -194,7 +197,8 @@ class _RunWriter:
     """Appends runs to an output pages file, merging pagemap entries; the bytes move through the reader.
 
     Present segments queue with their output offsets and go to `reader.write_segments` in batches (the
-    strategy joins what is contiguous in a pages file and in the output: one kernel copy per run).
+    strategy joins what is contiguous in a pages file and in the output: one kernel copy per run), of at
+    most _COPY_PIECES segments. The merged entries are int64/uint8 columns (17 bytes a run).
     """
 
     def __init__(self, fd: int, reader: PageReader, batch: int | None = _COPY_BATCH) -> None:
@@ -202,22 +206,28 @@ class _RunWriter:
         self.reader = reader
         self.batch = batch  # None: one hand-over per target (the fewest, largest copies)
         self.offset = 0
-        self.runs: list[list[int]] = []  # [vaddr, nr_pages, flags]
+        #: The output's entries: vaddr, nr_pages, flags.
+        self.vaddrs = array("q")
+        self.counts = array("q")
+        self.flags = array("B")
+        self._end = -1  # where the last entry ends
         self._pieces: list[tuple[Segment, int]] = []
         self._queued = 0
 
     def add_run(self, vaddr: int, length: int, flags: int, page_size: int) -> None:
-        last = self.runs[-1] if self.runs else None
-        if last is not None and last[2] == flags and last[0] + last[1] * page_size == vaddr:
-            last[1] += length // page_size
+        if self._end == vaddr and self.flags[-1] == flags:
+            self.counts[-1] += length // page_size
         else:
-            self.runs.append([vaddr, length // page_size, flags])
+            self.vaddrs.append(vaddr)
+            self.counts.append(length // page_size)
+            self.flags.append(flags)
+        self._end = vaddr + length
 
     def copy(self, seg: Segment) -> None:
         """Queue a planned segment's bytes for the end of the output."""
         self._pieces.append((seg, self.offset + self._queued))
         self._queued += seg.length
-        if self.batch is not None and self._queued >= self.batch:
+        if (self.batch is not None and self._queued >= self.batch) or len(self._pieces) >= _COPY_PIECES:
             self.flush()
 
     def write(self, data: memoryview) -> None:
@@ -289,9 +299,11 @@ def _squash_target(
             progress(f"squash {target}", done[0], done[1])
     finally:
         os.close(fd)
-    runs = [(v, n, f) for v, n, f in w.runs]
-    rep.entries_out = len(runs)
-    (out_dir / pm.path.name).write_bytes(encode_pagemap(pm.pages_id, runs, layout or pm.layout))
+    rep.entries_out = len(w.vaddrs)
+    with open(out_dir / pm.path.name, "wb") as image:
+        for part in encode_pagemap_parts(pm.pages_id, zip(w.vaddrs, w.counts, w.flags, strict=True),
+                                         layout or pm.layout):
+            image.write(part)
     return rep, (lazy_hash.hexdigest() if lazy_hash is not None else None)
 
 
