@@ -82,6 +82,12 @@ def manager() -> Any:
     return _pm if _pm is not None else _light
 
 
+def builtins_only() -> bool:
+    """Whether `manager()` is the built-in plugins' light manager (no pluggy: no entry-point plugin, no
+    tracing, nothing registered that needs pluggy)."""
+    return _pm is None and _light is not None
+
+
 def _new_manager() -> pluggy.PluginManager:
     import pluggy
 

@@ -81,6 +81,21 @@ def _command_of(argv: Sequence[str]) -> str | None:
     return None
 
 
+def _plain_args(words: list[str], command: str | None) -> Any:
+    """The parsed command line without argparse (`fastargs`) when only built-in plugins are loaded; None
+    when argparse must parse it (help, a mistake, anything `fastargs.parse` does not reproduce)."""
+    if command is None:
+        return None
+    pm = plugin_manager(command)
+    from ..plugins import builtins_only
+
+    if not builtins_only():
+        return None
+    from .fastargs import parse
+
+    return parse(words, pm)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     import argparse
 
@@ -164,8 +179,10 @@ def _main(argv: Sequence[str] | None, words: list[str], debug: bool) -> int:
         print(version_text())
         return 0
     try:
-        parser = build_parser(_command_of(words))
-        args = parser.parse_args(argv)
+        command = _command_of(words)
+        args = _plain_args(words, command)
+        if args is None:
+            args = build_parser(command).parse_args(argv)
         code = args.func(args)
         sys.stdout.flush()
         return int(code or 0)

@@ -1,0 +1,175 @@
+"""Start-up: `ps`, `read` and `--version` import only what they need, and the command lines parsed without
+argparse (cli/fastargs.py) come out as argparse parses them, with argparse's own help and messages otherwise."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from crit_pageread import plugins
+from crit_pageread.cli import fastargs, main
+from crit_pageread.testing import ImageBuilder, VmaSpec
+
+REPO = Path(__file__).resolve().parent.parent
+#: Standard-library modules the start-up of `ps` and `read` does without (what they cost: README Performance).
+NOT_FOR_PS_READ = ("argparse", "gettext", "locale", "shutil", "pluggy", "typing", "inspect", "dataclasses", "ctypes",
+                   "json")
+NOT_FOR_VERSION = ("argparse", "pluggy", "typing", "inspect", "dataclasses", "pathlib", "subprocess", "shutil")
+
+
+@pytest.fixture
+def light(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A new plugin manager of the built-in plugins only (no pluggy), discarded after."""
+    for key in ("CRIT_PAGEREAD_TRACE_HOOKS", "CRIT_PAGEREAD_LOAD_PLUGINS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("CRIT_PAGEREAD_LOAD_PLUGINS", "")
+    plugins.reset()
+    yield
+    plugins.reset()
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> Path:
+    """A one-process checkpoint: pid 10, two pages at 0x10000 (the second one not dumped)."""
+    d = ImageBuilder(tmp_path / "d").process(10, vmas=[VmaSpec(0x10000, 0x12000)])
+    d.pagemap(10, [(0x10000, bytes(range(256)) * 16)])
+    return d.write()
+
+
+PROBE = "import atexit, sys\natexit.register(lambda: print(' '.join(sys.modules), file=sys.stderr))\n"
+ARGPARSE_ONLY = "import crit_pageread.cli.fastargs as f\nf.parse = lambda words, pm: None\n"
+
+
+def _cli(*args: str, prelude: str = "") -> subprocess.CompletedProcess[str]:
+    """`python -m crit_pageread ARGS` from the checkout, after the Python code `prelude`."""
+    code = prelude + "import runpy; runpy.run_module('crit_pageread', run_name='__main__', alter_sys=True)\n"
+    env = {k: v for k, v in os.environ.items() if k not in ("CRIT_PAGEREAD_TRACE_HOOKS", "CRIT_PAGEREAD_LOAD_PLUGINS")}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("what", ["ps", "ps --json", "read", "read -x", "--version"])
+def test_ps_read_and_version_start_without_argparse_pathlib_or_json(what: str, small: Path) -> None:
+    words = what.split()
+    args = [words[0], str(small), *words[1:]] if words[0] in ("ps", "read") else words
+    if words[0] == "read":
+        args[2:2] = ["0x10000", "64"]
+    proc = _cli(*args, prelude=PROBE)
+    assert proc.returncode == 0, proc.stderr
+    unwanted = set(NOT_FOR_VERSION if words[0] == "--version" else NOT_FOR_PS_READ)
+    if "--json" in words:
+        unwanted.discard("json")  # the output
+    loaded = set(proc.stderr.strip().splitlines()[-1].split())
+    assert not loaded & unwanted, f"{what} imported {sorted(loaded & unwanted)}"
+
+
+def _argparse(words: list[str]) -> tuple[Any, str]:
+    """(namespace or None when argparse exits, what it printed)."""
+    parser = main.build_parser(main._command_of(words))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            return parser.parse_args(words), out.getvalue()
+        except SystemExit:
+            return None, out.getvalue()
+
+
+def _words(rng: random.Random, spec: Any, good: bool) -> list[str]:
+    """A command line for `spec`'s command: a plausible one (`good`), or one in argparse's corners."""
+    options: list[list[str]] = []
+    for action in spec._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        name = rng.choice(action.option_strings)
+        if action.nargs == 0:
+            options.append([name])
+            continue
+        plausible = [str(c) for c in action.choices][:1] if action.choices else ["5"] if action.type else ["v", "5"]
+        values = plausible if good else [*plausible, "abc", "-3", "0x10", "1.5", "x=y", "", "--json"]
+        value = rng.choice(values)
+        options.append([name, value] if good else rng.choice([[name, value], [f"{name}={value}"], [name]]))
+        if not good and len(name) > 3 and name.startswith("--"):
+            options.append([name[:-1], value])
+    positionals = [a for a in spec._actions if not a.option_strings]
+    required = sum(1 for a in positionals if a.nargs is None)
+    count = rng.randint(required, len(positionals)) if good else rng.randint(0, len(positionals) + 1)
+    pieces = [[rng.choice(["DIR", "0x1000", "12", "", "a b"] if not good else ["DIR", "12"])] for _ in range(count)]
+    pieces += rng.sample(options, min(len(options), rng.randint(0, 4)))
+    if not good:
+        pieces += rng.choice([[], [["-h"]], [["--"]], [["--debug"]], [["--version"]], [["-"]]])
+    if good or rng.random() < 0.5:  # the positionals in one run, as they are usually written
+        pieces.sort(key=lambda p: p[0].startswith("-"), reverse=rng.random() < 0.5)
+    else:
+        rng.shuffle(pieces)
+    return [word for piece in pieces for word in piece]
+
+
+def _commands() -> list[str]:
+    return sorted(c for c, module in main.COMMAND_MODULES.items() if module)
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_command_lines_without_argparse_parse_as_argparse_parses_them(command: str, light: None) -> None:
+    rng = random.Random(command)
+    parser = main.build_parser(command)
+    sub = parser._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
+    fast_ones = 0
+    for _ in range(400):
+        words = [*(["--debug"] if rng.random() < 0.2 else []), command, *_words(rng, sub, rng.random() < 0.5)]
+        fast = fastargs.parse(words, main.plugin_manager(command))
+        slow, printed = _argparse(words)
+        if slow is None:
+            assert fast is None, f"{words}: argparse says {printed!r}, fastargs parsed {fast}"
+        elif fast is not None:
+            fast_ones += 1
+            assert list(vars(fast).items()) == list(vars(slow).items()), words
+    if command in ("ps", "read"):
+        assert fast_ones > 100, f"only {fast_ones} of 400 command lines parsed without argparse"
+
+
+@pytest.mark.parametrize("words", [
+    ["ps", "D"], ["ps", "D", "--json", "--pid", "3", "--pid", "4"], ["--debug", "ps", "--no-env", "D"],
+    ["read", "D", "10000"], ["read", "--pid", "1", "D", "0x10", "0x20", "-x", "-v", "--zero-fill", "-o", "f"],
+    ["read", "D", "10", "--strategy", "mmap", "--config", "c.toml", "--json"],
+])
+def test_the_usual_ps_and_read_lines_parse_without_argparse(words: list[str], light: None) -> None:
+    fast = fastargs.parse(words, main.plugin_manager(words[1] if words[0] == "--debug" else words[0]))
+    assert fast is not None and fast == _argparse(words)[0]
+
+
+@pytest.mark.parametrize("args", [
+    [], ["ps"], ["ps", "-h"], ["read", "--help"], ["read", "D"], ["ps", "D", "--pid"], ["ps", "D", "--pid", "x"],
+    ["ps", "D", "--bogus"], ["ps", "D", "E"], ["read", "D", "1", "--js=1"], ["bogus"], ["--debug"], ["-h"],
+    ["ps", "D", "--version"], ["read", "D", "1", "--json", "2"], ["ps", "--pid=1", "NODIR"],
+])
+def test_help_and_mistakes_are_argparse_s_own(args: list[str], small: Path, light: None) -> None:
+    """Output, messages and exit code as argparse gives them (the parse left to it)."""
+    args = [str(small) if a == "D" else a for a in args]
+    proc = _cli(*args)
+    slow, printed = _argparse(args)
+    assert slow is None or args[-1] == "NODIR"
+    if slow is None:
+        assert proc.returncode == (0 if "-h" in args or "--help" in args else 2)
+        assert proc.stdout + proc.stderr == printed
+
+
+@pytest.mark.parametrize("args", [
+    ["ps", "D"], ["ps", "D", "--json"], ["ps", "D", "--pid", "11"], ["read", "D", "0x10000", "64"],
+    ["read", "D", "10000", "32", "-x"], ["read", "D", "0x11000", "16"], ["read", "D", "0x10000", "16", "--json"],
+    ["read", "D", "zz"], ["read", "D", "0x10000", "-x", "--strategy", "nope"], ["ps", "/nonexistent"],
+    ["read", "D", "0x10000", "16", "--js"], ["ps", "--pid=10", "D"], ["read", "D", "0x10000", "--pid", "10", "8"],
+])
+def test_commands_answer_the_same_with_and_without_argparse(args: list[str], small: Path) -> None:
+    args = [str(small) if a == "D" else a for a in args]
+    fast = _cli(*args)
+    forced = _cli(*args, prelude=ARGPARSE_ONLY)
+    assert (fast.returncode, fast.stdout, fast.stderr) == (forced.returncode, forced.stdout, forced.stderr)
