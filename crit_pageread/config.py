@@ -16,13 +16,13 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from pathlib import Path
 
-from . import TYPE_CHECKING
+from . import TYPE_CHECKING, _paths
 from .errors import ConfigError
 
-if TYPE_CHECKING:  # typing and dataclasses are not imported at start-up
+if TYPE_CHECKING:  # typing, dataclasses and pathlib are not imported at start-up
     from collections.abc import Mapping
+    from pathlib import Path
     from typing import Any
 
 ENV_PREFIX = "CRIT_PAGEREAD_"
@@ -89,15 +89,19 @@ class Config:
 
 
 def user_config_path() -> Path:
+    return _paths.as_path(_user_config_file())
+
+
+def _user_config_file() -> str:
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(base) / "crit-pageread" / "config.toml"
+    return _paths.join(_paths.text(base), "crit-pageread/config.toml")
 
 
-def _is_file(file: Path, required: bool) -> bool:
+def _is_file(file: str | os.PathLike[str], required: bool) -> bool:
     """Whether to read `file`. A default location that cannot be looked at (EACCES on a parent, as with a
     HOME kept but unreadable under `sudo -u`) counts as absent; a file named with --config must be there."""
     try:
-        if stat.S_ISREG(file.stat().st_mode):
+        if stat.S_ISREG(os.stat(file).st_mode):
             return True
         problem = "not a regular file"
     except OSError as exc:
@@ -116,10 +120,10 @@ def load_config(
     env = os.environ if env is None else env
     data: dict[str, Any] = {}
     sources: list[str] = []
-    files: list[tuple[Path, bool]] = [(user_config_path(), False), (Path("crit-pageread.toml"), False)]
+    files = [(_user_config_file(), False), ("crit-pageread.toml", False)]
     named = path if path is not None else env.get(ENV_PREFIX + "CONFIG")
     if named:
-        files.append((Path(named), True))
+        files.append((_paths.text(named), True))
     for file, required in files:
         if not _is_file(file, required):
             continue

@@ -9,13 +9,11 @@ protobuf messages for the rest; pagemaps are parsed by `pagemap.py`.
 from __future__ import annotations
 
 import os
-import re
 import stat
 import weakref
 from functools import cached_property
-from pathlib import Path
 
-from . import TYPE_CHECKING
+from . import TYPE_CHECKING, _paths
 from ._record import Record
 from .config import Config, load_config
 from .criu_env import pycriu
@@ -24,7 +22,8 @@ from .imagefile import load_messages, load_raw_messages, open_regular
 from .pagemap import Pagemap, load_pagemap
 from .strategy import PagesFile, Strategy, Target
 
-if TYPE_CHECKING:  # typing and dataclasses are not imported at start-up
+if TYPE_CHECKING:  # typing, dataclasses and pathlib are not imported at start-up
+    from pathlib import Path
     from typing import Any
 
     from .archive import ArchiveIndex, Member, PagesWanted
@@ -130,8 +129,15 @@ def shown(value: str | bytes, limit: int = SHOWN_MAX) -> str:
 #: Levels of a chain of incremental dumps, newest included, that a checkpoint may have.
 MAX_CHAIN_DEPTH = 256
 
-_PAGEMAP_RE = re.compile(r"^pagemap-(\d+)\.img$")
-_SHMEM_RE = re.compile(r"^pagemap-shmem-(\d+)\.img$")
+
+
+def _shmem_id(name: str) -> int | None:
+    """The id of `pagemap-shmem-<id>.img` (re's `^pagemap-shmem-(\\d+)\\.img$`: a newline may end it), else None."""
+    stem = name[:-1] if name.endswith("\n") else name
+    digits = stem[len("pagemap-shmem-"):-len(".img")]
+    if stem.startswith("pagemap-shmem-") and stem.endswith(".img") and digits.isdecimal():
+        return int(digits)
+    return None
 
 
 class CheckpointImages:
@@ -152,18 +158,20 @@ class CheckpointImages:
         _index: ArchiveIndex | None = None,
         _member_dir: str = "",
     ) -> None:
-        self.path = Path(path)
+        #: The directory (or archive) as text, as str(Path) shows it; `path` is its Path, made on first use.
+        self._path: str = _paths.text(path)
+        self._path_obj: Path | None = None
         #: The archive's index and the member directory of the images (None, "" for a directory).
         self._index = _index
         self.member_dir = _member_dir
         if _index is None:
-            if not self.path.exists():
-                raise ImageError(self.path, "no such image directory")
-            if not self.path.is_dir():
-                raise ImageError(self.path, "not a directory of CRIU images")
+            if not _paths.exists(self._path):
+                raise ImageError(self._path, "no such image directory")
+            if not _paths.is_dir(self._path):
+                raise ImageError(self._path, "not a directory of CRIU images")
         self.config = config if config is not None else load_config()
         self.page_size = self.config.page_size
-        here = os.path.realpath(self.path) if _index is None else f"{self.path}\0{_member_dir}"
+        here = os.path.realpath(self._path) if _index is None else f"{self._path}\0{_member_dir}"
         self._chain = (*_chain, here)
         self._pagemaps: dict[Target, Pagemap] = {}
         self._zombies: dict[int, bool] = {}
@@ -179,9 +187,20 @@ class CheckpointImages:
         # Like CRIU, open every level of the chain now: a missing, dangling or cyclic `parent` link is
         # an error at open, even in a level no page needs.
         if len(self._chain) > MAX_CHAIN_DEPTH:
-            where = self.path / "parent" if _index is None else f"{self.path}: {self._member('parent')}"
+            where = _paths.join(self._path, "parent") if _index is None else f"{self._path}: " + self._member("parent")
             raise ChainError(where, f"parent chain deeper than {MAX_CHAIN_DEPTH}")
         self.parent  # noqa: B018
+
+    @property
+    def path(self) -> Path:
+        """The image directory, or the archive."""
+        if self._path_obj is None:
+            self._path_obj = _paths.as_path(self._path)
+        return self._path_obj
+
+    @path.setter
+    def path(self, value: str | os.PathLike[str]) -> None:
+        self._path, self._path_obj = _paths.text(value), None
 
     # --- where images are --------------------------------------------------------------------
 
@@ -191,16 +210,22 @@ class CheckpointImages:
             return self.path / name
         return self._index.member(self._member(name))
 
+    def _image(self, name: str) -> str | Member:
+        """`image(name)` with a directory's path as text (no pathlib)."""
+        if self._index is None:
+            return _paths.join(self._path, name)
+        return self._index.member(self._member(name))
+
     def has_image(self, name: str) -> bool:
         """True if image `name` exists (a regular file)."""
         if self._index is None:
-            return (self.path / name).is_file()
+            return _paths.is_file(_paths.join(self._path, name))
         return self._index.is_file(self._member(name))
 
     def image_names(self) -> list[str]:
         """The names of the images (every file of the directory), sorted."""
         if self._index is None:
-            return sorted(os.listdir(self.path))
+            return sorted(os.listdir(self._path))
         return [n for n in self._index.listdir(self.member_dir) if self._index.available(self._member(n))]
 
     def container_file(self, name: str, limit: int = 16 << 20) -> bytes | None:
@@ -209,8 +234,8 @@ class CheckpointImages:
             return None
         if self._index is not None:
             return self._index.read_small(f"{self.container_dir}/{name}" if self.container_dir else name, limit)
-        path = Path(self.container_dir) / name
-        if not path.is_file():
+        path = _paths.join(self.container_dir, name)
+        if not _paths.is_file(path):
             return None
         with open(path, "rb") as f:
             data = f.read(limit + 1)
@@ -222,7 +247,7 @@ class CheckpointImages:
         """Size in bytes of image `name`, or None if absent or not a regular file (the `parent` link)."""
         if self._index is None:
             try:
-                st = (self.path / name).lstat()
+                st = os.lstat(_paths.join(self._path, name))
             except OSError:
                 return None
             return st.st_size if stat.S_ISREG(st.st_mode) else None
@@ -235,7 +260,7 @@ class CheckpointImages:
         if self._index is not None:
             return self._index.size_of(f"{self.container_dir}/{name}" if self.container_dir else name)
         try:
-            return (Path(self.container_dir) / name).stat().st_size
+            return os.stat(_paths.join(self.container_dir, name)).st_size
         except OSError:
             return None
 
@@ -243,8 +268,8 @@ class CheckpointImages:
     def location(self) -> str:
         """The images' place as users know it: the directory, or `ARCHIVE: MEMBER_DIR`."""
         if self._index is None:
-            return str(self.path)
-        return f"{self.path}: {self.member_dir or '.'}"
+            return self._path
+        return f"{self._path}: {self.member_dir or '.'}"
 
     def _member(self, name: str) -> str:
         return f"{self.member_dir}/{name}" if self.member_dir else name
@@ -254,7 +279,7 @@ class CheckpointImages:
     @cached_property
     def processes(self) -> dict[int, Process]:
         """Every task of pstree.img by pid, in image order."""
-        path = self.image("pstree.img")
+        path = self._image("pstree.img")
         out: dict[int, Process] = {}
         # pstree_entry: pid 1, ppid 2, pgid 3, sid 4, threads 5 (decoded without protobuf: fast start-up)
         for msg in load_raw_messages(path, "PSTREE"):
@@ -284,13 +309,12 @@ class CheckpointImages:
     @cached_property
     def shmem_ids(self) -> list[int]:
         """Ids of the shared-memory segments that have a pagemap (pagemap-shmem-<id>.img)."""
-        ids = [int(m.group(1)) for name in self.image_names() if (m := _SHMEM_RE.match(name))]
-        return sorted(ids)
+        return sorted(i for i in map(_shmem_id, self.image_names()) if i is not None)
 
     def mm(self, pid: int) -> Any:
         """The mm_entry message of mm-<pid>.img (pycriu protobuf)."""
         self._check_pid(pid)
-        path = self.image(f"mm-{pid}.img")
+        path = self._image(f"mm-{pid}.img")
         msgs = load_messages(path, "MM", pycriu().images.pb.mm_entry)
         if len(msgs) != 1:
             raise ImageError(path, f"expected one mm entry, found {len(msgs)}")
@@ -298,7 +322,7 @@ class CheckpointImages:
 
     def core(self, tid: int) -> Any:
         """The core_entry message of core-<tid>.img (registers, thread info)."""
-        path = self.image(f"core-{tid}.img")
+        path = self._image(f"core-{tid}.img")
         msgs = load_messages(path, "CORE", pycriu().images.pb.core_entry)
         if len(msgs) != 1:
             raise ImageError(path, f"expected one core entry, found {len(msgs)}")
@@ -315,7 +339,7 @@ class CheckpointImages:
         self._check_pid(pid)
         if self.is_zombie(pid):
             return []
-        path = self.image(f"mm-{pid}.img")
+        path = self._image(f"mm-{pid}.img")
         msgs = load_raw_messages(path, "MM")
         if len(msgs) != 1:
             raise ImageError(path, f"expected one mm entry, found {len(msgs)}")
@@ -358,7 +382,7 @@ class CheckpointImages:
         """memfd inode id -> (name, shmid), from memfd.img (name 1, shmid 5, inode_id 7)."""
         if not self.has_image("memfd.img"):
             return {}
-        path = self.image("memfd.img")
+        path = self._image("memfd.img")
         return {
             (m.opt(7) or i): ((m.blob(1) or b"").decode(errors="replace"), m.req(5, "shmid"))
             for i, m in enumerate(load_raw_messages(path, "MEMFD_INODE"), 1)
@@ -370,7 +394,7 @@ class CheckpointImages:
         memfd 20 (inode_id 5)."""
         if not self.has_image("files.img"):
             return []
-        path = self.image("files.img")
+        path = self._image("files.img")
         out: list[tuple[int, str | None, int | None]] = []
         for f in load_raw_messages(path, "FILES"):
             reg, memfd = f.message(3), f.message(20)
@@ -404,7 +428,7 @@ class CheckpointImages:
             z = False
             if not self.has_image(f"mm-{pid}.img") and not self.has_image(f"pagemap-{pid}.img"):
                 if self.has_image(f"core-{pid}.img"):
-                    core = self.image(f"core-{pid}.img")
+                    core = self._image(f"core-{pid}.img")
                     # core_entry.tc (3) . task_state (1), decoded without protobuf
                     msgs = load_raw_messages(core, "CORE")
                     tc = msgs[0].message(3) if len(msgs) == 1 else None
@@ -414,7 +438,7 @@ class CheckpointImages:
 
     def _check_pid(self, pid: int) -> None:
         if self.has_image("pstree.img") and pid not in self.processes:
-            raise ImageError(self.image("pstree.img"), f"no pid {pid} in the checkpoint (pids: {self.pids})")
+            raise ImageError(self._image("pstree.img"), f"no pid {pid} in the checkpoint (pids: {self.pids})")
 
     # --- pagemaps, pages files, parents -----------------------------------------------------
 
@@ -424,12 +448,13 @@ class CheckpointImages:
         if pm is None:
             name = f"pagemap-{target.id}.img" if target.kind == "pid" else f"pagemap-shmem-{target.id}.img"
             if target.kind == "pid" and self.is_zombie(target.id):
-                where = self.path / name if self._index is None else Path(f"{self.path}: {self._member(name)}")
+                where = _paths.join(self._path, name) if self._index is None else \
+                    _paths.text(f"{self._path}: {self._member(name)}")
                 pm = Pagemap(where, 0, [], "4.1", self.page_size)  # a zombie: no memory
             elif self._index is None:
-                pm = load_pagemap(self.path / name, self.page_size)
+                pm = load_pagemap(_paths.join(self._path, name), self.page_size)
             else:
-                pm = load_pagemap(self.image(name), self.page_size, self._pages_extent)
+                pm = load_pagemap(self._image(name), self.page_size, self._pages_extent)
             self._pagemaps[target] = pm
         return pm
 
@@ -444,7 +469,7 @@ class CheckpointImages:
         name = f"pages-{pages_id}.img"
         if not self.has_image(name):
             return None
-        member = self.image(name)
+        member = self._image(name)
         return member.offset, member.size, str(member)  # type: ignore[union-attr]
 
     def pages_file(self, pages_id: int, writable: bool = False) -> PagesFile:
@@ -452,7 +477,7 @@ class CheckpointImages:
         key = (pages_id, writable)
         pf = self._pages.get(key)
         if pf is None:
-            pf = PagesFile(self.image(f"pages-{pages_id}.img"), writable=writable)  # type: ignore[arg-type]
+            pf = PagesFile(self._image(f"pages-{pages_id}.img"), writable=writable)  # type: ignore[arg-type]
             self._pages[key] = pf
         return pf
 
@@ -463,12 +488,12 @@ class CheckpointImages:
             return self._parent
         if self._index is not None:
             return self._archive_parent(self._index)
-        link = self.path / "parent"
+        link = _paths.join(self._path, "parent")
         target: str | None = None
         try:
-            if link.is_symlink():
+            if _paths.is_symlink(link):
                 target = os.readlink(link)
-            elif link.is_file():
+            elif _paths.is_file(link):
                 # Some copies keep the link as a small file holding its target.
                 fd = open_regular(link, "parent link")
                 try:
@@ -481,15 +506,15 @@ class CheckpointImages:
                 if target is None:
                     raise ChainError(link, "parent link is empty")
             elif os.path.lexists(link):
-                target = str(link)
+                target = link
         except OSError as exc:
             raise ChainError(link, f"cannot read parent link: {exc.strerror}") from None
         self._parent_checked = True
         if target is None:
             return None
-        full = (self.path / target) if not os.path.isabs(target) else Path(target)
+        full = _paths.join(self._path, target)
         try:
-            is_dir = full.is_dir()
+            is_dir = _paths.is_dir(full)
         except OSError as exc:  # ENAMETOOLONG, EACCES, ...
             raise ChainError(link, f"parent link to {shown(target)}: {exc.strerror}") from None
         if not is_dir:
@@ -506,7 +531,7 @@ class CheckpointImages:
         self._parent_checked = True
         name = self._member("parent")
         entry = index.entries.get(name)
-        label = f"{self.path}: {name}"
+        label = f"{self._path}: {name}"
         if entry is None:
             if index.is_file(name):
                 raise ChainError(label, "parent link is a regular file; archives keep it as a symlink")
@@ -516,11 +541,11 @@ class CheckpointImages:
         target = index.resolve(name)
         if target.startswith("..") or (target and not index.is_dir(target)):
             raise ChainError(label, f"dangling parent link to {shown(entry.link)}{_podman_hint(entry.link)}")
-        here = f"{self.path}\0{target}"
+        here = f"{self._path}\0{target}"
         if here in self._chain:
             raise ChainError(label, f"parent chain has a cycle through {shown(entry.link)}")
         self._parent = CheckpointImages(
-            self.path, self.config, _chain=self._chain, _index=index, _member_dir=target
+            self._path, self.config, _chain=self._chain, _index=index, _member_dir=target
         )
         return self._parent
 
@@ -608,7 +633,7 @@ class CheckpointImages:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<CheckpointImages {self.path}>"
+        return f"<CheckpointImages {self._path}>"
 
 
 def open_images(path: str | os.PathLike[str], config: Config | None = None, *,
@@ -655,15 +680,16 @@ def open_images(path: str | os.PathLike[str], config: Config | None = None, *,
             raise
         weakref.finalize(images, index.close)
     else:
-        directory = Path(path)
+        directory = _paths.text(path)
         if container_layout(directory):
             # An unpacked Podman/CRI-O checkpoint: checkpoint/ beside config.dump and spec.dump.
-            images = CheckpointImages(directory / "checkpoint", config)
-            images.container_dir = str(directory)
+            images = CheckpointImages(_paths.join(directory, "checkpoint"), config)
+            images.container_dir = directory
         else:
             images = CheckpointImages(path, config)
-            if images.path.name == "checkpoint" and (images.path.parent / "config.dump").is_file():
-                images.container_dir = str(images.path.parent)  # DIR/checkpoint of a container layout
+            up = _paths.parent(images._path)
+            if _paths.name(images._path) == "checkpoint" and _paths.is_file(_paths.join(up, "config.dump")):
+                images.container_dir = up  # DIR/checkpoint of a container layout
     try:
         configure(images.config, check_strategy=False)
     except BaseException:
@@ -681,13 +707,13 @@ def _archive() -> Any:
 
 def container_layout(directory: str | os.PathLike[str]) -> bool:
     """True if `directory` is an unpacked container checkpoint: images under checkpoint/, none at the top."""
-    directory = Path(directory)
-    checkpoint = directory / "checkpoint"
+    top = _paths.text(directory)
+    checkpoint = _paths.join(top, "checkpoint")
     return (
-        directory.is_dir()
-        and not (directory / "pstree.img").exists()
-        and not (directory / "inventory.img").exists()
-        and ((checkpoint / "pstree.img").is_file() or (checkpoint / "inventory.img").is_file())
+        _paths.is_dir(top)
+        and not _paths.exists(_paths.join(top, "pstree.img"))
+        and not _paths.exists(_paths.join(top, "inventory.img"))
+        and any(_paths.is_file(_paths.join(checkpoint, name)) for name in ("pstree.img", "inventory.img"))
     )
 
 

@@ -111,8 +111,8 @@ class ProcessReader(PageReader):
     @property
     def source(self) -> str:
         if self.zombie:
-            return f"{self.images.path}: pid {self.pid} (a zombie: no memory)"
-        return str(self.pagemap.path)
+            return f"{self.images._path}: pid {self.pid} (a zombie: no memory)"
+        return self.pagemap.location
 
     def segment_reader(self, shmid: int) -> PageReader:
         """The reader of segment `shmid` this reader reads shared mappings with (same strategy and lifetime)."""

@@ -12,13 +12,11 @@ import bisect
 import itertools
 import operator
 import os
-import re
 import stat
 from array import array
 from itertools import compress, repeat
-from pathlib import Path
 
-from . import TYPE_CHECKING, native
+from . import TYPE_CHECKING, _paths, native
 from .errors import ImageError
 from .imagefile import (
     _U32,
@@ -31,8 +29,10 @@ from .imagefile import (
     read_image,
 )
 
-if TYPE_CHECKING:  # typing is not imported at start-up
+if TYPE_CHECKING:  # typing, re and pathlib are not imported at start-up
+    import re
     from collections.abc import Callable, Iterable, Iterator
+    from pathlib import Path
     from typing import Any, NamedTuple, overload
 
     class _EntryTuple(NamedTuple):
@@ -173,8 +173,9 @@ class Pagemap:
         starts: Any = None,
         columns: tuple[Any, Any, Any] | None = None,
     ) -> None:
-        #: The pagemap image: a Path, or an `archive.Member` (str() is `ARCHIVE: MEMBER`).
-        self.path: Path = path
+        #: The pagemap image as given: a path as text (`path` makes its Path on first use), a Path, or an
+        #: `archive.Member` (str() is `ARCHIVE: MEMBER`).
+        self._path: Any = path
         self.pages_id = pages_id
         self.layout = layout
         self.page_size = page_size
@@ -205,8 +206,28 @@ class Pagemap:
         return (self._starts, *self._columns)
 
     @property
+    def path(self) -> Path:
+        """The pagemap image: a Path, or an `archive.Member`."""
+        if isinstance(self._path, _paths.Text):
+            self._path = _paths.as_path(self._path)
+        return self._path
+
+    @path.setter
+    def path(self, value: Any) -> None:
+        self._path = value
+
+    @property
+    def location(self) -> str:
+        """`str(path)`, for messages (no pathlib)."""
+        return str(self._path)
+
+    @property
     def pages_path(self) -> Path:
-        return self.path.parent / f"pages-{self.pages_id}.img"
+        return _paths.as_path(self._pages_file())
+
+    def _pages_file(self) -> str:
+        """`str(pages_path)`: pages-<pages_id>.img beside the pagemap image."""
+        return _paths.join(_paths.parent(_paths.text(self._path)), f"pages-{self.pages_id}.img")
 
     @property
     def present_bytes(self) -> int:
@@ -271,12 +292,13 @@ class Pagemap:
 
 #: A pagemap entry as CRIU writes it, framed: a one-byte size (then three zero bytes), vaddr (field 1),
 #: nr_pages (field 2; 0 in the 4.2 layout), flags (field 4, below 128) and, in the 4.2 layout, the uint64
-#: nr_pages (field 5). A pagemap of such entries only is parsed by one regular-expression pass.
-_CANONICAL = re.compile(
+#: nr_pages (field 5). A pagemap of such entries only is parsed by one regular-expression pass (DOTALL),
+#: compiled on first use (`_patterns`: the native helper parses without it, and re is not imported at start-up).
+_CANONICAL_PATTERN = (
     rb"(.)\x00\x00\x00\x08([\x80-\xff]{0,9}[\x00-\x7f])\x10([\x80-\xff]{0,4}[\x00-\x7f])\x20([\x00-\x7f])"
-    rb"(?:\x28([\x80-\xff]{0,9}[\x00-\x7f]))?",
-    re.DOTALL,
+    rb"(?:\x28([\x80-\xff]{0,9}[\x00-\x7f]))?"
 )
+_CANONICAL: re.Pattern[bytes] | None = None
 #: Flag words CRIU accepts (no unknown bit, not present and parent at once).
 _VALID_FLAGS = frozenset(f for f in range(1, PE_KNOWN + 1) if f & (PE_PRESENT | PE_PARENT) != PE_PRESENT | PE_PARENT)
 
@@ -291,7 +313,19 @@ def _varint(data: bytes) -> int:
 
 #: Entries parsed at once by `_parse_canonical` (its lists of matches are the memory it adds).
 CHUNK_ENTRIES = 4096
-_CHUNK = re.compile(rb"(?:" + _CANONICAL.pattern + rb"){1,%d}" % CHUNK_ENTRIES, re.DOTALL)
+#: Up to CHUNK_ENTRIES canonical entries back to back.
+_CHUNK: re.Pattern[bytes] | None = None
+
+
+def _patterns() -> tuple[re.Pattern[bytes], re.Pattern[bytes]]:
+    """(_CANONICAL, _CHUNK), compiled on first use."""
+    global _CANONICAL, _CHUNK
+    if _CANONICAL is None or _CHUNK is None:
+        import re
+
+        _CANONICAL = _CANONICAL or re.compile(_CANONICAL_PATTERN, re.DOTALL)
+        _CHUNK = _CHUNK or re.compile(rb"(?:" + _CANONICAL_PATTERN + rb"){1,%d}" % CHUNK_ENTRIES, re.DOTALL)
+    return _CANONICAL, _CHUNK
 
 
 def _addresses(varints: list[bytes]) -> list[int]:
@@ -316,7 +350,7 @@ def _parse_canonical(data: bytes, pos: int, offset: int, page_size: int) -> tupl
     layout = None
     prev_end = 0
     while pos < len(data):
-        chunk = _CHUNK.match(data, pos)  # up to CHUNK_ENTRIES canonical frames back to back from pos
+        chunk = _patterns()[1].match(data, pos)  # up to CHUNK_ENTRIES canonical frames back to back from pos
         if chunk is None:
             return None
         got = _parse_chunk(data, pos, chunk.end(), offset, page_size)
@@ -351,7 +385,7 @@ def _parse_native(fast: Any, data: bytes, pos: int, offset: int, page_size: int)
 
 def _parse_chunk(data: bytes, pos: int, end: int, offset: int, page_size: int) -> tuple[Any, ...] | None:
     """`_parse_canonical` of the frames in data[pos:end]."""
-    found = _CANONICAL.findall(data, pos, end)
+    found = _patterns()[0].findall(data, pos, end)
     if not found:
         return None
     # The size byte must be the payload's (tag bytes, the flags byte, the varints), and the matches must
@@ -400,7 +434,7 @@ def load_pagemap(
     Entries as CRIU writes them are parsed in one pass (`_parse_canonical`);
     any other image entry by entry (`canonical_fast_path=False`: always).
     """
-    path = path if hasattr(path, "read_bounded") else Path(path)  # a Path, or an archive Member
+    path = path if hasattr(path, "read_bounded") else _paths.text(path)  # a path as text, or an archive Member
     data = read_image(path, "PAGEMAP")
     start = check_magic(path, data, "PAGEMAP")
     payloads = iter_entries(path, data, start)
@@ -516,7 +550,7 @@ def check_pages_size(pagemap: Pagemap, needed: int) -> None:
     its offsets and restore, but a longer file is the mark of an edited pagemap (a
     dropped entry, flags changed), which shifts every later entry's data: refused.
     """
-    pages = pagemap.pages_path
+    pages = pagemap._pages_file()
     try:
         st = os.stat(pages)
         size = st.st_size
@@ -526,12 +560,12 @@ def check_pages_size(pagemap: Pagemap, needed: int) -> None:
         if not needed:
             return
         raise ImageError(
-            pagemap.path, f"pages file {pages.name} (pages_id {pagemap.pages_id}) is missing"
+            pagemap.location, f"pages file {_paths.name(pages)} (pages_id {pagemap.pages_id}) is missing"
         ) from None
     except OSError as exc:
         raise ImageError(pages, f"cannot stat pages file: {exc.strerror}") from None
     if size < needed:
-        raise ImageError(pages, f"short pages file: {size} bytes, {pagemap.path.name} needs {needed}")
+        raise ImageError(pages, f"short pages file: {size} bytes, {_paths.name(pagemap.location)} needs {needed}")
     if size > needed:
         raise ImageError(
             pages,

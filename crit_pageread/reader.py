@@ -319,7 +319,7 @@ class PageReader:
     @property
     def source(self) -> str:
         """The pagemap image this reader reads, for messages."""
-        return str(self.pagemap.path)
+        return self.pagemap.location
 
     @property
     def page_size(self) -> int:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 
-from . import TYPE_CHECKING
+from . import TYPE_CHECKING, _paths
 from .errors import ImageError
 from .imagefile import open_regular
 
@@ -68,7 +68,10 @@ class PagesFile:
     """
 
     def __init__(self, path: Path, writable: bool = False) -> None:
-        self.path = path
+        #: As given: a Path, an `archive.Member`, or a path as text (`_paths.Text`: `path` makes its Path).
+        self._path: Any = path
+        #: `str(path)`, for messages (no pathlib).
+        self.location = str(path)
         self.writable = writable
         self.base = 0
         #: Byte ranges (of the pages, from `base`) that hold data, if not all: a pages file an archive unpacked
@@ -86,6 +89,18 @@ class PagesFile:
             # Never blocks (a FIFO is refused at once) and is a regular file, or a one-line ImageError.
             self.fd = open_regular(path, "pages file", writable=writable)
             self.size = os.fstat(self.fd).st_size
+
+    @property
+    def path(self) -> Path:
+        """The pages file: a Path, or an `archive.Member` (shown as `ARCHIVE: MEMBER`)."""
+        if isinstance(self._path, _paths.Text):
+            self._path = _paths.as_path(self._path)
+        return self._path
+
+    @path.setter
+    def path(self, value: Any) -> None:
+        self._path = value
+        self.location = str(value)
 
     @property
     def end(self) -> int:
@@ -113,7 +128,7 @@ class PagesFile:
             self.fd = -1
 
     def __repr__(self) -> str:
-        return f"PagesFile({str(self.path)!r})"
+        return f"PagesFile({self.location!r})"
 
 
 class Target:
@@ -547,7 +562,7 @@ def write_all(out: Sink, data: memoryview | bytes) -> None:
         view = view[n:]
 
 
-def read_fully(fd: int, dest: memoryview, offset: int, path: Path) -> None:
+def read_fully(fd: int, dest: memoryview, offset: int, path: object) -> None:
     """preadv into `dest` until it is full; a short file is an ImageError."""
     done = 0
     total = len(dest)

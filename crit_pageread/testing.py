@@ -218,7 +218,7 @@ class MockStrategy(Strategy):
 
     def _fill(self, request: ReadRequest) -> None:
         if request.pages is not None:
-            read_fully(request.pages.fd, request.dest, request.offset, request.pages.path)
+            read_fully(request.pages.fd, request.dest, request.offset, request.pages.location)
             return
         for base, data in self.lazy.items():
             if base <= request.vaddr and request.vaddr + len(request.dest) <= base + len(data):

@@ -102,7 +102,7 @@ def test_the_one_pass_parser_gives_the_loops_index_or_its_error_on_every_mutant(
 
     from crit_pageread.errors import ImageError
 
-    monkeypatch.setattr(pagemap, "_CHUNK", re.compile(rb"(?:" + pagemap._CANONICAL.pattern + rb"){1,%d}" % chunk,
+    monkeypatch.setattr(pagemap, "_CHUNK", re.compile(rb"(?:" + pagemap._CANONICAL_PATTERN + rb"){1,%d}" % chunk,
                                                       re.DOTALL))
 
     runs = _runs(400, seed=3)

@@ -7,6 +7,7 @@ import contextlib
 import io
 import os
 import random
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,8 +23,9 @@ from crit_pageread.testing import ImageBuilder, VmaSpec
 REPO = Path(__file__).resolve().parent.parent
 #: Standard-library modules the start-up of `ps` and `read` does without (what they cost: README Performance).
 NOT_FOR_PS_READ = ("argparse", "gettext", "locale", "shutil", "pluggy", "typing", "inspect", "dataclasses", "ctypes",
-                   "json")
-NOT_FOR_VERSION = ("argparse", "pluggy", "typing", "inspect", "dataclasses", "pathlib", "subprocess", "shutil")
+                   "json", "pathlib", "re", "enum", "fnmatch", "urllib.parse", "ipaddress")
+NOT_FOR_VERSION = ("argparse", "pluggy", "typing", "inspect", "dataclasses", "pathlib", "subprocess", "shutil",
+                   "urllib.parse", "ipaddress")
 
 
 @pytest.fixture
@@ -67,7 +69,7 @@ def test_ps_read_and_version_start_without_argparse_pathlib_or_json(what: str, s
     assert proc.returncode == 0, proc.stderr
     unwanted = set(NOT_FOR_VERSION if words[0] == "--version" else NOT_FOR_PS_READ)
     if "--json" in words:
-        unwanted.discard("json")  # the output
+        unwanted -= {"json", "re", "enum"}  # the output (json's decoder imports re)
     loaded = set(proc.stderr.strip().splitlines()[-1].split())
     assert not loaded & unwanted, f"{what} imported {sorted(loaded & unwanted)}"
 
@@ -173,3 +175,81 @@ def test_commands_answer_the_same_with_and_without_argparse(args: list[str], sma
     fast = _cli(*args)
     forced = _cli(*args, prelude=ARGPARSE_ONLY)
     assert (fast.returncode, fast.stdout, fast.stderr) == (forced.returncode, forced.stdout, forced.stderr)
+
+
+# --- paths as text (crit_pageread/_paths.py) ------------------------------------------------
+
+
+def _spellings(rng: random.Random) -> Iterator[str]:
+    pieces = ["", ".", "..", "a", "b c", "/", "//", "///", "x.img", "\n", "é"]
+    for _ in range(3000):
+        yield "".join(rng.choice(pieces) + rng.choice(["", "/", "//", "/./"]) for _ in range(rng.randint(0, 5)))
+
+
+def test_paths_as_text_are_what_pathlib_shows() -> None:
+    from crit_pageread import _paths
+
+    rng = random.Random(14)
+    names = list(_spellings(rng))
+    for a, b in zip(names, reversed(names), strict=True):
+        assert _paths.text(a) == str(Path(a)), a
+        assert _paths.join(_paths.text(a), b) == str(Path(a) / b), (a, b)
+        assert _paths.name(a) == Path(a).name and _paths.parent(a) == str(Path(a).parent), a
+    for bad in (b"/tmp", 3):
+        with pytest.raises(TypeError) as theirs:
+            Path(bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=re.escape(str(theirs.value))):
+            _paths.text(bad)  # type: ignore[arg-type]
+
+
+def test_paths_tests_are_pathlib_s(tmp_path: Path) -> None:
+    from crit_pageread import _paths
+
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "fifo").touch()
+    for name, target in (("to-dir", "dir"), ("to-file", "file"), ("dangling", "nowhere"), ("loop", "loop")):
+        (tmp_path / name).symlink_to(target)
+    for name in ("dir", "file", "fifo", "to-dir", "to-file", "dangling", "loop", "absent", "file/under", "a\0b",
+                 "loop/x", "dir/", "file/"):
+        path = Path(str(tmp_path / name) + ("/" if name.endswith("/") else ""))
+        p = _paths.text(str(path))
+        assert (_paths.exists(p), _paths.is_dir(p), _paths.is_file(p), _paths.is_symlink(p)) == (
+            path.exists(), path.is_dir(), path.is_file(), path.is_symlink()), name
+
+
+@pytest.mark.parametrize("spelling", ["{d}", "{d}/", "{d}//", "{d}/./", "./{rel}", "{rel}/../{rel}"])
+def test_images_keep_pathlib_s_paths_and_messages(spelling: str, small: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """The library's paths are still Paths (made when asked for), and messages name the images as before."""
+    from crit_pageread import open_images
+    from crit_pageread.errors import NotDumpedError
+
+    monkeypatch.chdir(small.parent)
+    where = spelling.format(d=small, rel=small.name)
+    with open_images(where) as images, images.reader(10) as reader:
+        assert images.path == Path(where) and isinstance(images.path, Path)
+        assert images.image("pstree.img") == Path(where) / "pstree.img"
+        pm = images.pagemap(10)
+        assert isinstance(pm.path, Path) and pm.path == Path(where) / "pagemap-10.img"
+        assert pm.pages_path == Path(where) / f"pages-{pm.pages_id}.img"
+        assert reader.source == str(Path(where) / "pagemap-10.img") and images.location == str(Path(where))
+        assert repr(images) == f"<CheckpointImages {Path(where)}>"
+        pages = images.pages_file(pm.pages_id)
+        assert isinstance(pages.path, Path) and repr(pages) == f"PagesFile({str(Path(where) / pages.path.name)!r})"
+        with pytest.raises(NotDumpedError, match=rf"^{re.escape(str(Path(where) / 'pagemap-10.img'))}: "):
+            reader.read(0x11000, 16)
+    code = main.main(["read", where, "0x11000", "16"])
+    assert code == 1 and capsys.readouterr().err == (
+        f"crit-pageread: {Path(where) / 'pagemap-10.img'}: pages not dumped at 0x11000-0x11010\n")
+
+
+def test_shmem_ids_are_found_as_the_regular_expression_found_them() -> None:
+    from crit_pageread.images import _shmem_id
+
+    pattern = re.compile(r"^pagemap-shmem-(\d+)\.img$")
+    for name in ("pagemap-shmem-1.img", "pagemap-shmem-0012.img", "pagemap-shmem-.img", "pagemap-shmem-1.img\n",
+                 "pagemap-shmem-1.img\n\n", "pagemap-shmem-١٢.img", "pagemap-shmem-1a.img", "pagemap-1.img",
+                 "xpagemap-shmem-1.img", "pagemap-shmem-1.imgx", "pagemap-shmem--1.img", "pagemap-shmem-².img"):
+        m = pattern.match(name)
+        assert _shmem_id(name) == (int(m.group(1)) if m else None), name

@@ -71,7 +71,7 @@ def cmdline(area: bytes, overflow: bytes, page_size: int) -> tuple[bytes, bool]:
 
 def _mm_areas(images: CheckpointImages, pid: int) -> tuple[int, int, int, int]:
     """mm_arg_start/end and mm_env_start/end (mm_entry fields 8-11), decoded without protobuf (start-up)."""
-    return _mm_fields(images.image(f"mm-{pid}.img"))
+    return _mm_fields(images._image(f"mm-{pid}.img"))
 
 
 def pages_wanted(pid: int, mm: Any) -> list[tuple[int, int]]:
@@ -96,7 +96,7 @@ def _mm_fields(path: Any) -> tuple[int, int, int, int]:
 def _comm(images: CheckpointImages, pid: int) -> str:
     """core_entry.tc.comm (fields 3 and 6) of the main thread, or "" if the image lacks it."""
     try:
-        core = load_raw_messages(images.image(f"core-{pid}.img"), "CORE")
+        core = load_raw_messages(images._image(f"core-{pid}.img"), "CORE")
         tc = core[0].message(3) if len(core) == 1 else None
         comm = tc.blob(6) if tc is not None else None
     except CritPageReadError:

@@ -125,7 +125,7 @@ class KernelCopies:
             got = os.preadv(pages.fd, iov, offset)
             if got < want:  # a short read (end of file): the rest piece by piece, or a one-line error
                 for piece, req in zip(iov, requests[k:m], strict=True):
-                    read_fully(pages.fd, piece, req.offset, pages.path)
+                    read_fully(pages.fd, piece, req.offset, pages.location)
             k = m
         start = end = base
         for k in range(i, j):
@@ -230,7 +230,7 @@ class KernelCopies:
             raise ImageError(pages.path, f"short pages file: no data at offset {pages.size}")
         if scratch is not None and len(scratch) >= length:
             with memoryview(scratch) as dest:
-                read_fully(pages.fd, dest[:length], offset, pages.path)
+                read_fully(pages.fd, dest[:length], offset, pages.location)
             return View(scratch, 0, length)
         shift = offset % mmap.ALLOCATIONGRANULARITY
         try:

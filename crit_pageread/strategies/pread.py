@@ -30,7 +30,7 @@ class PreadStrategy(KernelCopies, Strategy):
         pages = request.pages
         if pages is None:
             raise ConfigError("pread: strategy cannot serve lazy pages")
-        read_fully(pages.fd, request.dest, request.offset, pages.path)
+        read_fully(pages.fd, request.dest, request.offset, pages.location)
 
     def read_many(self, requests: list[AnyRequest]) -> None:
         preadv = os.preadv
@@ -48,10 +48,10 @@ class PreadStrategy(KernelCopies, Strategy):
                 for start, n in zip(request.dest_offsets, request.lengths, strict=True):
                     piece = dest[start : start + n]
                     if preadv(fd, [piece], offset) != n:
-                        read_fully(fd, piece, offset, pages.path)
+                        read_fully(fd, piece, offset, pages.location)
                     offset += n
             else:
-                read_fully(pages.fd, request.dest, request.offset, pages.path)
+                read_fully(pages.fd, request.dest, request.offset, pages.location)
 
     submit_many = read_many
 
@@ -64,7 +64,7 @@ def read_plan(plan: PlannedRead) -> None:
     if fast is None:
         for piece in plan.requests():
             pages = piece.pages
-            read_fully(pages.fd, piece.dest, piece.offset, pages.path)  # type: ignore[union-attr]
+            read_fully(pages.fd, piece.dest, piece.offset, pages.location)  # type: ignore[union-attr]
         return
     _calls, status, file, offset, err = fast.pread_plan(array("q", [f.fd for f in files]), plan.pieces, plan.dest,
                                                        IOV_MAX)

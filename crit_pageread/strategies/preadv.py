@@ -136,7 +136,7 @@ class PreadvStrategy(KernelCopies, Strategy):
         if pages is None:
             raise ConfigError("preadv: strategy cannot serve lazy pages")
         self.calls += 1
-        read_fully(pages.fd, request.dest, request.offset, pages.path)
+        read_fully(pages.fd, request.dest, request.offset, pages.location)
 
     def read_many(self, requests: list[AnyRequest]) -> None:
         if self._count:

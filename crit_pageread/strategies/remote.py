@@ -72,7 +72,7 @@ class RemoteStrategy(Strategy):
         strategy, read it from its pages file here. True if done."""
         if request.pages is None or request.target.kind != "shmem":
             return False
-        read_fully(request.pages.fd, request.dest, request.offset, request.pages.path)
+        read_fully(request.pages.fd, request.dest, request.offset, request.pages.location)
         return True
 
     def read(self, request: ReadRequest) -> None:
