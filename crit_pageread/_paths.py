@@ -64,8 +64,8 @@ def parent(path: str) -> Text:
 
 
 def _mode(path: str, follow: bool = True) -> int | None:
-    """st_mode of `path` (text as `text` gives it: pathlib tests the normalized path), or None where pathlib's exists()/is_*() say False (absent, a loop, a name with NUL); other
-    errors (EACCES...) raise, as there."""
+    """st_mode of `path` (text as `text` gives it: pathlib tests the normalized path), or None where pathlib's
+    exists()/is_*() say False (absent, a loop, a name with NUL); other errors (EACCES...) raise, as there."""
     try:
         return (os.stat(path) if follow else os.lstat(path)).st_mode
     except OSError as exc:
