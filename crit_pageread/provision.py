@@ -30,6 +30,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING (mypy treats the name as true), wi
 if TYPE_CHECKING:
     import argparse
     from pathlib import Path
+    from typing import Any
 
 #: CRIU line -> (Debian suite, root directory name, wrapper name)
 LINES: dict[str, tuple[str, str, str]] = {
@@ -294,12 +295,44 @@ def read_manifest() -> dict[str, dict[str, str | None]]:
     try:
         with open(os.path.join(cache_base(), "bin", MANIFEST)) as f:
             text = f.read()
-        import json  # json imports re: only when there is a manifest
-
-        data = json.loads(text)
+        data = json_loads(text)
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+class _JsonContext:
+    """What `_json.make_scanner` reads: json.JSONDecoder's defaults."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = {"-Infinity": float("-inf"), "Infinity": float("inf"), "NaN": float("nan")}.__getitem__
+
+
+def json_loads(text: str) -> Any:
+    """`json.loads(text)`, by the json package's C scanner (`_json`) without importing json and re (`--version`);
+    json itself where that scanner is missing or `text` is not one JSON document (its own error then)."""
+    try:
+        import _json
+    except ImportError:
+        scanner_of: Any = None
+    else:
+        scanner_of = _json.make_scanner
+    if scanner_of is not None and not text.startswith("\ufeff"):
+        start = len(text) - len(text.lstrip(" \t\n\r"))
+        try:
+            value, end = scanner_of(_JsonContext())(text, start)
+        except (StopIteration, ValueError):
+            pass
+        else:
+            if not text[end:].strip(" \t\n\r"):
+                return value
+    import json
+
+    return json.loads(text)
 
 
 def setup(lines: list[str]) -> list[Provisioned]:

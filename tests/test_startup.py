@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 NOT_FOR_PS_READ = ("argparse", "gettext", "locale", "shutil", "pluggy", "typing", "inspect", "dataclasses", "ctypes",
                    "json", "pathlib", "re", "enum", "fnmatch", "urllib.parse", "ipaddress")
 NOT_FOR_VERSION = ("argparse", "pluggy", "typing", "inspect", "dataclasses", "pathlib", "subprocess", "shutil",
-                   "urllib.parse", "ipaddress")
+                   "urllib.parse", "ipaddress", "json", "re", "enum")
 
 
 @pytest.fixture
@@ -253,3 +253,36 @@ def test_shmem_ids_are_found_as_the_regular_expression_found_them() -> None:
                  "xpagemap-shmem-1.img", "pagemap-shmem-1.imgx", "pagemap-shmem--1.img", "pagemap-shmem-².img"):
         m = pattern.match(name)
         assert _shmem_id(name) == (int(m.group(1)) if m else None), name
+
+
+def test_the_manifest_is_read_as_json_loads_reads_it() -> None:
+    """provision.json_loads (json's C scanner, no json import) gives json.loads's value, or a ValueError."""
+    import json
+
+    from crit_pageread.provision import json_loads
+
+    docs = [
+        {"4.1": {"criu": "/c/bin/criu", "version": "4.1.1", "pycriu": None, "root": "/c/criu-root"}},
+        {"4.2": {"criu": "/x", "n": 12, "f": -1.5e300, "big": 10**40, "ok": True, "no": False, "l": [1, "é\u2028"]}},
+        [], "text", 3, None, {"": {"\ud83d": "\x00"}},
+    ]
+    texts = [json.dumps(d, indent=i) for d in docs for i in (None, 2)]
+    texts += ["  {}  \n", "\ufeff{}", "{} x", "{}{}", "", " ", "NaN", "[Infinity, -Infinity]", "{'a': 1}",
+              '{"a": 1,}', '"\\ud800"', "01", "1.", '{"a"\n:\t1}', "\u00a0{}", '"tab\there"']
+    rng = random.Random(5)
+    for text in list(texts[:8]):
+        for _ in range(150):
+            i = rng.randrange(len(text) + 1)
+            texts.append(text[:i] + rng.choice(['"', "}", "]", ",", " ", "x", "0", "\\", ""]) + text[i + 1:])
+    for text in texts:
+        try:
+            want: object = json.loads(text)
+        except ValueError as exc:
+            with pytest.raises(ValueError, match=re.escape(str(exc))):
+                json_loads(text)
+            continue
+        got = json_loads(text)
+        if "nan" in repr(want):  # nan != nan: compare what they show
+            assert repr(got) == repr(want), text
+        else:
+            assert got == want and type(got) is type(want), text
