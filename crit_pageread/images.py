@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import stat
-import weakref
 from functools import cached_property
 
 from . import TYPE_CHECKING, _paths
@@ -678,6 +677,8 @@ def open_images(path: str | os.PathLike[str], config: Config | None = None, *,
         except BaseException:
             index.close()
             raise
+        import weakref  # archives only (start-up)
+
         weakref.finalize(images, index.close)
     else:
         directory = _paths.text(path)

@@ -23,7 +23,7 @@ from crit_pageread.testing import ImageBuilder, VmaSpec
 REPO = Path(__file__).resolve().parent.parent
 #: Standard-library modules the start-up of `ps` and `read` does without (what they cost: README Performance).
 NOT_FOR_PS_READ = ("argparse", "gettext", "locale", "shutil", "pluggy", "typing", "inspect", "dataclasses", "ctypes",
-                   "json", "pathlib", "re", "enum", "fnmatch", "urllib.parse", "ipaddress")
+                   "json", "pathlib", "re", "enum", "fnmatch", "urllib.parse", "ipaddress", "weakref")
 NOT_FOR_VERSION = ("argparse", "pluggy", "typing", "inspect", "dataclasses", "pathlib", "subprocess", "shutil",
                    "urllib.parse", "ipaddress", "json", "re", "enum")
 
