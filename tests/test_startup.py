@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 #: Standard-library modules the start-up of `ps` and `read` does without (what they cost: README Performance).
 NOT_FOR_PS_READ = ("argparse", "gettext", "locale", "shutil", "pluggy", "typing", "inspect", "dataclasses", "ctypes",
                    "json", "pathlib", "re", "enum", "fnmatch", "urllib.parse", "ipaddress", "weakref")
+#: `--json` output is written by json's C encoder (cli.common.json_dumps): json is not imported either.
 NOT_FOR_VERSION = ("argparse", "pluggy", "typing", "inspect", "dataclasses", "pathlib", "subprocess", "shutil",
                    "urllib.parse", "ipaddress", "json", "re", "enum")
 
@@ -59,7 +60,7 @@ def _cli(*args: str, prelude: str = "") -> subprocess.CompletedProcess[str]:
                           timeout=120)
 
 
-@pytest.mark.parametrize("what", ["ps", "ps --json", "read", "read -x", "--version"])
+@pytest.mark.parametrize("what", ["ps", "ps --json", "read", "read -x", "read --json", "--version"])
 def test_ps_read_and_version_start_without_argparse_pathlib_or_json(what: str, small: Path) -> None:
     words = what.split()
     args = [words[0], str(small), *words[1:]] if words[0] in ("ps", "read") else words
@@ -68,8 +69,6 @@ def test_ps_read_and_version_start_without_argparse_pathlib_or_json(what: str, s
     proc = _cli(*args, prelude=PROBE)
     assert proc.returncode == 0, proc.stderr
     unwanted = set(NOT_FOR_VERSION if words[0] == "--version" else NOT_FOR_PS_READ)
-    if "--json" in words:
-        unwanted -= {"json", "re", "enum"}  # the output (json's decoder imports re)
     loaded = set(proc.stderr.strip().splitlines()[-1].split())
     assert not loaded & unwanted, f"{what} imported {sorted(loaded & unwanted)}"
 
@@ -286,3 +285,36 @@ def test_the_manifest_is_read_as_json_loads_reads_it() -> None:
             assert repr(got) == repr(want), text
         else:
             assert got == want and type(got) is type(want), text
+
+
+def test_json_output_is_json_dumps_s() -> None:
+    """cli.common.json_dumps (json's C encoder, no json import) writes what json.dumps writes, or raises its error."""
+    import json
+
+    from crit_pageread.cli.common import json_dumps
+
+    loop: list[object] = []
+    loop.append(loop)
+    values: list[object] = [
+        {"pid": 1, "argv": ["a", "é", "\x00\u2028"], "environ": [], "errors": None, "ok": True, "retitled": False},
+        {"checkpoint": "/d", "vaddr": 1 << 64, "hex": "00ff", "f": 1.5, "nan": float("nan"), "inf": float("-inf")},
+        "text\n", 3, -0.0, 1e300, None, True, [], {}, (1, 2), {1: "int key", 2.5: "float", None: "n", False: "b"},
+        {"nested": [{"a": [[], {}]}]}, "\ud800", loop, {"x": object()}, {(1, 2): "tuple key"}, b"bytes", {1, 2},
+    ]
+    for value in values:
+        try:
+            want = json.dumps(value)
+        except (TypeError, ValueError) as exc:
+            with pytest.raises(type(exc), match=re.escape(str(exc))):
+                json_dumps(value)
+            continue
+        assert json_dumps(value) == want, value
+
+
+@pytest.mark.parametrize("args", [["ps", "D", "--json"], ["read", "D", "0x10000", "16", "--json"]])
+def test_json_output_is_the_same_as_json_packages_own(args: list[str], small: Path) -> None:
+    """With `_json` hidden, json_dumps is json.dumps in pure Python: the lines are the same."""
+    args = [str(small) if a == "D" else a for a in args]
+    ours = _cli(*args)
+    pure = _cli(*args, prelude="import sys\nsys.modules['_json'] = None\n")
+    assert ours.returncode == pure.returncode == 0 and ours.stdout == pure.stdout and ours.stdout.startswith("{")

@@ -77,18 +77,35 @@ def selected_pids(images: CheckpointImages, args: argparse.Namespace) -> list[in
 
 def print_json(obj: Any) -> None:
     """A single result: one JSON document on one line (the README's --json convention)."""
-    import json
-
-    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.write(json_dumps(obj) + "\n")
 
 
 def print_ndjson(items: Iterable[Any]) -> None:
     """A stream: one JSON object per line, one per item, written as each comes."""
-    import json
-
     write = sys.stdout.write
     for item in items:
-        write(json.dumps(item) + "\n")
+        write(json_dumps(item) + "\n")
+
+
+def json_dumps(obj: Any) -> str:
+    """`json.dumps(obj)` by the json package's C encoder (`_json.make_encoder` with json's defaults), without
+    importing json and re (start-up); json itself on a Python without `_json`."""
+    try:
+        import _json
+    except ImportError:
+        import json
+
+        return json.dumps(obj)
+    if isinstance(obj, str):
+        return _json.encode_basestring_ascii(obj)
+    encode: Any = _json.make_encoder
+    chunks = encode({}, _not_serializable, _json.encode_basestring_ascii, None, ": ", ", ", False, False, True)(obj, 0)
+    return "".join(chunks if isinstance(chunks, (list, tuple)) else list(chunks))
+
+
+def _not_serializable(obj: Any) -> Any:
+    """json.JSONEncoder.default."""
+    raise TypeError(f"Object of type {obj.__class__.__name__} is not JSON serializable")
 
 
 def target_keys(item: dict[str, Any]) -> dict[str, Any]:
