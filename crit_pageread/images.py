@@ -15,7 +15,6 @@ from functools import cached_property
 from . import TYPE_CHECKING, _paths
 from ._record import Record
 from .config import Config, load_config
-from .criu_env import pycriu
 from .errors import ChainError, ImageError
 from .imagefile import load_messages, load_raw_messages, open_regular
 from .pagemap import Pagemap, load_pagemap
@@ -314,7 +313,7 @@ class CheckpointImages:
         """The mm_entry message of mm-<pid>.img (pycriu protobuf)."""
         self._check_pid(pid)
         path = self._image(f"mm-{pid}.img")
-        msgs = load_messages(path, "MM", pycriu().images.pb.mm_entry)
+        msgs = load_messages(path, "MM", _pycriu().images.pb.mm_entry)
         if len(msgs) != 1:
             raise ImageError(path, f"expected one mm entry, found {len(msgs)}")
         return msgs[0]
@@ -322,7 +321,7 @@ class CheckpointImages:
     def core(self, tid: int) -> Any:
         """The core_entry message of core-<tid>.img (registers, thread info)."""
         path = self._image(f"core-{tid}.img")
-        msgs = load_messages(path, "CORE", pycriu().images.pb.core_entry)
+        msgs = load_messages(path, "CORE", _pycriu().images.pb.core_entry)
         if len(msgs) != 1:
             raise ImageError(path, f"expected one core entry, found {len(msgs)}")
         return msgs[0]
@@ -698,6 +697,13 @@ def open_images(path: str | os.PathLike[str], config: Config | None = None, *,
         raise
     manager().hook.crit_pageread_images_opened(images=images)
     return images
+
+
+def _pycriu() -> Any:
+    """`criu_env.pycriu()` (criu_env and provision are imported only for the protobuf messages: start-up)."""
+    from .criu_env import pycriu
+
+    return pycriu()
 
 
 def _archive() -> Any:

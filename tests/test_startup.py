@@ -23,7 +23,8 @@ from crit_pageread.testing import ImageBuilder, VmaSpec
 REPO = Path(__file__).resolve().parent.parent
 #: Standard-library modules the start-up of `ps` and `read` does without (what they cost: README Performance).
 NOT_FOR_PS_READ = ("argparse", "gettext", "locale", "shutil", "pluggy", "typing", "inspect", "dataclasses", "ctypes",
-                   "json", "pathlib", "re", "enum", "fnmatch", "urllib.parse", "ipaddress", "weakref")
+                   "json", "pathlib", "re", "enum", "fnmatch", "urllib.parse", "ipaddress", "weakref",
+                   "crit_pageread.criu_env", "crit_pageread.provision")
 #: `--json` output is written by json's C encoder (cli.common.json_dumps): json is not imported either.
 NOT_FOR_VERSION = ("argparse", "pluggy", "typing", "inspect", "dataclasses", "pathlib", "subprocess", "shutil",
                    "urllib.parse", "ipaddress", "json", "re", "enum")
