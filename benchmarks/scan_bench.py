@@ -93,17 +93,17 @@ def command_cmd(command: str, rules: Path, images: Path, out: Path, addr: int, t
     return [*PIN, *env, PY, "-m", "crit_pageread", *args]
 
 
-def synthetic(entries: int, work: Path | str) -> Path:
-    """One process, `entries` single-page present entries with a hole after each, over 64 VMAs."""
+def synthetic(entries: int, work: Path | str, nvmas: int = 64) -> Path:
+    """One process, `entries` single-page present entries with a hole after each, over `nvmas` VMAs."""
     from crit_pageread.imagefile import frame
     from crit_pageread.pagemap import PE_PRESENT, encode_pagemap
     from crit_pageread.testing import ImageBuilder, VmaSpec, _message
 
     out = Path(work) / f"entries-{entries}"
-    per = -(-entries // 64)
+    per = -(-entries // nvmas)
     base = 0x7F0000000000
     vmas = [VmaSpec(base + i * 2 * (per + 1) * 4096, base + i * 2 * (per + 1) * 4096 + 2 * per * 4096)
-            for i in range(64)]
+            for i in range(nvmas)]
     ImageBuilder(out).process(10, vmas=vmas).write()
     # a thread's core image (x86_64 registers of zeros) for coredump
     regs = [*((n, 0) for n in range(1, 28)), (28, 1)]  # mode 1: native x86_64
@@ -155,13 +155,13 @@ def settle(path: Path) -> None:
 
 
 def measure_commands(counts: list[int], commands: list[str], runs: int, rules: Path, work: Path, out_dir: Path,
-                     before: str | None) -> list[dict[str, Any]]:
+                     before: str | None, nvmas: int = 64) -> list[dict[str, Any]]:
     """Peak RSS (and seconds) of each command on synthetic checkpoints with many entries, this tree and
     `before` interleaved; each run's output is removed after it."""
     rows = []
     for n in counts:
-        subprocess.run([PY, "-c", f"from benchmarks.scan_bench import synthetic; synthetic({n}, {str(work)!r})"],
-                       check=True, cwd=ROOT)
+        make = f"from benchmarks.scan_bench import synthetic; synthetic({n}, {str(work)!r}, {nvmas})"
+        subprocess.run([PY, "-c", make], check=True, cwd=ROOT)
         images = work / f"entries-{n}"
         settle(images / "pages-1.img")
         row: dict[str, Any] = {"entries": n, "bytes": n * 4096}
@@ -271,6 +271,8 @@ def main() -> None:
     parser.add_argument("--entries", metavar="N,...", help="peak RSS on synthetic checkpoints of N entries instead")
     parser.add_argument("--commands", metavar="CMD,...",
                         help=f"with --entries: peak RSS of these commands ({','.join(COMMANDS)}) instead of scan's")
+    parser.add_argument("--vmas", type=int, default=64, metavar="N",
+                        help="with --commands: the synthetic process's entries over N VMAs (default 64)")
     parser.add_argument("--out", metavar="DIR", help="with --commands: where the commands write (default: temporary)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -284,7 +286,7 @@ def main() -> None:
             out_dir = Path(args.out) if args.out else Path(tmp)
             out_dir.mkdir(parents=True, exist_ok=True)
             rows = measure_commands([int(x) for x in args.entries.split(",")], commands, args.runs, Path(args.rules),
-                                    Path(tmp), out_dir, before)
+                                    Path(tmp), out_dir, before, args.vmas)
             if args.json:
                 print(json.dumps(rows, indent=2))
             else:

@@ -10,6 +10,7 @@
  *                   zero bytes after each (a scan's pack of short runs);
  *   parse_pagemap() a pagemap image's entries as CRIU writes them -> the index's columns (bytes);
  *   resolve()       a chain level's pagemap columns over its parent's map -> the level's map;
+ *   runs()          a map's readable runs over a range, clipped and joined (memory.py's _map_runs);
  *   queue_*()       preadv's queue: records (fd, offset, address, length) in a bytearray;
  *   preadv_queue()  the queue read with CRIU's batching (one run per file range, bridging gaps
  *                   up to max_gap, IOV_MAX iovecs per call), without the GIL;
@@ -541,7 +542,7 @@ done:
 /* --- parse_pagemap: entries as CRIU writes them, in one pass ------------------------------ */
 
 PyDoc_STRVAR(parse_pagemap_doc,
-"parse_pagemap(data, pos, offset, page_size, limit, prev_end, layout, count)\n"
+"parse_pagemap(data, pos, offset, page_size, limit, prev_end, layout, count, partial=0)\n"
 "    -> (starts, sizes, flags, offsets, layout, offset, pos, prev_end) | None\n\n"
 "pagemap.py's one-pass parser, up to `count` entries of `data` from `pos` on (frames of a one-byte\n"
 "size, three zero bytes, then fields 1 vaddr, 2 nr_pages, 4 flags (one byte) and in the 4.2 layout 5\n"
@@ -550,7 +551,8 @@ PyDoc_STRVAR(parse_pagemap_doc,
 "counts below 2**32). Columns as bytes: int64 starts, sizes in bytes and pages-file offsets (from\n"
 "`offset` on, -1 without PE_PRESENT), uint8 flags; then the layout, the offset past the last present\n"
 "page, the position past the last entry read and its end, to go on from. None if an entry is not such\n"
-"(the general decoder then reads them and names what is wrong).");
+"(the general decoder then reads them and names what is wrong). With `partial`, `data` is a part of the\n"
+"image read so far: an entry cut by its end stops the parse there (the columns may then be empty).");
 
 /* A varint of at most `max` bytes at *p (before end); 0 if there is none, or its value is 2**63 or more. */
 static int varint(const unsigned char **p, const unsigned char *end, int max, uint64_t *out)
@@ -576,8 +578,9 @@ static PyObject *fast_parse_pagemap(PyObject *self, PyObject *args)
     Py_ssize_t pos, count;
     long long offset_ll, page_size_ll, limit_ll, prev_ll;
     const char *layout_in;
-    if (!PyArg_ParseTuple(args, "y*nLLLLsn", &data, &pos, &offset_ll, &page_size_ll, &limit_ll, &prev_ll, &layout_in,
-                          &count))
+    int partial = 0;
+    if (!PyArg_ParseTuple(args, "y*nLLLLsn|p", &data, &pos, &offset_ll, &page_size_ll, &limit_ll, &prev_ll, &layout_in,
+                          &count, &partial))
         return NULL;
     PyObject *result = NULL;
     vec_t cols[4] = {{0}, {0}, {0}, {0}};
@@ -592,6 +595,8 @@ static PyObject *fast_parse_pagemap(PyObject *self, PyObject *args)
     int64_t offset = offset_ll, prev_end = prev_ll;
     Py_ssize_t n = 0;
     while (p < end && n < count) {
+        if (partial && (end - p < 4 || (!p[1] && !p[2] && !p[3] && end - (p + 4) < p[0])))
+            break; /* the rest of this entry is not read yet */
         if (end - p < 4 || p[1] || p[2] || p[3] || end - (p + 4) < p[0])
             goto none;
         const unsigned char *q = p + 4, *qe = p + 4 + p[0];
@@ -638,15 +643,16 @@ static PyObject *fast_parse_pagemap(PyObject *self, PyObject *args)
         p = qe;
         n++;
     }
-    if (!n)
+    if (!n && !partial)
         goto none;
     {
         PyObject *v[4];
         for (int k = 0; k < 4; k++)
             v[k] = vec_bytes(&cols[k]);
         if (v[0] && v[1] && v[2] && v[3])
-            result = Py_BuildValue("NNNNsLnL", v[0], v[1], v[2], v[3], layout == 42 ? "4.2" : "4.1", (long long)offset,
-                                   (Py_ssize_t)(p - (const unsigned char *)data.buf), (long long)prev_end);
+            result = Py_BuildValue("NNNNsLnL", v[0], v[1], v[2], v[3], layout == 42 ? "4.2" : layout == 41 ? "4.1" : "",
+                                   (long long)offset, (Py_ssize_t)(p - (const unsigned char *)data.buf),
+                                   (long long)prev_end);
         else
             for (int k = 0; k < 4; k++)
                 Py_XDECREF(v[k]);
@@ -812,6 +818,88 @@ done:
     PyMem_Free(out.offsets.data);
     PyMem_Free(out.depths.data);
     Py_XDECREF(broken);
+    return result;
+}
+
+/* --- runs: a map's readable runs over a range, joined ------------------------------------ */
+
+PyDoc_STRVAR(runs_doc,
+"runs(starts, sizes, kinds, i, j, lo, hi, lazy_ok) -> (starts, ends, lazy, broken)\n\n"
+"memory.py's _map_runs: the runs i..j-1 of a MemoryMap's columns (int64 starts and sizes, uint8 kinds),\n"
+"the first clipped to start at lo and the last to end at hi, LAZY ones left out (their bytes counted in\n"
+"`lazy`) unless lazy_ok, runs back to back joined: bytes of int64 starts and ends. broken: the index of\n"
+"the first BROKEN run among them (the caller raises its error; nothing else is then given), else -1.");
+
+static PyObject *fast_runs(PyObject *self, PyObject *args)
+{
+    PyObject *starts_o, *sizes_o, *kinds_o;
+    Py_ssize_t i, j;
+    long long lo, hi;
+    int lazy_ok;
+    if (!PyArg_ParseTuple(args, "OOOnnLLp", &starts_o, &sizes_o, &kinds_o, &i, &j, &lo, &hi, &lazy_ok))
+        return NULL;
+    Py_buffer v[3];
+    int nv = 0;
+    PyObject *result = NULL;
+    vec_t out_s = {0}, out_e = {0};
+    PyObject *objs[3] = {starts_o, sizes_o, kinds_o};
+    const Py_ssize_t isz[3] = {8, 8, 1};
+    const char *fmt[3] = {"ql", "ql", "B"};
+    for (; nv < 3; nv++)
+        if (column(objs[nv], &v[nv], isz[nv], fmt[nv], "map columns") < 0)
+            goto done;
+    const Py_ssize_t count = v[0].len / 8;
+    if (v[1].len / 8 != count || v[2].len != count) {
+        PyErr_SetString(PyExc_ValueError, "map columns differ in length");
+        goto done;
+    }
+    if (i < 0 || j > count || i > j) {
+        PyErr_SetString(PyExc_ValueError, "run indexes out of range");
+        goto done;
+    }
+    const int64_t *starts = v[0].buf, *sizes = v[1].buf;
+    const uint8_t *kinds = v[2].buf;
+    for (Py_ssize_t k = i; k < j; k++)
+        if (kinds[k] == K_BROKEN) {
+            result = Py_BuildValue("yyLn", "", "", 0LL, k);
+            goto done;
+        }
+    int64_t lazy = 0, *last_end = NULL;
+    for (Py_ssize_t k = i; k < j; k++) {
+        int64_t a = starts[k], b = starts[k] + sizes[k];
+        if (k == i && a < lo)
+            a = lo;
+        if (k == j - 1 && b > hi)
+            b = hi;
+        if (kinds[k] == K_LAZY && !lazy_ok) {
+            lazy += b - a;
+            continue;
+        }
+        if (last_end != NULL && *last_end == a) {
+            *last_end = b;
+            continue;
+        }
+        int64_t *s = vec_add(&out_s, 8), *e = vec_add(&out_e, 8);
+        if (s == NULL || e == NULL)
+            goto done;
+        *s = a;
+        *e = b;
+        last_end = (int64_t *)(out_e.data + out_e.len - 8);
+    }
+    {
+        PyObject *s = vec_bytes(&out_s), *e = vec_bytes(&out_e);
+        if (s && e)
+            result = Py_BuildValue("NNLn", s, e, (long long)lazy, (Py_ssize_t)-1);
+        else {
+            Py_XDECREF(s);
+            Py_XDECREF(e);
+        }
+    }
+done:
+    for (int k = 0; k < nv; k++)
+        PyBuffer_Release(&v[k]);
+    PyMem_Free(out_s.data);
+    PyMem_Free(out_e.data);
     return result;
 }
 
@@ -1389,6 +1477,7 @@ static PyMethodDef methods[] = {
     {"pack", fast_pack, METH_VARARGS, pack_doc},
     {"parse_pagemap", fast_parse_pagemap, METH_VARARGS, parse_pagemap_doc},
     {"resolve", fast_resolve, METH_VARARGS, resolve_doc},
+    {"runs", fast_runs, METH_VARARGS, runs_doc},
     {"queue_plan", fast_queue_plan, METH_VARARGS, queue_plan_doc},
     {"queue_scatter", fast_queue_scatter, METH_VARARGS, queue_scatter_doc},
     {"preadv_queue", fast_preadv_queue, METH_VARARGS, preadv_queue_doc},
@@ -1411,7 +1500,7 @@ PyMODINIT_FUNC PyInit__fastio(void)
     if (m == NULL)
         return NULL;
     /* native.py uses the module only if this is the version its Python side was written for */
-    if (PyModule_AddIntConstant(m, "VERSION", 4) < 0
+    if (PyModule_AddIntConstant(m, "VERSION", 5) < 0
             || PyModule_AddIntConstant(m, "PIECE_BYTES", (long)sizeof(piece_t)) < 0
             || PyModule_AddIntConstant(m, "RECORD_BYTES", (long)sizeof(rec_t)) < 0) {
         Py_DECREF(m);

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import bisect
 import operator
+from array import array
 from collections import namedtuple
 from itertools import compress
 
-from . import TYPE_CHECKING
+from . import TYPE_CHECKING, native
 from .errors import ConfigError, LazyPageError, NotDumpedError
 from .images import (
     VMA_ANON_SHARED,
@@ -29,7 +30,7 @@ from .images import (
     CheckpointImages,
     Vma,
 )
-from .pagemap import PE_LAZY, PE_PARENT, PE_PRESENT, Pagemap
+from .pagemap import PE_LAZY, PE_PARENT, PE_PRESENT, Pagemap, int64s
 from .reader import BROKEN, LAZY, PRESENT, MemoryMap, PageReader, Segment
 from .strategy import PagesFile, Strategy, Target
 
@@ -215,16 +216,15 @@ class ProcessReader(PageReader):
             for seg in self.segment_reader(shmid).segments(start + delta, stop - start):
                 yield seg._replace(vaddr=seg.vaddr - delta)
 
-    def readable_runs(self, start: int, end: int) -> tuple[list[int], list[int], int]:
+    def readable_runs(self, start: int, end: int) -> tuple[array[int], array[int], int]:
         """The maximal readable ranges of [start, end) (dumped, or lazy when the strategy serves them;
-        shared mappings through their segment) as (starts, ends) in address order, and the bytes of lazy
-        pages left out. Taken from the memory maps by slices: no object per piece, nothing cached."""
+        shared mappings through their segment) as (starts, ends) in address order, int64 arrays, and the
+        bytes of lazy pages left out. Taken from the memory maps: no object per piece, nothing cached."""
         lazy_ok = self.strategy.serves_lazy
         pieces = self._pieces(start, end) if end > start else None
         if pieces is None:
             return _map_runs(self.memory_map(), start, end, lazy_ok)
-        starts: list[int] = []
-        ends: list[int] = []
+        starts, ends = int64s(), int64s()
         lazy = 0
         for a, b, shmid, delta in pieces:
             flat = self.memory_map() if shmid is None else self.segment_reader(shmid).memory_map()
@@ -233,8 +233,8 @@ class ProcessReader(PageReader):
             if not ss:
                 continue
             if delta:
-                ss = [x - delta for x in ss]
-                ee = [x - delta for x in ee]
+                ss = int64s(map((-delta).__add__, ss))
+                ee = int64s(map((-delta).__add__, ee))
             if ends and ends[-1] == ss[0]:  # a run goes on from the pid's pages into a segment's
                 ends[-1] = ee[0]
                 ss, ee = ss[1:], ee[1:]
@@ -272,13 +272,30 @@ class ProcessReader(PageReader):
         return f"<ProcessReader pid {self.pid} of {self.images.path} via {self.strategy.name}>"
 
 
-def _map_runs(flat: MemoryMap, start: int, end: int, lazy_ok: bool) -> tuple[list[int], list[int], int]:
-    """`readable_runs` of one memory map: its runs over [start, end) clipped, runs back to back joined
-    (C-level slices and maps, no Python per run); a broken run raises its error, as reading it would."""
+def _map_runs(flat: MemoryMap, start: int, end: int, lazy_ok: bool) -> tuple[array[int], array[int], int]:
+    """`readable_runs` of one memory map: its runs over [start, end) clipped, runs back to back joined (by
+    the native helper, else C-level slices and maps: no Python per run); a broken run raises its error, as
+    reading it would."""
     i = flat.index_at(start)
     j = bisect.bisect_left(flat.starts, end, i)
     if i >= j:
-        return [], [], 0
+        return int64s(), int64s(), 0
+    fast = native.fastio
+    if fast is not None and start >= 0 and end < 1 << 63:
+        raw_starts, raw_ends, lazy, broken = fast.runs(flat.starts, flat.sizes, flat.kinds, i, j, start, end, lazy_ok)
+        if broken >= 0:
+            raise flat.broken[broken]
+        starts, ends = int64s(), int64s()
+        starts.frombytes(raw_starts)
+        ends.frombytes(raw_ends)
+        return starts, ends, lazy
+    starts_l, ends_l, lazy = _py_map_runs(flat, i, j, start, end, lazy_ok)
+    return int64s(starts_l), int64s(ends_l), lazy
+
+
+def _py_map_runs(flat: MemoryMap, i: int, j: int, start: int, end: int, lazy_ok: bool
+                 ) -> tuple[list[int], list[int], int]:
+    """`_map_runs` without the native helper, as lists."""
     kinds = flat.kinds[i:j]
     if BROKEN in kinds:
         raise flat.broken[i + kinds.index(BROKEN)]
@@ -388,7 +405,7 @@ class Span:
         i = bisect.bisect_right([a.start for a in self.areas], vaddr) - 1
         return self.areas[max(i, 0)]
 
-    def readable_runs(self) -> tuple[list[int], list[int], int]:
+    def readable_runs(self) -> tuple[array[int], array[int], int]:
         """The span's readable runs as (starts, ends) and the lazy bytes left out (`ProcessReader.readable_runs`)."""
         return self.reader.readable_runs(self.areas[0].start, self.areas[-1].end)
 

@@ -20,12 +20,15 @@ from . import TYPE_CHECKING, _paths, native
 from .errors import ImageError
 from .imagefile import (
     _U32,
+    MAX_ENTRY_SIZE,
+    MAX_IMAGE_SIZE,
     check_magic,
     decode_varint_fields,
     encode_varint_fields,
     file_kind,
     frame,
     iter_entries,
+    open_regular,
     read_image,
 )
 
@@ -435,6 +438,11 @@ def load_pagemap(
     any other image entry by entry (`canonical_fast_path=False`: always).
     """
     path = path if hasattr(path, "read_bounded") else _paths.text(path)  # a path as text, or an archive Member
+    fast_io = native.fastio
+    if canonical_fast_path and fast_io is not None and not hasattr(path, "read_bounded"):
+        streamed = _load_streamed(fast_io, path, page_size, locate)
+        if streamed is not None:
+            return streamed
     data = read_image(path, "PAGEMAP")
     start = check_magic(path, data, "PAGEMAP")
     payloads = iter_entries(path, data, start)
@@ -514,6 +522,69 @@ def load_pagemap(
         prev_end = end
     pagemap = Pagemap(path, pages_id, None, layout, page_size, starts, (sizes, flag_col, offsets))
     pagemap.anomalies = pagemap_anomalies
+    _check_size(pagemap, offset, base, locate, extent)
+    return pagemap
+
+
+#: Bytes of a pagemap image read at a time by `_load_streamed`.
+STREAM_READ = 1 << 20
+
+
+def _load_streamed(fast: Any, path: Any, page_size: int, locate: Any) -> Pagemap | None:
+    """`load_pagemap` of an image file whose entries are all as CRIU writes them, read STREAM_READ bytes at a
+    time and parsed as it is read by the native helper (the image is never in memory whole); None for any
+    other image (too large, truncated, empty, an entry not canonical): the caller reads it whole and the
+    general decoder names what is wrong."""
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        if size > MAX_IMAGE_SIZE["PAGEMAP"]:
+            return None
+        done = 0
+
+        def more(data: bytes, pos: int) -> bytes:
+            nonlocal done
+            try:
+                chunk = os.read(fd, min(STREAM_READ, size - done))
+            except OSError:
+                chunk = b""
+            done += len(chunk)
+            return data[pos:] + chunk if chunk else data
+        data = more(b"", 0)
+        start = check_magic(path, data, "PAGEMAP")
+        head_size = _U32.unpack_from(data, start)[0] if len(data) >= start + 4 else -1
+        if not 0 <= head_size <= MAX_ENTRY_SIZE or len(data) < start + 4 + head_size:
+            return None
+        head_fields = decode_varint_fields(path, memoryview(data)[start + 4 : start + 4 + head_size])
+        if 1 not in head_fields:
+            return None
+        pages_id = head_fields[1]
+        extent = locate(pages_id) if locate is not None else None
+        base = extent[0] if extent is not None else 0
+        offset = base
+        columns = (int64s(), int64s(), array(FLAGS), int64s())
+        layout, prev_end, pos = "", 0, start + 4 + head_size
+        while True:
+            got = fast.parse_pagemap(data, pos, offset, page_size, ADDRESS_LIMIT, prev_end, layout, CHUNK_ENTRIES,
+                                     True)
+            if got is None:
+                return None
+            layout, offset, pos, prev_end = got[4:]
+            for column, raw in zip(columns, got[:4], strict=True):
+                column.frombytes(raw)
+            if len(got[2]) == CHUNK_ENTRIES:
+                continue
+            if done >= size:  # all read: entries to its end, or one cut short (the general decoder says so)
+                if pos < len(data) or not layout:
+                    return None
+                break
+            grown = more(data, pos)
+            if grown is data:
+                return None
+            data, pos = grown, 0
+    finally:
+        os.close(fd)
+    pagemap = Pagemap(path, pages_id, None, layout, page_size, columns[0], columns[1:])
     _check_size(pagemap, offset, base, locate, extent)
     return pagemap
 

@@ -60,6 +60,8 @@ PACK = 1 << 20
 SEPARATOR = 16
 #: Short runs of a process kept waiting for packing at most (their addresses only).
 PENDING_RUNS = 1 << 16
+#: Runs of a span handed to the scanner at once (a fragmented VMA has millions).
+SPAN_RUNS = 1 << 14
 #: Bytes of a match kept for the excerpt.
 EXCERPT = 64
 RULE_SUFFIXES = (".yar", ".yara")
@@ -314,9 +316,12 @@ def _scan_images(images: CheckpointImages, scanner: _Scanner, options: ScanOptio
             rule_only: set[tuple[str, str]] = set()
             for span in spans(areas):
                 result.spans += 1
-                starts, ends, lazy = span.readable_runs()
+                starts, ends, lazy = span.readable_runs()  # int64 arrays: 16 bytes a run
                 result.lazy_skipped += lazy
-                result.bytes += scanner.scan_runs(span, starts, ends, result.matches, rule_only)
+                for k in range(0, len(starts), SPAN_RUNS):  # as lists, SPAN_RUNS at a time
+                    result.bytes += scanner.scan_runs(span, starts[k : k + SPAN_RUNS].tolist(),
+                                                      ends[k : k + SPAN_RUNS].tolist(), result.matches, rule_only)
+                del starts, ends
             scanner.flush(result.matches, rule_only)  # the last packs of this process's short runs
 
 

@@ -53,8 +53,11 @@ def test_a_big_pagemap_reads_the_same_with_either_decoder(tmp_path: Path, layout
     taken = []
     real = pagemap._parse_canonical
     monkeypatch.setattr(pagemap, "_parse_canonical", lambda *a: taken.append(real(*a)) or taken[-1])
+    streamed = pagemap._load_streamed
+    monkeypatch.setattr(pagemap, "_load_streamed", lambda *a: taken.append(streamed(*a)) or taken[-1])
+    monkeypatch.setattr(pagemap, "STREAM_READ", 4099)  # entries cut at the end of every part read
     fast = load_pagemap(image, PAGE)
-    assert taken and taken[0] is not None  # the one-pass parser read it
+    assert taken and taken[0] is not None  # the one-pass parser read it (streamed, with the native helper)
     slow = load_pagemap(image, PAGE, canonical_fast_path=False)
     assert fast.entries == slow.entries
     assert [(e.vaddr, e.nr_pages, e.flags) for e in slow.entries] == runs
@@ -96,14 +99,17 @@ def test_the_one_pass_parser_gives_the_loops_index_or_its_error_on_every_mutant(
     tmp_path: Path, layout: str, chunk: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """For a flipped, cut or inserted byte, the parser of entries as CRIU writes them (a chunk of entries at
-    a time: also 7, so that chunks end everywhere) gives exactly what the entry-by-entry decoder gives: the
-    same index, or the same error."""
+    a time: also 7, so that chunks end everywhere; the image streamed in parts of 37 bytes) gives exactly what
+    the entry-by-entry decoder gives: the same index, or the same error."""
     import re
 
     from crit_pageread.errors import ImageError
 
     monkeypatch.setattr(pagemap, "_CHUNK", re.compile(rb"(?:" + pagemap._CANONICAL_PATTERN + rb"){1,%d}" % chunk,
                                                       re.DOTALL))
+    monkeypatch.setattr(pagemap, "CHUNK_ENTRIES", chunk)
+    if chunk == 7:  # the streamed image read 37 bytes at a time: parts end inside entries and the head
+        monkeypatch.setattr(pagemap, "STREAM_READ", 37)
 
     runs = _runs(400, seed=3)
     runs.append((runs[-1][0] + (runs[-1][1] + 1) * PAGE, 1 << 20, PE_PRESENT))  # a 3-byte page count

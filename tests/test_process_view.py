@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from crit_pageread import LazyPageError, NotDumpedError, open_images
+from crit_pageread import LazyPageError, NotDumpedError, native, open_images
 from crit_pageread.images import (
     VMA_ANON_SHARED,
     VMA_AREA_MEMFD,
@@ -238,9 +238,15 @@ def test_readable_bytes_are_what_a_walk_of_the_segments_counts(d: Path, tmp_path
         assert area.readable_bytes() == _segment_bytes(r, base, base + 90 * PAGE, False) == (40 * PAGE, 2 * PAGE)
 
 
-def test_readable_runs_are_the_segments_readable_pieces_joined(d: Path) -> None:
-    """readable_runs (slices of the memory maps) equals what segments() says, shared mappings and lazy pages
-    included, for every range boundary."""
+@pytest.mark.parametrize("helper", ["native", "python"])
+def test_readable_runs_are_the_segments_readable_pieces_joined(d: Path, helper: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """readable_runs (int64 arrays from the memory maps: the native helper's runs(), or slices) equals what
+    segments() says, shared mappings and lazy pages included, for every range boundary."""
+    if helper == "python":
+        monkeypatch.setattr(native, "fastio", None)
+    elif native.fastio is None:
+        pytest.skip("the native helper is not built")
     lo, hi = PRIV, 0x51000
     cuts = [PRIV, PRIV + PAGE + 100, ANON_SH, ANON_SH + 2 * PAGE, MEMFD + PAGE, MEMFD + 3 * PAGE + 8, SYSV + 100,
             0x50000]
@@ -251,6 +257,7 @@ def test_readable_runs_are_the_segments_readable_pieces_joined(d: Path) -> None:
                     if b <= a:
                         continue
                     starts, ends, skipped = r.readable_runs(a, b)
+                    assert starts.typecode == ends.typecode == "q"
                     assert list(zip(starts, ends, strict=True)) == _segment_runs(r, a, b, lazy is not None), (a, b)
                     want_lazy = 0 if lazy else sum(s.length for s in r.segments(a, b - a) if s.kind == "lazy")
                     assert skipped == want_lazy
