@@ -167,3 +167,42 @@ def test_a_short_read_is_completed(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         finally:
             os.close(fd)
     assert not short[0] and out.read_bytes() == memory
+
+
+@pytest.mark.parametrize("strategy", ["pread", "preadv", "mmap"])
+def test_a_long_run_off_a_16_page_boundary_is_copied_up_to_it_then_aligned(
+    tmp_path: Path, strategy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel copy steps 16 pages at a time: a long run starting off a 16-page boundary of the output is
+    split there (every later step aligned); a short one stays one copy. The bytes are the same either way."""
+    if kernel.COPY_ALIGN != 16 * PAGE:
+        pytest.skip("the expected copies are for 4 KiB pages")
+    # Output pages: [1, 41) long and off the boundary (split at 16), [48, 64) aligned (one copy), [67, 80)
+    # off the boundary but short (one copy), [81, 120) starts off it and ends at the VMA's end (split at 96).
+    spans = [(1, 41), (48, 64), (67, 80), (81, 120)]
+    b = ImageBuilder(tmp_path / "d").process(5, vmas=[VmaSpec(BASE, BASE + 120 * PAGE)])
+    b.pagemap(5, [(BASE + a * PAGE, b"".join(page(i) for i in range(a, z))) for a, z in spans])
+    d = b.write()
+    want = bytearray(120 * PAGE)
+    for a, z in spans:
+        want[a * PAGE : z * PAGE] = b"".join(page(i) for i in range(a, z))
+    calls: list[tuple[int, int]] = []
+    real = os.copy_file_range
+
+    def copy_file_range(src: int, dst: int, count: int, offset_src: int, offset_dst: int) -> int:
+        calls.append((offset_dst // PAGE, count // PAGE))
+        return real(src, dst, count, offset_src, offset_dst)
+
+    monkeypatch.setattr(kernel.os, "copy_file_range", copy_file_range)
+    out = tmp_path / "o.bin"
+    with open_images(d) as images, images.reader(5, strategy) as r:
+        fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, 120 * PAGE)
+            assert r.write_to(fd, [(BASE, 120 * PAGE, 0)], holes="skip") == sum(z - a for a, z in spans) * PAGE
+        finally:
+            os.close(fd)
+    assert out.read_bytes() == want
+    if r.strategy._no_copy_file_range:
+        pytest.skip("copy_file_range is not supported here")
+    assert calls == [(1, 15), (16, 25), (48, 16), (67, 13), (81, 15), (96, 24)]
