@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.commands_bench import set_aside
 from benchmarks.generate import SHAPES, cache_root, generate
 from crit_pageread.cli.bench import drop_caches
 
@@ -286,8 +287,9 @@ def bench_stream(directory: Path, plan: dict[str, Any], modes: list[str], runs: 
         samples: dict[str, list[dict[str, Any]]] = {k: [] for k in pairs}
         for round_ in range(warmup + runs):
             for name, (cmd, stdout_path) in pairs.items():
-                shutil.rmtree(scratch / "out", ignore_errors=True)
-                (scratch / "cat.out").unlink(missing_ok=True)
+                # Emptied and kept until the end, not deleted: see commands_bench.set_aside.
+                set_aside(scratch / "out", scratch / "trash")
+                set_aside(scratch / "cat.out", scratch / "trash")
                 # No command pays for writing back an earlier one's output.
                 os.sync()
                 if mode == "cold":
@@ -297,8 +299,8 @@ def bench_stream(directory: Path, plan: dict[str, Any], modes: list[str], runs: 
                     raise RuntimeError(f"{name} failed ({res['code']}): {res['stderr'].decode()[-2000:]}")
                 if round_ >= warmup:
                     samples[name].append(res)
-        shutil.rmtree(scratch / "out", ignore_errors=True)
-        (scratch / "cat.out").unlink(missing_ok=True)
+        set_aside(scratch / "out", scratch / "trash")
+        set_aside(scratch / "cat.out", scratch / "trash")
         results = {name: median_of(got, nbytes) for name, got in samples.items()}
         del results["crit-pageread --version (startup)"]["gb_per_s"]
         if "crit-pageread grep" in results:
