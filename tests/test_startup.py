@@ -319,3 +319,34 @@ def test_json_output_is_the_same_as_json_packages_own(args: list[str], small: Pa
     ours = _cli(*args)
     pure = _cli(*args, prelude="import sys\nsys.modules['_json'] = None\n")
     assert ours.returncode == pure.returncode == 0 and ours.stdout == pure.stdout and ours.stdout.startswith("{")
+
+
+def test_recorded_parsers_keep_argparse_s_defaults_and_repr() -> None:
+    """set_defaults() before or after the argument, string defaults through `type`, odd dests: as argparse."""
+    import argparse
+
+    def build(sub: Any) -> None:
+        p = sub.add_parser("cmd")
+        p.set_defaults(early=5, func="f")
+        p.add_argument("--early", type=int)
+        p.add_argument("--typed", type=int, default="7")
+        p.add_argument("--flag", action="store_true", default="yes")
+        p.add_argument("--odd", dest="odd-dest", default=1)
+        p.add_argument("pos", nargs="?", default="3", type=int)
+        p.set_defaults(flag="later")
+
+    class Hook:
+        def crit_pageread_add_commands(self, subparsers: Any) -> None:
+            build(subparsers)
+
+    class PM:
+        hook = Hook()
+
+    top = argparse.ArgumentParser(prog="crit-pageread")
+    top.add_argument("--version", action="store_const", const=None)
+    top.add_argument("--debug", action="store_true")
+    build(top.add_subparsers(dest="command"))
+    for words in (["cmd"], ["cmd", "--early", "2", "9"], ["--debug", "cmd", "--flag", "--odd", "x"]):
+        fast, slow = fastargs.parse(words, PM()), top.parse_args(words)
+        assert fast is not None and list(vars(fast).items()) == list(vars(slow).items()), words
+        assert repr(fast) == repr(slow), words

@@ -38,7 +38,9 @@ class Namespace:
         return key in self.__dict__
 
     def __repr__(self) -> str:
-        return "Namespace(" + ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items()) + ")"
+        shown = [f"{k}={v!r}" for k, v in self.__dict__.items() if k.isidentifier()]
+        others = {k: v for k, v in self.__dict__.items() if not k.isidentifier()}
+        return "Namespace(" + ", ".join(shown + ([f"**{others!r}"] if others else [])) + ")"
 
 
 class _Arg:
@@ -111,6 +113,10 @@ class CommandSpec:
 
     def add_argument(self, *names: str, **kwargs: Any) -> _Opaque:
         arg = _Arg(names, kwargs)
+        if "default" not in kwargs and arg.dest in self.defaults:  # argparse: set_defaults() before the argument
+            if arg.action == "append" and self.defaults[arg.dest] is not None:
+                raise Unsupported(names)
+            arg.default = self.defaults[arg.dest]
         taken = {n for a in self.args if a.optional for n in a.names}
         if (arg.optional and taken & set(names)) or any(a.dest == arg.dest for a in self.args):
             raise Unsupported(names)  # argparse refuses conflicting options; shared dests are left to it
