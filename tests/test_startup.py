@@ -26,6 +26,9 @@ NOT_FOR_PS_READ = ("argparse", "gettext", "locale", "shutil", "pluggy", "typing"
                    "json", "pathlib", "re", "enum", "fnmatch", "urllib.parse", "ipaddress", "weakref",
                    "crit_pageread.criu_env", "crit_pageread.provision")
 #: `--json` output is written by json's C encoder (cli.common.json_dumps): json is not imported either.
+#: grep (its engine, Hyperscan, imports typing and re itself).
+NOT_FOR_GREP = ("argparse", "gettext", "locale", "shutil", "pluggy", "json", "pathlib", "dataclasses", "ctypes",
+                "crit_pageread.criu_env", "crit_pageread.provision")
 NOT_FOR_VERSION = ("argparse", "pluggy", "typing", "inspect", "dataclasses", "pathlib", "subprocess", "shutil",
                    "urllib.parse", "ipaddress", "json", "re", "enum")
 
@@ -72,6 +75,16 @@ def test_ps_read_and_version_start_without_argparse_pathlib_or_json(what: str, s
     unwanted = set(NOT_FOR_VERSION if words[0] == "--version" else NOT_FOR_PS_READ)
     loaded = set(proc.stderr.strip().splitlines()[-1].split())
     assert not loaded & unwanted, f"{what} imported {sorted(loaded & unwanted)}"
+
+
+@pytest.mark.parametrize("what", ["grep DIR ab", "grep DIR -E a.c --json", "grep --pid 10 DIR --hex 0001 -C 2",
+                                  "grep DIR --strings ab -n 3 --vma x --vma y"])
+def test_grep_starts_without_argparse_or_json(what: str, small: Path) -> None:
+    args = [str(small) if w == "DIR" else w for w in what.split()]
+    proc = _cli(*args, prelude=PROBE)
+    assert proc.returncode in (0, 1), proc.stderr
+    loaded = set(proc.stderr.strip().splitlines()[-1].split())
+    assert not loaded & set(NOT_FOR_GREP), f"{what} imported {sorted(loaded & set(NOT_FOR_GREP))}"
 
 
 def _argparse(words: list[str]) -> tuple[Any, str]:
@@ -134,7 +147,7 @@ def test_command_lines_without_argparse_parse_as_argparse_parses_them(command: s
         elif fast is not None:
             fast_ones += 1
             assert list(vars(fast).items()) == list(vars(slow).items()), words
-    if command in ("ps", "read"):
+    if command in ("ps", "read", "grep"):
         assert fast_ones > 100, f"only {fast_ones} of 400 command lines parsed without argparse"
 
 
@@ -142,6 +155,9 @@ def test_command_lines_without_argparse_parse_as_argparse_parses_them(command: s
     ["ps", "D"], ["ps", "D", "--json", "--pid", "3", "--pid", "4"], ["--debug", "ps", "--no-env", "D"],
     ["read", "D", "10000"], ["read", "--pid", "1", "D", "0x10", "0x20", "-x", "-v", "--zero-fill", "-o", "f"],
     ["read", "D", "10", "--strategy", "mmap", "--config", "c.toml", "--json"],
+    ["grep", "D", "secret"], ["grep", "D", "-E", "a+b"], ["grep", "-f", "p.txt", "D"],
+    ["grep", "D", "-f", "a", "-f", "b"],
+    ["grep", "D", "--strings", "", "-n", "8"], ["grep", "--vma", "[heap]", "D", "--kind", "anon", "x", "--json"],
 ])
 def test_the_usual_ps_and_read_lines_parse_without_argparse(words: list[str], light: None) -> None:
     fast = fastargs.parse(words, main.plugin_manager(words[1] if words[0] == "--debug" else words[0]))
@@ -169,6 +185,8 @@ def test_help_and_mistakes_are_argparse_s_own(args: list[str], small: Path, ligh
     ["read", "D", "10000", "32", "-x"], ["read", "D", "0x11000", "16"], ["read", "D", "0x10000", "16", "--json"],
     ["read", "D", "zz"], ["read", "D", "0x10000", "-x", "--strategy", "nope"], ["ps", "/nonexistent"],
     ["read", "D", "0x10000", "16", "--js"], ["ps", "--pid=10", "D"], ["read", "D", "0x10000", "--pid", "10", "8"],
+    ["grep", "D", "0123"], ["grep", "D", "-E", "[0-9]{3}", "--json"], ["grep", "D", "--hex", "0102", "-E", "x"],
+    ["grep", "D", "--strings", "", "-n", "3", "-C", "2"], ["grep", "D", "zz"], ["grep", "D", "--vma", "[heap]", "1"],
 ])
 def test_commands_answer_the_same_with_and_without_argparse(args: list[str], small: Path) -> None:
     args = [str(small) if a == "D" else a for a in args]

@@ -72,8 +72,8 @@ class _Arg:
             raise Unsupported(names)
         if self.action == "store_true" and ("type" in kwargs or self.choices is not None):
             raise Unsupported(names)
-        if self.action == "append" and kwargs.get("default") is not None:
-            raise Unsupported(names)  # argparse appends to a copy of the default
+        if self.action == "append" and kwargs.get("default") not in (None, []):
+            raise Unsupported(names)  # argparse appends to a copy of the default: only [] is reproduced
         self.default = kwargs.get("default", False if self.action == "store_true" else None)
         if not isinstance(self.dest, str) or not self.dest:
             raise Unsupported(names)
@@ -110,6 +110,9 @@ class CommandSpec:
         self.name = name
         self.args: list[_Arg] = []
         self.defaults: dict[str, Any] = {}
+        self.groups: list[list[_Arg]] = []
+        #: Optionals and positionals parsed intermixed (`intermix`).
+        self.intermixed = False
 
     def add_argument(self, *names: str, **kwargs: Any) -> _Opaque:
         arg = _Arg(names, kwargs)
@@ -126,6 +129,13 @@ class CommandSpec:
                 raise Unsupported(names)  # a required positional after an optional one: argparse's regex decides
         self.args.append(arg)
         return _Opaque()
+
+    def add_mutually_exclusive_group(self, **kwargs: Any) -> _Group:
+        if kwargs.get("required", False) or set(kwargs) - {"required"}:
+            raise Unsupported("add_mutually_exclusive_group")
+        group = _Group(self)
+        self.groups.append(group.args)
+        return group
 
     def set_defaults(self, **kwargs: Any) -> None:
         self.defaults.update(kwargs)
@@ -169,23 +179,74 @@ class CommandSpec:
             value = arg.value(words[i])
             i += 1
             if arg.action == "append":
-                found[arg.dest] = [*(found.get(arg.dest) or ()), value]
+                found[arg.dest] = [*(found[arg.dest] if arg.dest in found else arg.default or ()), value]
             else:
                 found[arg.dest] = value
         required = sum(1 for a in positionals if a.nargs is None)
-        if runs > 1 or not required <= len(run) <= len(positionals):
+        if (runs > 1 and not self.intermixed) or not required <= len(run) <= len(positionals):
             raise Unsupported(words)
         for arg, word in zip(positionals, run, strict=False):
             found[arg.dest] = arg.value(word)
         if any(a.required and id(a) not in seen for a in self.args if a.optional):
             raise Unsupported(words)
-        out = {a.dest: a.default for a in self.args}
+        if any(sum(id(a) in seen for a in group) > 1 for group in self.groups):
+            raise Unsupported(words)  # argparse says "not allowed with"
+        # argparse's order: each argument's default, then set_defaults(); intermixed, the positionals last.
+        out = {a.dest: a.default for a in self.args if a.optional or not self.intermixed}
         out.update((k, v) for k, v in self.defaults.items() if k not in out)
+        if self.intermixed:
+            out.update((a.dest, a.default) for a in positionals)
         for arg in self.args:
             if arg.dest not in found and (arg.optional or arg.nargs == "?"):
                 found[arg.dest] = arg.absent()
         out.update(found)
         return out
+
+
+class _Group:
+    """What add_mutually_exclusive_group() returns: its arguments are the command's, one of them at most given."""
+
+    def __init__(self, spec: CommandSpec) -> None:
+        self.spec = spec
+        self.args: list[_Arg] = []
+
+    def add_argument(self, *names: str, **kwargs: Any) -> _Opaque:
+        opaque = self.spec.add_argument(*names, **kwargs)
+        arg = self.spec.args[-1]
+        if not arg.optional:
+            raise Unsupported(names)
+        self.args.append(arg)
+        return opaque
+
+    def __getattr__(self, name: str) -> Any:
+        raise Unsupported(name)
+
+
+def intermix(parser: Any) -> None:
+    """Make `parser` (an argparse sub-parser or a `CommandSpec`) parse optionals and positionals intermixed,
+    as argparse's parse_known_intermixed_args does (`grep DIR -E PATTERN`)."""
+    if isinstance(parser, CommandSpec):
+        parser.intermixed = True
+        return
+    parser.__class__ = _intermixed(type(parser))
+
+
+def _intermixed(cls: type) -> type:
+    """`cls`, an argparse parser class, parsing optionals and positionals intermixed."""
+
+    class Intermixed(cls):
+        _mixing = False
+
+        def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+            if self._mixing:  # parse_known_intermixed_args calls back here
+                return super().parse_known_args(args, namespace)
+            self._mixing = True
+            try:
+                return self.parse_known_intermixed_args(args, namespace)
+            finally:
+                self._mixing = False
+
+    return Intermixed
 
 
 class Recorder:

@@ -13,23 +13,26 @@ windows: no per-page work.
 
 from __future__ import annotations
 
-import argparse
-import json
 import mmap
 import os
 import sys
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator
-from typing import Any
 
+from .. import TYPE_CHECKING
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
 from ..memory import Area, Readers, Span, spans
 from ..reader import Segment
 from ..search import ENGINES, FAST_HINT, Searcher, SearchError, compile_search, hyperscan_module
-from .common import add_common_options, open_from_args, selected_pids
+from .common import add_common_options, json_dumps, open_from_args, selected_pids
+from .fastargs import intermix
 from .memscan import Progress, add_vma_filters, vma_filter_from_args
 from .progress import before_output
+
+if TYPE_CHECKING:  # not imported at start-up
+    import argparse
+    from typing import Any
 
 CHUNK = 8 << 20
 #: Bytes of a pages file viewed at a time when runs that lie back to back in it are searched: the local
@@ -70,25 +73,7 @@ def crit_pageread_add_commands(subparsers: Any) -> None:
     add_common_options(p)
     p.set_defaults(func=run)
     # PATTERN is optional (with -f): positionals are parsed wherever they are, as `grep DIR -E PATTERN` needs.
-    p.__class__ = _intermixed(type(p))
-
-
-def _intermixed(cls: type[argparse.ArgumentParser]) -> type[argparse.ArgumentParser]:
-    """`cls` parsing optionals and positionals intermixed (argparse's parse_known_intermixed_args)."""
-
-    class Intermixed(cls):  # type: ignore[valid-type,misc]
-        _mixing = False
-
-        def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
-            if self._mixing:  # parse_known_intermixed_args calls back here
-                return super().parse_known_args(args, namespace)
-            self._mixing = True
-            try:
-                return self.parse_known_intermixed_args(args, namespace)
-            finally:
-                self._mixing = False
-
-    return Intermixed
+    intermix(p)
 
 
 class Matcher:
@@ -646,7 +631,7 @@ def run(args: argparse.Namespace) -> int:
             if context:
                 obj["before"] = _encode(before, hex_output)[0] if before else ""
                 obj["after"] = _encode(after, hex_output)[0] if after else ""
-            out.write(json.dumps(obj) + "\n")
+            out.write(json_dumps(obj) + "\n")
             return
         if hex_output:
             shown = match.hex(" ")
