@@ -403,6 +403,9 @@ def gnu_build_id(fd: int) -> bytes | None:
 
 # --- VMA bytes ------------------------------------------------------------------------------
 
+#: Segments handed to `write_segments` at once (what is planned at once stays bounded: a VMA may have millions).
+WRITE_PIECES = 1 << 14
+
 
 def _write_vma(
     images: CheckpointImages, reader: PageReader, v: Vma, fd: int, base: int,
@@ -410,14 +413,18 @@ def _write_vma(
 ) -> None:
     """Stream one VMA's bytes to `fd` at `base`: dumped pages, then shmem, file or zeros for the rest.
 
-    Dumped pages go through the reader's `write_to` (the strategy moves them: kernel copies for the
-    local strategies), one call per VMA; `fd` -1 is the planning pass, which only collects what is
-    missing."""
+    Dumped pages go through the reader's `write_segments` (the strategy moves them: kernel copies for the
+    local strategies), WRITE_PIECES segments a call; `fd` -1 is the planning pass, which only collects
+    what is missing."""
     pieces: list[tuple[Segment, int]] = []
     for seg in reader.segments(v.start, v.size):
         if seg.kind == "present" or (seg.kind == "lazy" and reader.strategy.serves_lazy):
-            pieces.append((seg, base + seg.vaddr - v.start))
             report.dumped_bytes += seg.length
+            if fd >= 0:
+                pieces.append((seg, base + seg.vaddr - v.start))
+                if len(pieces) >= WRITE_PIECES:
+                    reader.write_segments(fd, pieces)
+                    pieces = []
         elif seg.kind == "lazy":
             _add_missing(missing, seg.vaddr, seg.end, "lazy pages (no page server)")
         else:
@@ -444,8 +451,12 @@ def _fill_hole(
         for seg in shm.segments(offset, length):
             dst = base + (seg.vaddr - v.pgoff)
             if seg.kind == "present" or (seg.kind == "lazy" and shm.strategy.serves_lazy):
-                pieces.append((seg, dst))
                 report.dumped_bytes += seg.length
+                if fd >= 0:
+                    pieces.append((seg, dst))
+                    if len(pieces) >= WRITE_PIECES:
+                        shm.write_segments(fd, pieces)
+                        pieces = []
             elif seg.kind == "lazy":
                 vstart = v.start + seg.vaddr - v.pgoff
                 _add_missing(missing, vstart, vstart + seg.length, "lazy shmem pages")
