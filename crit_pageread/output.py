@@ -17,14 +17,16 @@ import contextlib
 import errno
 import os
 import re
-import shutil
 import signal
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
 
+from . import TYPE_CHECKING
 from .errors import CritPageReadError
+
+if TYPE_CHECKING:  # not imported at start-up
+    from typing import IO, Any
 
 TEMP_TAG = "crit-pageread"
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\." + TEMP_TAG + r"-(?P<pid>\d+)(?:\.\d+)?\.tmp$")
@@ -86,6 +88,8 @@ def remove_stale(path: str | os.PathLike[str]) -> list[Path]:
     for tmp in stale_temps(path.parent, path.name):
         try:
             if tmp.is_dir() and not tmp.is_symlink():
+                import shutil
+
                 shutil.rmtree(tmp)
             else:
                 tmp.unlink()
@@ -161,6 +165,8 @@ def _created(make: Any) -> Iterator[Path]:
 def _discard(tmp: Path) -> None:
     with contextlib.suppress(OSError):
         if tmp.is_dir() and not tmp.is_symlink():
+            import shutil
+
             shutil.rmtree(tmp)
         else:
             tmp.unlink()
@@ -248,6 +254,8 @@ def publish(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
             os.replace(tmp, final)
             return
         with open(tmp, "rb") as src, open(final, "wb") as out:
+            import shutil
+
             shutil.copyfileobj(src, out, 1 << 20)
         os.unlink(tmp)
     except OSError as exc:

@@ -87,6 +87,24 @@ def test_grep_starts_without_argparse_or_json(what: str, small: Path) -> None:
     assert not loaded & set(NOT_FOR_GREP), f"{what} imported {sorted(loaded & set(NOT_FOR_GREP))}"
 
 
+#: extract writing one file (no writer threads: no concurrent.futures, whose import brings logging).
+NOT_FOR_EXTRACT = ("argparse", "gettext", "locale", "shutil", "pluggy", "json", "typing", "concurrent.futures",
+                   "logging", "crit_pageread.search", "crit_pageread.cli.grep")
+
+
+@pytest.mark.parametrize("what", ["extract DIR -o OUT", "extract DIR -o OUT --layout sparse --json",
+                                  "extract --pid 10 DIR -o OUT --min-hole 0"])
+def test_extract_of_one_file_starts_without_argparse_json_or_threads(what: str, small: Path, tmp_path: Path) -> None:
+    args = [str(small) if w == "DIR" else str(tmp_path / "out") if w == "OUT" else w for w in what.split()]
+    proc = _cli(*args, prelude=PROBE)
+    assert proc.returncode == 0, proc.stderr
+    written = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
+    one = "pid-10.mem" if "sparse" in what else "pid-10/10000-12000-rw-p.bin"
+    assert written == ["index.json", one]
+    loaded = set(proc.stderr.strip().splitlines()[-1].split())
+    assert not loaded & set(NOT_FOR_EXTRACT), f"{what} imported {sorted(loaded & set(NOT_FOR_EXTRACT))}"
+
+
 def _argparse(words: list[str]) -> tuple[Any, str]:
     """(namespace or None when argparse exits, what it printed)."""
     parser = main.build_parser(main._command_of(words))

@@ -321,7 +321,7 @@ def run_explore(args: argparse.Namespace) -> int:
 def _explore_json(args: argparse.Namespace, opts: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """`x DIR WHAT --json`: one object per process, with the README's keys."""
     from ..memory import Readers, area_page_counts
-    from .grep import mapping_name
+    from .memscan import mapping_name
 
     what = args.what
     with CheckpointImages(opts["dir"], config_from_args(args)) as images, Readers(images, args.strategy) as readers:
@@ -432,7 +432,7 @@ def _explore_mems_pages(args: argparse.Namespace, opts: dict[str, Any]) -> None:
 def _explore_pages(args: argparse.Namespace, directory: str) -> None:
     """Per pid, per VMA: pages present, in the parent image, lazy only, not dumped."""
     from ..memory import PAGE_CLASSES, Readers, area_page_counts
-    from .grep import mapping_name
+    from .memscan import mapping_name
 
     with open_images(directory, config_from_args(args)) as images, Readers(images, args.strategy) as readers:
         for pid in images.pids:

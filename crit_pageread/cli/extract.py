@@ -10,27 +10,27 @@ place only when complete.
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import errno
-import json
 import operator
 import os
 import sys
 from array import array
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
+from .. import TYPE_CHECKING
 from ..errors import CritPageReadError
 from ..hookspecs import hookimpl
 from ..memory import Area, Readers
 from ..reader import Segment
-from .common import add_common_options, atomic_dir, open_from_args, selected_pids
-from .grep import mapping_name
-from .memscan import Progress, add_vma_filters, vma_filter_from_args
+from .common import add_common_options, atomic_dir, json_dumps, open_from_args, selected_pids
+from .memscan import Progress, add_vma_filters, mapping_name, vma_filter_from_args
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # not imported at start-up
+    import argparse
     from collections.abc import Callable
     from concurrent.futures import Future
+    from typing import Any
 
 #: Threads copying files in the kernel at once (the copies are bound by page-cache work, per core).
 WRITERS = max(1, min(4, os.cpu_count() or 1))
@@ -46,10 +46,17 @@ def _bytes_arg(text: str) -> int:
     try:
         value = int(text, 0)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of bytes: {text!r}") from None
+        raise _type_error(f"not a number of bytes: {text!r}") from None
     if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
+        raise _type_error(f"must be 0 or more: {text!r}")
     return value
+
+
+def _type_error(message: str) -> Exception:
+    """argparse's ArgumentTypeError (imported only for a bad value: argparse then parses and says why)."""
+    import argparse
+
+    return argparse.ArgumentTypeError(message)
 
 
 @hookimpl
@@ -124,11 +131,11 @@ def _vma_json(write: Callable[[str], Any], part: _Part, offset: int) -> None:
         entry["shmem_offset"] = area.start - vma.start + vma.pgoff
     if part.lazy:
         entry["lazy_not_written"] = part.lazy
-    head, tail = json.dumps(entry).split(json.dumps(_DATA), 1)
+    head, tail = json_dumps(entry).split(json_dumps(_DATA), 1)
     write(head + "[")
     starts, ends = part.starts, part.ends
     for k in range(0, len(starts), RUNS_AT_ONCE):
-        pairs = json.dumps(list(map(list, zip(starts[k : k + RUNS_AT_ONCE], ends[k : k + RUNS_AT_ONCE], strict=True))))
+        pairs = json_dumps(list(map(list, zip(starts[k : k + RUNS_AT_ONCE], ends[k : k + RUNS_AT_ONCE], strict=True))))
         write((", " if k else "") + pairs[1:-1])
     write("]" + tail)
 
@@ -146,7 +153,7 @@ class _File:
 
     def write_json(self, write: Callable[[str], Any]) -> None:
         """Write the file's index entry as JSON (json.dumps of {file, pid, size, vmas})."""
-        write(json.dumps({"file": self.name, "pid": self.pid, "size": self.size})[:-1] + ', "vmas": [')
+        write(json_dumps({"file": self.name, "pid": self.pid, "size": self.size})[:-1] + ', "vmas": [')
         for n, (part, offset) in enumerate(self.parts):
             if n:
                 write(", ")
@@ -194,7 +201,6 @@ def run(args: argparse.Namespace) -> int:
                     continue
                 plans[pid].append(part)
                 total += part.bytes
-        from concurrent.futures import ThreadPoolExecutor  # here: it imports logging (5 ms at start-up)
 
         files: list[_File] = []
         for pid, parts in plans.items():
@@ -211,18 +217,24 @@ def run(args: argparse.Namespace) -> int:
         head = {"checkpoint": str(images.archive or images.path), "layout": args.layout,
                 "page_size": images.page_size, "skipped": skipped, "totals": {"files": len(files), "bytes": total}}
         progress = Progress("extract", total)
-        with atomic_dir(out) as tmp, ThreadPoolExecutor(WRITERS) as pool:
-            # Files whose bytes all come from local pages files are written by WRITERS threads at once
-            # when the strategy allows it (the kernel copies release the GIL); the others here.
+        # Files whose bytes all come from local pages files are written by WRITERS threads at once when the
+        # strategy allows it (the kernel copies release the GIL) and there are two or more; the others here.
+        shared = [all(p.area.reader.strategy.concurrent_writes and not p.area.reader.strategy.serves_lazy
+                      for p, _ in f.parts) for f in files]
+        pool: Any = None
+        if sum(shared) > 1:
+            from concurrent.futures import ThreadPoolExecutor  # only then: it imports logging (5 ms)
+
+            pool = ThreadPoolExecutor(WRITERS)
+        with atomic_dir(out) as tmp, pool or contextlib.nullcontext():
             jobs: list[Future[None]] = []
             try:
-                for f in files:
+                for f, threaded in zip(files, shared, strict=True):
                     parts = [p for p, _ in f.parts]
                     path = tmp / f.name
                     path.parent.mkdir(exist_ok=True)
                     base = f.parts[0][0].area.start if args.layout == "vma" else 0
-                    if all(p.area.reader.strategy.concurrent_writes and not p.area.reader.strategy.serves_lazy
-                           for p in parts):
+                    if pool is not None and threaded:
                         jobs.append(pool.submit(_write_file, path, f.size, parts, progress, base, args.min_hole))
                     else:
                         _write_file(path, f.size, parts, progress, base, args.min_hole)
@@ -241,13 +253,13 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         # One line, as print_json writes it: the files' entries written as they are encoded.
         write = sys.stdout.write
-        write(json.dumps({"checkpoint": head["checkpoint"], "output": str(out), "layout": args.layout,
+        write(json_dumps({"checkpoint": head["checkpoint"], "output": str(out), "layout": args.layout,
                           "page_size": images.page_size})[:-1] + ', "files": [')
         for n, f in enumerate(files):
             if n:
                 write(", ")
             f.write_json(write)
-        write("], " + json.dumps({"skipped": skipped, "totals": head["totals"]})[1:] + "\n")
+        write("], " + json_dumps({"skipped": skipped, "totals": head["totals"]})[1:] + "\n")
     else:
         print(f"{out}: {len(files)} files, {total} bytes of memory"
               + (f", {lazy_bytes // images.page_size} lazy pages left as holes" if lazy_bytes else "")
@@ -258,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
 def write_index(write: Callable[[str], Any], head: dict[str, Any], files: list[_File]) -> None:
     """The index as JSON with one line per file, written as it is encoded (an index can list millions of
     ranges): the keys of `head`, then "files"."""
-    text = ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in head.items())
+    text = ", ".join(f"{json_dumps(k)}: {json_dumps(v)}" for k, v in head.items())
     if not files:
         write(f'{{{text}, "files": []}}\n')
         return

@@ -27,7 +27,7 @@ from ..reader import Segment
 from ..search import ENGINES, FAST_HINT, Searcher, SearchError, compile_search, hyperscan_module
 from .common import add_common_options, json_dumps, open_from_args, selected_pids
 from .fastargs import intermix
-from .memscan import Progress, add_vma_filters, vma_filter_from_args
+from .memscan import Progress, add_vma_filters, mapping_name, vma_filter_from_args
 from .progress import before_output
 
 if TYPE_CHECKING:  # not imported at start-up
@@ -603,10 +603,6 @@ def _encode(data: bytes, hex_output: bool) -> tuple[str, str]:
     if not hex_output and all(b in PRINTABLE for b in data):
         return data.decode("ascii"), "text"
     return data.hex(), "hex"
-
-
-def mapping_name(area: Area) -> str:
-    return area.vma.name or f"[{area.vma.kind}]"
 
 
 def run(args: argparse.Namespace) -> int:

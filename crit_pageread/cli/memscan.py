@@ -1,14 +1,23 @@
-"""What grep and extract share on the command line: VMA filter options (and the progress bar)."""
+"""What grep and extract share on the command line: VMA filter options, mapping names (and the progress bar)."""
 
 from __future__ import annotations
 
-from typing import Any
-
+from .. import TYPE_CHECKING
 from ..errors import ConfigError
 from ..memory import VmaFilter, parse_range
 from .progress import Progress
 
-__all__ = ["Progress", "add_vma_filters", "vma_filter_from_args"]
+if TYPE_CHECKING:  # not imported at start-up
+    from typing import Any
+
+    from ..memory import Area
+
+__all__ = ["Progress", "add_vma_filters", "mapping_name", "vma_filter_from_args"]
+
+
+def mapping_name(area: Area) -> str:
+    """The VMA's mapping name, or its kind in brackets (`[anon]`)."""
+    return area.vma.name or f"[{area.vma.kind}]"
 
 
 def add_vma_filters(parser: Any) -> None:
