@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.generate import SHAPES, cache_root, generate
+from benchmarks.spawn import spawn
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -34,22 +35,11 @@ PATTERN = "CRIT-PAGEREAD-SECRET-7-spans"  # the victim's secret (seed 7): a rare
 
 
 def run_child(cmd: list[str], stdout_path: str | None, cwd: Path) -> dict[str, Any]:
-    """Run `cmd` (reaped with wait4): wall seconds, CPU seconds (user + system: less sensitive to a loaded
-    machine than wall time), exit code, stderr, peak RSS (MiB)."""
-    import subprocess
-    import time
-
-    out = open(stdout_path, "wb") if stdout_path else subprocess.DEVNULL
-    start = time.perf_counter()
-    try:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, cwd=cwd)
-        err = proc.stderr.read() if proc.stderr else b""
-        _, status, usage = os.wait4(proc.pid, 0)
-    finally:
-        if stdout_path:
-            out.close()  # type: ignore[union-attr]
-    return {"seconds": time.perf_counter() - start, "cpu": usage.ru_utime + usage.ru_stime,
-            "code": os.waitstatus_to_exitcode(status), "stderr": err, "rss_mib": usage.ru_maxrss / 1024}
+    """Run `cmd` from the small spawner (benchmarks/spawn.py), reaped with wait4: wall seconds, CPU seconds
+    (user + system: less sensitive to a loaded machine than wall time), exit code, stderr, peak RSS (MiB)."""
+    r = spawn(cmd, stdout_path or os.devnull, cwd)
+    return {"seconds": r["seconds"], "cpu": r["cpu_s"], "code": r["code"], "stderr": r["stderr"],
+            "rss_mib": r["rss_mib"]}
 
 
 def set_aside(path: Path, trash: Path) -> None:

@@ -46,6 +46,7 @@ from typing import Any
 
 from benchmarks.commands_bench import set_aside
 from benchmarks.generate import SHAPES, cache_root, generate
+from benchmarks.spawn import spawn
 from crit_pageread.cli.bench import drop_caches
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,31 +60,9 @@ STREAM_TARGET_MIN_BYTES = 256 << 20
 
 
 def run_child(cmd: list[str], stdout_path: str | None = None, cwd: Path | None = None) -> dict[str, Any]:
-    """Run `cmd`, reaped with wait4: wall seconds, output, exit code, its own peak RSS (MiB) and faults."""
-    start = time.perf_counter()
-    out_file = open(stdout_path, "wb") if stdout_path else None
-    try:
-        proc = subprocess.Popen(
-            cmd, stdout=out_file or subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd
-        )
-        out = proc.stdout.read() if proc.stdout else b""
-        err = proc.stderr.read() if proc.stderr else b""
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    finally:
-        if out_file:
-            out_file.close()
-    return {
-        "seconds": time.perf_counter() - start,
-        "stdout": out,
-        "stderr": err,
-        "code": proc.returncode,
-        "rss_mib": usage.ru_maxrss / 1024,
-        # CPU seconds (user + system): on a loaded machine a steadier comparison than wall time
-        "cpu_s": usage.ru_utime + usage.ru_stime,
-        "minflt": usage.ru_minflt,
-        "majflt": usage.ru_majflt,
-    }
+    """Run `cmd` from the small spawner (benchmarks/spawn.py: so its peak RSS is its own, not this process's),
+    reaped with wait4: wall seconds, output, exit code, its own peak RSS (MiB), CPU seconds and faults."""
+    return spawn(cmd, stdout_path, cwd)
 
 
 def can_drop_caches() -> str | None:

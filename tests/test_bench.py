@@ -121,3 +121,19 @@ def test_bench_missing_directory_is_one_line(tmp_path: Path, capsys: pytest.Capt
     assert main(["bench", str(tmp_path / "nope")]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope" in err[0]
+
+
+def test_benchmark_children_report_their_own_peak_rss(tmp_path: Path) -> None:
+    """Linux keeps a process's peak RSS across exec, so a command forked from a large process reports the
+    parent's peak; the benchmarks' spawner forks from a small process instead."""
+    from benchmarks.spawn import spawn
+
+    ballast = bytearray(300 << 20)
+    ballast[::4096] = b"x" * len(range(0, len(ballast), 4096))  # 300 MiB resident in this process
+    out = spawn(["cat", "/proc/self/status"])
+    assert out["code"] == 0 and b"VmHWM" in out["stdout"]
+    assert out["rss_mib"] < 100, out["rss_mib"]
+    target = tmp_path / "out"
+    res = spawn(["sh", "-c", "echo hi; echo err >&2; exit 3"], str(target), tmp_path)
+    assert (res["code"], res["stdout"], res["stderr"], target.read_bytes()) == (3, b"", b"err\n", b"hi\n")
+    del ballast
