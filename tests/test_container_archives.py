@@ -282,6 +282,13 @@ def test_ps_stops_decompressing_after_the_images(ctr: Container, tmp_path: Path,
     assert got[1]["err"].startswith(f"crit-pageread: {archive}"), got[1]["err"]
 
 
+def _default_signals() -> None:
+    # A job started in the background (`cmd &`, nohup: CI runners may) inherits SIGINT and SIGHUP ignored, and
+    # an ignored signal stays ignored (crit-pageread, like any program, keeps it so): give the child the defaults.
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @pytest.mark.criu
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 @pytest.mark.parametrize("kind", ["zst", "gz"])
@@ -293,7 +300,7 @@ def test_a_signal_during_an_archive_read_leaves_nothing_in_tmpdir(ctr: Container
         # Nobody reads the pipe: the command blocks writing, its archive open, until the signal comes.
         proc = subprocess.Popen([sys.executable, "-m", "crit_pageread", "read", str(ctr.archives[kind]),
                                  hex(region.start), str(region.len), "--pid", str(ctr.victim.pid)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_signals)
         deadline = time.monotonic() + 60
         while not any(p.name.startswith(TEMP_PREFIX) for p in tmp.iterdir()):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
