@@ -200,6 +200,11 @@ class CheckpointImages:
     def path(self, value: str | os.PathLike[str]) -> None:
         self._path, self._path_obj = _paths.text(value), None
 
+    @property
+    def path_text(self) -> str:
+        """`str(path)`, without making the Path (no pathlib)."""
+        return self._path
+
     # --- where images are --------------------------------------------------------------------
 
     def image(self, name: str) -> Path | Member:

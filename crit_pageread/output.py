@@ -13,23 +13,25 @@
 
 from __future__ import annotations
 
+import _signal  # signal.py imports enum: the built-in module has what `_created` needs
 import contextlib
 import errno
 import os
-import re
-import signal
 import stat
 from collections.abc import Iterator
-from pathlib import Path
 
-from . import TYPE_CHECKING
+from . import TYPE_CHECKING, _paths
 from .errors import CritPageReadError
 
-if TYPE_CHECKING:  # not imported at start-up
+if TYPE_CHECKING:  # not imported at start-up (pathlib brings fnmatch, re, enum, urllib.parse, ipaddress)
+    import re
+    from pathlib import Path
     from typing import IO, Any
 
 TEMP_TAG = "crit-pageread"
-_TEMP_RE = re.compile(r"^\.(?P<name>.+)\." + TEMP_TAG + r"-(?P<pid>\d+)(?:\.\d+)?\.tmp$")
+#: What every temporary name of ours holds (a name without it is not one: no regular expression is needed).
+_TAG = f".{TEMP_TAG}-"
+_TEMP_RE: list[re.Pattern[str]] = []  # compiled on first use
 
 
 class OutputError(CritPageReadError):
@@ -42,13 +44,24 @@ class OutputError(CritPageReadError):
 
 def temp_name(path: Path, n: int = 0) -> Path:
     """The temporary name of `path` for this process (`.NAME.crit-pageread-<pid>[.N].tmp`)."""
+    return _paths.as_path(_temp_text(str(path), n))
+
+
+def _temp_text(path: str, n: int = 0) -> str:
+    """`temp_name` as text."""
     suffix = f".{n}" if n else ""
-    return path.parent / f".{path.name}.{TEMP_TAG}-{os.getpid()}{suffix}.tmp"
+    return _paths.join(_paths.parent(path), f".{_paths.name(path)}{_TAG}{os.getpid()}{suffix}.tmp")
 
 
 def parse_temp_name(name: str) -> tuple[str, int] | None:
     """(output name, pid) of a temporary name of ours, else None."""
-    m = _TEMP_RE.match(name)
+    if _TAG not in name:
+        return None
+    if not _TEMP_RE:
+        import re
+
+        _TEMP_RE.append(re.compile(r"^\.(?P<name>.+)\." + TEMP_TAG + r"-(?P<pid>\d+)(?:\.\d+)?\.tmp$"))
+    m = _TEMP_RE[0].match(name)
     return (m.group("name"), int(m.group("pid"))) if m else None
 
 
@@ -67,32 +80,41 @@ def pid_alive(pid: int) -> bool:
 
 def stale_temps(directory: str | os.PathLike[str], name: str | None = None) -> list[Path]:
     """Temporary names of ours in `directory` (for output `name`, or any) whose process is dead."""
+    return [_paths.as_path(p) for p in _stale(_paths.text(directory), name)]
+
+
+def _stale(directory: str, name: str | None = None) -> list[str]:
+    """`stale_temps` as text."""
     try:
         entries = os.listdir(directory)
     except OSError:
         return []
-    out = []
+    out: list[str] = []
     for entry in sorted(entries):
         parsed = parse_temp_name(entry)
         if parsed is None or (name is not None and parsed[0] != name):
             continue
         if parsed[1] != os.getpid() and not pid_alive(parsed[1]):
-            out.append(Path(directory) / entry)
+            out.append(_paths.join(directory, entry))
     return out
 
 
 def remove_stale(path: str | os.PathLike[str]) -> list[Path]:
     """Remove what killed runs left beside output `path`; return what was removed."""
-    path = Path(path)
-    removed = []
-    for tmp in stale_temps(path.parent, path.name):
+    return [_paths.as_path(p) for p in _remove_stale(_paths.text(path))]
+
+
+def _remove_stale(path: str) -> list[str]:
+    """`remove_stale` as text."""
+    removed: list[str] = []
+    for tmp in _stale(_paths.parent(path), _paths.name(path)):
         try:
-            if tmp.is_dir() and not tmp.is_symlink():
+            if _paths.is_dir(tmp) and not _paths.is_symlink(tmp):
                 import shutil
 
                 shutil.rmtree(tmp)
             else:
-                tmp.unlink()
+                os.unlink(tmp)
             removed.append(tmp)
         except OSError:
             pass
@@ -103,7 +125,7 @@ def _problem(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def _lstat(path: Path) -> os.stat_result | None:
+def _lstat(path: str) -> os.stat_result | None:
     """The output name's own stat (a symlink is not followed), or None when nothing is there."""
     try:
         return os.lstat(path)
@@ -118,12 +140,12 @@ def _is_write_through(st: os.stat_result | None) -> bool:
     return st is not None and not stat.S_ISREG(st.st_mode)
 
 
-def _create_temp(final: Path, st: os.stat_result | None, *, directory: bool = False) -> Path:
+def _create_temp(final: str, st: os.stat_result | None, *, directory: bool = False) -> str:
     """Create this process's temporary name beside `final`, with the mode the output will have."""
-    remove_stale(final)
+    _remove_stale(final)
     mode = 0o777 if directory else 0o666
     for n in range(100):
-        tmp = temp_name(final, n)
+        tmp = _temp_text(final, n)
         try:
             if directory:
                 os.mkdir(tmp, mode)
@@ -146,30 +168,30 @@ def _create_temp(final: Path, st: os.stat_result | None, *, directory: bool = Fa
 
 
 @contextlib.contextmanager
-def _created(make: Any) -> Iterator[Path]:
+def _created(make: Any) -> Iterator[str]:
     """Create a temporary name with SIGINT blocked, so that Ctrl-C lands either before it exists or
     inside the caller's clean-up (`make()` returns the path; it is removed if the body fails)."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    old = _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGINT})
     try:
         tmp = make()
         try:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a pending Ctrl-C is raised here, inside the try
+            _signal.pthread_sigmask(_signal.SIG_SETMASK, old)  # a pending Ctrl-C is raised here, inside the try
             yield tmp
         except BaseException:
             _discard(tmp)
             raise
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, old)
 
 
-def _discard(tmp: Path) -> None:
+def _discard(tmp: str) -> None:
     with contextlib.suppress(OSError):
-        if tmp.is_dir() and not tmp.is_symlink():
+        if _paths.is_dir(tmp) and not _paths.is_symlink(tmp):
             import shutil
 
             shutil.rmtree(tmp)
         else:
-            tmp.unlink()
+            os.unlink(tmp)
 
 
 @contextlib.contextmanager
@@ -179,34 +201,34 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     Yields a temporary name (renamed into place on success, removed on failure),
     or `path` itself when it is a device, FIFO or other non-regular file.
     """
-    path = Path(path)
-    st = _lstat(path)
+    text = _paths.text(path)
+    st = _lstat(text)
     if _is_write_through(st):
-        yield path
+        yield _paths.as_path(text)
         return
-    with _created(lambda: _create_temp(path, st)) as tmp:
-        yield tmp
+    with _created(lambda: _create_temp(text, st)) as tmp:
+        yield _paths.as_path(tmp)
         try:
-            os.replace(tmp, path)
+            os.replace(tmp, text)
         except OSError as exc:
-            raise OutputError(path, f"cannot write: {_problem(exc)}") from None
+            raise OutputError(text, f"cannot write: {_problem(exc)}") from None
 
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
     """Open the output `path` for writing: atomic for a regular file or new name, written through otherwise."""
-    path = Path(path)
-    with atomic_path(path) as target:
+    text = _paths.text(path)
+    with atomic_path(text) as target:
         try:
             f = open(target, mode)
         except OSError as exc:
-            raise OutputError(path, f"cannot open for writing: {_problem(exc)}") from None
+            raise OutputError(text, f"cannot open for writing: {_problem(exc)}") from None
         try:
             yield f
             try:
                 f.close()
             except OSError as exc:
-                raise OutputError(path, f"cannot write: {_problem(exc)}") from None
+                raise OutputError(text, f"cannot write: {_problem(exc)}") from None
         except BaseException:
             with contextlib.suppress(OSError):
                 f.close()
@@ -220,32 +242,41 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     `path` must not exist (an existing name of any kind, a dangling symlink too,
     is an error): OUT is complete or absent.
     """
-    path = Path(path)
-    if os.path.lexists(path):
-        raise OutputError(path, "output already exists")
-    with _created(lambda: _create_temp(path, None, directory=True)) as tmp:
+    with atomic_dir_text(path) as tmp:
+        yield _paths.as_path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir_text(path: str | os.PathLike[str]) -> Iterator[str]:
+    """`atomic_dir` yielding the temporary directory as text (`str(Path(...))`), without importing pathlib."""
+    text = _paths.text(path)
+    if os.path.lexists(text):
+        raise OutputError(text, "output already exists")
+    with _created(lambda: _create_temp(text, None, directory=True)) as tmp:
         yield tmp
         try:
-            os.rename(tmp, path)
+            os.rename(tmp, text)
         except OSError as exc:
-            raise OutputError(path, f"cannot create: {_problem(exc)}") from None
+            raise OutputError(text, f"cannot create: {_problem(exc)}") from None
 
 
 @contextlib.contextmanager
 def temp_dir_in(directory: str | os.PathLike[str], name: str) -> Iterator[Path]:
     """A private temporary directory of ours inside an existing `directory` (stale ones removed first),
     removed with what is left in it when the block ends."""
-    directory = Path(directory)
-    with _created(lambda: _create_temp(directory / name, None, directory=True)) as tmp:
-        yield tmp
+    text = _paths.join(_paths.text(directory), name)
+    with _created(lambda: _create_temp(text, None, directory=True)) as tmp:
+        yield _paths.as_path(tmp)
     _discard(tmp)
 
 
 def publish(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
     """Move a finished file `tmp` to `final`: renamed over a regular file or new name, copied
     through a device, FIFO or symlink (which is then left in place); `tmp` is gone afterwards."""
+    from pathlib import Path
+
     tmp, final = Path(tmp), Path(final)
-    st = _lstat(final)
+    st = _lstat(str(final))
     try:
         if not _is_write_through(st):
             if st is not None:

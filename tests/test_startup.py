@@ -87,9 +87,11 @@ def test_grep_starts_without_argparse_or_json(what: str, small: Path) -> None:
     assert not loaded & set(NOT_FOR_GREP), f"{what} imported {sorted(loaded & set(NOT_FOR_GREP))}"
 
 
-#: extract writing one file (no writer threads: no concurrent.futures, whose import brings logging).
+#: extract (writer threads without concurrent.futures, whose import brings logging; the output's paths as text:
+#: no pathlib, re, enum or signal).
 NOT_FOR_EXTRACT = ("argparse", "gettext", "locale", "shutil", "pluggy", "json", "typing", "concurrent.futures",
-                   "logging", "crit_pageread.search", "crit_pageread.cli.grep")
+                   "logging", "crit_pageread.search", "crit_pageread.cli.grep", "pathlib", "re", "enum", "signal",
+                   "fnmatch", "urllib.parse", "ipaddress")
 
 
 @pytest.mark.parametrize("what", ["extract DIR -o OUT", "extract DIR -o OUT --layout sparse --json",
@@ -103,6 +105,59 @@ def test_extract_of_one_file_starts_without_argparse_json_or_threads(what: str, 
     assert written == ["index.json", one]
     loaded = set(proc.stderr.strip().splitlines()[-1].split())
     assert not loaded & set(NOT_FOR_EXTRACT), f"{what} imported {sorted(loaded & set(NOT_FOR_EXTRACT))}"
+
+
+@pytest.fixture
+def two_vmas(tmp_path: Path) -> Path:
+    """pid 10 with three VMAs: two with pages (written by writer threads, the larger first), one without."""
+    d = ImageBuilder(tmp_path / "two").process(10, vmas=[VmaSpec(0x10000, 0x12000), VmaSpec(0x20000, 0x30000),
+                                                         VmaSpec(0x40000, 0x41000)])
+    d.pagemap(10, [(0x10000, b"a" * 4096), (0x20000, b"b" * 0x3000), (0x2c000, b"c" * 0x4000)])
+    return d.write()
+
+
+@pytest.mark.parametrize("what", ["extract DIR -o OUT", "extract DIR -o OUT/ --json"])
+def test_extract_with_writer_threads_starts_without_concurrent_futures_or_pathlib(what: str, two_vmas: Path,
+                                                                                  tmp_path: Path) -> None:
+    args = [str(two_vmas) if w == "DIR" else w.replace("OUT", str(tmp_path / "out")) for w in what.split()]
+    probe = PROBE + "import threading\nthreading.Thread.start = (lambda s, t=threading.Thread.start: " \
+                    "(print('thread', file=sys.stderr), t(s))[1])\n"
+    proc = _cli(*args, prelude=probe)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("thread\n") == 2  # two files, two writers
+    out = tmp_path / "out"
+    assert (out / "pid-10/10000-12000-rw-p.bin").read_bytes() == b"a" * 4096 + bytes(4096)
+    big = (out / "pid-10/20000-30000-rw-p.bin").read_bytes()
+    assert big == b"b" * 0x3000 + bytes(0x9000) + b"c" * 0x4000
+    assert sorted(p.name for p in out.rglob("*")) == ["10000-12000-rw-p.bin", "20000-30000-rw-p.bin",
+                                                       "index.json", "pid-10"]
+    if "--json" in what:  # the output's name as pathlib shows it (no trailing slash), as before
+        assert f'"output": "{out}"' in proc.stdout
+    else:
+        assert proc.stdout.startswith(f"{out}: 2 files, {0x8000} bytes of memory (index: {out}/index.json)")
+    loaded = set(proc.stderr.strip().splitlines()[-1].split())
+    assert not loaded & set(NOT_FOR_EXTRACT), f"{what} imported {sorted(loaded & set(NOT_FOR_EXTRACT))}"
+
+
+GC_PROBE = """import gc, sys
+import crit_pageread.cli.ps as ps
+_run = ps.run
+def run(args):
+    print("collector", gc.isenabled(), gc.get_freeze_count() > 1000, file=sys.stderr)
+    return _run(args)
+ps.run = run
+"""
+
+
+def test_commands_run_with_the_collector_on_and_start_up_s_objects_frozen(small: Path, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(GC_PROBE)  # the probe, in a real `python -m crit_pageread`
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}
+    proc = subprocess.run([sys.executable, "-m", "crit_pageread", "ps", str(small)], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "collector True True" in proc.stderr
 
 
 def _argparse(words: list[str]) -> tuple[Any, str]:
@@ -289,6 +344,23 @@ def test_shmem_ids_are_found_as_the_regular_expression_found_them() -> None:
                  "xpagemap-shmem-1.img", "pagemap-shmem-1.imgx", "pagemap-shmem--1.img", "pagemap-shmem-².img"):
         m = pattern.match(name)
         assert _shmem_id(name) == (int(m.group(1)) if m else None), name
+
+
+def test_temporary_names_are_recognised_as_the_regular_expression_recognised_them() -> None:
+    """output.parse_temp_name looks for the tag first (a directory of other names is listed without importing re)."""
+    from crit_pageread.output import parse_temp_name
+
+    pattern = re.compile(r"^\.(?P<name>.+)\.crit-pageread-(?P<pid>\d+)(?:\.\d+)?\.tmp$")
+    for name in (".out.crit-pageread-12.tmp", ".out.crit-pageread-12.3.tmp", ".a.b.crit-pageread-1.crit-pageread-2.tmp",
+                 "out.crit-pageread-12.tmp", ".out.crit-pageread-.tmp", ".out.crit-pageread-12.tmp\n",
+                 ".\n.crit-pageread-1.tmp", ".out.crit-pageread-١٢.tmp", ".out.crit-pageread-12.tmpx",
+                 ".out.crit-pageread12.tmp", "..crit-pageread-1.tmp", "pagemap-1.img", "", ".crit-pageread-1.tmp",
+                 ".out.CRIT-PAGEREAD-1.tmp"):
+        m = pattern.match(name)
+        assert parse_temp_name(name) == ((m.group("name"), int(m.group("pid"))) if m else None), name
+    code = ("import sys\nfrom crit_pageread.output import parse_temp_name\n"
+            "assert parse_temp_name('pages-1.img') is None and 're' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
 
 
 def test_the_manifest_is_read_as_json_loads_reads_it() -> None:

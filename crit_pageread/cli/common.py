@@ -10,12 +10,11 @@ from ..errors import ConfigError
 from ..images import open_images
 from ..plugins import configure
 
-if TYPE_CHECKING:  # typing, argparse and output.py (signal, shutil) are not imported at start-up
+if TYPE_CHECKING:  # typing, argparse and output.py are not imported at start-up
     import argparse
     import os
     from collections.abc import Iterable
     from contextlib import AbstractContextManager
-    from pathlib import Path
     from typing import IO, Any
 
     from ..config import Config
@@ -29,11 +28,12 @@ def atomic_file(path: str | os.PathLike[str], mode: str = "wb") -> AbstractConte
     return atomic_file(path, mode)
 
 
-def atomic_dir(path: str | os.PathLike[str]) -> AbstractContextManager[Path]:
-    """`output.atomic_dir`, for the commands."""
-    from ..output import atomic_dir
+def atomic_dir(path: str | os.PathLike[str]) -> AbstractContextManager[str]:
+    """`output.atomic_dir` for the commands, the temporary directory as text (`output.atomic_dir_text`: no
+    pathlib)."""
+    from ..output import atomic_dir_text
 
-    return atomic_dir(path)
+    return atomic_dir_text(path)
 
 
 def add_common_options(parser: argparse.ArgumentParser, *, pid: bool = True, one_pid: bool = False) -> None:

@@ -3,22 +3,21 @@
 The bytes go through the reader and its strategy (`PageReader.write_to`): the
 local strategies copy them in the kernel (one `copy_file_range` per run
 contiguous in a pages file and in the output), several files at once by a
-few threads when the strategy allows it; pages that were not dumped stay
-holes. OUT is built in a temporary directory beside it and renamed into
-place only when complete.
+few threads when the strategy allows it (the largest files first; the
+index is written meanwhile); pages that were not dumped stay holes. OUT is
+built in a temporary directory beside it and renamed into place only when
+complete.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import operator
 import os
 import sys
 from array import array
-from pathlib import Path
 
-from .. import TYPE_CHECKING
+from .. import TYPE_CHECKING, _paths
 from ..errors import CritPageReadError
 from ..hookspecs import hookimpl
 from ..memory import Area, Readers
@@ -29,7 +28,6 @@ from .memscan import Progress, add_vma_filters, mapping_name, vma_filter_from_ar
 if TYPE_CHECKING:  # not imported at start-up
     import argparse
     from collections.abc import Callable
-    from concurrent.futures import Future
     from typing import Any
 
 #: Threads copying files in the kernel at once (the copies are bound by page-cache work, per core).
@@ -161,7 +159,7 @@ class _File:
         write("]}")
 
 
-def _open_out(path: Path, size: int) -> int:
+def _open_out(path: str, size: int) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         os.ftruncate(fd, size)
@@ -178,7 +176,7 @@ def _open_out(path: Path, size: int) -> int:
 
 def run(args: argparse.Namespace) -> int:
     vfilter = vma_filter_from_args(args)
-    out = Path(args.output)
+    out = _paths.text(args.output)
     with open_from_args(args) as images, Readers(images, args.strategy) as readers:
         # Plan everything first: a broken image fails here, before OUT exists.
         plans: dict[int, list[_Part]] = {}
@@ -214,39 +212,43 @@ def run(args: argparse.Namespace) -> int:
             else:
                 files.append(_File(f"pid-{pid}.mem", pid, max(p.area.end for p in parts),
                                    [(p, p.area.start) for p in parts]))
-        head = {"checkpoint": str(images.archive or images.path), "layout": args.layout,
-                "page_size": images.page_size, "skipped": skipped, "totals": {"files": len(files), "bytes": total}}
+        checkpoint = str(images.archive) if images.archive is not None else images.path_text
+        head = {"checkpoint": checkpoint, "layout": args.layout, "page_size": images.page_size, "skipped": skipped,
+                "totals": {"files": len(files), "bytes": total}}
         progress = Progress("extract", total)
         # Files whose bytes all come from local pages files are written by WRITERS threads at once when the
-        # strategy allows it (the kernel copies release the GIL) and there are two or more; the others here.
-        shared = [all(p.area.reader.strategy.concurrent_writes and not p.area.reader.strategy.serves_lazy
-                      for p, _ in f.parts) for f in files]
-        pool: Any = None
-        if sum(shared) > 1:
-            from concurrent.futures import ThreadPoolExecutor  # only then: it imports logging (5 ms)
+        # strategy allows it (the kernel copies release the GIL) and there are two or more, the largest first
+        # (one large file alone would otherwise be left for last); the others here, then the index.
+        jobs = [(f, f.parts[0][0].area.start if args.layout == "vma" else 0) for f in files]
+        threaded = [all(p.area.reader.strategy.concurrent_writes and not p.area.reader.strategy.serves_lazy
+                        for p, _ in f.parts) for f, _ in jobs]
+        if sum(threaded) < 2:
+            threaded = [False] * len(jobs)
+        by_size = sorted((job for job, t in zip(jobs, threaded, strict=True) if t),
+                         key=lambda job: -sum(p.bytes for p, _ in job[0].parts))
+        with atomic_dir(out) as tmp:
+            for directory in dict.fromkeys(_paths.parent(f.name) for f in files):
+                if directory != ".":
+                    os.mkdir(_paths.join(tmp, directory))
 
-            pool = ThreadPoolExecutor(WRITERS)
-        with atomic_dir(out) as tmp, pool or contextlib.nullcontext():
-            jobs: list[Future[None]] = []
+            def write_one(job: tuple[_File, int]) -> None:
+                f, base = job
+                _write_file(_paths.join(tmp, f.name), f.size, [p for p, _ in f.parts], progress, base,
+                            args.min_hole)
+
+            writers = _Writers(write_one, by_size, WRITERS) if by_size else None
             try:
-                for f, threaded in zip(files, shared, strict=True):
-                    parts = [p for p, _ in f.parts]
-                    path = tmp / f.name
-                    path.parent.mkdir(exist_ok=True)
-                    base = f.parts[0][0].area.start if args.layout == "vma" else 0
-                    if pool is not None and threaded:
-                        jobs.append(pool.submit(_write_file, path, f.size, parts, progress, base, args.min_hole))
-                    else:
-                        _write_file(path, f.size, parts, progress, base, args.min_hole)
-                for job in jobs:
-                    job.result()
-            except BaseException:
-                for job in jobs:
-                    job.cancel()
-                raise
+                for job, t in zip(jobs, threaded, strict=True):
+                    if not t:
+                        write_one(job)
+                with open(_paths.join(tmp, INDEX), "w") as index_file:
+                    write_index(index_file.write, head, files)
+                if writers is not None:
+                    writers.join()
+            finally:
+                if writers is not None:
+                    writers.stop()
             progress.finish()
-            with open(tmp / INDEX, "w") as index_file:
-                write_index(index_file.write, head, files)
     if lazy_bytes:
         print(f"crit-pageread: extract: {lazy_bytes // images.page_size} lazy pages left out as holes "
               "(their data is on a page server; use --strategy remote)", file=sys.stderr)
@@ -263,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"{out}: {len(files)} files, {total} bytes of memory"
               + (f", {lazy_bytes // images.page_size} lazy pages left as holes" if lazy_bytes else "")
-              + f" (index: {out / INDEX})")
+              + f" (index: {_paths.join(out, INDEX)})")
     return 0
 
 
@@ -282,7 +284,55 @@ def write_index(write: Callable[[str], Any], head: dict[str, Any], files: list[_
     write("\n]}\n")
 
 
-def _write_file(path: Path, size: int, parts: list[_Part], progress: Progress, base: int, fill: int = 0) -> None:
+class _Writers:
+    """Threads calling `work` on each of `jobs`, taken in order, `count` at once (concurrent.futures without
+    its import, which brings logging: 50 M instructions). `join()` waits for them and raises the first
+    error; after an error, or `stop()`, no job is started."""
+
+    def __init__(self, work: Callable[[Any], None], jobs: list[Any], count: int) -> None:
+        import threading
+
+        self._work = work
+        self._jobs = iter(jobs)
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._stopped = False
+        self._threads: list[threading.Thread] = [threading.Thread(target=self._run, name=f"extract-writer-{n}")
+                                                 for n in range(min(count, len(jobs)))]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                job = None if self._stopped else next(self._jobs, None)
+            if job is None:
+                return
+            try:
+                self._work(job)
+            except BaseException as exc:  # handed to join(), in the main thread
+                with self._lock:
+                    self._stopped = True
+                    if self._error is None:
+                        self._error = exc
+                return
+
+    def stop(self) -> None:
+        """Start no more jobs and wait for those running (a Ctrl-C while waiting is let through)."""
+        with self._lock:
+            self._stopped = True
+        for thread in self._threads:
+            thread.join()
+
+    def join(self) -> None:
+        """Wait for every job; raise the first error of one."""
+        for thread in self._threads:
+            thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def _write_file(path: str, size: int, parts: list[_Part], progress: Progress, base: int, fill: int = 0) -> None:
     """Write the readable runs of `parts` into a new file of `size` bytes; file offset = vaddr - base.
 
     The runs go to the reader's `write_to`, so the strategy moves the bytes (for the local strategies one

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -140,16 +141,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     In the command-line process, Ctrl-C at any moment is one line and exit 130:
     inside the command it raises KeyboardInterrupt (so `with` blocks remove
     temporary outputs); before and after it, `_interrupt.exit_now` exits at once.
+    There the cyclic garbage collector is off while the plugins and the command's
+    modules load, and what they made is frozen before the command runs (see `_main`).
     """
     words = list(argv if argv is not None else sys.argv[1:])
     debug = "--debug" in words
     cli = _interrupt.is_command_line()
+    global _collector_paused
+    paused = _collector_paused = cli and gc.isenabled()
+    if paused:
+        gc.disable()
     try:
         if cli:
             _interrupt.raise_keyboard_interrupt()
         try:
             return _main(argv, words, debug)
         finally:
+            _collector_paused = False
+            if paused:
+                gc.enable()
             if cli:
                 _interrupt.install_early()
     except (KeyboardInterrupt, RuntimeError) as exc:
@@ -174,6 +184,10 @@ def _interrupted(exc: BaseException) -> bool:
     return False
 
 
+#: Whether `main()` turned the cyclic garbage collector off for start-up (on the command line).
+_collector_paused = False
+
+
 def _main(argv: Sequence[str] | None, words: list[str], debug: bool) -> int:
     if words == ["--version"]:  # answered before any plugin loads
         print(version_text())
@@ -183,6 +197,12 @@ def _main(argv: Sequence[str] | None, words: list[str], debug: bool) -> int:
         args = _plain_args(words, command)
         if args is None:
             args = build_parser(command).parse_args(argv)
+        if _collector_paused:
+            # Start-up's objects (modules, classes, functions: tens of thousands) live until exit. Frozen, the
+            # collector skips them, during the command and at exit: extract of jvm 195.9 M -> 179.3 M
+            # instructions (README Performance). The command's own objects are collected as usual.
+            gc.freeze()
+            gc.enable()
         code = args.func(args)
         sys.stdout.flush()
         return int(code or 0)
