@@ -11,10 +11,12 @@ SMALL_RUN: fragmented memory) of one process are packed, PACK bytes at a time
 with SEPARATOR zero bytes between them, and scanned together; a match that
 leaves its run is dropped and that run is scanned again alone, so the matches
 reported are the ones each run holds. A rule's condition is evaluated per
-scan: a window of a long run, or a pack (counts, `all of them`, offsets and
-`filesize` refer to that window or pack).
+scan: a run, a window of a long run, or a pack (counts, `all of them`,
+offsets and `filesize` refer to that run, window or pack).
 
-Bytes are read through the reader and its strategy, into reused buffers.
+Bytes are read through the reader and its strategy into one reused buffer,
+and yara-x scans them there: runs up to a window are read several at a time
+(BATCH bytes) and each is scanned on its own where it lies (`ScanBuffer`).
 `scan_checkpoint` is the task: it takes and returns plain picklable values,
 so a process pool or a Dask worker can run it; it never raises for a broken
 checkpoint, it returns the error.
@@ -62,6 +64,10 @@ SEPARATOR = 16
 PENDING_RUNS = 1 << 16
 #: Runs of a span handed to the scanner at once (a fragmented VMA has millions).
 SPAN_RUNS = 1 << 14
+#: Bytes of longer runs (over SMALL_RUN, up to a window) read at once, each then scanned on its own where it lies:
+#: fewer, larger reads, and the bytes still in the CPU's cache when yara-x scans them (big, CPU medians of 7:
+#: 1 MiB 258 ms, 2 MiB 256, 4 MiB 249, 16 MiB 287; one run a read: 294).
+BATCH = 4 << 20
 #: Bytes of a match kept for the excerpt.
 EXCERPT = 64
 RULE_SUFFIXES = (".yar", ".yara")
@@ -326,10 +332,13 @@ def _scan_images(images: CheckpointImages, scanner: _Scanner, options: ScanOptio
 
 
 class _Scanner:
-    """yara-x's scanner over the runs of spans, with reused buffers.
+    """yara-x's scanner over the runs of spans, with one reused buffer (`ScanBuffer`).
 
-    A run longer than SMALL_RUN is read into the window buffer window by
-    window and scanned on its own. Shorter runs (fragmented memory) are
+    A run longer than SMALL_RUN and up to a window is scanned on its own, but
+    read with the process's others: BATCH bytes of them at a time, one after
+    another with GAP bytes after each (`PageReader.read_packed`: one plan for
+    the strategy), each then scanned where it lies, in address order. A run
+    longer than a window is read and scanned window by window. Shorter runs (fragmented memory) are
     packed, with no Python per run: the reader reads PACK bytes of them at
     a time into the window buffer, one after another with SEPARATOR zero
     bytes after each (`PageReader.read_packed`: one plan for the strategy),
@@ -349,7 +358,8 @@ class _Scanner:
             self.scanner.set_timeout(options.timeout)
         self.window = options.window
         self.overlap = options.overlap
-        self.buffer = WindowBuffer(self.window)
+        self.buffer: Any = ScanBuffer.take(FIRST + self.window + GAP)
+        self.batch = min(BATCH, self.window)
         self.pack_size = min(PACK, self.window)
         self.small = min(SMALL_RUN, self.pack_size - SEPARATOR)
         self.truncated = False
@@ -358,23 +368,43 @@ class _Scanner:
         self._starts: list[int] = []
         self._ends: list[int] = []
         self._spans: list[tuple[int, Span]] = []
+        # The same for the longer runs up to a window (`_scan_whole`), and the bytes they take in the buffer.
+        self._whole_starts: list[int] = []
+        self._whole_ends: list[int] = []
+        self._whole_spans: list[tuple[int, Span]] = []
+        self._whole_bytes = 0
 
     def close(self) -> None:
-        """Drop yara-x's scanner now, in this thread."""
+        """Drop yara-x's scanner now, in this thread; the buffer is free for the next scanner."""
         self.scanner = None
+        if self.buffer is not None:
+            self.buffer.give_back()
+            self.buffer = None
 
     def scan_runs(self, span: Span, starts: list[int], ends: list[int], out: list[Match],
                   rule_only: set[tuple[str, str]]) -> int:
-        """Scan the readable runs [starts[k], ends[k]) of `span` (long ones now, short ones packed with the
-        process's others, scanned at `flush` or when PENDING_RUNS are waiting); append the matches; return
-        the bytes."""
+        """Scan the readable runs [starts[k], ends[k]) of `span`: longer ones in address order (up to a window
+        each: batched with the process's others, read and scanned when a window of them waits; longer than
+        a window: now), short ones packed with the process's others (scanned at `flush` or when PENDING_RUNS
+        wait); append the matches; return the bytes."""
         if not starts:
             return 0
         lens = list(map(operator.sub, ends, starts))
         small = self.small
         if max(lens) > small:
+            window = self.window
             for k in [k for k, n in enumerate(lens) if n > small]:
-                self.scan_run(span, starts[k], ends[k], out, rule_only)
+                if lens[k] > window:
+                    self._own(span)
+                    self._scan_whole(out, rule_only)  # the runs before it first: scans stay in address order
+                    self.scan_run(span, starts[k], ends[k], out, rule_only)
+                    continue
+                self._whole_starts.append(starts[k])
+                self._whole_ends.append(ends[k])
+                self._whole_bytes += lens[k] + GAP
+            self._own(span)
+            if self._whole_bytes >= self.batch:
+                self._scan_whole(out, rule_only)
             keep = list(map(operator.le, lens, repeat(small)))
             starts, ends = list(compress(starts, keep)), list(compress(ends, keep))
         if starts:
@@ -385,23 +415,59 @@ class _Scanner:
                 self.flush(out, rule_only)
         return sum(lens)
 
+    def _own(self, span: Span) -> None:
+        """Note that the longer runs pending since the last note are `span`'s."""
+        n = len(self._whole_starts)
+        if n and (not self._whole_spans or self._whole_spans[-1][0] < n):
+            self._whole_spans.append((n, span))
+
     def flush(self, out: list[Match], rule_only: set[tuple[str, str]]) -> None:
-        """Scan the pending short runs, PACK bytes of them at a time: the reader lays each pack's runs one
-        after another in the window buffer with SEPARATOR zero bytes after each (`read_packed`)."""
+        """Scan the pending runs: the longer ones (`_scan_whole`), then the short ones PACK bytes of them at a
+        time: the reader lays each pack's runs one after another in the buffer with SEPARATOR zero bytes after
+        each (`read_packed`)."""
+        self._scan_whole(out, rule_only)
         starts, ends, owners = self._starts, self._ends, self._spans
         if not starts:
             return
         self._starts, self._ends, self._spans = [], [], []
         owner_ends = [e for e, _ in owners]
-        pack = self.buffer.view[: self.pack_size]
         reader = owners[0][1].reader
         count = len(starts)
         i = 0
         while i < count:
+            pack = self.buffer.view[FIRST : FIRST + self.pack_size]
             j, used = reader.read_packed(starts, ends, i, pack, gap=SEPARATOR)
-            results, data = self.buffer.scan(self.scanner, used - SEPARATOR)
+            results, data = self.buffer.scan(self.scanner, FIRST, used - SEPARATOR)
             if results.matching_rules:
                 self._scan_pack(results, data, starts, ends, i, j, owners, owner_ends, out, rule_only)
+            i = j
+
+    def _scan_whole(self, out: list[Match], rule_only: set[tuple[str, str]]) -> None:
+        """Scan each pending longer run (over SMALL_RUN, up to a window) on its own, reading as many at a time as
+        a window holds: one `read_packed` (one plan for the strategy) lays them one after another in the buffer
+        with GAP bytes after each, and yara-x scans each where it lies (`ScanBuffer.scan`: no copy)."""
+        starts, ends, owners = self._whole_starts, self._whole_ends, self._whole_spans
+        if not starts:
+            return
+        self._whole_starts, self._whole_ends, self._whole_spans, self._whole_bytes = [], [], [], 0
+        reader = owners[0][1].reader
+        buffer = self.buffer
+        scanner = self.scanner
+        report = self._report
+        count = len(starts)
+        i = o = 0
+        while i < count:
+            room = FIRST + max(self.batch, ends[i] - starts[i]) + GAP
+            j, _ = reader.read_packed(starts, ends, i, buffer.view[FIRST:room], gap=GAP)
+            at = FIRST
+            for k in range(i, j):
+                rs, re_ = starts[k], ends[k]
+                results, data = buffer.scan(scanner, at, re_ - rs)
+                if results.matching_rules:
+                    while owners[o][0] <= k:
+                        o += 1
+                    report(results, data, owners[o][1], rs, rs, re_, out, rule_only)
+                at += re_ - rs + GAP
             i = j
 
     def _scan_pack(self, results: Any, data: bytes, starts: list[int], ends: list[int], i: int, j: int,
@@ -452,8 +518,8 @@ class _Scanner:
             n = min(window, re_ - base)
             last = base + n >= re_
             own_end = re_ if last else base + n - self.overlap
-            reader.readinto(base, self.buffer.view[:n])
-            results, data = self.buffer.scan(self.scanner, n)
+            reader.readinto(base, self.buffer.view[FIRST : FIRST + n])
+            results, data = self.buffer.scan(self.scanner, FIRST, n)
             self._report(results, data, span, base, own_start, own_end, out, rule_only)
             if last:
                 return
@@ -508,47 +574,142 @@ def _match(span: Span, rule: Any, identifier: str | None, vaddr: int, length: in
     )
 
 
-class WindowBuffer:
-    """One buffer of `size` bytes that the reader fills and yara-x scans, reused for every window.
+#: Where a scan's bytes start in the scan buffer: room for a bytes object's header before them (32 bytes on
+#: CPython), the data 64-byte aligned (kernel copies to addresses 16 bytes off a 32-byte boundary ran 4x slower).
+FIRST = 64
+#: Bytes after each run read in a batch (`_Scanner._scan_whole`): its NUL, and the next one's header.
+GAP = 64
+#: The reference count of a bytes object laid in a scan buffer: it never reaches zero, so it is never freed.
+_REFS = 1 << 30
+#: Scan buffers not in use, by size (one per scanning thread at most), for the next scanner.
+_FREE: dict[int, list[ScanBuffer]] = {}
+#: Maps in which yara-x kept a bytes object after its scan: never written again.
+_KEPT: list[Any] = []
+
+
+class _NoScan:
+    """A scanner that looks at nothing (`ScanBuffer` counts the references a scan leaves with it)."""
+
+    @staticmethod
+    def scan(data: bytes) -> None:
+        return None
+
+
+class ScanBuffer:
+    """A page-aligned buffer that the reader fills and yara-x scans in place, reused for every scan.
 
     yara-x's Python `scan()` takes only `bytes`, and a new bytes object per
-    window costs an allocation, its page faults and one more copy (measured:
-    more time than the scan itself). So on CPython the buffer is one bytes
-    object: its storage (right after the header) is filled through a writable
-    view, and while yara-x scans a shorter window its length field says that
-    window's length (restored after; nothing else holds the object). Where
-    that layout is not found, each window is copied into a new bytes object.
+    scan costs an allocation, its page faults and one more copy (measured:
+    more time than the scan itself). So on CPython the bytes yara-x scans are
+    a bytes object laid in the buffer itself: `scan(scanner, at, n)` writes a
+    bytes object's header (reference count, type, length `n`) in the 32 bytes
+    before `at` and a NUL after the data, and hands that object to yara-x;
+    runs read in one batch are each scanned where they lie. The reference
+    count never reaches zero, so CPython never frees the object, and the
+    buffer's map is never unmapped, not even at exit (`take`/`give_back`
+    reuse buffers), so the object is in mapped memory whenever its last
+    reference goes. After each scan the
+    object must be referenced by nobody else (checked: if yara-x kept it, its
+    map is kept as it is, never written again, and the scans from then on
+    copy into a new bytes object, as they do where CPython's layout is not
+    found).
     """
 
     def __init__(self, size: int) -> None:
-        import ctypes
+        import mmap
 
         self.size = size
-        self._data = bytes(size)
-        self._len: Any = None
-        addr = id(self._data)
-        size_field = ctypes.c_ssize_t.from_address(addr + object.__basicsize__)
-        storage = (ctypes.c_char * (size + 1)).from_address(addr + bytes.__basicsize__ - 1)
-        if sys.implementation.name == "cpython" and size_field.value == size and storage[size] == b"\0":
-            self._len = size_field
-            self._storage = memoryview(storage).cast("B")
-            self.view = self._storage[:size]
-        else:
-            self._storage = memoryview(bytearray(size + 1))
-            self.view = self._storage[:size]
-
-    def scan(self, scanner: Any, n: int) -> tuple[Any, bytes]:
-        """yara-x's results for the first `n` bytes, and a bytes object with those bytes at their offsets."""
-        if self._len is None:
-            data = bytes(self.view[:n])
-            return scanner.scan(data), data
-        self._storage[n] = 0  # bytes objects end with a NUL
-        self._len.value = n
+        self._map: Any = mmap.mmap(-1, size)
+        self.view = memoryview(self._map)
+        self._expect = -1  # the references a scan leaves on the object: counted on the first (`_calibrate`)
         try:
-            return scanner.scan(self._data), self._data
-        finally:
-            self._len.value = self.size
-            self._storage[self.size] = 0
+            self._place = self._placer()
+        except (ImportError, ValueError, TypeError):
+            self._place = None
+        if self._place is not None:
+            self._calibrate()
+
+    @classmethod
+    def take(cls, size: int) -> ScanBuffer:
+        """A free buffer of `size` bytes, or a new one."""
+        try:
+            return _FREE.get(size, []).pop()
+        except IndexError:
+            return cls(size)
+
+    def give_back(self) -> None:
+        """Free for the next scanner: its pages are released (reading as zeros), its map stays."""
+        import mmap
+
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
+        _FREE.setdefault(self.size, []).append(self)
+
+    def _placer(self) -> Any:
+        """A function (at, n) -> the bytes object over view[at : at + n], or None where the layout is not
+        CPython's."""
+        import ctypes
+        import struct
+
+        head = bytes.__basicsize__ - 1  # where the bytes start in a bytes object
+        header = struct.Struct("nPnn")  # ob_refcnt, ob_type, ob_size, ob_shash
+        if sys.implementation.name != "cpython" or header.size != head or head > FIRST:
+            return None
+        # The map is never unmapped, not even when the interpreter exits: one reference to it is never dropped.
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(self._map))
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        slot = bytearray(8)
+        pointer = ctypes.py_object.from_buffer(slot)  # reads the object whose address is in `slot`
+        address = struct.Struct("P")
+        view = self.view
+        kind = id(bytes)
+
+        def place(at: int, n: int, pack: Any = header.pack_into, put: Any = address.pack_into) -> bytes:
+            pack(view, at - head, _REFS, kind, n, -1)
+            view[at + n] = 0
+            put(slot, 0, base + at - head)
+            return pointer.value  # type: ignore[return-value]
+
+        return place
+
+    def _calibrate(self) -> None:
+        """Check the layout on this buffer and count the references a scan leaves (Python versions differ)."""
+        sample = b"crit-pageread"
+        self.view[FIRST : FIRST + len(sample)] = sample
+        _, data = self.scan(_NoScan, FIRST, len(sample))
+        if not (type(data) is bytes and len(data) == len(sample) and data == sample and data[-1:] == b"d"):
+            self._place = None
+        del data
+        self.view[: FIRST + len(sample) + 1] = bytes(FIRST + len(sample) + 1)
+
+    def scan(self, scanner: Any, at: int, n: int) -> tuple[Any, bytes]:
+        """yara-x's results for view[at : at + n] (`at` >= FIRST; view[at + n] is set to 0), and a bytes object
+        with those bytes at their offsets (valid until the buffer is next written)."""
+        place = self._place
+        if place is None:
+            data = bytes(self.view[at : at + n])
+            return scanner.scan(data), data
+        data = place(at, n)
+        results = scanner.scan(data)
+        refs = sys.getrefcount(data)
+        if refs != self._expect:
+            self._kept(refs)
+        return results, data
+
+    def _kept(self, refs: int) -> None:
+        """The first scan's count is the expected one; later, more references mean yara-x kept the object:
+        its map is kept as it is, the scans from then on copy (from a new map holding the same bytes)."""
+        import mmap
+
+        if self._expect < 0:
+            self._expect = refs
+            return
+        old = self.view
+        _KEPT.append(self._map)
+        self._place = None
+        self._map = mmap.mmap(-1, self.size)
+        self.view = memoryview(self._map)
+        self.view[:] = old  # the runs of the batch not scanned yet
 
 
 # --- many checkpoints ---------------------------------------------------------------------------

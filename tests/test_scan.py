@@ -626,3 +626,110 @@ def test_scan_a_match_across_a_hole_is_not_reported_but_across_adjacent_runs_it_
                            ("$re", V1 + 3 * PAGE - 8, 12)}
         else:
             assert got == set()
+
+
+
+RUNS_RULES = r"""
+rule per_run { strings: $mark = "RUN-MARK" condition: #mark == 3 and @mark[1] == 0 }
+rule sized { strings: $size = "SIZE-MARK" condition: $size and filesize == 20 * 4096 }
+rule greedy { strings: $tail = /END-OF-RUN[^!]{0,200}/ $head = /[^!]{0,40}HEAD-OF-RUN/ condition: any of them }
+rule no_string { condition: filesize > 65536 }
+"""
+
+
+@pytest.mark.parametrize("helper", ["native", "python"])
+def test_scan_runs_read_together_are_each_scanned_alone(tmp_path: Path, helper: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs longer than 64 KiB are read several at a time (in one span, across spans, one longer than a batch)
+    and each is scanned alone: a condition counts in its run (`#mark == 3`, `@mark[1] == 0`, `filesize`), a
+    greedy regex stops at its run's end and starts at its run's start (nothing of the bytes between runs in
+    the buffer is seen), the matches are those of yara-x scanning each run alone, and a rule without strings
+    is reported at the first run where it holds in address order; read by the native helper's plan or not."""
+    import yara_x
+
+    from crit_pageread import native
+    from crit_pageread.testing import ImageBuilder, VmaSpec
+
+    if helper == "python":
+        monkeypatch.setattr(native, "fastio", None)
+    elif native.fastio is None:
+        pytest.skip("the native helper crit_pageread._fastio is not built")
+
+    def entry(pages: int, seed: int) -> bytes:
+        data = _filler(pages * PAGE, seed)
+        for at in (0, pages * PAGE // 2, pages * PAGE - 8):
+            _put(data, at, b"RUN-MARK")
+        _put(data, 10, b"HEAD-OF-RUN")
+        if pages > 1:
+            _put(data, PAGE + 7, b"SIZE-MARK")
+        return bytes(_put(data, pages * PAGE - 30, b"END-OF-RUN"))
+
+    # V1 (100 pages): runs of 17, 20 and 47 pages with a hole after each, a single page, then 11 pages that
+    # W (8 pages, right after V1) continues; V3 far away: 20 pages, a hole, 1100 pages (more than a batch)
+    w = V1 + 100 * PAGE
+    layout = [(V1, 17), (V1 + 18 * PAGE, 20), (V1 + 39 * PAGE, 47), (V1 + 87 * PAGE, 1), (V1 + 89 * PAGE, 11),
+              (w, 8), (V3, 20), (V3 + 21 * PAGE, 1100)]
+    entries = [(vaddr, entry(pages, k)) for k, (vaddr, pages) in enumerate(layout)]
+    images = tmp_path / "img"
+    b = ImageBuilder(images)
+    b.process(10, vmas=[VmaSpec(V1, w), VmaSpec(w, w + 8 * PAGE), VmaSpec(V3, V3 + 1200 * PAGE)])
+    b.pagemap(10, entries)
+    b.write()
+    runs: list[tuple[int, bytes]] = []
+    for vaddr, data in entries:
+        if runs and runs[-1][0] + len(runs[-1][1]) == vaddr:
+            runs[-1] = (runs[-1][0], runs[-1][1] + data)
+        else:
+            runs.append((vaddr, data))
+    assert [len(d) // PAGE for _, d in runs] == [17, 20, 47, 1, 19, 20, 1100]
+    rules = tmp_path / "runs.yar"
+    rules.write_text(RUNS_RULES)
+    scanner = yara_x.Scanner(yara_x.compile(RUNS_RULES))
+    want = {(p.identifier, vaddr + m.offset, m.length) for vaddr, data in runs
+            for r in scanner.scan(data).matching_rules for p in r.patterns for m in p.matches}
+    want.add(("", V1, 0))  # no_string: once per process, at the first run over 64 KiB
+    assert len({x for x in want if x[0] == "$mark"}) == 3 * 6  # every run's but the one of two entries
+    assert {x[1] for x in want if x[0] == "$size"} == {V1 + 19 * PAGE + 7, V3 + PAGE + 7}
+    assert ("$tail", V1 + 17 * PAGE - 30, 30) in want  # cut at its run's end
+    assert ("$head", V1 + 18 * PAGE, 21) in want  # from its run's start
+    for window in (16 << 20, 5 << 20):  # every run in one scan; the long one alone in a batch
+        assert _scan_lib(images, rules, window=window, overlap=64) == want, window
+    # windows shorter than some runs: the per-string rule's matches (a condition holds per window there)
+    strings = {x for x in want if x[0] in ("$tail", "$head")}
+    for window in (21 * PAGE, 18 * PAGE):
+        got = _scan_lib(images, rules, window=window, overlap=PAGE)
+        assert {x for x in got if x[0] in ("$tail", "$head")} == strings, window
+        assert ("", V1, 0) in got
+
+
+def test_scan_buffer_a_scanner_that_keeps_its_data_sees_it_unchanged() -> None:
+    """The bytes yara-x scans lie in the reused buffer; if a scanner kept them after its scan, they must not
+    change under it: the buffer is left as it is and the scans from then on copy."""
+    from crit_pageread.scan import FIRST, ScanBuffer
+
+    class Keeper:
+        def __init__(self) -> None:
+            self.kept: list[bytes] = []
+
+        def scan(self, data: bytes) -> int:
+            self.kept.append(data)
+            return len(data)
+
+    class Looker:
+        @staticmethod
+        def scan(data: bytes) -> bytes:
+            return bytes(data)
+
+    buf = ScanBuffer.take(FIRST + (1 << 20) + 64)
+    try:
+        buf.view[FIRST : FIRST + 6] = b"first!"
+        buf.view[FIRST + 1000 : FIRST + 1006] = b"second"
+        assert buf.scan(Looker, FIRST, 6) == (b"first!", b"first!")
+        keeper = Keeper()
+        assert buf.scan(keeper, FIRST, 6)[0] == 6
+        assert buf.scan(Looker, FIRST + 1000, 6)[0] == b"second"  # a run of the same batch, still there
+        buf.view[FIRST : FIRST + 6] = b"later!"
+        assert buf.scan(Looker, FIRST, 6)[0] == b"later!"
+        assert keeper.kept == [b"first!"] and type(keeper.kept[0]) is bytes
+    finally:
+        buf.give_back()
