@@ -386,11 +386,11 @@ done:
 /* --- pack: many ranges one after another into one buffer -------------------------------- */
 
 PyDoc_STRVAR(pack_doc,
-"pack(starts, sizes, kinds, depths, offsets, table, rstarts, rends, first, dest, gap) -> "
+"pack(starts, sizes, kinds, depths, offsets, table, rstarts, rends, first, dest, gap, stop=-1) -> "
 "(status, a, b, next, used, pieces, addresses, files)\n\n"
 "Plan a read of the ranges [rstarts[k], rends[k]) (lists of ints or int64 columns) from k = first on\n"
 "over a MemoryMap's columns (as plan()'s) into `dest` one after another, `gap` bytes after each (zeroed\n"
-"here), as many as fit with their gaps.\n"
+"here), as many as fit with their gaps, and none from `stop` on (>= 0: a windowed map holds ranges up to it).\n"
 "status 0: next is the index past the last range planned, used the bytes of dest they take (gaps\n"
 "included); pieces as plan()'s (dest_offset in dest) and addresses (bytes of int64: each piece's\n"
 "address in memory). 1: a hole at [a, b); 2: lazy pages at [a, b); 3: run a is broken;\n"
@@ -401,10 +401,10 @@ PyDoc_STRVAR(pack_doc,
 static PyObject *fast_pack(PyObject *self, PyObject *args)
 {
     PyObject *starts, *sizes, *kinds, *depths, *offsets, *tab, *rstarts_obj, *rends_obj;
-    Py_ssize_t first, gap;
+    Py_ssize_t first, gap, stop = -1;
     Py_buffer dest;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOnw*n", &starts, &sizes, &kinds, &depths, &offsets, &tab, &rstarts_obj,
-                          &rends_obj, &first, &dest, &gap))
+    if (!PyArg_ParseTuple(args, "OOOOOOOOnw*n|n", &starts, &sizes, &kinds, &depths, &offsets, &tab, &rstarts_obj,
+                          &rends_obj, &first, &dest, &gap, &stop))
         return NULL;
     vec_t pieces = {0}, addrs = {0};
     table_t table = {NULL, 0, 0, -1};
@@ -415,11 +415,14 @@ static PyObject *fast_pack(PyObject *self, PyObject *args)
         goto done;
     if (seq_open(rstarts_obj, &rstarts, "ranges") < 0 || seq_open(rends_obj, &rends, "ranges") < 0)
         goto done;
-    const Py_ssize_t count = m.count, nranges = rstarts.len;
+    const Py_ssize_t count = m.count;
+    Py_ssize_t nranges = rstarts.len;
     if (rends.len != nranges) {
         PyErr_SetString(PyExc_ValueError, "range starts and ends differ in length");
         goto done;
     }
+    if (stop >= 0 && stop < nranges)
+        nranges = stop; /* the ranges from `stop` on are not packed (the map may not hold them) */
     if (first < 0 || first >= nranges || gap < 0) {
         PyErr_SetString(PyExc_ValueError, "first must index a range and gap must not be negative");
         goto done;
@@ -1500,7 +1503,7 @@ PyMODINIT_FUNC PyInit__fastio(void)
     if (m == NULL)
         return NULL;
     /* native.py uses the module only if this is the version its Python side was written for */
-    if (PyModule_AddIntConstant(m, "VERSION", 5) < 0
+    if (PyModule_AddIntConstant(m, "VERSION", 6) < 0
             || PyModule_AddIntConstant(m, "PIECE_BYTES", (long)sizeof(piece_t)) < 0
             || PyModule_AddIntConstant(m, "RECORD_BYTES", (long)sizeof(rec_t)) < 0) {
         Py_DECREF(m);

@@ -223,12 +223,12 @@ class ProcessReader(PageReader):
         lazy_ok = self.strategy.serves_lazy
         pieces = self._pieces(start, end) if end > start else None
         if pieces is None:
-            return _map_runs(self.memory_map(), start, end, lazy_ok)
+            return _reader_runs(self, start, end, lazy_ok)
         starts, ends = int64s(), int64s()
         lazy = 0
         for a, b, shmid, delta in pieces:
-            flat = self.memory_map() if shmid is None else self.segment_reader(shmid).memory_map()
-            ss, ee, skipped = _map_runs(flat, a + delta, b + delta, lazy_ok)
+            reader = self if shmid is None else self.segment_reader(shmid)
+            ss, ee, skipped = _reader_runs(reader, a + delta, b + delta, lazy_ok)
             lazy += skipped
             if not ss:
                 continue
@@ -248,11 +248,11 @@ class ProcessReader(PageReader):
         lazy_ok = self.strategy.serves_lazy
         pieces = self._pieces(start, end) if end > start else None
         if pieces is None:
-            return _map_bytes(self.memory_map(), start, end, lazy_ok)
+            return _reader_bytes(self, start, end, lazy_ok)
         readable = lazy = 0
         for a, b, shmid, delta in pieces:
-            flat = self.memory_map() if shmid is None else self.segment_reader(shmid).memory_map()
-            got, skipped = _map_bytes(flat, a + delta, b + delta, lazy_ok)
+            reader = self if shmid is None else self.segment_reader(shmid)
+            got, skipped = _reader_bytes(reader, a + delta, b + delta, lazy_ok)
             readable += got
             lazy += skipped
         return readable, lazy
@@ -270,6 +270,33 @@ class ProcessReader(PageReader):
 
     def __repr__(self) -> str:
         return f"<ProcessReader pid {self.pid} of {self.images.path} via {self.strategy.name}>"
+
+
+def _reader_runs(reader: PageReader, start: int, end: int, lazy_ok: bool) -> tuple[array[int], array[int], int]:
+    """`_map_runs` over the reader's map: whole, or window by window (runs back to back across joined)."""
+    maps = reader.maps(start, end)
+    starts, ends, lazy = _map_runs(next(maps), start, end, lazy_ok)
+    for flat in maps:
+        ss, ee, skipped = _map_runs(flat, start, end, lazy_ok)
+        lazy += skipped
+        if not ss:
+            continue
+        if ends and ends[-1] == ss[0]:
+            ends[-1] = ee[0]
+            ss, ee = ss[1:], ee[1:]
+        starts += ss
+        ends += ee
+    return starts, ends, lazy
+
+
+def _reader_bytes(reader: PageReader, start: int, end: int, lazy_ok: bool) -> tuple[int, int]:
+    """`_map_bytes` over the reader's map: whole, or window by window."""
+    readable = lazy = 0
+    for flat in reader.maps(start, end):
+        got, skipped = _map_bytes(flat, start, end, lazy_ok)
+        readable += got
+        lazy += skipped
+    return readable, lazy
 
 
 def _map_runs(flat: MemoryMap, start: int, end: int, lazy_ok: bool) -> tuple[array[int], array[int], int]:

@@ -8,6 +8,7 @@ the uint64 field 5. The very old `in_parent` bool (field 3) is honoured.
 
 from __future__ import annotations
 
+import _thread
 import bisect
 import itertools
 import operator
@@ -140,9 +141,10 @@ class PagemapEntries:
         return pm._entry(i)
 
     def __iter__(self) -> Iterator[PagemapEntry]:
-        starts, sizes, flags, offsets = self._pagemap.columns()
         ps = self._pagemap.page_size
-        return map(PagemapEntry, starts, map(ps.__rfloordiv__, sizes), flags, offsets, repeat(ps))
+        return itertools.chain.from_iterable(
+            map(PagemapEntry, starts, map(ps.__rfloordiv__, sizes), flags, offsets, repeat(ps))
+            for starts, sizes, flags, offsets in self._pagemap.chunks())
 
     def __bool__(self) -> bool:
         return len(self._pagemap) > 0
@@ -163,7 +165,10 @@ class Pagemap:
     and pages-file offset, array('B') of its flags: 25 bytes an entry);
     `entries` is a sequence view of them as PagemapEntry tuples, each made on
     access (a fragmented dump has millions of entries; the reader plans from
-    the columns).
+    the columns). Past WINDOWED_ABOVE entries the columns are held in windows
+    (`windowed`): a table of where each window of about WINDOW_ENTRIES entries
+    starts, and the last few windows decoded from the image again when asked
+    for (`chunks`, `columns_over`; `columns()` then joins them all).
     """
 
     def __init__(
@@ -175,6 +180,7 @@ class Pagemap:
         page_size: int,
         starts: Any = None,
         columns: tuple[Any, Any, Any] | None = None,
+        windows: _Windows | None = None,
     ) -> None:
         #: The pagemap image as given: a path as text (`path` makes its Path on first use), a Path, or an
         #: `archive.Member` (str() is `ARCHIVE: MEMBER`).
@@ -186,6 +192,10 @@ class Pagemap:
             starts = [e.vaddr for e in entries]
             columns = ([e.nr_pages * e.page_size for e in entries], [e.flags for e in entries],
                        [e.offset for e in entries])
+        #: The index in windows (a pagemap of more than WINDOWED_ABOVE entries), or None: kept whole.
+        self._win: _Windows | None = windows
+        if windows is not None:
+            starts, columns = int64s(), (int64s(), array(FLAGS), int64s())
         assert starts is not None and columns is not None, "Pagemap needs its entries or its columns"
         self._starts: array[int] = starts if type(starts) is array else int64s(starts)
         sizes, flags, offsets = columns
@@ -195,6 +205,7 @@ class Pagemap:
             offsets if type(offsets) is array else int64s(offsets),
         )
         self._runs: tuple[array[int], array[int]] | None = None
+        self._mask = -1
         #: What the loader read as CRIU does but that no CRIU writes (one line each; `check` lists them).
         self.anomalies: list[str] = []
 
@@ -205,8 +216,89 @@ class Pagemap:
 
     def columns(self) -> tuple[array[int], array[int], array[int], array[int]]:
         """The index as columns (the reader's planning works on them, not on entries): each entry's
-        vaddr, size in bytes, flags and pages-file offset (-1 without data). Read-only: shared."""
+        vaddr, size in bytes, flags and pages-file offset (-1 without data). Read-only: shared.
+
+        Of a windowed index, every window decoded and joined, not kept (25 bytes an entry, for callers
+        off the streaming paths; those take `chunks()`, `columns_over()` or the reader's maps)."""
+        if self._win is not None:
+            out = (int64s(), int64s(), array(FLAGS), int64s())
+            for part in self.chunks():
+                for column, got in zip(out, part, strict=True):
+                    column += got
+            return out
         return (self._starts, *self._columns)
+
+    @property
+    def windowed(self) -> bool:
+        """The index is held in windows decoded on demand (more than WINDOWED_ABOVE entries), not whole."""
+        return self._win is not None
+
+    def chunks(self) -> Iterator[tuple[array[int], array[int], array[int], array[int]]]:
+        """The index as `columns()` in parts, in address order: the whole columns, or one window at a time."""
+        win = self._win
+        if win is None:
+            yield self.columns()
+            return
+        for w in range(len(win.firsts)):
+            yield win.window(self, w)
+
+    def bounds(self) -> array[int]:
+        """Where the index's windows start, from the second on (empty when it is whole): every one the
+        start of an entry."""
+        return self._win.firsts[1:] if self._win is not None else int64s()
+
+    def flag_mask(self) -> int:
+        """Bit `f` set for each flags word `f` some entry has (which kinds of entries there are)."""
+        if self._mask < 0:
+            if self._win is not None:
+                self._mask = self._win.mask
+            else:
+                self._mask = _mask_of(self._columns[1])
+        return self._mask
+
+    def span(self) -> tuple[int, int] | None:
+        """(first vaddr, end of the last entry), or None without entries."""
+        if self._win is not None:
+            return self._win.firsts[0], self._win.end
+        if not self._starts:
+            return None
+        return self._starts[0], self._starts[-1] + self._columns[0][-1]
+
+    def columns_over(self, lo: int, hi: int) -> tuple[array[int], array[int], array[int], array[int]]:
+        """`columns()` of the entries that overlap [lo, hi), copied, the first and the last clipped to it
+        (a window of a windowed index as it is, shared, when [lo, hi) is its addresses)."""
+        win = self._win
+        if win is not None:
+            w = win.window_of(lo)
+            if win.limits(w) == (lo, hi):
+                return win.window(self, w)
+        out = (int64s(), int64s(), array(FLAGS), int64s())
+        parts: Iterable[tuple[Any, ...]]
+        if win is None:
+            parts = (self.columns(),)
+        else:
+            w = win.window_of(lo)
+            parts = (win.window(self, k) for k in range(w, len(win.firsts)) if k == w or win.firsts[k] < hi)
+        for starts, sizes, flags, offsets in parts:
+            i = bisect.bisect_right(starts, lo) - 1
+            if i < 0 or starts[i] + sizes[i] <= lo:
+                i += 1
+            j = bisect.bisect_left(starts, hi, i)
+            if i < j:
+                for column, got in zip(out, (starts, sizes, flags, offsets), strict=True):
+                    column += got[i:j]
+        starts, sizes, _, offsets = out
+        if starts:
+            cut = lo - starts[0]
+            if cut > 0:
+                starts[0] = lo
+                sizes[0] -= cut
+                if offsets[0] >= 0:
+                    offsets[0] += cut
+            over = starts[-1] + sizes[-1] - hi
+            if over > 0:
+                sizes[-1] -= over
+        return out
 
     @property
     def path(self) -> Path:
@@ -234,6 +326,8 @@ class Pagemap:
 
     @property
     def present_bytes(self) -> int:
+        if self._win is not None:
+            return self._win.offsets[-1] - self._win.offsets[0]
         _, sizes, flags, _ = self.columns()
         return sum(compress(sizes, [f & PE_PRESENT for f in flags]))
 
@@ -257,28 +351,58 @@ class Pagemap:
             self._runs = (sizes, run_end)
         return self._runs
 
+    def _part(self, vaddr: int) -> tuple[int, tuple[array[int], array[int], array[int], array[int]]]:
+        """(index of its first entry, columns) of the part of the index that would hold `vaddr`."""
+        win = self._win
+        if win is None:
+            return 0, (self._starts, *self._columns)
+        w = win.window_of(vaddr)
+        return win.numbers[w], win.window(self, w)
+
     def index_at(self, vaddr: int) -> int:
         """Index of the first entry whose end is above `vaddr` (len(entries) if none)."""
-        starts, sizes, _, _ = self.columns()
+        base, (starts, sizes, _, _) = self._part(vaddr)
         i = bisect.bisect_right(starts, vaddr) - 1
         if i >= 0 and starts[i] + sizes[i] > vaddr:
-            return i
-        return i + 1
+            return base + i
+        return base + i + 1
 
     def _entry(self, i: int) -> PagemapEntry:
-        starts, sizes, flags, offsets = self.columns()
+        win = self._win
+        if win is None:
+            starts, sizes, flags, offsets = self.columns()
+        else:
+            w = bisect.bisect_right(win.numbers, i) - 1
+            starts, sizes, flags, offsets = win.window(self, w)
+            i -= win.numbers[w]
         return PagemapEntry(starts[i], sizes[i] // self.page_size, flags[i], offsets[i], self.page_size)
 
     def find(self, vaddr: int) -> PagemapEntry | None:
         """The entry that covers `vaddr`, or None."""
-        starts, sizes, _, _ = self.columns()
+        _, (starts, sizes, flags, offsets) = self._part(vaddr)
         i = bisect.bisect_right(starts, vaddr) - 1
         if i >= 0 and starts[i] + sizes[i] > vaddr:
-            return self._entry(i)
+            return PagemapEntry(starts[i], sizes[i] // self.page_size, flags[i], offsets[i], self.page_size)
         return None
 
     def entries_in(self, start: int, end: int) -> Iterator[PagemapEntry]:
         """Entries that overlap [start, end), in address order."""
+        win = self._win
+        if win is not None:
+            ps = self.page_size
+            w = win.window_of(start)
+            first = True
+            while w < len(win.firsts) and (first or win.firsts[w] < end):
+                starts, sizes, flags, offsets = win.window(self, w)
+                i = bisect.bisect_right(starts, start) - 1
+                if i < 0 or starts[i] + sizes[i] <= start:
+                    i += 1
+                while i < len(starts) and starts[i] < end:
+                    yield PagemapEntry(starts[i], sizes[i] // ps, flags[i], offsets[i], ps)
+                    i += 1
+                w += 1
+                first = False
+            return
         starts = self._starts
         i = self.index_at(start)
         n = len(starts)
@@ -287,10 +411,112 @@ class Pagemap:
             i += 1
 
     def __len__(self) -> int:
+        if self._win is not None:
+            return self._win.numbers[-1]
         return len(self._starts)
 
     def __iter__(self) -> Iterator[PagemapEntry]:
         return iter(self.entries)
+
+
+def _mask_of(flags: Any) -> int:
+    """Bit `f` set for each flags word `f` (1..PE_KNOWN) in `flags` (bytes-like: memchr per word)."""
+    data = flags if isinstance(flags, bytes) else memoryview(flags).cast("B").tobytes()
+    return sum(1 << f for f in range(1, PE_KNOWN + 1) if bytes((f,)) in data)
+
+
+#: Past this many entries a pagemap's index is held in windows, not whole (CRIT_PAGEREAD_WINDOWED_ABOVE in the
+#: environment sets it): a sparse table of where each window starts, its entries decoded from the image again
+#: when asked for (the native parser, a window at a time), the last WINDOW_CACHE windows kept.
+WINDOWED_ABOVE = int(os.environ.get("CRIT_PAGEREAD_WINDOWED_ABOVE", 1 << 20))
+#: Entries of a window of a windowed index (CRIT_PAGEREAD_WINDOW_ENTRIES): at least this many, but the last,
+#: and fewer than twice as many.
+WINDOW_ENTRIES = int(os.environ.get("CRIT_PAGEREAD_WINDOW_ENTRIES", 1 << 14))
+#: Windows of an index kept decoded (the least recently used dropped first).
+WINDOW_CACHE = 8
+#: Past every address: the end of the last window.
+END = 1 << 63
+
+
+class _Windows:
+    """A windowed index: per window the vaddr of its first entry, and at its start the entry number, the
+    position in the pagemap image, the pages-file offset and the end of the entry before it (each with one
+    more item: the totals); the union of the entries' flags; a few windows decoded (`window`)."""
+
+    __slots__ = ("cache", "end", "firsts", "last", "lock", "mask", "numbers", "offsets", "positions", "prev_ends")
+
+    def __init__(self) -> None:
+        self.firsts = int64s()
+        self.numbers = int64s()
+        self.positions = int64s()
+        self.offsets = int64s()
+        self.prev_ends = int64s()
+        self.mask = 0
+        self.end = 0
+        self.cache: dict[int, tuple[array[int], array[int], array[int], array[int]]] = {}
+        self.last: tuple[int, Any] = (-1, None)
+        #: Held while the cache changes (extract's writer threads share a reader).
+        self.lock = _thread.allocate_lock()
+
+    def window_of(self, vaddr: int) -> int:
+        """The window that would hold `vaddr` (the first for addresses below every entry)."""
+        w = bisect.bisect_right(self.firsts, vaddr) - 1
+        return w if w > 0 else 0
+
+    def limits(self, w: int) -> tuple[int, int]:
+        """The addresses window `w` answers for: from its first entry (0 for the first window) up to the
+        next window's first (END for the last)."""
+        firsts = self.firsts
+        return (firsts[w] if w else 0), (firsts[w + 1] if w + 1 < len(firsts) else END)
+
+    def window(self, pagemap: Pagemap, w: int) -> tuple[array[int], array[int], array[int], array[int]]:
+        """Window `w`'s columns, decoded from the image if it is not among the last used."""
+        last = self.last
+        if last[0] == w:
+            return last[1]
+        with self.lock:
+            cache = self.cache
+            cols = cache.pop(w, None)
+            if cols is None:
+                cols = self._decode(pagemap, w)
+                while len(cache) >= WINDOW_CACHE:
+                    del cache[next(iter(cache))]
+            cache[w] = cols
+            self.last = (w, cols)
+        return cols
+
+    def _decode(self, pagemap: Pagemap, w: int) -> tuple[array[int], array[int], array[int], array[int]]:
+        """Parse window `w` from the pagemap image again (it was validated whole when it was loaded)."""
+        path = pagemap.location
+        at, stop = self.positions[w], self.positions[w + 1]
+        fd = open_regular(path)
+        try:
+            data = os.pread(fd, stop - at, at)
+        except OSError as exc:
+            raise ImageError(path, f"cannot read pagemap image: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+        count = self.numbers[w + 1] - self.numbers[w]
+        fast = native.fastio
+        got: Any
+        if fast is not None:
+            got = fast.parse_pagemap(data, 0, self.offsets[w], pagemap.page_size, ADDRESS_LIMIT, self.prev_ends[w],
+                                     pagemap.layout, count)
+            if got is not None and (len(got[2]) != count or got[5] != self.offsets[w + 1] or got[6] != len(data)):
+                got = None
+            cols: tuple[Any, ...] = (int64s(), int64s(), array(FLAGS), int64s())
+            if got is not None:
+                for column, raw in zip(cols, got[:4], strict=True):
+                    column.frombytes(raw)
+        else:
+            got = _parse_canonical(data, 0, self.offsets[w], pagemap.page_size)
+            if got is not None and (len(got[2]) != count or got[5] != self.offsets[w + 1]):
+                got = None
+            cols = got[:4] if got is not None else ()
+        if got is None or cols[0][0] != self.firsts[w] or cols[0][0] < self.prev_ends[w]:
+            raise ImageError(path, f"changed while it was read: entries {self.numbers[w] + 1}-{self.numbers[w + 1]} "
+                             "are not what they were")
+        return cols
 
 
 #: A pagemap entry as CRIU writes it, framed: a one-byte size (then three zero bytes), vaddr (field 1),
@@ -562,17 +788,35 @@ def _load_streamed(fast: Any, path: Any, page_size: int, locate: Any) -> Pagemap
         extent = locate(pages_id) if locate is not None else None
         base = extent[0] if extent is not None else 0
         offset = base
-        columns = (int64s(), int64s(), array(FLAGS), int64s())
+        columns: tuple[array[int], ...] | None = (int64s(), int64s(), array(FLAGS), int64s())
+        # Where each window starts (all along: past WINDOWED_ABOVE entries the columns are dropped).
+        win = _Windows()
+        count = min(CHUNK_ENTRIES, WINDOW_ENTRIES)
         layout, prev_end, pos = "", 0, start + 4 + head_size
+        n = mark = mask = 0
         while True:
-            got = fast.parse_pagemap(data, pos, offset, page_size, ADDRESS_LIMIT, prev_end, layout, CHUNK_ENTRIES,
-                                     True)
+            at, was_offset, was_end = done - len(data) + pos, offset, prev_end
+            got = fast.parse_pagemap(data, pos, offset, page_size, ADDRESS_LIMIT, prev_end, layout, count, True)
             if got is None:
                 return None
             layout, offset, pos, prev_end = got[4:]
-            for column, raw in zip(columns, got[:4], strict=True):
-                column.frombytes(raw)
-            if len(got[2]) == CHUNK_ENTRIES:
+            got_n = len(got[2])
+            if got_n:
+                if n == 0 or n - mark >= WINDOW_ENTRIES:
+                    mark = n
+                    win.firsts.append(int.from_bytes(got[0][:8], "little", signed=True))
+                    win.numbers.append(n)
+                    win.positions.append(at)
+                    win.offsets.append(was_offset)
+                    win.prev_ends.append(was_end)
+                n += got_n
+                mask |= _mask_of(got[2])
+                if columns is not None:
+                    for column, raw in zip(columns, got[:4], strict=True):
+                        column.frombytes(raw)
+                    if n > WINDOWED_ABOVE:
+                        columns = None  # from here on the index is windowed
+            if got_n == count:
                 continue
             if done >= size:  # all read: entries to its end, or one cut short (the general decoder says so)
                 if pos < len(data) or not layout:
@@ -584,7 +828,15 @@ def _load_streamed(fast: Any, path: Any, page_size: int, locate: Any) -> Pagemap
             data, pos = grown, 0
     finally:
         os.close(fd)
-    pagemap = Pagemap(path, pages_id, None, layout, page_size, columns[0], columns[1:])
+    if columns is not None:
+        pagemap = Pagemap(path, pages_id, None, layout, page_size, columns[0], (columns[1], columns[2], columns[3]))
+    else:
+        win.numbers.append(n)
+        win.positions.append(done - len(data) + pos)
+        win.offsets.append(offset)
+        win.mask, win.end = mask, prev_end
+        pagemap = Pagemap(path, pages_id, None, layout, page_size, windows=win)
+        pagemap._mask = mask
     _check_size(pagemap, offset, base, locate, extent)
     return pagemap
 

@@ -14,6 +14,7 @@ dump, and `segments()` is a view of it.
 
 from __future__ import annotations
 
+import _thread
 import os
 from array import array
 from bisect import bisect_left, bisect_right
@@ -21,7 +22,7 @@ from bisect import bisect_left, bisect_right
 from . import TYPE_CHECKING, native
 from .dedup import punch_hole
 from .errors import ChainError, CritPageReadError, ImageError, LazyPageError, NotDumpedError
-from .pagemap import PE_PARENT, PE_PRESENT, Pagemap, int64s
+from .pagemap import END, PE_KNOWN, PE_PARENT, PE_PRESENT, Pagemap, _mask_of, int64s
 from .strategy import (
     AnyRequest,
     CopyRequest,
@@ -75,6 +76,11 @@ _HOLES_MODES = ("error", "zero", "skip")
 _HOLES_CODE = {"error": 0, "zero": 1, "skip": 2}  # the native planner's
 _NATIVE_END = 1 << 62  # ranges the native planner takes (int64); addresses past it are holes, planned in Python
 MAX_CHAIN_DEPTH = 256
+#: Windows of a windowed reader's memory map kept (the least recently used dropped first).
+MAP_WINDOWS = 8
+#: `Pagemap.flag_mask()` bits of the flags words with PE_PARENT.
+_PARENT_WORDS = sum(1 << f for f in range(1, PE_KNOWN + 1) if f & PE_PARENT)
+_PRESENT_WORDS = sum(1 << f for f in range(1, PE_KNOWN + 1) if f & PE_PRESENT)
 _ZEROS = bytes(1 << 20)
 
 
@@ -112,10 +118,15 @@ class MemoryMap:
     (the entry's PE_* flags), uint16 `depths` (the level that holds the bytes,
     0 = newest). `table[depth]` is that level's pages file (one per level).
     Addresses no run covers are holes. 30 bytes a run, no object per run.
+
+    A windowed reader's map (`PageReader.maps`) is in windows: each answers for the addresses [lo, hi)
+    (a whole map for all: 0 to END) and holds the runs there; `cut` says its first run goes on from the
+    last of the window before (a run of the whole map split at lo: joined again by `segments` and by
+    `_joined`).
     """
 
-    __slots__ = ("_cont_end", "_file_end", "_one_file", "broken", "depths", "flags", "images", "kinds", "offsets",
-                 "sizes", "starts", "table")
+    __slots__ = ("_cont_end", "_file_end", "_one_file", "broken", "cut", "depths", "flags", "hi", "images", "kinds",
+                 "lo", "offsets", "sizes", "starts", "table", "window")
 
     def __init__(self) -> None:
         self.starts: array[int] = int64s()
@@ -132,6 +143,7 @@ class MemoryMap:
         self._file_end: array[int] | None = None
         #: Every run is present, one after another in one pages file (a flat dump's map).
         self._one_file = False
+        self.lo, self.hi, self.cut, self.window = 0, END, False, 0
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -226,11 +238,10 @@ class MemoryMap:
                 out.sizes[-1] -= over
             return
         pos = start
-        parent = child.parent
         for k in range(i, j):
             s = max(starts[k], start)
             if s > pos:
-                out.add_broken(pos, s - pos, 0, child.depth, _lacks(parent, child, pos, s))
+                out.add_broken(pos, s - pos, 0, child.depth, child._lacks(pos, s))
             e = min(starts[k] + sizes[k], end)
             if k in self.broken:
                 out.broken[len(out.starts)] = self.broken[k]
@@ -238,7 +249,40 @@ class MemoryMap:
                     self.offsets[k] + s - starts[k] if self.offsets[k] >= 0 else -1, self.depths[k])
             pos = e
         if pos < end:
-            out.add_broken(pos, end - pos, 0, child.depth, _lacks(parent, child, pos, end))
+            out.add_broken(pos, end - pos, 0, child.depth, child._lacks(pos, end))
+
+
+def _joined(maps: list[MemoryMap]) -> MemoryMap:
+    """Windows of a map, one after another, as one map: a run they split (`cut`) is one run again."""
+    if len(maps) == 1:
+        return maps[0]
+    out = MemoryMap()
+    out.lo, out.hi, out.cut, out.window = maps[0].lo, maps[-1].hi, maps[0].cut, -1
+    out.images = maps[0].images
+    table: list[PagesFile | None] = []
+    for flat in maps:
+        for depth, pages in enumerate(flat.table):
+            if depth >= len(table):
+                table.append(pages)
+            elif table[depth] is None:
+                table[depth] = pages
+        skip = 0
+        if (flat.cut and out.starts and flat.starts and flat.starts[0] == out.starts[-1] + out.sizes[-1]
+                and flat.kinds[0] == out.kinds[-1] and flat.depths[0] == out.depths[-1]):
+            out.sizes[-1] += flat.sizes[0]
+            skip = 1
+        n0 = len(out.starts) - skip
+        out.starts += flat.starts[skip:]
+        out.sizes += flat.sizes[skip:]
+        out.kinds += flat.kinds[skip:]
+        out.flags += flat.flags[skip:]
+        out.offsets += flat.offsets[skip:]
+        out.depths += flat.depths[skip:]
+        for k, error in flat.broken.items():
+            if k >= skip:
+                out.broken[n0 + k] = error
+    out.table = table
+    return out
 
 
 def _restrict(flat: MemoryMap, pages: PagesFile) -> MemoryMap:
@@ -307,6 +351,14 @@ class PageReader:
         self._parent: PageReader | None = None
         self._pages: PagesFile | None = None
         self._map: MemoryMap | None = None
+        #: Whether the map is in windows (this level's index or a parent's is windowed): None until known.
+        self._windowed: bool | None = None
+        self._bounds: array[int] | None = None
+        self._windows: dict[int, MemoryMap] = {}
+        self._last: MemoryMap | None = None
+        #: While a window is built: its [lo, hi) (a broken run's message names the range as a whole map has it).
+        self._clip: tuple[int, int] | None = None
+        self._lock = _thread.allocate_lock()
         self._observe = observe
         #: False for a strategy passed in by the caller: its maker closes it, not this reader.
         self.owns_strategy = owns_strategy
@@ -359,16 +411,157 @@ class PageReader:
 
     def memory_map(self) -> MemoryMap:
         """Where every page of this target lives, resolved through the chain: built on first use,
-        by one sweep over each level's index (runs, not pages), then shared by every read."""
+        by one sweep over each level's index (runs, not pages), then shared by every read.
+
+        A windowed reader's (`maps`) is its windows joined, made at each call and not kept (30 bytes a
+        run: for callers off the streaming paths)."""
         flat = self._map
         if flat is None:
+            if self._is_windowed():
+                return _joined(list(self.maps(0, END)))
             flat = self._map = self._build_map()
         return flat
 
-    def _build_map(self) -> MemoryMap:
+    # --- windows: the map of a windowed reader, built per address window ------------------------
+
+    def _is_windowed(self) -> bool:
+        """The map is held in windows: this level's index is windowed, or a parent's its entries read."""
+        windowed = self._windowed
+        if windowed is None:
+            pm = self.pagemap
+            windowed = pm.windowed
+            if not windowed and pm.flag_mask() & _PARENT_WORDS:
+                try:
+                    windowed = self.parent._is_windowed()
+                except CritPageReadError:
+                    windowed = False
+            self._windowed = windowed
+        return windowed
+
+    def _window_bounds(self) -> array[int]:
+        """Where the map's windows start (from the second on): where this level's index windows start and,
+        if it has pages in a parent, where the parent's map windows do (each window lies in one of its)."""
+        bounds = self._bounds
+        if bounds is None:
+            bounds = self.pagemap.bounds()
+            if self.pagemap.flag_mask() & _PARENT_WORDS:
+                try:
+                    parent = self.parent
+                    if parent._is_windowed():
+                        bounds = int64s(sorted({*bounds, *parent._window_bounds()}))
+                except CritPageReadError:
+                    pass
+            self._bounds = bounds
+        return bounds
+
+    def _window(self, k: int) -> MemoryMap:
+        """Window `k` of the map, built if it is not among the last MAP_WINDOWS used."""
+        with self._lock:  # extract's writer threads share a reader
+            windows = self._windows
+            flat = windows.pop(k, None)
+            if flat is None:
+                flat = self._build_window(k)
+                while len(windows) >= MAP_WINDOWS:
+                    del windows[next(iter(windows))]
+            windows[k] = flat
+            self._last = flat
+        return flat
+
+    def _map_at(self, vaddr: int) -> MemoryMap:
+        """The window of the map that answers for `vaddr`."""
+        last = self._last
+        if last is not None and last.lo <= vaddr < last.hi:
+            return last
+        return self._window(bisect_right(self._window_bounds(), vaddr))
+
+    def _build_window(self, k: int) -> MemoryMap:
+        bounds = self._window_bounds()
+        lo = bounds[k - 1] if k else 0
+        hi = bounds[k] if k < len(bounds) else END
+        pm = self.pagemap
+        cols = pm.columns_over(lo, hi)
+        self._clip = (lo, hi)
+        try:
+            flat = self._build_map(cols, lambda: self.parent._map_at(lo))
+        finally:
+            self._clip = None
+        flat.lo, flat.hi, flat.window = lo, hi, k
+        if lo and cols[0] and cols[0][0] == lo:
+            entry = pm.find(lo)
+            if entry is not None and entry.vaddr < lo:  # an entry goes on from the window before
+                if not entry.flags & PE_PARENT:
+                    flat.cut = True
+                else:
+                    flat.cut = self._parent_cut(lo, entry.vaddr)
+        return flat
+
+    def _parent_cut(self, lo: int, since: int) -> bool:
+        """Whether the run the whole map has at `lo`, inside an entry of this level (from `since`) in
+        parent, starts before `lo`: the parent's run there does, or lo is in its hole and the broken run
+        (the parent's gap within the entry) does."""
+        try:
+            up = self.parent._map_at(lo)
+        except CritPageReadError:
+            return True  # one broken run for the whole entry
+        k = up.index_at(lo)
+        if k < len(up.starts) and up.starts[k] <= lo:
+            return up.starts[k] < lo or (k == 0 and up.lo == lo and up.cut)
+        ppm = self.parent.pagemap
+        i = ppm.index_at(lo)
+        return max(since, ppm.entries[i - 1].end if i else 0) < lo
+
+    def _lacks(self, start: int, end: int) -> ChainError:
+        """The error of reading [start, end), which this level has in parent and the parent lacks; in a
+        window, the range as the whole map has it (the parent's gap and this level's entry, unclipped)."""
+        clip = self._clip
+        if clip is not None and (start == clip[0] or end == clip[1]):
+            ppm = self.parent.pagemap
+            if start == clip[0]:
+                entry = self.pagemap.find(start)
+                i = ppm.index_at(start)
+                gap = ppm.entries[i - 1].end if i else 0
+                start = max(entry.vaddr if entry is not None else start, gap)
+            if end == clip[1]:
+                entry = self.pagemap.find(end - 1)
+                i = ppm.index_at(end - 1)
+                gap = ppm.entries[i].vaddr if i < len(ppm) else END
+                end = min(entry.end if entry is not None else end, gap)
+        return _lacks(self.parent, self, start, end)
+
+    def maps(self, start: int, end: int) -> Iterator[MemoryMap]:
+        """The map over [start, end) in address order: the whole map, or the windows that answer for it."""
+        flat = self._map
+        if flat is not None or not self._is_windowed():
+            yield flat or self.memory_map()
+            return
+        pos = start
+        while True:
+            flat = self._map_at(pos)
+            yield flat
+            if flat.hi >= end:
+                return
+            pos = flat.hi
+
+    def _map_over(self, start: int, end: int) -> MemoryMap:
+        """A map that holds every run over [start, end): the whole map, its window, or windows joined."""
+        flat = self._map
+        if flat is not None:
+            return flat
+        if not self._is_windowed():
+            return self.memory_map()
+        flat = self._map_at(start)
+        if end <= flat.hi:
+            return flat
+        return _joined(list(self.maps(start, end)))
+
+    def _build_map(self, cols: Any = None, parent_map: Any = None) -> MemoryMap:
+        """The map of this level's entries (`cols`, default all of them), resolved over the parent's map
+        (`parent_map()`, default the parent's whole map)."""
         flat = MemoryMap()
-        vaddrs, sizes, fl, offs = self.pagemap.columns()
-        if vaddrs and all(f & PE_PRESENT for f in set(fl)):
+        vaddrs, sizes, fl, offs = cols if cols is not None else self.pagemap.columns()
+        if parent_map is None:
+            parent_map = self._parent_map
+        if vaddrs and not _mask_of(fl) & ~_PRESENT_WORDS:
             # Every entry has its data here (a flat dump, a chain's oldest level): the map is the
             # index's columns (shared, never changed), built without a loop in Python; runs one after
             # another are back to back in the one pages file.
@@ -383,7 +576,7 @@ class PageReader:
             return flat if first is None or first.present is None else _restrict(flat, first)
         fast = native.fastio
         if fast is not None:
-            resolved = self._resolve_native(flat, fast)
+            resolved = self._resolve_native(flat, fast, (vaddrs, sizes, fl, offs), parent_map)
             if resolved is not None:
                 return resolved
         add = flat.add
@@ -400,7 +593,7 @@ class PageReader:
             elif f & PE_PARENT:
                 if parent is None and parent_error is None:
                     try:
-                        parent = self.parent.memory_map()
+                        parent = parent_map()
                     except CritPageReadError as exc:  # no parent link, no pagemap there: only reads of it fail
                         parent_error = exc
                     else:
@@ -421,18 +614,21 @@ class PageReader:
         flat.set_table(depth, pages, parent)
         return self._finish_map(flat, pages)
 
-    def _resolve_native(self, flat: MemoryMap, fast: Any) -> MemoryMap | None:
+    def _parent_map(self) -> MemoryMap:
+        return self.parent.memory_map()
+
+    def _resolve_native(self, flat: MemoryMap, fast: Any, cols: Any, parent_map: Any) -> MemoryMap | None:
         """`_build_map`'s sweep by the native helper (None: the parent cannot be read, the Python sweep
         makes the runs that need it broken)."""
-        vaddrs, sizes, fl, offs = self.pagemap.columns()
-        kinds = set(fl)
+        vaddrs, sizes, fl, offs = cols
+        kinds = _mask_of(fl)
         parent: MemoryMap | None = None
-        if any(f & PE_PARENT for f in kinds):
+        if kinds & _PARENT_WORDS:
             try:
-                parent = self.parent.memory_map()
+                parent = parent_map()
             except CritPageReadError:
                 return None
-        pages = (self._pages or self._pages_file()) if any(f & PE_PRESENT for f in kinds) else None
+        pages = (self._pages or self._pages_file()) if kinds & _PRESENT_WORDS else None
         columns = (parent.starts, parent.sizes, parent.kinds, parent.flags, parent.offsets,
                    parent.depths) if parent is not None else None
         *raw, broken = fast.resolve(vaddrs, sizes, fl, offs, self.depth, columns)
@@ -441,13 +637,13 @@ class PageReader:
             column.frombytes(data)
         del raw
         for index, start, stop, k in broken:
-            flat.broken[index] = parent.broken[k] if k >= 0 else _lacks(self.parent, self, start, stop)  # type: ignore[union-attr]
+            flat.broken[index] = parent.broken[k] if k >= 0 else self._lacks(start, stop)  # type: ignore[union-attr]
         flat.set_table(self.depth, pages, parent)
         return self._finish_map(flat, pages)
 
     def _finish_map(self, flat: MemoryMap, pages: PagesFile | None) -> MemoryMap:
         """The map with its chain's image locations; cut to what `pages` holds if it was unpacked sparse."""
-        if self._parent is not None:
+        if self._parent is not None and self._clip is None:
             self._parent._map = None  # the parent's own map served only to build this one
         flat.images = [self.images.location]
         level = self._parent
@@ -458,10 +654,40 @@ class PageReader:
 
     def segments(self, vaddr: int, length: int) -> Iterator[Segment]:
         """Where each piece of [vaddr, vaddr+length) is, resolved through the chain (a view of the map)."""
-        if vaddr < 0 or length < 0:
+        if self._map is None and self._is_windowed():
+            return self._window_segments(vaddr, vaddr + length)
+        return self._segments_of(None, vaddr, vaddr + length)
+
+    def _window_segments(self, vaddr: int, end: int) -> Iterator[Segment]:
+        """`segments` window by window: a segment the windows split (a hole, or a run `cut`) joined again."""
+        if vaddr < 0 or end < vaddr:
             raise ValueError("negative address or length")
-        flat = self.memory_map()
-        end = vaddr + length
+        pending: Segment | None = None
+        pos = vaddr
+        while pos < end:
+            flat = self._map_at(pos)
+            stop = min(end, flat.hi)
+            first = pending is not None
+            for seg in self._segments_of(flat, pos, stop):
+                if first:
+                    first = False
+                    assert pending is not None
+                    if seg.kind == pending.kind and (seg.kind == "hole" or flat.cut):
+                        pending = pending._replace(length=pending.length + seg.length)
+                        continue
+                if pending is not None:
+                    yield pending
+                pending = seg
+            pos = stop
+        if pending is not None:
+            yield pending
+
+    def _segments_of(self, flat: MemoryMap | None, vaddr: int, end: int) -> Iterator[Segment]:
+        """`segments` of [vaddr, end) from `flat`, which holds every run there (None: the whole map)."""
+        if flat is None:
+            if vaddr < 0 or end < vaddr:
+                raise ValueError("negative address or length")
+            flat = self.memory_map()
         pos = vaddr
         starts, sizes, kinds = flat.starts, flat.sizes, flat.kinds
         image = flat.images[0]
@@ -492,8 +718,8 @@ class PageReader:
         self, vaddr: int, dest: memoryview, holes_mode: HolesMode
     ) -> tuple[list[AnyRequest], list[tuple[int, int]]]:
         """Plan a read: requests for the strategy (merged where the file is contiguous) and holes."""
-        flat = self._map or self.memory_map()
         end = vaddr + len(dest)
+        flat = self._map or self._map_over(vaddr, end)
         # Fast path (most reads): the range lies inside one run with data.
         i = bisect_right(flat.starts, vaddr) - 1
         if i >= 0 and end <= flat.starts[i] + flat.sizes[i] and flat.kinds[i] == PRESENT and dest:
@@ -724,16 +950,26 @@ class PageReader:
         fast = native.fastio
         if (fast is not None and not self.auto_dedup and self.strategy.takes_plans
                 and self._root._observe is None and 0 <= first < len(starts)):
-            flat = self._map or self.memory_map()
-            status, _, _, nxt, used, pieces, addresses, files = fast.pack(
-                flat.starts, flat.sizes, flat.kinds, flat.depths, flat.offsets, flat.table, starts, ends, first,
-                dest, gap)
-            if status == 0:
-                if not defer and self.strategy.pending:
-                    self._root.sync()
-                if pieces:
-                    self._issue([PlannedRead(files, pieces, dest, starts[first], self.target, addresses)], defer)  # type: ignore[list-item]
-                return nxt, used
+            if self._map is not None or not self._is_windowed():
+                flat = self._map or self.memory_map()
+                status, _, _, nxt, used, pieces, addresses, files = fast.pack(
+                    flat.starts, flat.sizes, flat.kinds, flat.depths, flat.offsets, flat.table, starts, ends, first,
+                    dest, gap)
+                if status == 0:
+                    if not defer and self.strategy.pending:
+                        self._root.sync()
+                    if pieces:
+                        self._issue([PlannedRead(files, pieces, dest, starts[first], self.target, addresses)], defer)  # type: ignore[list-item]
+                    return nxt, used
+            else:
+                got = self._pack_windows(fast, starts, ends, first, dest, gap)
+                if got is not None:
+                    planned, nxt, used = got
+                    if not defer and self.strategy.pending:
+                        self._root.sync()
+                    if planned:
+                        self._issue(planned, defer)
+                    return nxt, used
         iov: list[tuple[int, memoryview]] = []
         gaps: list[int] = []
         used = 0
@@ -757,6 +993,31 @@ class PageReader:
             for at in gaps:
                 dest[at : at + gap] = zeros
         return k, used
+
+    def _pack_windows(self, fast: Any, starts: Any, ends: Any, first: int, dest: memoryview, gap: int
+                      ) -> tuple[list[Any], int, int] | None:
+        """`read_packed`'s native plan over a windowed map: the ranges that end in the window of the next
+        range packed at once, window after window while they fit (a PlannedRead per window); None if the
+        first window's cannot be planned so (readv then reads them, with their errors)."""
+        planned: list[Any] = []
+        k, used, n = first, 0, len(starts)
+        while k < n and (k == first or ends[k] - starts[k] + gap <= len(dest) - used):
+            flat = self._map_over(starts[k], ends[k])
+            stop = bisect_right(ends, flat.hi, k)  # the ranges that end in this window
+            part = dest[used:]
+            status, _, _, nxt, got, pieces, addresses, files = fast.pack(
+                flat.starts, flat.sizes, flat.kinds, flat.depths, flat.offsets, flat.table, starts, ends, k,
+                part, gap, stop)
+            if status != 0:
+                if k == first:
+                    return None
+                break  # the next call plans (or reads) from k on
+            if pieces:
+                planned.append(PlannedRead(files, pieces, part, starts[k], self.target, addresses))
+            k, used = nxt, used + got
+            if k < stop:
+                break  # the buffer is full
+        return planned, k, used
 
     def _issue(self, requests: list[AnyRequest], defer: bool) -> None:
         """Hand planned requests to the strategy: queued, or read now and what auto-dedup owes punched."""
@@ -798,9 +1059,19 @@ class PageReader:
         zeros: list[tuple[int, int]] = []
         dedup = self._root._dedup_pending if self.auto_dedup else None
         last: CopyRequest | None = None
-        starts, sizes, flags, offsets = self.pagemap.columns()
+        pm = self.pagemap
+        win = pm._win
+        if win is None:
+            starts, sizes, flags, offsets = pm.columns()
+            lo, hi = 0, END
+        else:
+            lo = hi = -1  # a windowed index: the window of each range's start
         pages = self._pages
         for vaddr, length, out in iov:
+            if not lo <= vaddr < hi:
+                w = win.window_of(vaddr)  # type: ignore[union-attr]
+                starts, sizes, flags, offsets = win.window(pm, w)  # type: ignore[union-attr]
+                lo, hi = win.limits(w)  # type: ignore[union-attr]
             i = bisect_right(starts, vaddr) - 1
             if i >= 0 and flags[i] & PE_PRESENT and vaddr + length <= starts[i] + sizes[i]:
                 # Fast path (most ranges): inside one entry with data in this image.

@@ -172,8 +172,8 @@ def squash(
 
 
 def _non_present_bytes(images: CheckpointImages, target: Target) -> int:
-    _, sizes, flags, _ = images.pagemap_for(target).columns()
-    return sum(n for n, f in zip(sizes, flags, strict=True) if f and not f & PE_PRESENT)
+    return sum(n for _, sizes, flags, _ in images.pagemap_for(target).chunks()
+               for n, f in zip(sizes, flags, strict=True) if f and not f & PE_PRESENT)
 
 
 def _copy_other_images(images: CheckpointImages, dst: Path) -> list[str]:
@@ -198,13 +198,19 @@ class _RunWriter:
 
     Present segments queue with their output offsets and go to `reader.write_segments` in batches (the
     strategy joins what is contiguous in a pages file and in the output: one kernel copy per run), of at
-    most _COPY_PIECES segments. The merged entries are int64/uint8 columns (17 bytes a run).
+    most _COPY_PIECES segments. The merged entries are int64/uint8 columns (17 bytes a run), encoded
+    to the output pagemap image (`image`, its head already written) _COPY_PIECES at a time.
     """
 
-    def __init__(self, fd: int, reader: PageReader, batch: int | None = _COPY_BATCH) -> None:
+    def __init__(self, fd: int, reader: PageReader, batch: int | None = _COPY_BATCH, image: Any = None,
+                 pages_id: int = 0, layout: str = "4.1") -> None:
         self.fd = fd
         self.reader = reader
         self.batch = batch  # None: one hand-over per target (the fewest, largest copies)
+        self.image = image
+        self.pages_id, self.layout = pages_id, layout
+        #: Entries encoded to `image` so far.
+        self.written = 0
         self.offset = 0
         #: The output's entries: vaddr, nr_pages, flags.
         self.vaddrs = array("q")
@@ -218,10 +224,23 @@ class _RunWriter:
         if self._end == vaddr and self.flags[-1] == flags:
             self.counts[-1] += length // page_size
         else:
+            if len(self.vaddrs) > _COPY_PIECES and self.image is not None:
+                self.encode()  # the last entry can no longer grow
             self.vaddrs.append(vaddr)
             self.counts.append(length // page_size)
             self.flags.append(flags)
         self._end = vaddr + length
+
+    def encode(self) -> None:
+        """Write the entries so far to the output pagemap image (after its head) and drop them."""
+        if self.vaddrs:
+            parts = encode_pagemap_parts(self.pages_id, zip(self.vaddrs, self.counts, self.flags, strict=True),
+                                         self.layout)
+            next(parts)  # the head: written once, first
+            for part in parts:
+                self.image.write(part)
+            self.written += len(self.vaddrs)
+            self.vaddrs, self.counts, self.flags = array("q"), array("q"), array("B")
 
     def copy(self, seg: Segment) -> None:
         """Queue a planned segment's bytes for the end of the output."""
@@ -261,14 +280,17 @@ def _squash_target(
     lazy_hash = None
     buf = None
     fd = os.open(out_dir / f"pages-{pm.pages_id}.img", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    image = open(out_dir / pm.path.name, "wb")
     try:
         # The reader is not closed: that would close the strategy, which the caller shares.
-        w = _RunWriter(fd, reader, _COPY_BATCH if progress is not None else None)
+        w = _RunWriter(fd, reader, _COPY_BATCH if progress is not None else None, image, pm.pages_id,
+                       layout or pm.layout)
+        image.write(next(encode_pagemap_parts(pm.pages_id, (), w.layout)))
         shown = 0
-        starts, sizes, _, _ = pm.columns()
+        span = pm.span()
         # One walk over the whole range (holes between entries are skipped): a fragmented dump has tens of
         # thousands of entries, a walk per entry cost more than the copies.
-        for seg in reader.segments(starts[0], starts[-1] + sizes[-1] - starts[0]) if starts else ():
+        for seg in reader.segments(span[0], span[1] - span[0]) if span else ():
             if seg.kind == "hole":
                 continue
             flags = PE_PRESENT | (seg.flags & PE_LAZY)
@@ -297,13 +319,11 @@ def _squash_target(
         w.flush()
         if progress is not None:
             progress(f"squash {target}", done[0], done[1])
+        w.encode()
     finally:
         os.close(fd)
-    rep.entries_out = len(w.vaddrs)
-    with open(out_dir / pm.path.name, "wb") as image:
-        for part in encode_pagemap_parts(pm.pages_id, zip(w.vaddrs, w.counts, w.flags, strict=True),
-                                         layout or pm.layout):
-            image.write(part)
+        image.close()
+    rep.entries_out = w.written
     return rep, (lazy_hash.hexdigest() if lazy_hash is not None else None)
 
 
