@@ -25,22 +25,18 @@ checkpoint, it returns the error.
 from __future__ import annotations
 
 import bisect
-import glob
-import hashlib
 import io
 import operator
 import os
 import resource
 import sys
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate, compress, repeat
 from pathlib import Path
 from typing import Any
 
-from .archive import is_archive
 from .config import Config
 from .errors import ConfigError, CritPageReadError
 from .images import CheckpointImages, open_images
@@ -135,6 +131,8 @@ _RULES_CACHE: dict[str, Any] = {}
 
 def _rules(blob: bytes) -> Any:
     """Deserialized rules, once per process (a worker runs many tasks with the same rules)."""
+    import hashlib
+
     key = hashlib.sha256(blob).hexdigest()
     rules = _RULES_CACHE.get(key)
     if rules is None:
@@ -166,6 +164,10 @@ def _images_dir(p: Path) -> Path | None:
 def expand_checkpoints(args: Sequence[str]) -> tuple[list[Target], list[tuple[str, str]]]:
     """Checkpoints named by `args` (directories, archives, globs, directories of those), in order,
     each once; and (name, error) for the arguments that name none."""
+    import glob
+
+    from .archive import is_archive
+
     targets: list[Target] = []
     errors: list[tuple[str, str]] = []
     seen: set[str] = set()
@@ -770,6 +772,8 @@ def run_dask(targets: Sequence[Target], rules_blob: bytes, options: ScanOptions,
         raise ConfigError(f"--dask {address}: cannot connect to the scheduler: {exc}") from None
     try:
         [blob] = client.scatter([rules_blob], broadcast=True)
+        import uuid
+
         run_id = uuid.uuid4().hex
         futures = {
             client.submit(scan_checkpoint, t, blob, options, pure=False, key=f"crit-pageread-scan-{i}-{run_id}"): i

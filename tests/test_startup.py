@@ -107,6 +107,24 @@ def test_extract_of_one_file_starts_without_argparse_json_or_threads(what: str, 
     assert not loaded & set(NOT_FOR_EXTRACT), f"{what} imported {sorted(loaded & set(NOT_FOR_EXTRACT))}"
 
 
+#: scan: its own command module only (no crit_compat), parsed without argparse, `--json` by json_dumps.
+NOT_FOR_SCAN = ("argparse", "gettext", "locale", "json", "uuid", "crit_pageread.cli.crit_compat",
+                "crit_pageread.cli.grep", "crit_pageread.search")
+
+
+@pytest.mark.parametrize("what", ["scan --rules RULES DIR --jobs 1", "scan DIR -r RULES --json --jobs 1"])
+def test_scan_starts_without_argparse_json_or_other_commands(what: str, small: Path, tmp_path: Path) -> None:
+    pytest.importorskip("yara_x")
+    rules = tmp_path / "r.yar"
+    rules.write_text('rule sixteen { strings: $a = { 10 11 12 13 } condition: $a }\n')
+    args = [str(small) if w == "DIR" else str(rules) if w == "RULES" else w for w in what.split()]
+    proc = _cli(*args, prelude=PROBE)
+    assert proc.returncode == 0, proc.stderr
+    assert "sixteen" in proc.stdout and ("0x10010" in proc.stdout or str(0x10010) in proc.stdout)
+    loaded = set(proc.stderr.strip().splitlines()[-1].split())
+    assert not loaded & set(NOT_FOR_SCAN), f"{what} imported {sorted(loaded & set(NOT_FOR_SCAN))}"
+
+
 @pytest.fixture
 def two_vmas(tmp_path: Path) -> Path:
     """pid 10 with three VMAs: two with pages (written by writer threads, the larger first), one without."""
@@ -188,8 +206,9 @@ def _words(rng: random.Random, spec: Any, good: bool) -> list[str]:
         if not good and len(name) > 3 and name.startswith("--"):
             options.append([name[:-1], value])
     positionals = [a for a in spec._actions if not a.option_strings]
-    required = sum(1 for a in positionals if a.nargs is None)
-    count = rng.randint(required, len(positionals)) if good else rng.randint(0, len(positionals) + 1)
+    required = sum(1 for a in positionals if a.nargs in (None, "+"))
+    more = 2 if any(a.nargs == "+" for a in positionals) else 0  # one or more words
+    count = rng.randint(required, len(positionals) + more) if good else rng.randint(0, len(positionals) + 1 + more)
     pieces = [[rng.choice(["DIR", "0x1000", "12", "", "a b"] if not good else ["DIR", "12"])] for _ in range(count)]
     pieces += rng.sample(options, min(len(options), rng.randint(0, 4)))
     if not good:

@@ -64,8 +64,8 @@ class _Arg:
             dest = kwargs.get("dest")
             self.dest = (longs or names)[0].lstrip("-").replace("-", "_") if dest is None else dest
         else:
-            if len(names) != 1 or "dest" in kwargs or "required" in kwargs or self.nargs not in (None, "?") or (
-                    self.nargs == "?" and self.choices is not None):
+            if len(names) != 1 or "dest" in kwargs or "required" in kwargs or self.nargs not in (None, "?", "+") or (
+                    self.nargs in ("?", "+") and self.choices is not None):
                 raise Unsupported(names)
             self.dest = names[0]
         if self.action not in ("store", "store_true", "append") or (self.type is not None and not callable(self.type)):
@@ -125,6 +125,8 @@ class CommandSpec:
             raise Unsupported(names)  # argparse refuses conflicting options; shared dests are left to it
         if not arg.optional:
             positionals = [a for a in self.args if not a.optional]
+            if (positionals or self.intermixed) and "+" in (arg.nargs, *(a.nargs for a in positionals)):
+                raise Unsupported(names)  # one or more words: only as the command's one positional
             if positionals and positionals[-1].nargs == "?" and arg.nargs is None:
                 raise Unsupported(names)  # a required positional after an optional one: argparse's regex decides
         self.args.append(arg)
@@ -182,6 +184,12 @@ class CommandSpec:
                 found[arg.dest] = [*(found[arg.dest] if arg.dest in found else arg.default or ()), value]
             else:
                 found[arg.dest] = value
+        if positionals and positionals[0].nargs == "+":  # the one positional: one run of one or more words
+            if runs > 1 or self.intermixed or not run:
+                raise Unsupported(words)
+            found[positionals[0].dest] = [positionals[0].value(word) for word in run]
+            run = []
+            positionals = []
         required = sum(1 for a in positionals if a.nargs is None)
         if (runs > 1 and not self.intermixed) or not required <= len(run) <= len(positionals):
             raise Unsupported(words)

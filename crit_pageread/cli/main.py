@@ -45,7 +45,7 @@ COMMAND_MODULES = {
     "plugins": None,  # lists every plugin: needs them all
     **{name: f"crit_pageread.cli.{name}" for name in (
         "read", "extract", "grep", "ps", "pages", "serve", "push", "bench", "squash", "coredump", "restore",
-        "check", "inspect")},
+        "check", "inspect", "scan")},
     "setup-criu": "crit_pageread.cli.setup_criu",
 }
 

@@ -8,12 +8,10 @@ the ones before it are done, so every way of running prints the same output.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-from typing import Any
 
+from .. import TYPE_CHECKING
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
 from ..scan import (
@@ -28,9 +26,13 @@ from ..scan import (
     run_dask,
     run_local,
 )
-from .common import config_from_args
+from .common import config_from_args, json_dumps
 from .memscan import add_vma_filters, vma_filter_from_args
 from .progress import Progress, before_output
+
+if TYPE_CHECKING:  # argparse, typing and json are not imported at start-up (`--json` by json_dumps)
+    import argparse
+    from typing import Any
 
 EXCERPT_SHOWN = 32
 
@@ -87,7 +89,7 @@ def match_line(checkpoint: str, m: Match) -> str:
     if m.tags:
         head += f" [{','.join(m.tags)}]"
     if m.metadata:
-        head += " [" + ",".join(f"{k}={json.dumps(v)}" for k, v in m.metadata) + "]"
+        head += " [" + ",".join(f"{k}={json_dumps(v)}" for k, v in m.metadata) + "]"
     where = f"{checkpoint}:{m.pid}:{m.vaddr:#x}:{m.start:x}-{m.end:x} {m.perms} {m.mapping}"
     if m.identifier is None:
         return f"{head} {where}\n"
@@ -153,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
             name = r.checkpoint
             before_output()
             for m in r.matches:
-                out.write(json.dumps(match_json(name, m)) + "\n" if args.json else match_line(name, m))
+                out.write(json_dumps(match_json(name, m)) + "\n" if args.json else match_line(name, m))
             out.flush()
             found += len(r.matches)
             errors += r.error is not None
