@@ -438,6 +438,12 @@ class PageReader:
             self._windowed = windowed
         return windowed
 
+    @property
+    def windowed(self) -> bool:
+        """The memory map is held in windows (`maps`): this level's pagemap, or a parent's its entries
+        read, has more than `pagemap.WINDOWED_ABOVE` entries. Consumers keep no whole list of runs then."""
+        return self._map is None and self._is_windowed()
+
     def _window_bounds(self) -> array[int]:
         """Where the map's windows start (from the second on): where this level's index windows start and,
         if it has pages in a parent, where the parent's map windows do (each window lies in one of its)."""

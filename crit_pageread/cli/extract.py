@@ -83,18 +83,30 @@ class _Part:
     strategy serves; int64 arrays, 16 bytes a run), their bytes, and the lazy pages left out as holes
     (ranges, bytes)."""
 
-    __slots__ = ("area", "bytes", "ends", "lazy", "lazy_bytes", "starts")
+    __slots__ = ("_ends", "_starts", "area", "bytes", "empty", "lazy", "lazy_bytes")
 
     def __init__(self, area: Area) -> None:
         self.area = area
         # From the memory maps by slices: no object per piece (a fragmented dump has millions of them).
         starts, ends, self.lazy_bytes = area.reader.readable_runs(area.start, area.end)
-        self.starts, self.ends = array("q", starts), array("q", ends)
+        self.bytes = sum(ends) - sum(starts)
+        self.empty = not starts
+        # Kept, unless the reader's index is windowed (a huge pagemap): then made again at each use.
+        self._starts: array[int] | None = None
+        self._ends: array[int] | None = None
+        if not area.reader.windowed:
+            self._starts, self._ends = array("q", starts), array("q", ends)
         del starts, ends
-        self.bytes = sum(self.ends) - sum(self.starts)
         self.lazy: list[list[int]] = []
         if self.lazy_bytes:  # rare: where they are, for the index
             self.lazy = _ranges([s for s in area.segments() if s[2] == "lazy"])
+
+    def runs(self) -> tuple[array[int], array[int]]:
+        """The readable runs (starts, ends)."""
+        if self._starts is not None and self._ends is not None:
+            return self._starts, self._ends
+        starts, ends, _ = self.area.reader.readable_runs(self.area.start, self.area.end)
+        return starts, ends
 
 
 def _ranges(segs: list[Segment]) -> list[list[int]]:
@@ -131,7 +143,7 @@ def _vma_json(write: Callable[[str], Any], part: _Part, offset: int) -> None:
         entry["lazy_not_written"] = part.lazy
     head, tail = json_dumps(entry).split(json_dumps(_DATA), 1)
     write(head + "[")
-    starts, ends = part.starts, part.ends
+    starts, ends = part.runs()
     for k in range(0, len(starts), RUNS_AT_ONCE):
         pairs = json_dumps(list(map(list, zip(starts[k : k + RUNS_AT_ONCE], ends[k : k + RUNS_AT_ONCE], strict=True))))
         write((", " if k else "") + pairs[1:-1])
@@ -191,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
                     continue
                 part = _Part(readers.area(pid, vma, *clipped))
                 lazy_bytes += part.lazy_bytes
-                if not part.starts:
+                if part.empty:
                     area = part.area
                     skipped.append({"pid": pid, "start": area.start, "end": area.end, "perms": vma.perms,
                                     "mapping": mapping_name(area),
@@ -348,7 +360,7 @@ def _write_file(path: str, size: int, parts: list[_Part], progress: Progress, ba
             reader = parts[i].area.reader
             iov: list[tuple[int, int, int]] = []
             while i < len(parts) and parts[i].area.reader is reader:
-                starts, ends = parts[i].starts, parts[i].ends
+                starts, ends = parts[i].runs()
                 for k in range(0, len(starts), RUNS_AT_ONCE):
                     s, e = starts[k : k + RUNS_AT_ONCE], ends[k : k + RUNS_AT_ONCE]
                     iov += zip(s, map(operator.sub, e, s), map((-base).__add__, s), strict=True)
