@@ -9,11 +9,13 @@
  *   pack()          plan()'s pieces for many ranges laid one after another in one buffer, a gap of
  *                   zero bytes after each (a scan's pack of short runs);
  *   parse_pagemap() a pagemap image's entries as CRIU writes them -> the index's columns (bytes);
- *   resolve()       a chain level's pagemap columns over its parent's map -> the level's map;
+ *   resolve()       a chain level's pagemap columns over its parent's map -> the level's map
+ *                   (resolve_count() its length, then its runs written into the map's own columns);
  *   runs()          a map's readable runs over a range, clipped and joined (memory.py's _map_runs);
- *   queue_*()       preadv's queue: records (fd, offset, address, length) in a bytearray;
+ *   queue_scatter() preadv's queue of plain requests: records (fd, offset, address, length) in a
+ *                   bytearray (plans are queued as they are);
  *   preadv_queue()  the queue read with CRIU's batching (one run per file range, bridging gaps
- *                   up to max_gap, IOV_MAX iovecs per call), without the GIL;
+ *                   up to max_gap, IOV_MAX iovecs per call), without the GIL, in bounded memory;
  *   pread_plan()    one pread per piece, without the GIL;
  *   copy_plan()     memcpy of pieces from mapped windows of the pages files, without the GIL.
  *
@@ -67,6 +69,34 @@ static void *vec_add(vec_t *v, size_t size)
 static PyObject *vec_bytes(vec_t *v)
 {
     return PyBytes_FromStringAndSize(v->data ? v->data : "", (Py_ssize_t)v->len);
+}
+
+/* A bytes object of room for `n` items of `size` bytes, written in place and cut to what was written by
+ * out_finish: one buffer instead of a growing one copied into a bytes object at the end (a process's
+ * first use of memory costs a page fault per page: the fewer bytes touched, the fewer faults). Pages of
+ * the room never written are never touched. */
+typedef struct { PyObject *bytes; char *data; } out_t;
+
+static int out_open(out_t *o, Py_ssize_t n, size_t size)
+{
+    o->bytes = PyBytes_FromStringAndSize(NULL, n > 0 ? n * (Py_ssize_t)size : 0);
+    o->data = o->bytes ? PyBytes_AS_STRING(o->bytes) : NULL;
+    return o->bytes ? 0 : -1;
+}
+
+/* The bytes cut to `used` bytes (a new reference: the out_t gives its own up), or NULL. */
+static PyObject *out_finish(out_t *o, Py_ssize_t used)
+{
+    PyObject *b = o->bytes;
+    o->bytes = NULL;
+    if (b != NULL && PyBytes_GET_SIZE(b) != used && _PyBytes_Resize(&b, used) < 0)
+        return NULL;
+    return b;
+}
+
+static void out_close(out_t *o)
+{
+    Py_CLEAR(o->bytes);
 }
 
 /* --- reading columns: typed arrays (array.array, memoryview) and Python lists of ints ---------- */
@@ -300,12 +330,28 @@ static PyObject *fast_plan(PyObject *self, PyObject *args)
         return NULL;
     const int64_t vaddr = vaddr_ll, end = end_ll;
     const Py_ssize_t count = m.count;
-    vec_t pieces = {0}, holes = {0};
+    vec_t holes = {0};
     table_t table = {NULL, 0, 0, -1};
     PyObject *result = NULL;
     int status = P_OK;
     int64_t a = 0, b = 0;
     Py_ssize_t i = map_index_at(&m, vaddr);
+    /* at most one piece per run the range meets: runs i.. up to the first that starts at or past end */
+    Py_ssize_t lo = i, hi = count;
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        if (m.starts[mid] < end)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    out_t pieces = {NULL, NULL};
+    if (out_open(&pieces, lo - i, sizeof(piece_t)) < 0) {
+        map_close(&m);
+        return NULL;
+    }
+    piece_t *out = (piece_t *)pieces.data;
+    Py_ssize_t npieces = 0;
     piece_t *last = NULL;
     int64_t pos = vaddr;
     while (pos < end) {
@@ -354,9 +400,7 @@ static PyObject *fast_plan(PyObject *self, PyObject *args)
                 && last->dest + last->length == dest) {
             last->length += length;
         } else {
-            last = vec_add(&pieces, sizeof(piece_t));
-            if (last == NULL)
-                goto done;
+            last = &out[npieces++];
             last->file = file;
             last->offset = offset;
             last->dest = dest;
@@ -366,7 +410,8 @@ static PyObject *fast_plan(PyObject *self, PyObject *args)
         i++;
     }
     {
-        PyObject *p = vec_bytes(&pieces), *h = vec_bytes(&holes), *f = table_list(&table);
+        PyObject *p = out_finish(&pieces, npieces * (Py_ssize_t)sizeof(piece_t)), *h = vec_bytes(&holes);
+        PyObject *f = table_list(&table);
         if (p && h && f)
             result = Py_BuildValue("iLLNNN", status, (long long)a, (long long)b, p, h, f);
         else {
@@ -377,7 +422,7 @@ static PyObject *fast_plan(PyObject *self, PyObject *args)
     }
 done:
     map_close(&m);
-    PyMem_Free(pieces.data);
+    out_close(&pieces);
     PyMem_Free(holes.data);
     PyMem_Free(table.items);
     return result;
@@ -673,29 +718,90 @@ done:
 /* --- resolve: a chain level over its parent's map --------------------------------------- */
 
 PyDoc_STRVAR(resolve_doc,
-"resolve(vaddrs, sizes, flags, offsets, depth, parent) -> (starts, sizes, kinds, flags, offsets, depths, broken)\n\n"
+"resolve(vaddrs, sizes, flags, offsets, depth, parent, into) -> broken\n\n"
 "The map of one chain level from its pagemap columns (int64 vaddrs, sizes, offsets; uint8 flags): an\n"
 "entry with PE_PRESENT has its data in this level's pages file at its offset; a PE_PARENT one takes the\n"
 "runs of the parent's map over its range (`parent`: its columns starts, sizes, kinds, flags, offsets,\n"
 "depths, or None), clipped; PE_LAZY alone is a lazy run. Where a PE_PARENT range has no run in the parent\n"
-"a BROKEN run (flags 0, this level's depth) is made. The map's columns as bytes (int64 starts, sizes,\n"
-"offsets; uint8 kinds, flags; uint16 depths) and, for each BROKEN run, (index, start, stop, parent_index):\n"
-"parent_index -1 for such a gap, else the parent's broken run it copies; the caller gives them their errors.");
+"a BROKEN run (flags 0, this level's depth) is made. The map's runs are written into `into`, its columns\n"
+"(int64 starts, sizes; uint8 kinds, flags; int64 offsets; uint16 depths) of resolve_count()'s length,\n"
+"in place (the memory the map keeps is the only memory touched); returned: for each BROKEN run,\n"
+"(index, start, stop, parent_index), parent_index -1 for such a gap, else the parent's broken run it\n"
+"copies; the caller gives them their errors.");
+
+PyDoc_STRVAR(resolve_count_doc,
+"resolve_count(vaddrs, sizes, flags, offsets, depth, parent) -> int\n\n"
+"The number of runs resolve() makes of these columns: the length of its `into` columns.");
 
 #define PE_PARENT 1
 #define PE_PRESENT 4
 
-typedef struct { vec_t starts, sizes, kinds, flags, offsets, depths; Py_ssize_t n; } runs_t;
+/* The resolved map's columns: the caller's (resolve's `into`), written in place; none when only counting. */
+typedef struct {
+    Py_buffer views[6]; /* starts, sizes, kinds, flags, offsets, depths */
+    int nviews;
+    int64_t *starts, *sizes, *offsets;
+    uint8_t *kinds, *flags;
+    uint16_t *depths;
+    Py_ssize_t n, cap;
+} runs_t;
+
+static int runs_open(runs_t *r, PyObject *into)
+{
+    memset(r, 0, sizeof(*r));
+    if (into == NULL) {
+        r->cap = PY_SSIZE_T_MAX; /* counting */
+        return 0;
+    }
+    if (!PyTuple_Check(into) || PyTuple_GET_SIZE(into) != 6) {
+        PyErr_SetString(PyExc_TypeError, "into must be a tuple of six columns");
+        return -1;
+    }
+    const Py_ssize_t size[6] = {8, 8, 1, 1, 8, 2};
+    const char *fmt[6] = {"ql", "ql", "B", "B", "ql", "H"};
+    for (; r->nviews < 6; r->nviews++) {
+        Py_buffer *v = &r->views[r->nviews];
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(into, r->nviews), v, PyBUF_WRITABLE | PyBUF_FORMAT
+                               | PyBUF_C_CONTIGUOUS) < 0)
+            return -1;
+        const char *f = v->format ? v->format : "B";
+        if (*f == '@' || *f == '=')
+            f++;
+        if (v->itemsize != size[r->nviews] || f[0] == '\0' || f[1] != '\0' || !strchr(fmt[r->nviews], f[0])) {
+            r->nviews++;
+            PyErr_SetString(PyExc_TypeError, "into: columns of the map's formats (q, q, B, B, q, H)");
+            return -1;
+        }
+        if (r->nviews && v->len / v->itemsize != r->cap) {
+            r->nviews++;
+            PyErr_SetString(PyExc_ValueError, "into: columns differ in length");
+            return -1;
+        }
+        r->cap = v->len / v->itemsize;
+    }
+    r->starts = r->views[0].buf, r->sizes = r->views[1].buf, r->kinds = r->views[2].buf;
+    r->flags = r->views[3].buf, r->offsets = r->views[4].buf, r->depths = r->views[5].buf;
+    return 0;
+}
+
+static void runs_close(runs_t *r)
+{
+    for (int k = 0; k < r->nviews; k++)
+        PyBuffer_Release(&r->views[k]);
+    r->nviews = 0;
+}
 
 static int add_run(runs_t *r, int64_t start, int64_t size, int kind, int flags, int64_t offset, int depth)
 {
-    int64_t *s = vec_add(&r->starts, 8), *z = vec_add(&r->sizes, 8), *o = vec_add(&r->offsets, 8);
-    uint8_t *k = vec_add(&r->kinds, 1), *f = vec_add(&r->flags, 1);
-    uint16_t *d = vec_add(&r->depths, 2);
-    if (!s || !z || !o || !k || !f || !d)
+    if (r->n >= r->cap) {
+        PyErr_SetString(PyExc_ValueError, "into: shorter than the runs (resolve_count's length)");
         return -1;
-    *s = start, *z = size, *o = offset, *k = (uint8_t)kind, *f = (uint8_t)flags, *d = (uint16_t)depth;
-    r->n++;
+    }
+    Py_ssize_t n = r->n++;
+    if (r->starts == NULL) /* counting */
+        return 0;
+    r->starts[n] = start, r->sizes[n] = size, r->offsets[n] = offset;
+    r->kinds[n] = (uint8_t)kind, r->flags[n] = (uint8_t)flags, r->depths[n] = (uint16_t)depth;
     return 0;
 }
 
@@ -709,11 +815,14 @@ static int note_broken(PyObject *broken, Py_ssize_t index, int64_t start, int64_
     return rc;
 }
 
-static PyObject *fast_resolve(PyObject *self, PyObject *args)
+/* resolve() and resolve_count(): `into` NULL counts the runs. */
+static PyObject *resolve_impl(PyObject *args, int counting)
 {
-    PyObject *vaddrs_o, *sizes_o, *flags_o, *offsets_o, *parent;
+    PyObject *vaddrs_o, *sizes_o, *flags_o, *offsets_o, *parent, *into = NULL;
     int depth;
-    if (!PyArg_ParseTuple(args, "OOOOiO", &vaddrs_o, &sizes_o, &flags_o, &offsets_o, &depth, &parent))
+    if (counting ? !PyArg_ParseTuple(args, "OOOOiO", &vaddrs_o, &sizes_o, &flags_o, &offsets_o, &depth, &parent)
+                 : !PyArg_ParseTuple(args, "OOOOiOO", &vaddrs_o, &sizes_o, &flags_o, &offsets_o, &depth, &parent,
+                                     &into))
         return NULL;
     if (depth < 0 || depth > 0xFFFF) {
         PyErr_SetString(PyExc_ValueError, "depth out of range");
@@ -760,8 +869,10 @@ static PyObject *fast_resolve(PyObject *self, PyObject *args)
             }
         ps_ = pv[0].buf, pz_ = pv[1].buf, pk_ = pv[2].buf, pf_ = pv[3].buf, po_ = pv[4].buf, pd_ = pv[5].buf;
     }
-    broken = PyList_New(0);
-    if (broken == NULL)
+    broken = counting ? Py_None : PyList_New(0);
+    if (counting)
+        Py_INCREF(broken);
+    if (broken == NULL || runs_open(&out, into) < 0)
         goto done;
     Py_ssize_t j = 0; /* entries are in address order: the parent runs before an entry are never needed again */
     for (Py_ssize_t e = 0; e < n; e++) {
@@ -784,7 +895,7 @@ static PyObject *fast_resolve(PyObject *self, PyObject *args)
         for (Py_ssize_t k = j; pos < end; k++) {
             int64_t next = k >= pcount || ps_[k] >= end ? end : ps_[k];
             if (next > pos) { /* the parent lacks [pos, next) */
-                if (note_broken(broken, out.n, pos, next, -1) < 0
+                if ((!counting && note_broken(broken, out.n, pos, next, -1) < 0)
                         || add_run(&out, pos, next - pos, K_BROKEN, 0, -1, depth) < 0)
                     goto done;
                 pos = next;
@@ -792,36 +903,39 @@ static PyObject *fast_resolve(PyObject *self, PyObject *args)
             if (pos >= end)
                 break;
             const int64_t stop = ps_[k] + pz_[k] < end ? ps_[k] + pz_[k] : end, poff = po_[k];
-            if (pk_[k] == K_BROKEN && note_broken(broken, out.n, pos, stop, k) < 0)
+            if (!counting && pk_[k] == K_BROKEN && note_broken(broken, out.n, pos, stop, k) < 0)
                 goto done;
             if (add_run(&out, pos, stop - pos, pk_[k], pf_[k], poff >= 0 ? poff + pos - ps_[k] : -1, pd_[k]) < 0)
                 goto done;
             pos = stop;
         }
     }
-    {
-        PyObject *c[6] = {vec_bytes(&out.starts), vec_bytes(&out.sizes), vec_bytes(&out.kinds), vec_bytes(&out.flags),
-                          vec_bytes(&out.offsets), vec_bytes(&out.depths)};
-        if (c[0] && c[1] && c[2] && c[3] && c[4] && c[5]) {
-            result = Py_BuildValue("NNNNNNO", c[0], c[1], c[2], c[3], c[4], c[5], broken);
-        } else {
-            for (int k = 0; k < 6; k++)
-                Py_XDECREF(c[k]);
-        }
+    if (counting) {
+        result = PyLong_FromSsize_t(out.n);
+    } else if (out.n != out.cap) {
+        PyErr_SetString(PyExc_ValueError, "into: longer than the runs (resolve_count's length)");
+    } else {
+        result = broken;
+        Py_INCREF(result);
     }
 done:
     for (int k = 0; k < nv; k++)
         PyBuffer_Release(&v[k]);
     for (int k = 0; k < npv; k++)
         PyBuffer_Release(&pv[k]);
-    PyMem_Free(out.starts.data);
-    PyMem_Free(out.sizes.data);
-    PyMem_Free(out.kinds.data);
-    PyMem_Free(out.flags.data);
-    PyMem_Free(out.offsets.data);
-    PyMem_Free(out.depths.data);
+    runs_close(&out);
     Py_XDECREF(broken);
     return result;
+}
+
+static PyObject *fast_resolve(PyObject *self, PyObject *args)
+{
+    return resolve_impl(args, 0);
+}
+
+static PyObject *fast_resolve_count(PyObject *self, PyObject *args)
+{
+    return resolve_impl(args, 1);
 }
 
 /* --- runs: a map's readable runs over a range, joined ------------------------------------ */
@@ -948,43 +1062,6 @@ static int check_fit(const piece_t *pieces, Py_ssize_t n, Py_ssize_t dest_len, P
     return 0;
 }
 
-PyDoc_STRVAR(queue_plan_doc,
-"queue_plan(records, fds, pieces, dest) -> int\n\n"
-"Append a plan's pieces to preadv's queue (a bytearray of int64 fd, offset, address, length):\n"
-"`fds` is bytes of int64, one per file of the plan; `dest` the writable buffer (keep it alive).");
-
-static PyObject *fast_queue_plan(PyObject *self, PyObject *args)
-{
-    PyObject *records;
-    Py_buffer fds, pieces, dest;
-    if (!PyArg_ParseTuple(args, "Oy*y*w*", &records, &fds, &pieces, &dest))
-        return NULL;
-    PyObject *result = NULL;
-    Py_ssize_t n;
-    if (check_pieces(&pieces, &n) < 0)
-        goto done;
-    const piece_t *p = pieces.buf;
-    const int64_t *fd = fds.buf;
-    if (check_fit(p, n, dest.len, fds.len / (Py_ssize_t)sizeof(int64_t)) < 0)
-        goto done;
-    rec_t *r = records_extend(records, n);
-    if (r == NULL)
-        goto done;
-    char *base = dest.buf;
-    for (Py_ssize_t k = 0; k < n; k++) {
-        r[k].fd = fd[p[k].file];
-        r[k].offset = p[k].offset;
-        r[k].addr = (int64_t)(intptr_t)(base + p[k].dest);
-        r[k].length = p[k].length;
-    }
-    result = PyLong_FromSsize_t(n);
-done:
-    PyBuffer_Release(&fds);
-    PyBuffer_Release(&pieces);
-    PyBuffer_Release(&dest);
-    return result;
-}
-
 PyDoc_STRVAR(queue_scatter_doc,
 "queue_scatter(records, fd, offset, dest, dest_offsets, lengths) -> int\n\n"
 "Append a ScatterRequest (or, with dest_offsets None, one request filling all of dest).");
@@ -1049,7 +1126,7 @@ done:
     return result;
 }
 
-/* fd -> index of its newest run: open addressing */
+/* fd -> index of its newest run: open addressing (raw allocator: used without the GIL) */
 typedef struct { int64_t fd; Py_ssize_t run; } tail_t;
 typedef struct { tail_t *slots; size_t mask, used; } tails_t;
 
@@ -1057,7 +1134,7 @@ static int tails_init(tails_t *t)
 {
     t->mask = 63;
     t->used = 0;
-    t->slots = PyMem_Malloc(64 * sizeof(tail_t));
+    t->slots = PyMem_RawMalloc(64 * sizeof(tail_t));
     if (t->slots == NULL)
         return -1;
     for (size_t k = 0; k < 64; k++)
@@ -1082,7 +1159,7 @@ static tail_t *tails_put(tails_t *t, int64_t fd)
         size_t cap = 2 * (t->mask + 1);
         tail_t *old = t->slots;
         size_t old_cap = t->mask + 1;
-        t->slots = PyMem_Malloc(cap * sizeof(tail_t));
+        t->slots = PyMem_RawMalloc(cap * sizeof(tail_t));
         if (t->slots == NULL) {
             t->slots = old;
             return NULL;
@@ -1093,7 +1170,7 @@ static tail_t *tails_put(tails_t *t, int64_t fd)
         for (size_t k = 0; k < old_cap; k++)
             if (old[k].fd != -1)
                 *tails_get(t, old[k].fd) = old[k];
-        PyMem_Free(old);
+        PyMem_RawFree(old);
     }
     tail_t *s = tails_get(t, fd);
     if (s->fd == -1) {
@@ -1103,10 +1180,9 @@ static tail_t *tails_put(tails_t *t, int64_t fd)
     return s;
 }
 
-typedef struct { int64_t fd, offset, length; Py_ssize_t first, count; int last_gap; } run_t;
-
-/* How runs are read: IOV_MAX, and for tests a limit on each call's bytes and a record of its iovecs. */
-typedef struct { int iov_max; long long limit; int *counts; size_t max_counts, ncounts; long long calls; } io_t;
+/* How runs are read: IOV_MAX, and for tests a limit on each call's bytes and a record of its iovecs
+ * (`trace`: counts grown with the raw allocator, up to `max_counts` of them). */
+typedef struct { int iov_max; long long limit; int *counts; size_t max_counts, ncounts; long long calls; int trace; } io_t;
 
 /* Read `left` iovecs from *offset of fd with preadv, iov_max at a time, again after a short read (the
  * iovecs are advanced: they are the caller's scratch). Returns IO_OK, or IO_SHORT/IO_ERRNO (*err) with
@@ -1132,8 +1208,16 @@ static int read_run(int fd, struct iovec *v, Py_ssize_t left, int64_t *offset, i
         if (cut >= 0)
             v[cut].iov_len = cut_len;
         io->calls++;
-        if (io->ncounts < io->max_counts)
-            io->counts[io->ncounts++] = count;
+        if (io->trace) {
+            if (io->ncounts == io->max_counts) {
+                size_t cap = io->max_counts ? 2 * io->max_counts : 256;
+                int *counts = PyMem_RawRealloc(io->counts, cap * sizeof(int));
+                if (counts != NULL)
+                    io->counts = counts, io->max_counts = cap;
+            }
+            if (io->ncounts < io->max_counts)
+                io->counts[io->ncounts++] = count;
+        }
         if (got < 0) {
             if (errno == EINTR)
                 continue;
@@ -1159,23 +1243,219 @@ static int read_run(int fd, struct iovec *v, Py_ssize_t left, int64_t *offset, i
 }
 
 PyDoc_STRVAR(preadv_queue_doc,
-"preadv_queue(records, iov_max, max_gap, scratch, trace=None, limit=0)\n"
+"preadv_queue(items, iov_max, max_gap, scratch, trace=None, limit=0)\n"
 "    -> (calls, gap_bytes, status, fd, offset, errno)\n\n"
-"Read preadv's queue: records contiguous in one file (by fd) join that file's newest run, also across\n"
-"records of other files; a gap of at most max_gap bytes is read into `scratch`; one preadv per\n"
-"iov_max iovecs of a run; short reads continue. status 0 ok, 1 end of file at (fd, offset),\n"
-"2 an error (errno) there. For tests: a list `trace` gets each call's iovec count; a `limit` above 0\n"
-"asks each call for at most that many bytes (short reads).");
+"Read preadv's queue, a list of items in the order queued: a plan, (fds, pieces, dest) as pread_plan's,\n"
+"or a bytearray of records (int64 fd, offset, address, length: queue_scatter's). A piece contiguous in its\n"
+"file with that file's newest run joins it, also across reads of other files (CRIU's queue-and-merge); a\n"
+"gap of at most max_gap bytes is read into `scratch`; a destination that continues the run's last iovec\n"
+"extends it. One preadv per iov_max iovecs of a run, each as soon as the run has them, the rest when the run\n"
+"can grow no more (its file's next piece is elsewhere, or the queue ends); short reads continue. status 0\n"
+"ok, 1 end of file at (fd, offset), 2 an error (errno) there. For tests: a list `trace` gets each call's\n"
+"iovec count; a `limit` above 0 asks each call for at most that many bytes (short reads).");
+
+/* A run being gathered: its file, the file offset of its first iovec not yet read, its end in the file, and
+ * its iovecs not yet read (at most iov_max: a full batch is read before another is added). */
+typedef struct {
+    int64_t fd, at, end;
+    struct iovec *v;
+    int n, cap, last_gap, open;
+} orun_t;
+
+/* The merge of one queue: the runs by file, the reads' settings and how they went. Used without the GIL. */
+typedef struct {
+    orun_t *runs;
+    Py_ssize_t nruns, cap, last;
+    tails_t tails;
+    io_t io;
+    char *scratch;
+    int64_t max_gap;
+    long long gap_bytes;
+    int status, err;
+    int64_t err_fd, err_offset;
+} merge_t;
+
+/* Read what `r` has gathered. */
+static int merge_flush(merge_t *g, orun_t *r)
+{
+    if (r->n == 0)
+        return IO_OK;
+    int64_t at = r->at;
+    int status = read_run((int)r->fd, r->v, r->n, &at, &g->io, &g->err);
+    r->n = 0;
+    if (status != IO_OK) {
+        g->status = status, g->err_fd = r->fd, g->err_offset = at;
+        return status;
+    }
+    r->at = at;
+    return IO_OK;
+}
+
+/* Add an iovec to `r`, reading its full batch first. */
+static int merge_push(merge_t *g, orun_t *r, char *addr, size_t length)
+{
+    if (r->n == g->io.iov_max && merge_flush(g, r) != IO_OK)
+        return -1;
+    if (r->n == r->cap) {
+        int cap = r->cap ? 2 * r->cap : 16;
+        if (cap > g->io.iov_max)
+            cap = g->io.iov_max;
+        struct iovec *v = PyMem_RawRealloc(r->v, (size_t)cap * sizeof(struct iovec));
+        if (v == NULL) {
+            g->status = IO_ERRNO, g->err = ENOMEM, g->err_fd = r->fd, g->err_offset = r->at;
+            return -1;
+        }
+        r->v = v, r->cap = cap;
+    }
+    r->v[r->n].iov_base = addr;
+    r->v[r->n].iov_len = length;
+    r->n++;
+    return 0;
+}
+
+/* One piece of the queue: `length` bytes at `offset` of fd to `addr`. */
+static int merge_add(merge_t *g, int64_t fd, int64_t offset, char *addr, int64_t length)
+{
+    orun_t *r;
+    if (g->last >= 0 && g->runs[g->last].fd == fd) {
+        r = &g->runs[g->last];
+    } else {
+        tail_t *t = tails_get(&g->tails, fd);
+        if (t->fd == -1) {
+            if (g->nruns == g->cap) {
+                Py_ssize_t cap = g->cap ? 2 * g->cap : 8;
+                orun_t *runs = PyMem_RawRealloc(g->runs, (size_t)cap * sizeof(orun_t));
+                if (runs == NULL)
+                    goto nomem;
+                g->runs = runs, g->cap = cap;
+            }
+            t = tails_put(&g->tails, fd);
+            if (t == NULL)
+                goto nomem;
+            t->run = g->nruns;
+            g->runs[g->nruns++] = (orun_t){fd, 0, 0, NULL, 0, 0, 0, 0};
+        }
+        g->last = t->run;
+        r = &g->runs[t->run];
+    }
+    if (r->open) {
+        int64_t gap = offset - r->end;
+        if (gap > 0 && gap <= g->max_gap) { /* bridged: read into scratch */
+            if (merge_push(g, r, g->scratch, (size_t)gap) < 0)
+                return -1;
+            r->last_gap = 1;
+            r->end += gap;
+            g->gap_bytes += gap;
+        } else if (gap != 0) { /* elsewhere: the run can grow no more */
+            if (merge_flush(g, r) != IO_OK)
+                return -1;
+            r->open = 0;
+        }
+    }
+    if (!r->open) {
+        r->open = 1, r->last_gap = 0;
+        r->at = r->end = offset;
+    }
+    struct iovec *prev = r->n ? &r->v[r->n - 1] : NULL;
+    if (prev != NULL && !r->last_gap && (char *)prev->iov_base + prev->iov_len == addr)
+        prev->iov_len += (size_t)length;
+    else if (merge_push(g, r, addr, (size_t)length) < 0)
+        return -1;
+    r->last_gap = 0;
+    r->end += length;
+    return 0;
+nomem:
+    g->status = IO_ERRNO, g->err = ENOMEM, g->err_fd = fd, g->err_offset = offset;
+    return -1;
+}
+
+/* merge_add's usual case, inlined: the piece continues the run of the previous piece's file, in the file and
+ * (one iovec) in memory, or with room for another iovec. 0 if it is not that case. */
+static inline int merge_next(merge_t *g, int64_t fd, int64_t offset, char *addr, int64_t length)
+{
+    if (g->last < 0)
+        return 0;
+    orun_t *r = &g->runs[g->last];
+    if (r->fd != fd || !r->open || r->end != offset || r->last_gap || r->n == 0)
+        return 0;
+    struct iovec *prev = &r->v[r->n - 1];
+    if ((char *)prev->iov_base + prev->iov_len == addr)
+        prev->iov_len += (size_t)length;
+    else if (r->n < r->cap && r->n < g->io.iov_max)
+        r->v[r->n++] = (struct iovec){addr, (size_t)length};
+    else
+        return 0;
+    r->end += length;
+    return 1;
+}
+
+/* A queue item's buffers, held while it is read without the GIL. */
+typedef struct {
+    const rec_t *recs;
+    const piece_t *pieces;
+    const int64_t *fds;
+    char *base;
+    Py_ssize_t n;
+    Py_buffer views[3];
+    int nviews;
+} item_t;
+
+static int item_open(item_t *it, PyObject *obj)
+{
+    memset(it, 0, sizeof(*it));
+    if (PyByteArray_Check(obj)) {
+        if (PyObject_GetBuffer(obj, &it->views[0], PyBUF_SIMPLE) < 0)
+            return -1;
+        it->nviews = 1;
+        if (it->views[0].len % (Py_ssize_t)sizeof(rec_t)) {
+            PyErr_SetString(PyExc_ValueError, "records: not whole records");
+            return -1;
+        }
+        it->recs = it->views[0].buf;
+        it->n = it->views[0].len / (Py_ssize_t)sizeof(rec_t);
+        return 0;
+    }
+    PyObject *fds, *pieces, *dest;
+    if (!PyTuple_Check(obj) || !PyArg_ParseTuple(obj, "OOO", &fds, &pieces, &dest)) {
+        if (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_TypeError, "a queue item is a bytearray of records or (fds, pieces, dest)");
+        }
+        return -1;
+    }
+    if (PyObject_GetBuffer(fds, &it->views[0], PyBUF_SIMPLE) < 0)
+        return -1;
+    it->nviews = 1;
+    if (PyObject_GetBuffer(pieces, &it->views[1], PyBUF_SIMPLE) < 0)
+        return -1;
+    it->nviews = 2;
+    if (!PyArg_Parse(dest, "w*", &it->views[2])) /* TypeError for a read-only one */
+        return -1;
+    it->nviews = 3;
+    if (check_pieces(&it->views[1], &it->n) < 0)
+        return -1;
+    it->fds = it->views[0].buf;
+    it->pieces = it->views[1].buf;
+    it->base = it->views[2].buf;
+    return check_fit(it->pieces, it->n, it->views[2].len, it->views[0].len / (Py_ssize_t)sizeof(int64_t));
+}
+
+static void item_close(item_t *it)
+{
+    for (int k = 0; k < it->nviews; k++)
+        PyBuffer_Release(&it->views[k]);
+    it->nviews = 0;
+}
 
 static PyObject *fast_preadv_queue(PyObject *self, PyObject *args)
 {
-    PyObject *records, *scratch_obj, *trace = Py_None;
+    PyObject *items, *scratch_obj, *trace = Py_None;
     int iov_max;
     long long max_gap, limit = 0;
-    if (!PyArg_ParseTuple(args, "OiLO|OL", &records, &iov_max, &max_gap, &scratch_obj, &trace, &limit))
+    if (!PyArg_ParseTuple(args, "OiLO|OL", &items, &iov_max, &max_gap, &scratch_obj, &trace, &limit))
         return NULL;
-    if (!PyByteArray_Check(records)) {
-        PyErr_SetString(PyExc_TypeError, "records must be a bytearray");
+    if (!PyList_Check(items)) {
+        PyErr_SetString(PyExc_TypeError, "items must be a list");
         return NULL;
     }
     if (iov_max < 1) {
@@ -1193,120 +1473,72 @@ static PyObject *fast_preadv_queue(PyObject *self, PyObject *args)
     } else {
         max_gap = 0;
     }
-    Py_ssize_t n = PyByteArray_GET_SIZE(records) / (Py_ssize_t)sizeof(rec_t);
-    const rec_t *rec = (const rec_t *)PyByteArray_AS_STRING(records);
+    const Py_ssize_t nitems = PyList_GET_SIZE(items);
     PyObject *result = NULL;
-    Py_ssize_t *run_of = NULL;
-    int64_t *gap_of = NULL;
-    run_t *runs = NULL;
-    struct iovec *iov = NULL;
-    int *counts = NULL;
-    size_t ncounts = 0, max_counts = 0;
-    tails_t tails = {0};
-    Py_ssize_t nruns = 0;
-    long long calls = 0, gap_bytes = 0;
-    int status = IO_OK, err = 0;
-    int64_t err_fd = -1, err_offset = 0;
-    if (n == 0) {
-        result = Py_BuildValue("LLiLLi", 0LL, 0LL, IO_OK, -1LL, 0LL, 0);
-        goto done;
-    }
-    run_of = PyMem_Malloc((size_t)n * sizeof(Py_ssize_t));
-    gap_of = PyMem_Malloc((size_t)n * sizeof(int64_t));
-    runs = PyMem_Malloc((size_t)n * sizeof(run_t));
-    if (run_of == NULL || gap_of == NULL || runs == NULL || tails_init(&tails) < 0) {
+    Py_ssize_t opened = 0;
+    item_t *its = PyMem_Malloc((size_t)(nitems ? nitems : 1) * sizeof(item_t));
+    merge_t g;
+    memset(&g, 0, sizeof(g));
+    g.last = -1, g.err_fd = -1;
+    if (its == NULL) {
         PyErr_NoMemory();
         goto done;
     }
-    /* 1: the run of each record (CRIU's queue-and-merge), bounds on each run's iovecs */
-    for (Py_ssize_t k = 0; k < n; k++) {
-        const rec_t *r = &rec[k];
-        tail_t *t = tails_get(&tails, r->fd);
-        gap_of[k] = 0;
-        if (t->fd != -1) {
-            run_t *run = &runs[t->run];
-            int64_t gap = r->offset - (run->offset + run->length);
-            if (gap == 0 || (gap > 0 && gap <= max_gap)) {
-                gap_of[k] = gap;
-                gap_bytes += gap;
-                run->length += gap + r->length;
-                run->count += 1 + (gap > 0);
-                run_of[k] = t->run;
-                continue;
-            }
-        }
-        t = tails_put(&tails, r->fd);
-        if (t == NULL) {
-            PyErr_NoMemory();
+    for (; opened < nitems; opened++)
+        if (item_open(&its[opened], PyList_GET_ITEM(items, opened)) < 0) {
+            item_close(&its[opened]);
             goto done;
         }
-        t->run = nruns;
-        runs[nruns] = (run_t){r->fd, r->offset, r->length, 0, 1, 0};
-        run_of[k] = nruns++;
-    }
-    Py_ssize_t total = 0;
-    for (Py_ssize_t k = 0; k < nruns; k++) {
-        runs[k].first = total;
-        total += runs[k].count;
-        runs[k].count = 0;
-    }
-    iov = PyMem_Malloc((size_t)total * sizeof(struct iovec));
-    if (PyList_Check(trace)) {
-        max_counts = (size_t)(total + nruns) + 64;
-        counts = PyMem_Malloc(max_counts * sizeof(int));
-    }
-    if (iov == NULL || (PyList_Check(trace) && counts == NULL)) {
+    if (tails_init(&g.tails) < 0) {
         PyErr_NoMemory();
         goto done;
     }
-    /* 2: the iovecs, run by run; a destination that continues the previous one extends its iovec */
-    for (Py_ssize_t k = 0; k < n; k++) {
-        run_t *run = &runs[run_of[k]];
-        if (gap_of[k]) {
-            struct iovec *v = &iov[run->first + run->count++];
-            v->iov_base = scratch.buf;
-            v->iov_len = (size_t)gap_of[k];
-            run->last_gap = 1;
-        }
-        char *addr = (char *)(intptr_t)rec[k].addr;
-        struct iovec *prev = run->count ? &iov[run->first + run->count - 1] : NULL;
-        if (prev != NULL && !run->last_gap && (char *)prev->iov_base + prev->iov_len == addr) {
-            prev->iov_len += (size_t)rec[k].length;
-        } else {
-            struct iovec *v = &iov[run->first + run->count++];
-            v->iov_base = addr;
-            v->iov_len = (size_t)rec[k].length;
-        }
-        run->last_gap = 0;
-    }
-    /* 3: the reads, without the GIL */
+    g.io = (io_t){iov_max, limit, NULL, 0, 0, 0, PyList_Check(trace)};
+    g.scratch = have_scratch ? scratch.buf : NULL;
+    g.max_gap = max_gap;
     Py_BEGIN_ALLOW_THREADS
-    io_t io = {iov_max, limit, counts, max_counts, 0, 0};
-    for (Py_ssize_t k = 0; k < nruns && status == IO_OK; k++) {
-        run_t *run = &runs[k];
-        err_offset = run->offset;
-        status = read_run((int)run->fd, &iov[run->first], run->count, &err_offset, &io, &err);
-        err_fd = run->fd;
+    for (Py_ssize_t k = 0; k < nitems && g.status == IO_OK; k++) {
+        const item_t *it = &its[k];
+        int failed = 0;
+        if (it->recs != NULL) {
+            for (Py_ssize_t i = 0; i < it->n && !failed; i++) {
+                const rec_t *r = &it->recs[i];
+                char *addr = (char *)(intptr_t)r->addr;
+                if (!merge_next(&g, r->fd, r->offset, addr, r->length))
+                    failed = merge_add(&g, r->fd, r->offset, addr, r->length) < 0;
+            }
+        } else {
+            for (Py_ssize_t i = 0; i < it->n && !failed; i++) {
+                const piece_t *q = &it->pieces[i];
+                const int64_t fd = it->fds[q->file];
+                char *addr = it->base + q->dest;
+                if (!merge_next(&g, fd, q->offset, addr, q->length))
+                    failed = merge_add(&g, fd, q->offset, addr, q->length) < 0;
+            }
+        }
     }
-    calls = io.calls;
-    ncounts = io.ncounts;
+    for (Py_ssize_t k = 0; k < g.nruns && g.status == IO_OK; k++)
+        merge_flush(&g, &g.runs[k]);
     Py_END_ALLOW_THREADS
-    for (size_t k = 0; k < ncounts; k++) {
-        PyObject *c = PyLong_FromLong(counts[k]);
+    for (size_t k = 0; k < g.io.ncounts; k++) {
+        PyObject *c = PyLong_FromLong(g.io.counts[k]);
         if (c == NULL || PyList_Append(trace, c) < 0) {
             Py_XDECREF(c);
             goto done;
         }
         Py_DECREF(c);
     }
-    result = Py_BuildValue("LLiLLi", calls, gap_bytes, status, (long long)err_fd, (long long)err_offset, err);
+    result = Py_BuildValue("LLiLLi", g.io.calls, g.gap_bytes, g.status, (long long)g.err_fd,
+                           (long long)g.err_offset, g.err);
 done:
-    PyMem_Free(counts);
-    PyMem_Free(run_of);
-    PyMem_Free(gap_of);
-    PyMem_Free(runs);
-    PyMem_Free(iov);
-    PyMem_Free(tails.slots);
+    for (Py_ssize_t k = 0; k < opened; k++)
+        item_close(&its[k]);
+    PyMem_Free(its);
+    for (Py_ssize_t k = 0; k < g.nruns; k++)
+        PyMem_RawFree(g.runs[k].v);
+    PyMem_RawFree(g.runs);
+    PyMem_RawFree(g.tails.slots);
+    PyMem_RawFree(g.io.counts);
     if (have_scratch)
         PyBuffer_Release(&scratch);
     return result;
@@ -1339,7 +1571,9 @@ static PyObject *fast_pread_plan(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "iov_max must be positive");
         goto done;
     }
-    iov = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(struct iovec));
+    /* iovecs for one call at a time: a stretch longer than iov_max pieces is read iov_max at a time */
+    const Py_ssize_t room = n < iov_max ? (n ? n : 1) : iov_max;
+    iov = PyMem_Malloc((size_t)room * sizeof(struct iovec));
     if (iov == NULL) {
         PyErr_NoMemory();
         goto done;
@@ -1347,12 +1581,13 @@ static PyObject *fast_pread_plan(PyObject *self, PyObject *args)
     int status = IO_OK, err = 0;
     int64_t err_file = -1, err_offset = 0;
     char *base = dest.buf;
-    io_t io = {iov_max, 0, NULL, 0, 0, 0};
+    io_t io = {iov_max, 0, NULL, 0, 0, 0, 0};
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t k = 0; k < n && status == IO_OK;) {
+        /* pieces k.. back to back in one file, at most `room` of them */
         Py_ssize_t j = k + 1;
         int64_t end = p[k].offset + p[k].length;
-        while (j < n && p[j].file == p[k].file && p[j].offset == end) {
+        while (j < n && j - k < room && p[j].file == p[k].file && p[j].offset == end) {
             end += p[j].length;
             j++;
         }
@@ -1480,8 +1715,8 @@ static PyMethodDef methods[] = {
     {"pack", fast_pack, METH_VARARGS, pack_doc},
     {"parse_pagemap", fast_parse_pagemap, METH_VARARGS, parse_pagemap_doc},
     {"resolve", fast_resolve, METH_VARARGS, resolve_doc},
+    {"resolve_count", fast_resolve_count, METH_VARARGS, resolve_count_doc},
     {"runs", fast_runs, METH_VARARGS, runs_doc},
-    {"queue_plan", fast_queue_plan, METH_VARARGS, queue_plan_doc},
     {"queue_scatter", fast_queue_scatter, METH_VARARGS, queue_scatter_doc},
     {"preadv_queue", fast_preadv_queue, METH_VARARGS, preadv_queue_doc},
     {"pread_plan", fast_pread_plan, METH_VARARGS, pread_plan_doc},
@@ -1503,7 +1738,7 @@ PyMODINIT_FUNC PyInit__fastio(void)
     if (m == NULL)
         return NULL;
     /* native.py uses the module only if this is the version its Python side was written for */
-    if (PyModule_AddIntConstant(m, "VERSION", 6) < 0
+    if (PyModule_AddIntConstant(m, "VERSION", 7) < 0
             || PyModule_AddIntConstant(m, "PIECE_BYTES", (long)sizeof(piece_t)) < 0
             || PyModule_AddIntConstant(m, "RECORD_BYTES", (long)sizeof(rec_t)) < 0) {
         Py_DECREF(m);

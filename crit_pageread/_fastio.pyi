@@ -21,22 +21,25 @@ def parse_pagemap(
     data: ReadableBuffer, pos: int, offset: int, page_size: int, limit: int, prev_end: int, layout: str, count: int,
     partial: bool = False, /,
 ) -> tuple[bytes, bytes, bytes, bytes, str, int, int, int] | None: ...
-def resolve(
+def resolve_count(
     vaddrs: ReadableBuffer, sizes: ReadableBuffer, flags: ReadableBuffer, offsets: ReadableBuffer, depth: int,
     parent: tuple[ReadableBuffer, ...] | None, /,
-) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes, list[tuple[int, int, int, int]]]: ...
+) -> int: ...
+def resolve(
+    vaddrs: ReadableBuffer, sizes: ReadableBuffer, flags: ReadableBuffer, offsets: ReadableBuffer, depth: int,
+    parent: tuple[ReadableBuffer, ...] | None, into: tuple[WriteableBuffer, ...], /,
+) -> list[tuple[int, int, int, int]]: ...
 def runs(
     starts: ReadableBuffer, sizes: ReadableBuffer, kinds: ReadableBuffer, i: int, j: int, lo: int, hi: int,
     lazy_ok: bool, /,
 ) -> tuple[bytes, bytes, int, int]: ...
-def queue_plan(records: bytearray, fds: ReadableBuffer, pieces: ReadableBuffer, dest: WriteableBuffer, /) -> int: ...
 def queue_scatter(
     records: bytearray, fd: int, offset: int, dest: WriteableBuffer, dest_offsets: list[int] | None,
     lengths: list[int] | None, /,
 ) -> int: ...
 def preadv_queue(
-    records: bytearray, iov_max: int, max_gap: int, scratch: WriteableBuffer | None, trace: list[int] | None = None,
-    limit: int = 0, /,
+    items: list[bytearray | tuple[ReadableBuffer, ReadableBuffer, WriteableBuffer]], iov_max: int, max_gap: int,
+    scratch: WriteableBuffer | None, trace: list[int] | None = None, limit: int = 0, /,
 ) -> tuple[int, int, int, int, int, int]: ...
 def pread_plan(
     fds: ReadableBuffer, pieces: ReadableBuffer, dest: WriteableBuffer, iov_max: int, /,

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 #: The helper's interface this code calls (`_fastio.VERSION`).
-VERSION = 6
+VERSION = 7
 
 fastio: Any = None
 if os.environ.get("CRIT_PAGEREAD_NATIVE", "1") != "0":

@@ -106,6 +106,9 @@ PRESENT, LAZY, BROKEN, HOLE = 0, 1, 2, 3
 #: Column types of a MemoryMap besides its int64 ones: uint8 kinds and flags, uint16 depths.
 _BYTE, _DEPTH = "B", "H"
 
+#: One zero of each column type, to make columns of n zeros (`_ZERO_Q * n`: one allocation, one pass).
+_ZERO_Q, _ZERO_B, _ZERO_H = int64s([0]), array(_BYTE, [0]), array(_DEPTH, [0])
+
 
 class MemoryMap:
     """A target's memory resolved through its chain: runs in address order, each with where its bytes are.
@@ -637,11 +640,12 @@ class PageReader:
         pages = (self._pages or self._pages_file()) if kinds & _PRESENT_WORDS else None
         columns = (parent.starts, parent.sizes, parent.kinds, parent.flags, parent.offsets,
                    parent.depths) if parent is not None else None
-        *raw, broken = fast.resolve(vaddrs, sizes, fl, offs, self.depth, columns)
-        for column, data in zip((flat.starts, flat.sizes, flat.kinds, flat.flags, flat.offsets, flat.depths), raw,
-                                strict=True):
-            column.frombytes(data)
-        del raw
+        # Its length first, then the runs written into the map's own columns: no other copy of them.
+        n = fast.resolve_count(vaddrs, sizes, fl, offs, self.depth, columns)
+        flat.starts, flat.sizes, flat.offsets = _ZERO_Q * n, _ZERO_Q * n, _ZERO_Q * n
+        flat.kinds, flat.flags, flat.depths = _ZERO_B * n, _ZERO_B * n, _ZERO_H * n
+        broken = fast.resolve(vaddrs, sizes, fl, offs, self.depth, columns,
+                              (flat.starts, flat.sizes, flat.kinds, flat.flags, flat.offsets, flat.depths))
         for index, start, stop, k in broken:
             flat.broken[index] = parent.broken[k] if k >= 0 else self._lacks(start, stop)  # type: ignore[union-attr]
         flat.set_table(self.depth, pages, parent)

@@ -454,9 +454,25 @@ def test_the_helper_refuses_bad_arguments_without_crashing() -> None:
     with pytest.raises(ValueError, match="no pages file"):
         FAST.plan(q, array("q", [4096]), b, h, q, [None], 0, 1, 0)  # a present run whose depth has no file
     with pytest.raises(TypeError, match="six columns"):
-        FAST.resolve(q, q, b, q, 0, (q, q))
-    with pytest.raises(TypeError, match="bytearray"):
-        FAST.queue_plan(b"", fds, struct.pack("4q", 0, 0, 0, 10), dest)
-    with pytest.raises(TypeError):
-        FAST.queue_plan(bytearray(), fds, struct.pack("4q", 0, 0, 0, 10), b"read-only")
-    assert FAST.preadv_queue(bytearray(), 1024, 0, None) == (0, 0, 0, -1, 0, 0)
+        FAST.resolve_count(q, q, b, q, 0, (q, q))
+    assert FAST.resolve_count(q, array("q", [4096]), array("B", [4]), q, 0, None) == 1
+    into = (array("q", [7]), array("q", [7]), array("B", [7]), array("B", [7]), array("q", [7]), array("H", [7]))
+    assert FAST.resolve(q, array("q", [4096]), array("B", [4]), q, 0, None, into) == []
+    assert [c[0] for c in into] == [0, 4096, 0, 4, 0, 0]
+    with pytest.raises(ValueError, match="shorter"):  # columns too short for the runs: nothing past them written
+        FAST.resolve(array("q", [0, 4096]), array("q", [4096, 4096]), array("B", [4, 4]), array("q", [0, 4096]),
+                     0, None, into)
+    with pytest.raises(ValueError, match="longer"):
+        FAST.resolve(q, array("q", [4096]), array("B", [4]), q, 0, None, tuple(c * 2 for c in into))
+    with pytest.raises(TypeError, match="formats"):
+        FAST.resolve(q, array("q", [4096]), array("B", [4]), q, 0, None, (q, q, q, b, q, h))
+    with pytest.raises(TypeError, match="bytearray of records or"):
+        FAST.preadv_queue([b""], 1024, 0, None)
+    with pytest.raises(TypeError):  # a plan's destination must be writable
+        FAST.preadv_queue([(fds, struct.pack("4q", 0, 0, 0, 10), b"read-only")], 1024, 0, None)
+    with pytest.raises(ValueError, match="outside"):
+        FAST.preadv_queue([(fds, struct.pack("4q", 0, 0, 95, 10), dest)], 1024, 0, None)
+    with pytest.raises(ValueError, match="whole records"):
+        FAST.preadv_queue([bytearray(31)], 1024, 0, None)
+    assert FAST.preadv_queue([], 1024, 0, None) == (0, 0, 0, -1, 0, 0)
+    assert FAST.preadv_queue([bytearray()], 1024, 0, None) == (0, 0, 0, -1, 0, 0)

@@ -10,10 +10,12 @@ read into a scratch buffer, trading a few unwanted bytes for a system call
 the iovecs and continue. The queue is flushed on `sync()`, before any
 synchronous read, and when it holds `max_queue` requests.
 
-With the native helper (crit_pageread/native.py) the queue is a bytearray of
-(fd, offset, address, length) records filled from the reader's plans, and
-`sync()` is one call that merges them into runs and issues the preadv calls
-without the GIL; without it, the same batching in Python over ctypes iovecs.
+With the native helper (crit_pageread/native.py) the queue is the reader's
+plans as they are and, for plain requests, bytearrays of (fd, offset, address,
+length) records; `sync()` is one call that merges them into runs and issues
+the preadv calls without the GIL, in bounded memory (each run's iovecs are
+read IOV_MAX at a time as they are gathered); without it, the same batching in
+Python over ctypes iovecs.
 """
 
 from __future__ import annotations
@@ -106,8 +108,9 @@ class PreadvStrategy(KernelCopies, Strategy):
 
     def __init__(self, iov_max: int = IOV_MAX, max_queue: int = 65536, max_gap: int = DEFAULT_MAX_GAP) -> None:
         self._fast = native.fastio
-        # The native queue: records, the buffers they point into (kept alive until read), files by fd.
-        self._records = bytearray()
+        # The native queue: plans (fds, pieces, dest) and bytearrays of records, in the order queued; the
+        # buffers records point into (kept alive until read); files by fd.
+        self._items: list[Any] = []
         self._holders: list[Any] = []
         self._by_fd: dict[int, PagesFile] = {}
         self.iov_max = iov_max
@@ -195,22 +198,28 @@ class PreadvStrategy(KernelCopies, Strategy):
         """Add a request to the native queue."""
         fast = self._fast
         dest = request.dest
-        if isinstance(request, PlannedRead):
+        items = self._items
+        if isinstance(request, PlannedRead):  # queued as it is: no copy of its pieces
             files = request.files
             by_fd = self._by_fd
             for pages in files:
                 by_fd[pages.fd] = pages
-            n = fast.queue_plan(self._records, array("q", [f.fd for f in files]), request.pieces, dest)
+            n = len(request)
+            if n:
+                items.append((array("q", [f.fd for f in files]), request.pieces, dest))
+                self._count += n
+            return
+        pages = request.pages
+        if pages is None:
+            raise ConfigError("preadv: strategy cannot serve lazy pages")
+        self._by_fd[pages.fd] = pages
+        if not items or type(items[-1]) is not bytearray:
+            items.append(bytearray())
+        records = items[-1]
+        if isinstance(request, ScatterRequest):
+            n = fast.queue_scatter(records, pages.fd, request.offset, dest, request.dest_offsets, request.lengths)
         else:
-            pages = request.pages
-            if pages is None:
-                raise ConfigError("preadv: strategy cannot serve lazy pages")
-            self._by_fd[pages.fd] = pages
-            if isinstance(request, ScatterRequest):
-                n = fast.queue_scatter(self._records, pages.fd, request.offset, dest, request.dest_offsets,
-                                       request.lengths)
-            else:
-                n = fast.queue_scatter(self._records, pages.fd, request.offset, dest, None, None)
+            n = fast.queue_scatter(records, pages.fd, request.offset, dest, None, None)
         if n:
             self._holders.append(dest)
             self._count += n
@@ -269,14 +278,15 @@ class PreadvStrategy(KernelCopies, Strategy):
                 self.sync()
 
     def _sync_native(self) -> None:
-        records, self._records = self._records, bytearray()
+        items, self._items = self._items, []
         holders, self._holders = self._holders, []
         by_fd, self._by_fd = self._by_fd, {}
         self._count = 0
         try:
-            calls, gap, status, fd, offset, err = self._fast.preadv_queue(records, self.iov_max, self.max_gap,
+            calls, gap, status, fd, offset, err = self._fast.preadv_queue(items, self.iov_max, self.max_gap,
                                                                          self._scratch)
         finally:
+            items.clear()
             holders.clear()
         self.calls += calls
         self.gap_bytes += gap
@@ -287,7 +297,7 @@ class PreadvStrategy(KernelCopies, Strategy):
 
     def sync(self) -> None:
         if self._fast is not None:
-            if self._records:
+            if self._items:
                 self._sync_native()
             self._count = 0
             return
@@ -385,7 +395,7 @@ class PreadvStrategy(KernelCopies, Strategy):
                 views[i] = views[i][got:]
 
     def close(self) -> None:
-        self._records = bytearray()
+        self._items = []
         self._holders = []
         self._by_fd = {}
         self._runs = []
