@@ -485,6 +485,17 @@ def test_scan_of_an_incremental_chain_finds_what_the_dump_holds(fleet: Fleet, tm
 V1, V2, V3 = 0x100000, 0x100000 + 40 * PAGE, 0x40100000  # V2 right after V1; V3 far away
 
 
+def _need_native() -> None:
+    """Skip a test of the native helper's path when it is not built; under CI=true (a C compiler is there) fail it."""
+    from crit_pageread import native
+
+    if native.fastio is None:
+        msg = "the native helper crit_pageread._fastio is not built (pip install -e . builds it with a C compiler)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
 def _filler(n: int, seed: int) -> bytearray:
     """Bytes 0x80-0xff (no ASCII: nothing in them matches the rules by chance; no '!')."""
     import random
@@ -575,11 +586,8 @@ def test_scan_packs_short_runs_and_finds_what_each_run_holds_alone(
 
     if helper == "python":
         monkeypatch.setattr(native, "fastio", None)
-    elif native.fastio is None:
-        msg = "the native helper crit_pageread._fastio is not built (pip install -e . builds it with a C compiler)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
+    else:
+        _need_native()
     images, runs = frag
     rules = tmp_path / "frag.yar"
     rules.write_text(FRAG_RULES)
@@ -652,8 +660,8 @@ def test_scan_runs_read_together_are_each_scanned_alone(tmp_path: Path, helper: 
 
     if helper == "python":
         monkeypatch.setattr(native, "fastio", None)
-    elif native.fastio is None:
-        pytest.skip("the native helper crit_pageread._fastio is not built")
+    else:
+        _need_native()
 
     def entry(pages: int, seed: int) -> bytes:
         data = _filler(pages * PAGE, seed)

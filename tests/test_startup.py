@@ -114,7 +114,6 @@ NOT_FOR_SCAN = ("argparse", "gettext", "locale", "json", "uuid", "crit_pageread.
 
 @pytest.mark.parametrize("what", ["scan --rules RULES DIR --jobs 1", "scan DIR -r RULES --json --jobs 1"])
 def test_scan_starts_without_argparse_json_or_other_commands(what: str, small: Path, tmp_path: Path) -> None:
-    pytest.importorskip("yara_x")
     rules = tmp_path / "r.yar"
     rules.write_text('rule sixteen { strings: $a = { 10 11 12 13 } condition: $a }\n')
     args = [str(small) if w == "DIR" else str(rules) if w == "RULES" else w for w in what.split()]
