@@ -8,7 +8,6 @@ set to None, compared with each other and with the bytes the images say a page h
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import struct
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from native_support import need_native
 
 from crit_pageread import ChainError, ImageError, LazyPageError, NotDumpedError, native, open_images
 from crit_pageread.images import VMA_ANON_SHARED, VMA_AREA_REGULAR
@@ -30,15 +30,6 @@ BASE = 0x10000
 PAGES = 160
 STRATEGIES = ("preadv", "pread", "mmap")
 FAST = native.fastio
-
-
-def need_native() -> None:
-    """Skip a test of the native helper when it is not built; under CI=true (a C compiler is there) fail it."""
-    if FAST is None:
-        msg = "the native helper crit_pageread._fastio is not built (pip install -e . builds it with a C compiler)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
 
 
 @pytest.fixture(params=["native", "python"])

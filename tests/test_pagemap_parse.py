@@ -3,13 +3,13 @@ writes them, native or in Python, or the general entry-by-entry decoder)."""
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import pytest
+from native_support import use_helper
 
-from crit_pageread import native, pagemap
+from crit_pageread import pagemap
 from crit_pageread.pagemap import PE_LAZY, PE_PARENT, PE_PRESENT, encode_pagemap, load_pagemap
 
 PAGE = 4096
@@ -18,13 +18,7 @@ PAGE = 4096
 @pytest.fixture(autouse=True, params=["native", "python"])
 def one_pass_parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each test with the native helper's one-pass parser (when built) and with the Python one."""
-    if request.param == "native" and native.fastio is None:
-        msg = "the native helper crit_pageread._fastio is not built (pip install -e . builds it with a C compiler)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    if request.param == "python":
-        monkeypatch.setattr(native, "fastio", None)
+    use_helper(request.param, monkeypatch)
     return str(request.param)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from corpus import Corpus
+from native_support import use_helper
 
 from crit_pageread import (
     ConfigError,
@@ -248,13 +249,7 @@ def _truth(images: Any, pid: int, entries: list[Any]) -> list[bytes]:
 def preadv_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test with the native helper's preadv loop (when it is built), and without it: libc's preadv
     through ctypes and the os.preadv fallback."""
-    if request.param == "native":
-        if native.fastio is None:
-            if os.environ.get("CI") == "true":
-                pytest.fail("the native helper crit_pageread._fastio is not built")
-            pytest.skip("the native helper is not built")
-    else:
-        monkeypatch.setattr(native, "fastio", None)
+    use_helper(request.param, monkeypatch)
     if request.param == "os":
         monkeypatch.setattr(preadv_module, "_libc_preadv", None)
     return str(request.param)

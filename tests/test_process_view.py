@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from native_support import use_helper
 
-from crit_pageread import LazyPageError, NotDumpedError, native, open_images
+from crit_pageread import LazyPageError, NotDumpedError, open_images
 from crit_pageread.images import (
     VMA_ANON_SHARED,
     VMA_AREA_MEMFD,
@@ -243,10 +244,7 @@ def test_readable_runs_are_the_segments_readable_pieces_joined(d: Path, helper: 
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """readable_runs (int64 arrays from the memory maps: the native helper's runs(), or slices) equals what
     segments() says, shared mappings and lazy pages included, for every range boundary."""
-    if helper == "python":
-        monkeypatch.setattr(native, "fastio", None)
-    elif native.fastio is None:
-        pytest.skip("the native helper is not built")
+    use_helper(helper, monkeypatch)
     lo, hi = PRIV, 0x51000
     cuts = [PRIV, PRIV + PAGE + 100, ANON_SH, ANON_SH + 2 * PAGE, MEMFD + PAGE, MEMFD + 3 * PAGE + 8, SYSV + 100,
             0x50000]

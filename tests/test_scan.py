@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from cli_driver import run_jobs
 from criu_harness import Restored, Victim, dump, free_port, restore_stopped, start_victim
+from native_support import use_helper
 
 from crit_pageread.pagemap import load_pagemap
 
@@ -485,17 +486,6 @@ def test_scan_of_an_incremental_chain_finds_what_the_dump_holds(fleet: Fleet, tm
 V1, V2, V3 = 0x100000, 0x100000 + 40 * PAGE, 0x40100000  # V2 right after V1; V3 far away
 
 
-def _need_native() -> None:
-    """Skip a test of the native helper's path when it is not built; under CI=true (a C compiler is there) fail it."""
-    from crit_pageread import native
-
-    if native.fastio is None:
-        msg = "the native helper crit_pageread._fastio is not built (pip install -e . builds it with a C compiler)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-
-
 def _filler(n: int, seed: int) -> bytearray:
     """Bytes 0x80-0xff (no ASCII: nothing in them matches the rules by chance; no '!')."""
     import random
@@ -582,12 +572,8 @@ def test_scan_packs_short_runs_and_finds_what_each_run_holds_alone(
     a long run, whatever the window (and so the pack) size; packs planned by the native helper or not."""
     import yara_x
 
-    from crit_pageread import native
 
-    if helper == "python":
-        monkeypatch.setattr(native, "fastio", None)
-    else:
-        _need_native()
+    use_helper(helper, monkeypatch)
     images, runs = frag
     rules = tmp_path / "frag.yar"
     rules.write_text(FRAG_RULES)
@@ -655,13 +641,9 @@ def test_scan_runs_read_together_are_each_scanned_alone(tmp_path: Path, helper: 
     is reported at the first run where it holds in address order; read by the native helper's plan or not."""
     import yara_x
 
-    from crit_pageread import native
     from crit_pageread.testing import ImageBuilder, VmaSpec
 
-    if helper == "python":
-        monkeypatch.setattr(native, "fastio", None)
-    else:
-        _need_native()
+    use_helper(helper, monkeypatch)
 
     def entry(pages: int, seed: int) -> bytes:
         data = _filler(pages * PAGE, seed)
