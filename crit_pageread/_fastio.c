@@ -17,7 +17,11 @@
  *   preadv_queue()  the queue read with CRIU's batching (one run per file range, bridging gaps
  *                   up to max_gap, IOV_MAX iovecs per call), without the GIL, in bounded memory;
  *   pread_plan()    one pread per piece, without the GIL;
- *   copy_plan()     memcpy of pieces from mapped windows of the pages files, without the GIL.
+ *   copy_plan()     memcpy of pieces from mapped windows of the pages files, without the GIL;
+ *   plan_copies()   copies of many ranges of memory to offsets of an output file -> pieces;
+ *   write_pieces()  those pieces written to the file with kernel copies (kernel.py's write_to),
+ *                   without the GIL;
+ *   encode_entries() pagemap entries from columns, as CRIU writes them (squash's output).
  *
  * Errors the reader reports with file names (holes, lazy pages, short files) come back as status
  * codes; bad arguments raise ValueError/TypeError.
@@ -1710,6 +1714,447 @@ done:
     return result;
 }
 
+
+/* --- plan_copies and write_pieces: kernel copies of many ranges into a file ---------------- */
+
+PyDoc_STRVAR(plan_copies_doc,
+"plan_copies(starts, sizes, kinds, depths, offsets, table, vaddrs, lengths, outs) -> (status, a, b, pieces, files, total)\n\n"
+"Plan copies of the ranges (vaddrs[k], lengths[k]) of memory to output offsets outs[k] (lists of ints or\n"
+"int64 columns) over a MemoryMap's columns: pieces as plan()'s (bytes of int64 file, offset, dest, length,\n"
+"dest the output offset), joined where contiguous in one pages file and in the output; total their bytes.\n"
+"status 0; 1: a hole at [a, b) (the caller plans it otherwise); 2: lazy pages at [a, b); 3: run a is\n"
+"broken; 4: a range is empty or reversed.");
+
+static PyObject *fast_plan_copies(PyObject *self, PyObject *args)
+{
+    PyObject *starts, *sizes, *kinds, *depths, *offsets, *tab, *vo, *lo_, *oo;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOO", &starts, &sizes, &kinds, &depths, &offsets, &tab, &vo, &lo_, &oo))
+        return NULL;
+    map_t m;
+    if (map_open(&m, starts, sizes, kinds, depths, offsets, tab) < 0)
+        return NULL;
+    seq_t sv, sl, so;
+    int nseq = 0;
+    PyObject *result = NULL;
+    vec_t pieces = {0};
+    table_t table = {NULL, 0, 0, -1};
+    if (seq_open(vo, &sv, "vaddrs") < 0)
+        goto done;
+    nseq++;
+    if (seq_open(lo_, &sl, "lengths") < 0)
+        goto done;
+    nseq++;
+    if (seq_open(oo, &so, "outs") < 0)
+        goto done;
+    nseq++;
+    if (sl.len != sv.len || so.len != sv.len) {
+        PyErr_SetString(PyExc_ValueError, "range columns differ in length");
+        goto done;
+    }
+    int status = P_OK;
+    int64_t a = 0, b = 0, total = 0;
+    piece_t *last = NULL;
+    const Py_ssize_t count = m.count;
+    for (Py_ssize_t k = 0; k < sv.len && status == P_OK; k++) {
+        int64_t vaddr, length, out;
+        if (seq_get(&sv, k, &vaddr) < 0 || seq_get(&sl, k, &length) < 0 || seq_get(&so, k, &out) < 0)
+            goto done;
+        if (length <= 0 || vaddr < 0 || vaddr > INT64_MAX - length) {
+            status = 4;
+            break;
+        }
+        const int64_t end = vaddr + length;
+        Py_ssize_t i = map_index_at(&m, vaddr);
+        int64_t pos = vaddr;
+        while (pos < end) {
+            if (i >= count || m.starts[i] > pos) { /* not covered */
+                status = P_HOLE, a = pos, b = (i < count && m.starts[i] < end) ? m.starts[i] : end;
+                break;
+            }
+            int64_t start = m.starts[i], stop = start + m.sizes[i] < end ? start + m.sizes[i] : end;
+            if (stop <= pos) {
+                i++;
+                continue;
+            }
+            int kind = m.kinds[i];
+            if (kind == K_LAZY) {
+                status = P_LAZY, a = pos, b = stop;
+                break;
+            }
+            if (kind != K_PRESENT) {
+                status = P_BROKEN, a = i;
+                break;
+            }
+            int64_t file = run_file(&table, &m, i);
+            if (file < 0)
+                goto done;
+            int64_t offset = m.offsets[i] + pos - start, dest = out + pos - vaddr, n = stop - pos;
+            if (last != NULL && last->file == file && last->offset + last->length == offset
+                    && last->dest + last->length == dest) {
+                last->length += n;
+            } else {
+                last = vec_add(&pieces, sizeof(piece_t));
+                if (last == NULL)
+                    goto done;
+                *last = (piece_t){file, offset, dest, n};
+            }
+            total += n;
+            pos = stop;
+            i++;
+        }
+    }
+    {
+        PyObject *p = vec_bytes(&pieces), *f = table_list(&table);
+        if (p && f)
+            result = Py_BuildValue("iLLNNL", status, (long long)a, (long long)b, p, f, (long long)total);
+        else {
+            Py_XDECREF(p);
+            Py_XDECREF(f);
+        }
+    }
+done:
+    if (nseq > 0)
+        seq_close(&sv);
+    if (nseq > 1)
+        seq_close(&sl);
+    if (nseq > 2)
+        seq_close(&so);
+    map_close(&m);
+    PyMem_Free(pieces.data);
+    PyMem_Free(table.items);
+    return result;
+}
+
+PyDoc_STRVAR(write_pieces_doc,
+"write_pieces(fds, pieces, fd, fill, small_run, stage, align, max_copy, no_copy_file_range)\n"
+"    -> (status, file, offset, errno, copies, no_copy_file_range)\n\n"
+"kernel.py's write_to over plan_copies' pieces (in output order), without the GIL: runs of small_run bytes\n"
+"or more one copy_file_range each (a run that starts off an `align` boundary of the output split there;\n"
+"pread/pwrite through a 1 MiB buffer where copy_file_range is refused: no_copy_file_range set), shorter\n"
+"ones that follow in the output within `stage` bytes read into a buffer (one preadv per stretch of a\n"
+"pages file) and written with one pwrite per stretch of output, gaps of at most `fill` bytes zeroed.\n"
+"fds: the pages files' descriptors by the pieces' file index. status 0 ok; 1 no data at `offset` of\n"
+"file `file` (a short pages file); 2 an error (errno).");
+
+typedef struct {
+    const int *fds;
+    int out, no_cfr, err, status;
+    int64_t fill, small, stage_size, align, max_copy, err_file, err_offset;
+    long long copies;
+    char *stage, *bounce;
+} wp_t;
+
+static int wp_pwrite(wp_t *w, const char *p, size_t n, int64_t pos)
+{
+    while (n > 0) {
+        ssize_t got = pwrite(w->out, p, n, (off_t)pos);
+        w->copies++;
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            w->status = 2, w->err = errno;
+            return -1;
+        }
+        if (got == 0) {
+            w->status = 2, w->err = EIO;
+            return -1;
+        }
+        p += got, n -= (size_t)got, pos += got;
+    }
+    return 0;
+}
+
+/* One step of a copy: copy_file_range, else pread + pwrite. Bytes copied, 0 at the end of the pages
+ * file, -1 on an error (status set). */
+static int64_t wp_step(wp_t *w, int src, int64_t src_pos, int64_t dst_pos, int64_t count)
+{
+    while (!w->no_cfr) {
+        loff_t in = (loff_t)src_pos, o = (loff_t)dst_pos;
+        ssize_t n = copy_file_range(src, &in, w->out, &o, (size_t)count, 0);
+        w->copies++;
+        if (n >= 0)
+            return n;
+        if (errno == EINTR)
+            continue;
+        if (errno == EXDEV || errno == ENOSYS || errno == EINVAL || errno == EOPNOTSUPP || errno == EBADF) {
+            w->no_cfr = 1;
+            break;
+        }
+        w->status = 2, w->err = errno;
+        return -1;
+    }
+    if (w->bounce == NULL && (w->bounce = PyMem_RawMalloc(1 << 20)) == NULL) {
+        w->status = 2, w->err = ENOMEM;
+        return -1;
+    }
+    size_t want = count < (1 << 20) ? (size_t)count : (size_t)1 << 20;
+    ssize_t n;
+    do {
+        n = pread(src, w->bounce, want, (off_t)src_pos);
+        w->copies++;
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        w->status = 2, w->err = errno;
+        return -1;
+    }
+    if (n > 0 && wp_pwrite(w, w->bounce, (size_t)n, dst_pos) < 0)
+        return -1;
+    return n;
+}
+
+static int wp_copy_run(wp_t *w, const piece_t *p)
+{
+    int src = w->fds[p->file];
+    int64_t offset = p->offset, length = p->length, out = p->dest;
+    int64_t head = (w->align - out % w->align) % w->align;
+    int64_t step = head && length > head + w->align ? head : w->max_copy;
+    while (length > 0) {
+        int64_t n = wp_step(w, src, offset, out, length < step ? length : step);
+        step = w->max_copy;
+        if (n < 0)
+            return -1;
+        if (n == 0) {
+            w->status = 1, w->err_file = p->file, w->err_offset = offset;
+            return -1;
+        }
+        offset += n, out += n, length -= n;
+    }
+    return 0;
+}
+
+/* Read pieces [i, j) at their places in the stage buffer, then write each stretch of output. */
+static int wp_buffered(wp_t *w, const piece_t *pieces, Py_ssize_t i, Py_ssize_t j)
+{
+    struct iovec v[1024];
+    const int64_t base = pieces[i].dest;
+    Py_ssize_t k = i;
+    while (k < j) {
+        const piece_t *first = &pieces[k];
+        int64_t want = 0;
+        int c = 0;
+        Py_ssize_t m = k;
+        while (m < j && c < 1024 && pieces[m].file == first->file && pieces[m].offset == first->offset + want) {
+            v[c].iov_base = w->stage + (pieces[m].dest - base);
+            v[c].iov_len = (size_t)pieces[m].length;
+            want += pieces[m].length;
+            c++, m++;
+        }
+        int src = w->fds[first->file];
+        ssize_t got;
+        do {
+            got = preadv(src, v, c, (off_t)first->offset);
+            w->copies++;
+        } while (got < 0 && errno == EINTR);
+        if (got < 0) {
+            w->status = 2, w->err = errno;
+            return -1;
+        }
+        if (got < want) { /* a short read: the rest piece by piece, or the file ends */
+            for (Py_ssize_t q = k; q < m; q++) {
+                int64_t done = 0;
+                while (done < pieces[q].length) {
+                    ssize_t n = pread(src, w->stage + (pieces[q].dest - base) + done,
+                                      (size_t)(pieces[q].length - done), (off_t)(pieces[q].offset + done));
+                    if (n < 0 && errno == EINTR)
+                        continue;
+                    if (n < 0) {
+                        w->status = 2, w->err = errno;
+                        return -1;
+                    }
+                    if (n == 0) {
+                        w->status = 1, w->err_file = pieces[q].file, w->err_offset = pieces[q].offset + done;
+                        return -1;
+                    }
+                    done += n;
+                }
+            }
+        }
+        k = m;
+    }
+    int64_t start = base, end = base;
+    for (Py_ssize_t q = i; q < j; q++) {
+        int64_t at = pieces[q].dest, gap = at - end;
+        if (gap > w->fill) {
+            if (wp_pwrite(w, w->stage + (start - base), (size_t)(end - start), start) < 0)
+                return -1;
+            start = at;
+        } else if (gap > 0) {
+            memset(w->stage + (end - base), 0, (size_t)gap);
+        }
+        end = at + pieces[q].length;
+    }
+    return wp_pwrite(w, w->stage + (start - base), (size_t)(end - start), start);
+}
+
+static PyObject *fast_write_pieces(PyObject *self, PyObject *args)
+{
+    PyObject *fds_o, *pieces_o;
+    int out, no_cfr;
+    long long fill, small, stage, align, max_copy;
+    if (!PyArg_ParseTuple(args, "OOiLLLLLp", &fds_o, &pieces_o, &out, &fill, &small, &stage, &align, &max_copy,
+                          &no_cfr))
+        return NULL;
+    if (!PyList_Check(fds_o)) {
+        PyErr_SetString(PyExc_TypeError, "fds must be a list");
+        return NULL;
+    }
+    if (small < 1 || stage < small || align < 1 || max_copy < 1 || fill < 0) {
+        PyErr_SetString(PyExc_ValueError, "bad sizes");
+        return NULL;
+    }
+    Py_buffer view;
+    Py_ssize_t n;
+    if (PyObject_GetBuffer(pieces_o, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (check_pieces(&view, &n) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    const Py_ssize_t nfds = PyList_GET_SIZE(fds_o);
+    int *fds = PyMem_Malloc((size_t)(nfds ? nfds : 1) * sizeof(int));
+    if (fds == NULL) {
+        PyBuffer_Release(&view);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t k = 0; k < nfds; k++) {
+        long fdv = PyLong_AsLong(PyList_GET_ITEM(fds_o, k));
+        if (fdv == -1 && PyErr_Occurred()) {
+            PyMem_Free(fds);
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+        fds[k] = (int)fdv;
+    }
+    const piece_t *pieces = view.buf;
+    for (Py_ssize_t k = 0; k < n; k++)
+        if (pieces[k].file < 0 || pieces[k].file >= nfds || pieces[k].length <= 0 || pieces[k].dest < 0
+                || pieces[k].offset < 0) {
+            PyMem_Free(fds);
+            PyBuffer_Release(&view);
+            PyErr_SetString(PyExc_ValueError, "a piece is out of range");
+            return NULL;
+        }
+    wp_t w = {fds, out, no_cfr, 0, 0, fill, small, stage, align, max_copy, -1, -1, 0, NULL, NULL};
+    Py_BEGIN_ALLOW_THREADS
+    Py_ssize_t i = 0;
+    while (i < n && w.status == 0) {
+        const piece_t *p = &pieces[i];
+        Py_ssize_t j = i + 1;
+        if (p->length < small) { /* small runs that follow in the output within one stage */
+            int64_t end = p->dest + p->length, limit = p->dest + stage;
+            while (j < n) {
+                const piece_t *q = &pieces[j];
+                if (q->length >= small || q->dest < end || q->dest + q->length > limit)
+                    break;
+                end = q->dest + q->length;
+                j++;
+            }
+        }
+        if (j > i + 1) {
+            if (w.stage == NULL && (w.stage = PyMem_RawMalloc((size_t)stage)) == NULL) {
+                w.status = 2, w.err = ENOMEM;
+                break;
+            }
+            wp_buffered(&w, pieces, i, j);
+        } else {
+            piece_t run = *p; /* pieces contiguous with it in the pages file and in the output join it */
+            while (j < n && pieces[j].file == run.file && pieces[j].offset == run.offset + run.length
+                    && pieces[j].dest == run.dest + run.length) {
+                run.length += pieces[j].length;
+                j++;
+            }
+            wp_copy_run(&w, &run);
+        }
+        i = j;
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(w.stage);
+    PyMem_RawFree(w.bounce);
+    PyMem_Free(fds);
+    PyBuffer_Release(&view);
+    return Py_BuildValue("iLLiLi", w.status, (long long)w.err_file, (long long)w.err_offset, w.err,
+                         (long long)w.copies, w.no_cfr);
+}
+
+
+/* --- encode_entries: pagemap entries as CRIU writes them --------------------------------- */
+
+PyDoc_STRVAR(encode_entries_doc,
+"encode_entries(vaddrs, counts, flags, layout42) -> bytes\n\n"
+"pagemap.py's encode_pagemap_parts for the entries (int64 vaddrs and page counts, uint8 flags columns):\n"
+"each a u32 size and a PagemapEntry, 4.1 layout (vaddr 1, nr_pages 2, flags 4) or, with layout42, 4.2\n"
+"(vaddr 1, 0 in 2, flags 4, nr_pages 5).");
+
+static unsigned char *put_varint(unsigned char *p, uint64_t v)
+{
+    while (v >= 0x80) {
+        *p++ = (unsigned char)(v | 0x80);
+        v >>= 7;
+    }
+    *p++ = (unsigned char)v;
+    return p;
+}
+
+static PyObject *fast_encode_entries(PyObject *self, PyObject *args)
+{
+    PyObject *vo, *co, *fo;
+    int v42;
+    if (!PyArg_ParseTuple(args, "OOOp", &vo, &co, &fo, &v42))
+        return NULL;
+    Py_buffer v[3];
+    int nv = 0;
+    PyObject *objs[3] = {vo, co, fo};
+    const Py_ssize_t isz[3] = {8, 8, 1};
+    const char *fmt[3] = {"qlQL", "qlQL", "B"};
+    PyObject *result = NULL;
+    for (; nv < 3; nv++)
+        if (column(objs[nv], &v[nv], isz[nv], fmt[nv], "entry columns") < 0)
+            goto done;
+    const Py_ssize_t n = v[0].len / 8;
+    if (v[1].len / 8 != n || v[2].len != n) {
+        PyErr_SetString(PyExc_ValueError, "entry columns differ in length");
+        goto done;
+    }
+    const int64_t *vaddrs = v[0].buf, *counts = v[1].buf;
+    const uint8_t *flags = v[2].buf;
+    /* at most 4 (size) + 1+10 + 1+10 + 1+1 + 1+2 + 1+10 bytes an entry */
+    if (n > PY_SSIZE_T_MAX / 48) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    result = PyBytes_FromStringAndSize(NULL, n * 48);
+    if (result == NULL)
+        goto done;
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(result), *p = out;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        if (vaddrs[k] < 0 || counts[k] < 0) {
+            Py_CLEAR(result);
+            PyErr_SetString(PyExc_ValueError, "a negative address or page count");
+            goto done;
+        }
+        unsigned char *body = p + 4, *q = body;
+        *q++ = 1 << 3;
+        q = put_varint(q, (uint64_t)vaddrs[k]);
+        *q++ = 2 << 3;
+        q = put_varint(q, v42 ? 0 : (uint64_t)counts[k]);
+        *q++ = 4 << 3;
+        q = put_varint(q, flags[k]);
+        if (v42) {
+            *q++ = 5 << 3;
+            q = put_varint(q, (uint64_t)counts[k]);
+        }
+        uint32_t size = (uint32_t)(q - body);
+        memcpy(p, &size, 4); /* little-endian, as CRIU (x86_64) writes it */
+        p = q;
+    }
+    if (_PyBytes_Resize(&result, p - out) < 0)
+        result = NULL;
+done:
+    for (int k = 0; k < nv; k++)
+        PyBuffer_Release(&v[k]);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"plan", fast_plan, METH_VARARGS, plan_doc},
     {"pack", fast_pack, METH_VARARGS, pack_doc},
@@ -1721,6 +2166,9 @@ static PyMethodDef methods[] = {
     {"preadv_queue", fast_preadv_queue, METH_VARARGS, preadv_queue_doc},
     {"pread_plan", fast_pread_plan, METH_VARARGS, pread_plan_doc},
     {"copy_plan", fast_copy_plan, METH_VARARGS, copy_plan_doc},
+    {"plan_copies", fast_plan_copies, METH_VARARGS, plan_copies_doc},
+    {"write_pieces", fast_write_pieces, METH_VARARGS, write_pieces_doc},
+    {"encode_entries", fast_encode_entries, METH_VARARGS, encode_entries_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1738,7 +2186,7 @@ PyMODINIT_FUNC PyInit__fastio(void)
     if (m == NULL)
         return NULL;
     /* native.py uses the module only if this is the version its Python side was written for */
-    if (PyModule_AddIntConstant(m, "VERSION", 7) < 0
+    if (PyModule_AddIntConstant(m, "VERSION", 8) < 0
             || PyModule_AddIntConstant(m, "PIECE_BYTES", (long)sizeof(piece_t)) < 0
             || PyModule_AddIntConstant(m, "RECORD_BYTES", (long)sizeof(rec_t)) < 0) {
         Py_DECREF(m);

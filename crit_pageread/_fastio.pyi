@@ -48,3 +48,15 @@ def copy_plan(
     windows: list[tuple[int, int, Any]], bounds: ReadableBuffer, pieces: ReadableBuffer, dest: WriteableBuffer,
     index: int, skip: int, /,
 ) -> tuple[int, int, int]: ...
+def plan_copies(
+    starts: ReadableBuffer, sizes: ReadableBuffer, kinds: ReadableBuffer, depths: ReadableBuffer,
+    offsets: ReadableBuffer, table: list[Any], vaddrs: list[int] | ReadableBuffer, lengths: list[int] | ReadableBuffer,
+    outs: list[int] | ReadableBuffer, /,
+) -> tuple[int, int, int, bytes, list[Any], int]: ...
+def write_pieces(
+    fds: list[int], pieces: ReadableBuffer, fd: int, fill: int, small_run: int, stage: int, align: int,
+    max_copy: int, no_copy_file_range: bool, /,
+) -> tuple[int, int, int, int, int, int]: ...
+def encode_entries(
+    vaddrs: ReadableBuffer, counts: ReadableBuffer, flags: ReadableBuffer, layout42: bool, /,
+) -> bytes: ...

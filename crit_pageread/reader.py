@@ -1132,6 +1132,10 @@ class PageReader:
                 observe.crit_pageread_before_read(reader=self, vaddr=vaddr, length=length, deferred=False)
         if self.strategy.pending:
             self._root.sync()
+        if ranges and observe is None and self._holes_mode(holes) == "skip":
+            done = self._write_planned(fd, ranges, fill)
+            if done is not None:
+                return done
         pending = self._root._dedup_pending
         mark = len(pending)
         try:
@@ -1146,6 +1150,26 @@ class PageReader:
             for vaddr, length, _ in ranges:
                 observe.crit_pageread_after_copy(reader=self, vaddr=vaddr, length=length)
         return sum(r.length for r in requests) + sum(n for _, n in zeros)
+
+    def _write_planned(self, fd: int, ranges: list[tuple[int, int, int]], fill: int) -> int | None:
+        """`write_to` of ranges that are all data of this reader's own map, planned by the native helper in
+        one call and handed to the strategy's `write_plan` (no object per piece); None where it does not
+        apply (no helper, auto-dedup, a windowed map, a strategy without `write_plan`, or a range with a
+        hole, lazy or broken pages: the caller plans those as usual, with their errors)."""
+        fast = native.fastio
+        strategy = self.strategy
+        if fast is None or not strategy.writes_plans or self.auto_dedup or (self._map is None and self._is_windowed()):
+            return None
+        vaddrs, lengths, outs = zip(*ranges, strict=True)
+        flat = self._map or self.memory_map()
+        status, _, _, pieces, files, total = fast.plan_copies(
+            flat.starts, flat.sizes, flat.kinds, flat.depths, flat.offsets, flat.table, int64s(vaddrs),
+            int64s(lengths), int64s(outs))
+        if status:
+            return None
+        if pieces:
+            self._moved(lambda: strategy.write_plan(files, pieces, fd, fill))  # type: ignore[attr-defined]
+        return total
 
     def write_segments(self, fd: int, pieces: Iterable[tuple[Segment, int]], fill: int = 0) -> int:
         """`write_to` for ranges already planned: each `(segment, out_offset)` with a segment from this

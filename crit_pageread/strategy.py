@@ -422,6 +422,9 @@ class Strategy(ABC):
     #: True if `view` without a scratch buffer maps one range of a pages file (no copy) rather than
     #: reading it into a new buffer.
     maps_views: ClassVar[bool] = False
+    #: True if the strategy has `write_plan(files, pieces, fd, fill)`: `write_to` for a plan of the native
+    #: helper (`_fastio.plan_copies`'s pieces), which the reader then hands it instead of CopyRequests.
+    writes_plans: ClassVar[bool] = False
 
     @abstractmethod
     def read(self, request: ReadRequest) -> None:

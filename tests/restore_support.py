@@ -112,25 +112,27 @@ def kill_tree(pid: int) -> None:
 
 
 def interrupted_run(argv: list[str], after_calls: int = 1) -> subprocess.CompletedProcess[str]:
-    """Run `crit-pageread ARGV` in a child whose `PageReader.write_segments` (every copy of pages into an
-    output goes through it) sends it a real SIGINT once `after_calls` copies were made (so the
-    interrupt lands in the middle of writing output)."""
+    """Run `crit-pageread ARGV` in a child whose `PageReader.write_segments` and `write_to` (every copy of
+    pages into an output goes through one of them) send it a real SIGINT once `after_calls` copies were
+    made (so the interrupt lands in the middle of writing output)."""
     code = textwrap.dedent(f"""
         import os, signal, sys, time
         # A shell that starts a job in the background (CI runners may) leaves SIGINT ignored, and
         # Python then keeps it ignored: restore the handler that raises KeyboardInterrupt.
         signal.signal(signal.SIGINT, signal.default_int_handler)
         from crit_pageread.reader import PageReader as m
-        real = m.write_segments
         calls = [0]
-        def write_segments(*a, **k):
-            got = real(*a, **k)
-            calls[0] += 1
-            if calls[0] == {after_calls}:
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(5)
-            return got
-        m.write_segments = write_segments
+        def counted(real):
+            def write(*a, **k):
+                got = real(*a, **k)
+                calls[0] += 1
+                if calls[0] == {after_calls}:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(5)
+                return got
+            return write
+        m.write_segments = counted(m.write_segments)
+        m.write_to = counted(m.write_to)
         from crit_pageread.cli.main import main
         sys.exit(main({argv!r}))
     """)

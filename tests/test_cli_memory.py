@@ -142,6 +142,48 @@ def test_grep_search_thread_and_window_edges_change_nothing(
             assert (code, out) == (0, expected), (window, trim, argv, err)
 
 
+@pytest.mark.parametrize("strategy", [[], ["--strategy", "mmap"], ["--strategy", "pread"]])
+def test_grep_packed_short_runs_find_what_each_run_searched_alone_finds(
+    dumped: Dumped, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, strategy: list[str],
+    tmp_path: Path,
+) -> None:
+    """Short runs read back to back into one buffer and searched together (`Packer`), in packs of one to a
+    few runs flushed every few runs, with and without the search thread, give the output of each run read
+    and searched on its own (PACK_RUN 0), line for line: no match crosses from one run into the next, strings
+    and context end with their run, matches stay in address order."""
+    patterns = tmp_path / "patterns"
+    patterns.write_bytes(b"secret\nhello\n\x00\x00\x00\x01\n")
+    cases = (["-E", r"[a-z]{4,12}", "-C", "3"], ["--strings", "", "-n", "8"], ["--hex", "00 00 00 01"],
+             ["-i", "secret", "--json"], ["-f", str(patterns), "-C", "2"])
+    packs = []
+    real_emit = grep_mod.Packer._emit
+
+    def counted(self: Any, job: Any, *args: Any) -> None:
+        packs.append(job[4])
+        real_emit(self, job, *args)
+
+    monkeypatch.setattr(grep_mod.Packer, "_emit", counted)
+    monkeypatch.setattr(grep_mod, "PACK_RUN", 0)
+    want = []
+    for argv in cases:
+        code, out, err = cli(["grep", str(dumped.images), *argv, *strategy], capsys)
+        assert code == 0, err
+        assert out.count("\n") > 5
+        want.append(out)
+    assert packs == []
+    for pack_run, chunk, pending, thread in ((64 << 10, 8 << 20, 1 << 16, True), (64 << 10, 8 << 20, 1 << 16, False),
+                                             (16 << 10, (16 << 10) + 1, 3, True), (4096, 4096, 1, False)):
+        monkeypatch.setattr(grep_mod, "PACK_RUN", pack_run)
+        monkeypatch.setattr(grep_mod, "CHUNK", chunk)
+        monkeypatch.setattr(grep_mod, "PENDING_RUNS", pending)
+        monkeypatch.setattr(grep_mod, "SEARCH_THREAD", thread)
+        for argv, expected in zip(cases, want, strict=True):
+            packs.clear()
+            code, out, err = cli(["grep", str(dumped.images), *argv, *strategy], capsys)
+            assert (code, out) == (0, expected), (pack_run, chunk, pending, thread, argv, err)
+            assert len(packs) > 3 and max(packs) <= chunk
+
+
 def test_grep_hex_strings_and_context(dumped: Dumped, capsys: pytest.CaptureFixture[str]) -> None:
     secret = dumped.victim.info["secret"]
     addr, text = secret["addr"], secret["text"].encode()

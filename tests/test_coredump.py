@@ -15,8 +15,9 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from chains import make_chain
@@ -33,6 +34,7 @@ from criu_harness import (
     start_lazy_dump,
     start_victim,
 )
+from native_support import use_helper
 from restore_support import interrupted_run, leftovers, run_cli
 
 from crit_pageread.criu_env import pycriu
@@ -121,6 +123,39 @@ def test_gdb_reads_the_same_bytes_from_our_core_as_from_the_restored_program(cas
     got = {a: rows.get(a, b"") + rows.get(a + 8, b"") for a in addrs}
     assert len(addrs) == 100
     assert got == truth
+
+
+@pytest.mark.parametrize("helper", ["native", "python"])
+def test_cores_from_the_map_columns_are_the_cores_of_the_segment_walk(
+    case: CoreCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, helper: str,
+) -> None:
+    """Each VMA written from its readable runs (no object per run; shared mappings through their segment, the
+    holes of file mappings filled from the file) in batches as small as two runs gives the cores of the walk
+    over its segments, byte for byte, and the same reports."""
+    use_helper(helper, monkeypatch)
+    from crit_pageread import open_images
+    from crit_pageread.restore import coredump as core_mod
+
+    used: list[bool] = []
+    real = core_mod._write_vma_runs
+
+    def spy(*args: Any) -> bool:
+        used.append(real(*args))
+        return used[-1]
+
+    outs = {}
+    for how in ("walk", "columns"):
+        if how == "walk":
+            monkeypatch.setattr(core_mod, "_write_vma_runs", lambda *args: False)
+        else:
+            monkeypatch.setattr(core_mod, "_write_vma_runs", spy)
+            monkeypatch.setattr(core_mod, "WRITE_PIECES", 2)
+        with open_images(case.chain_top) as images:
+            reports = core_mod.coredump(images, tmp_path / how)
+        outs[how] = ({p.name: p.read_bytes() for p in sorted((tmp_path / how).iterdir())},
+                     [{**asdict(r), "path": Path(r.path).name} for r in reports])
+    assert outs["columns"] == outs["walk"]
+    assert used and all(used)
 
 
 def test_gdb_shows_every_thread_of_the_dump_with_its_registers(case: CoreCase):

@@ -8,6 +8,7 @@ set to None, compared with each other and with the bytes the images say a page h
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import struct
@@ -467,3 +468,157 @@ def test_the_helper_refuses_bad_arguments_without_crashing() -> None:
         FAST.preadv_queue([bytearray(31)], 1024, 0, None)
     assert FAST.preadv_queue([], 1024, 0, None) == (0, 0, 0, -1, 0, 0)
     assert FAST.preadv_queue([bytearray()], 1024, 0, None) == (0, 0, 0, -1, 0, 0)
+
+
+def _write_cases(root: Path) -> list[tuple[Path, dict[int, bytes]]]:
+    """A chain (reads hop between three pages files) and a flat image of single pages between holes, a long
+    run (one kernel copy, split at an output boundary) and runs around kernel.SMALL_RUN."""
+    chain, truth, _bad = _chain(root / "chain", levels=3, seed=21)
+    b = ImageBuilder(root / "flat")
+    b.process(10, vmas=[VmaSpec(BASE, BASE + 4 * PAGES * PAGE)])
+    runs: list[Any] = [(BASE + 2 * k * PAGE, _page(0, k)) for k in range(40)]
+    flat_truth = {v: d for v, d in runs}
+    at = BASE + 100 * PAGE
+    for n in (64, 7, 8, 9, 1, 30):  # pages: a long run, runs just under and over 32 KiB
+        data = b"".join(_page(1, at // PAGE + k) for k in range(n))
+        runs.append((at, data))
+        flat_truth.update({at + k * PAGE: data[k * PAGE : (k + 1) * PAGE] for k in range(n)})
+        at += (n + 1) * PAGE
+    b.pagemap(10, runs)
+    b.write()
+    return [(chain, truth), (root / "flat", flat_truth)]
+
+
+def _data_runs(truth: dict[int, bytes]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for v in sorted(truth):
+        if out and out[-1][0] + out[-1][1] == v:
+            out[-1] = (out[-1][0], out[-1][1] + PAGE)
+        else:
+            out.append((v, PAGE))
+    return out
+
+
+@pytest.mark.parametrize("fill", [0, 2 * PAGE, 1 << 20])
+def test_write_to_writes_the_same_files_with_and_without_the_helper(tmp_path: Path, path: str, fill: int) -> None:
+    """write_to (extract's copies) of every data run of a chain and of a fragmented image, at output offsets with
+    gaps and off the 16-page boundary: the file holds each range's bytes at its offset and nothing else. With
+    the helper the reader plans them in one call and the strategy gets one `write_plan`; without it, CopyRequests."""
+    plans: list[int] = []
+    for case, (newest, truth) in enumerate(_write_cases(tmp_path)):
+        ranges = _data_runs(truth)
+        iov, out = [], 9 * PAGE + 100
+        for k, (v, n) in enumerate(ranges):
+            iov.append((v, n, out))
+            out += n + (k % 3) * PAGE  # back to back, one-page and two-page gaps in the output
+        with open_images(newest) as images:
+            for strategy in STRATEGIES:
+                with images.reader(10, strategy) as reader:
+                    real = reader.strategy.write_plan  # type: ignore[attr-defined]
+
+                    def spy(files: Any, pieces: bytes, fd: int, fill: int = 0, real: Any = real) -> None:
+                        plans.append(len(pieces))
+                        real(files, pieces, fd, fill)
+
+                    reader.strategy.write_plan = spy  # type: ignore[attr-defined]
+                    target = tmp_path / f"out-{case}-{strategy}"
+                    fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+                    try:
+                        got = reader.write_to(fd, iov, holes="skip", fill=fill)
+                    finally:
+                        os.close(fd)
+                    assert got == sum(n for _, n, _ in iov)
+                    data = target.read_bytes()
+                    want = bytearray(iov[-1][2] + iov[-1][1])
+                    for v, n, o in iov:
+                        want[o : o + n] = b"".join(truth[v + k * PAGE] for k in range(n // PAGE))
+                    assert data == want, (case, strategy)
+    if path == "native":
+        assert len(plans) == 2 * len(STRATEGIES) and min(plans) > 0
+    else:
+        assert plans == []
+
+
+def test_write_plan_without_copy_file_range_and_on_a_short_pages_file(tmp_path: Path) -> None:
+    """Where copy_file_range is refused the helper copies through a buffer (the same bytes); a pages file cut
+    short after planning is a one-line error naming it."""
+    need_native()
+    (_chain_dir, _), (flat, truth) = _write_cases(tmp_path)
+    ranges = _data_runs(truth)
+    iov = [(v, n, v - BASE) for v, n in ranges]
+    with open_images(flat) as images, images.reader(10, "preadv") as reader:
+        reader.strategy._no_copy_file_range = True  # type: ignore[attr-defined]
+        fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            reader.write_to(fd, iov, holes="skip")
+        finally:
+            os.close(fd)
+        data = (tmp_path / "out").read_bytes()
+        for v, n in ranges:
+            assert data[v - BASE : v - BASE + n] == b"".join(truth[v + k * PAGE] for k in range(n // PAGE))
+        pages = next(flat.glob("pages-*.img"))
+        with open(pages, "r+b") as f:
+            f.truncate(50 * PAGE)
+        fd = os.open(tmp_path / "out2", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with pytest.raises(ImageError, match=r"pages-1\.img: short pages file: no data at offset"):
+                reader.write_to(fd, iov, holes="skip")
+        finally:
+            os.close(fd)
+
+
+def test_a_strategy_that_changes_write_to_gets_copy_requests(tmp_path: Path) -> None:
+    """A subclass of a local strategy that overrides write_to (and not write_plan) is not handed plans."""
+    from crit_pageread.strategies.preadv import PreadvStrategy
+
+    seen: list[int] = []
+
+    class Counting(PreadvStrategy):
+        def write_to(self, requests: list[Any], fd: int, fill: int = 0) -> None:
+            seen.append(len(requests))
+            super().write_to(requests, fd, fill)
+
+    assert PreadvStrategy.writes_plans and not Counting.writes_plans
+    (_chain_dir, _), (flat, truth) = _write_cases(tmp_path)
+    with open_images(flat) as images, images.reader(10, Counting()) as reader:
+        fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            reader.write_to(fd, [(v, n, v - BASE) for v, n in _data_runs(truth)], holes="skip")
+        finally:
+            os.close(fd)
+    assert seen and sum(seen) > 1
+
+
+def test_write_pieces_refuses_bad_arguments_without_crashing() -> None:
+    need_native()
+    piece = struct.pack("4q", 1, 0, 0, 4096)
+    with pytest.raises(ValueError, match="out of range"):
+        FAST.write_pieces([0], piece, 1, 0, 32768, 262144, 65536, 1 << 30, False)
+    with pytest.raises(ValueError, match="whole pieces"):
+        FAST.write_pieces([0], bytes(31), 1, 0, 32768, 262144, 65536, 1 << 30, False)
+    with pytest.raises(ValueError, match="bad sizes"):
+        FAST.write_pieces([0], b"", 1, 0, 0, 262144, 65536, 1 << 30, False)
+    q, b, h = array("q", [0]), array("B", [0]), array("H", [0])
+    with pytest.raises(ValueError, match="differ in length"):
+        FAST.plan_copies(q, q, b, h, q, [None], [1], [1, 2], [0])
+
+
+@pytest.mark.parametrize("layout", ["4.1", "4.2"])
+def test_encode_entries_writes_the_bytes_of_the_python_encoder(layout: str) -> None:
+    """Pagemap entries encoded from columns in C are byte for byte those of `encode_pagemap_parts`, varints of
+    every width (addresses up to 2**63 - 1, counts past 2**32, every flags byte) included."""
+    need_native()
+    from crit_pageread.pagemap import encode_pagemap_parts
+
+    rng = random.Random(5)
+    vaddrs = array("q", [0, 1, 127, 128, 2**63 - 1, *(rng.randrange(2**rng.randrange(1, 63)) for _ in range(500))])
+    counts = array("q", [rng.randrange(2**rng.randrange(1, 40)) for _ in vaddrs])
+    flags = array("B", [k % 256 for k in range(len(vaddrs))])
+    parts = encode_pagemap_parts(7, zip(vaddrs, counts, flags, strict=True), layout)
+    next(parts)  # the head
+    assert FAST.encode_entries(vaddrs, counts, flags, layout == "4.2") == b"".join(parts)
+    assert FAST.encode_entries(array("q"), array("q"), array("B"), False) == b""
+    with pytest.raises(ValueError, match="negative"):
+        FAST.encode_entries(array("q", [-1]), array("q", [1]), array("B", [4]), False)
+    with pytest.raises(ValueError, match="differ in length"):
+        FAST.encode_entries(array("q", [1]), array("q"), array("B", [4]), False)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from crit_pageread.cli.main import main
+from crit_pageread.memory import ProcessReader
 from crit_pageread.search import SearchError, compile_search, hyperscan_module
+from crit_pageread.testing import ImageBuilder, VmaSpec
 
 ALPHABET = b"abAB\x00\n\t xy"
 REGEXES = [rb"a+b", rb"[ab]{2,3}", rb"x.y", rb"(?:ab|ba)+", rb"\bab", rb"A[^\n]*?b", rb"b\x00?a"]
@@ -148,3 +154,52 @@ def test_thread_copies_search_at_once_and_find_the_same() -> None:
         t.join()
         assert got == mine == [want] * 20
     assert compile_search([b"ab"], engine="python").thread_copy() is None
+
+
+@pytest.mark.parametrize("engine", ["hyperscan", "python"])
+@pytest.mark.parametrize("strategy", ["preadv", "pread", "mmap"])
+def test_grep_packs_single_pages_between_holes_and_walks_no_run_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, engine: str, strategy: str,
+) -> None:
+    """A fragmented dump (single pages and pairs between one-page holes, back to back in the pages file): grep
+    searches the runs packed, walking no run's segments on its own, and finds exactly the matches inside one
+    run: a literal split over two adjacent pages is found, one split over a hole (adjacent in the file) is not."""
+    if engine == "hyperscan" and hyperscan_module() is None and os.environ.get("CI") != "true":
+        pytest.skip("hyperscan is not installed")
+    page, base = 4096, 0x100000
+    runs: list[tuple[int, bytes]] = []
+    want: list[int] = []
+    k = 0
+    while len(runs) < 400:
+        n = 2 if len(runs) % 5 == 0 else 1
+        data = bytearray(b"." * (n * page))
+        vaddr = base + k * page
+        if len(runs) % 7 == 3:
+            data[100:106] = b"SECRET"  # inside one page
+            want.append(vaddr + 100)
+        if n == 2:
+            data[page - 3 : page + 3] = b"SECRET"  # over two adjacent pages
+            want.append(vaddr + page - 3)
+        if len(runs) % 11 == 4:
+            data[-3:] = b"SEC"  # over the hole: the next run starts with "RET"
+        if runs and bytes(runs[-1][1][-3:]) == b"SEC":
+            data[:3] = b"RET"
+        runs.append((vaddr, bytes(data)))
+        k += n + 1
+    b = ImageBuilder(tmp_path / "d")
+    b.process(10, vmas=[VmaSpec(base, base + k * page)])
+    b.pagemap(10, runs)
+    b.write()
+    walked: list[int] = []
+    real = ProcessReader.segments
+
+    def counting(self: Any, vaddr: int, length: int) -> Any:
+        walked.append(length)
+        return real(self, vaddr, length)
+
+    monkeypatch.setattr(ProcessReader, "segments", counting)
+    code = main(["grep", str(tmp_path / "d"), "SECRET", "--json", "--engine", engine, "--strategy", strategy])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert sorted(json.loads(line)["vaddr"] for line in out.splitlines()) == sorted(want)
+    assert walked == []

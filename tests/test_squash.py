@@ -13,8 +13,9 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from chains import build_chain
@@ -30,6 +31,7 @@ from criu_harness import (
     start_lazy_dump,
     start_victim,
 )
+from native_support import use_helper
 from restore_support import (
     dumped_pages,
     interrupted_run,
@@ -42,6 +44,7 @@ from restore_support import (
 )
 
 from crit_pageread.pagemap import PE_PARENT, PE_PRESENT, load_pagemap
+from crit_pageread.restore import squash as squash_mod
 from crit_pageread.restore.pipeline import restore
 
 PAGE = 4096
@@ -114,6 +117,47 @@ def test_squashed_three_level_chain_restores_to_the_memory_of_the_original_dump(
         assert wait_check(result.pid, check) == "OK"
     finally:
         kill_tree(result.pid)
+
+
+@pytest.mark.parametrize("helper", ["native", "python"])
+def test_squash_from_the_map_columns_writes_what_the_segment_walk_writes(
+    shm_dump: Dumped, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, helper: str,
+) -> None:
+    """A chain squashed from its memory maps' columns (no object per run; with the helper one plan and one
+    kernel-copy call per batch), in batches as small as a few runs or bytes, with and without progress, writes
+    the same files byte for byte as the walk over its segments, PE_LAZY bits and entry counts included."""
+    use_helper(helper, monkeypatch)
+    top = build_chain(shm_dump.images, tmp_path / "chain", 3, seed=4).newest
+    monkeypatch.setattr(squash_mod, "_squash_runs", lambda *args: False)
+    want_report = squash_mod.squash(top, tmp_path / "walk")
+    want = {p.name: p.read_bytes() for p in sorted((tmp_path / "walk").iterdir()) if p.is_file()}
+    monkeypatch.undo()
+    use_helper(helper, monkeypatch)
+    used: list[int] = []
+    real = squash_mod._squash_runs
+
+    def spy(*args: Any) -> bool:
+        used.append(real(*args))
+        return used[-1]
+
+    monkeypatch.setattr(squash_mod, "_squash_runs", spy)
+    for n, (pieces, batch, progress) in enumerate(((1 << 14, 64 << 20, False), (3, 64 << 20, False),
+                                                   (1 << 14, 3 * PAGE, True), (2, PAGE, True))):
+        monkeypatch.setattr(squash_mod, "_COPY_PIECES", pieces)
+        monkeypatch.setattr(squash_mod, "_COPY_BATCH", batch)
+        seen: list[int] = []
+
+        def note(what: str, done: int, total: int, seen: list[int] = seen) -> None:
+            seen.append(done)
+
+        out = tmp_path / f"cols{n}"
+        report = squash_mod.squash(top, out, progress=note if progress else None)
+        got = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+        assert got.keys() == want.keys() and all(got[k] == want[k] for k in want), n
+        assert [asdict(t) for t in report.targets] == [asdict(t) for t in want_report.targets]
+        if progress:
+            assert seen == sorted(seen) and len(seen) > 3
+    assert used and all(used)
 
 
 def test_squashed_chain_keeps_shared_memory_and_threads(shm_dump: Dumped, tmp_path: Path):

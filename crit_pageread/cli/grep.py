@@ -14,10 +14,12 @@ windows: no per-page work.
 from __future__ import annotations
 
 import mmap
+import operator
 import os
 import sys
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from itertools import accumulate
 
 from .. import TYPE_CHECKING
 from ..errors import ConfigError
@@ -143,13 +145,18 @@ def _pattern_lines(path: str) -> list[str]:
 
 
 Emit = Callable[[Area, int, bytes, bytes, bytes], None]
-#: Runs shorter than this are read in batches rather than one by one.
-SMALL_RUN = 64 << 10
+#: Runs of at most this many bytes are packed (`Packer`): read many at a time and searched together.
+PACK_RUN = 64 << 10
+#: Short runs held before they are searched (bounded memory whatever the dump).
+PENDING_RUNS = 1 << 16
+#: A span's runs taken from its memory maps as lists this many at a time.
+SPAN_RUNS = 1 << 14
 
 
 class ChunkBuffer:
-    """The buffers of a search, made on first use: CHUNK bytes that runs are read into, and the scratch
-    buffers (two) that views of a pages file are read into by strategies that do not map it.
+    """The buffers of a search, made on first use: CHUNK bytes that runs are read into, the scratch
+    buffers (two) that views of a pages file are read into by strategies that do not map it, and the
+    pack buffers (two) that short runs are read into (`Packer`).
 
     Both are anonymous maps, so page-aligned: the kernel copied into a bytearray (16 bytes past a page
     boundary) at a quarter of the speed on this project's machines.
@@ -158,11 +165,19 @@ class ChunkBuffer:
     def __init__(self) -> None:
         self._buf: mmap.mmap | None = None
         self._scratch: list[mmap.mmap | None] = [None, None]
+        self._pack: list[mmap.mmap | None] = [None, None]
 
     def get(self) -> mmap.mmap:
         if self._buf is None:
             self._buf = mmap.mmap(-1, CHUNK)
         return self._buf
+
+    def pack(self, which: int = 0) -> mmap.mmap:
+        """Pack buffer `which` (CHUNK bytes; two: one is read into while the other is searched)."""
+        buf = self._pack[which]
+        if buf is None:
+            buf = self._pack[which] = mmap.mmap(-1, CHUNK)
+        return buf
 
     def scratch(self, size: int, which: int = 0) -> mmap.mmap:
         """Scratch buffer `which` (0 or 1: one is read into while the other is searched)."""
@@ -344,6 +359,23 @@ class Windows:
         self.end_stretch()
         self._collect()
 
+    def threaded(self) -> bool:
+        """Whether searches go to the search thread (started on first use); decided once."""
+        if self._threaded is None:
+            self._threaded = self._start()
+        return self._threaded
+
+    def submit(self, data: Any, starts: list[int], ends: list[int], stop: int) -> None:
+        """Hand a search to the thread (`threaded()` must be true, nothing of the windows' own pending)."""
+        self._jobs.put((data, starts, ends, stop))
+
+    def result(self) -> list[tuple[int, int]]:
+        """The hits of the oldest search handed over (its exception raised here)."""
+        hits = self._done.get()
+        if isinstance(hits, BaseException):
+            raise hits
+        return hits
+
     def _start(self) -> bool:
         helper = self.searcher.thread_copy() if SEARCH_THREAD and _cpus() > 1 else None
         if helper is None:
@@ -375,9 +407,7 @@ class Windows:
 
     def _window(self, st: _Stretch, ws: int, we: int, lo: int, hi: int) -> None:
         """Search file bytes [ws, we) of `st` (matches that start there), viewed as [lo, hi)."""
-        threaded = self._threaded
-        if threaded is None:
-            threaded = self._threaded = self._start()
+        threaded = self.threaded()
         # Two scratch buffers when threaded: one window is read while the one before is searched.
         which = self._flip
         if threaded:
@@ -475,17 +505,19 @@ class Windows:
 
 
 def scan_span(span: Span, chunk: ChunkBuffer, matcher: Matcher, context: int, emit: Emit,
-              progress: Progress, windows: Windows) -> int:
-    """Search every readable run of `span`; returns the number of matches it emitted (runs that are one
-    range of one pages file go to `windows`, which counts and emits their matches: `Windows.flush`).
+              progress: Progress, windows: Windows, packer: Packer) -> int:
+    """Search every readable run of `span`; returns the number of matches it emitted itself (`windows`
+    and `packer` count and emit theirs: `Windows.flush`, `Packer.flush`).
 
     Every byte comes through the span's reader and its strategy. The span's
-    segments are walked once: runs (maximal readable ranges of memory; a match
-    may cross the page, entry and VMA boundaries inside one, never a hole) that
-    are one range of one pages file are searched in place (`Windows`), with the
-    runs before them that lie back to back in that file. Other runs are read in
-    windows of len(buf) bytes that overlap by the longest match plus the context;
-    small ones are batched into buf.
+    runs (maximal readable ranges of memory; a match may cross the page,
+    entry and VMA boundaries inside one, never a hole) come from its memory
+    maps as arrays (`Span.readable_runs`: no object per run). Runs of at most
+    PACK_RUN bytes go to `packer` (read many at a time, back to back, and
+    searched together). Of the longer ones, those that are one range of one
+    pages file are searched in place (`Windows`), with the runs before them
+    that lie back to back in that file; the others are read in windows of
+    len(buf) bytes that overlap by the longest match plus the context.
     """
     reader = span.reader
     window = matcher.window + context
@@ -520,79 +552,166 @@ def scan_span(span: Span, chunk: ChunkBuffer, matcher: Matcher, context: int, em
             pos = base + max(cutoff, last_end)
             base = max(rs, pos - context)
 
-    def scan_small(batch: list[tuple[int, int, int]]) -> None:
-        """Runs read together into buf with one sync (one preadv per contiguous file range)."""
-        nonlocal found
-        windows.flush()  # their matches come first
-        buf = chunk.get()
-        reader.sync()
-        for rs, off, n in batch:
-            for s, e in matcher.find(buf, off, off + n):
-                before = bytes(buf[max(off, s - context) : s]) if context else b""
-                after = bytes(buf[e : min(off + n, e + context)]) if context else b""
-                vaddr = rs + s - off
-                emit(span.area_at(vaddr), vaddr, bytes(buf[s:e]), before, after)
-                found += 1
-            progress.add(n)
-
-    # Small runs that are not one file range (lazy, or across files) are batched into buf, so the
-    # cost per run is a deferred read and a search, not a system call of its own.
-    batch: list[tuple[int, int, int]] = []
-    used = 0
-    for rs, re_, pages, offset, segs in _span_runs(span):
-        n = re_ - rs
-        if pages is not None:
-            if batch:
-                scan_small(batch)
-                batch, used = [], 0
-            windows.add(span, rs, re_, pages, offset, segs)
+    all_starts, all_ends, _ = span.readable_runs()  # int64 arrays: 16 bytes a run
+    small = min(PACK_RUN, CHUNK)  # a pack holds at least one run
+    cursor: _SegmentCursor | None = None
+    for k in range(0, len(all_starts), SPAN_RUNS):  # as lists, SPAN_RUNS at a time
+        starts = all_starts[k : k + SPAN_RUNS].tolist()
+        ends = all_ends[k : k + SPAN_RUNS].tolist()
+        lens = list(map(operator.sub, ends, starts))
+        if max(lens) <= small:
+            packer.add(span, starts, ends)
             continue
-        windows.end_stretch()  # searched (read) before the batch's reads are deferred
-        if n >= SMALL_RUN or n > CHUNK:
-            if batch:
-                scan_small(batch)
-                batch, used = [], 0
-            scan_run(rs, re_)
-            continue
-        if used + n > CHUNK:
-            scan_small(batch)
-            batch, used = [], 0
-        reader.readinto(rs, memoryview(chunk.get())[used : used + n], defer=True)
-        batch.append((rs, used, n))
-        used += n
-    if batch:
-        scan_small(batch)
+        if cursor is None:
+            cursor = _SegmentCursor(span)
+        a = 0
+        for b in [i for i, n in enumerate(lens) if n > small]:
+            if b > a:
+                packer.add(span, starts[a:b], ends[a:b])
+            a = b + 1
+            rs, re_ = starts[b], ends[b]
+            packer.flush()  # the runs before it first: matches stay in address order
+            pages, offset, segs = cursor.layout(rs, re_)
+            if pages is not None:
+                windows.add(span, rs, re_, pages, offset, segs)
+            else:
+                windows.end_stretch()
+                scan_run(rs, re_)
+        if a < len(starts):
+            packer.add(span, starts[a:], ends[a:])
     return found
 
 
-def _span_runs(span: Span) -> Iterator[tuple[int, int, Any, int, list[Segment]]]:
-    """The runs of `span` (maximal readable ranges, across VMA and entry boundaries) as `(start, end, pages,
-    offset, segments)`, `pages` None unless the run is one range of one pages file: one walk over its
-    segments, a run at a time (what is kept is one run's segments)."""
-    lazy_ok = span.reader.strategy.serves_lazy
-    segs: list[Segment] = []
-    start = end = -1
-    cur: Any = None
-    offset = expect = -1
-    for area in span.areas:
-        for seg in area.reader.segments(area.start, area.end - area.start):
-            kind = seg.kind
-            if kind != "present" and not (kind == "lazy" and lazy_ok):
-                continue
-            if seg.vaddr == end:
-                end += seg.length
-                if cur is not None and (seg.pages is not cur or seg.offset != expect):
-                    cur = None  # this run is not one file range
-                expect += seg.length
-            else:
-                if end > start:
-                    yield start, end, cur, offset, segs
-                    segs = []
-                start, end = seg.vaddr, seg.vaddr + seg.length
-                cur, offset, expect = seg.pages, seg.offset, seg.offset + seg.length
+class _SegmentCursor:
+    """The segments of a span, walked once in address order (only where the span has runs longer than
+    PACK_RUN: a span of short runs is not walked at all), taken run by run (`layout`)."""
+
+    def __init__(self, span: Span) -> None:
+        self._segments = (seg for area in span.areas for seg in area.reader.segments(area.start, area.end - area.start))
+        self._next: Segment | None = None
+
+    def layout(self, rs: int, re_: int) -> tuple[Any, int, list[Segment]]:
+        """Where readable run [rs, re_) lies: (pages file, offset, its segments) if it is one range of one
+        pages file, else (None, -1, [])."""
+        segs: list[Segment] = []
+        while True:
+            seg = self._next if self._next is not None else next(self._segments, None)
+            self._next = None
+            if seg is None:
+                break
+            if seg.vaddr + seg.length <= rs:
+                continue  # before the run: a hole, unserved lazy pages, or a short run's
+            if seg.vaddr >= re_:
+                self._next = seg
+                break
             segs.append(seg)
-    if end > start:
-        yield start, end, cur, offset, segs
+        if not segs:
+            return None, -1, []
+        first = segs[0]
+        expect = first.offset
+        for seg in segs:
+            if seg.kind != "present" or seg.pages is not first.pages or seg.offset != expect:
+                return None, -1, []
+            expect += seg.length
+        return first.pages, first.offset, segs
+
+
+class Packer:
+    """Short runs of one reader (at most PACK_RUN bytes each: fragmented memory, single pages between
+    holes), searched CHUNK bytes of them at a time with no Python per run: the reader reads them back to
+    back into one buffer (`PageReader.read_packed`: one plan for the strategy) and one `find_many` bounded
+    by each run searches them all, so no match crosses from one run into the next (they are not adjacent
+    in memory), and a string or `-C` context ends where its run does. Matches are emitted in address
+    order, after those of the in-place windows before them (`Windows.flush`)."""
+
+    def __init__(self, matcher: Matcher, chunk: ChunkBuffer, context: int, emit: Emit, progress: Progress,
+                 windows: Windows) -> None:
+        self.searcher = matcher.searcher
+        self.chunk = chunk
+        self.context = context
+        self.emit = emit
+        self.progress = progress
+        self.windows = windows
+        self.found = 0
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        self._owners: list[tuple[int, Span]] = []  # (index past its last run, span) per span added
+        self._owner = 0  # the owner of the last match emitted (`_emit`)
+
+    def add(self, span: Span, starts: list[int], ends: list[int]) -> None:
+        """Runs [starts[k], ends[k]) of `span`, in address order after those added before."""
+        if self._owners and self._owners[-1][1].reader is not span.reader:
+            self.flush()  # one reader's runs per pack
+        self._starts += starts
+        self._ends += ends
+        self._owners.append((len(self._starts), span))
+        if len(self._starts) >= PENDING_RUNS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Search the runs added since the last flush (the in-place windows' matches first). With the search
+        thread (`Windows.threaded`), each pack is searched there while the next is read into the other
+        pack buffer; the matches are emitted here, in order."""
+        starts, ends, owners = self._starts, self._ends, self._owners
+        if not starts:
+            return
+        windows = self.windows
+        windows.flush()
+        self._starts, self._ends, self._owners = [], [], []
+        reader = owners[0][1].reader
+        threaded = windows.threaded()
+        find_many = self.searcher.find_many
+        count = len(starts)
+        i = flip = 0
+        self._owner = 0
+        pending: tuple[Any, int, list[int], list[int], int] | None = None
+        try:
+            while True:
+                job = None
+                if i < count:
+                    buf = self.chunk.pack(flip)
+                    flip ^= threaded
+                    j, used = reader.read_packed(starts, ends, i, buf)
+                    pends = list(accumulate(map(operator.sub, ends[i:j], starts[i:j])))
+                    pstarts = [0, *pends[:-1]]
+                    job = (buf, i, pstarts, pends, used)
+                    i = j
+                    if not threaded:
+                        self._emit(job, find_many(buf, pstarts, pends), starts, owners)
+                        continue
+                    windows.submit(buf, pstarts, pends, used)
+                if pending is not None:
+                    done, pending = pending, None
+                    self._emit(done, windows.result(), starts, owners)
+                if job is None:
+                    break
+                pending = job
+        finally:
+            if pending is not None:  # an error while the thread searched: take its answer, so none is left
+                try:
+                    windows.result()
+                except BaseException:  # the error being raised is the one to report
+                    pass
+
+    def _emit(self, job: tuple[Any, int, list[int], list[int], int], hits: Any, starts: list[int],
+              owners: list[tuple[int, Span]]) -> None:
+        """Emit the matches `hits` (offsets in the pack buffer) of one pack."""
+        buf, first, pstarts, pends, used = job
+        context = self.context
+        emit = self.emit
+        o = self._owner
+        k = 0
+        for s, e in hits:
+            k = bisect_right(pstarts, s, k) - 1
+            vaddr = starts[first + k] + s - pstarts[k]
+            while owners[o][0] <= first + k:
+                o += 1
+            before = bytes(buf[max(pstarts[k], s - context) : s]) if context else b""
+            after = bytes(buf[e : min(pends[k], e + context)]) if context else b""
+            emit(owners[o][1].area_at(vaddr), vaddr, bytes(buf[s:e]), before, after)
+            self.found += 1
+        self._owner = o
+        self.progress.add(used)
 
 
 def _escape(data: bytes) -> str:
@@ -656,13 +775,15 @@ def run(args: argparse.Namespace) -> int:
         progress = Progress("grep", total)
         chunk = ChunkBuffer()
         windows = Windows(matcher, chunk, context, emit, progress)
+        packer = Packer(matcher, chunk, context, emit, progress, windows)
         try:
             for span in spans(areas):
-                found += scan_span(span, chunk, matcher, context, emit, progress, windows)
+                found += scan_span(span, chunk, matcher, context, emit, progress, windows, packer)
+            packer.flush()
             windows.flush()
         finally:
             windows.close()
-        found += windows.found
+        found += windows.found + packer.found
         progress.finish()
         page_size = images.page_size
     if matcher.hint:

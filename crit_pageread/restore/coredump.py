@@ -16,6 +16,7 @@ move file-to-file with `copy_file_range`; untouched ranges stay sparse.
 
 from __future__ import annotations
 
+import operator
 import os
 import struct
 from collections.abc import Callable
@@ -416,6 +417,8 @@ def _write_vma(
     Dumped pages go through the reader's `write_segments` (the strategy moves them: kernel copies for the
     local strategies), WRITE_PIECES segments a call; `fd` -1 is the planning pass, which only collects
     what is missing."""
+    if _write_vma_runs(images, reader, v, fd, base, files, report, missing):
+        return
     pieces: list[tuple[Segment, int]] = []
     for seg in reader.segments(v.start, v.size):
         if seg.kind == "present" or (seg.kind == "lazy" and reader.strategy.serves_lazy):
@@ -431,6 +434,39 @@ def _write_vma(
             _fill_hole(images, reader, v, seg.vaddr, seg.length, fd, base, files, report, missing)
     if fd >= 0 and pieces:
         reader.write_segments(fd, pieces)
+
+
+def _write_vma_runs(
+    images: CheckpointImages, reader: PageReader, v: Vma, fd: int, base: int,
+    files: dict[int, _MappedFile], report: CoreReport, missing: list[dict[str, Any]],
+) -> bool:
+    """`_write_vma` from the memory maps' columns (no object per run): the VMA's readable runs
+    (`ProcessReader.readable_runs`, shared mappings through their segment) go to the reader's `write_to`
+    WRITE_PIECES at a time (with the native helper one plan and one kernel-copy call each), then each hole
+    between them is filled as the walk fills it (none to fill in private anonymous memory). False, with
+    nothing done, for a windowed map or lazy pages the strategy cannot serve: the caller walks segments."""
+    runs_of = getattr(reader, "readable_runs", None)
+    if runs_of is None or reader.windowed:
+        return False
+    starts, ends, lazy = runs_of(v.start, v.end)
+    if lazy:
+        return False
+    report.dumped_bytes += sum(ends) - sum(starts)
+    if fd >= 0:
+        shift = base - v.start
+        for k in range(0, len(starts), WRITE_PIECES):
+            ss, ee = starts[k : k + WRITE_PIECES], ends[k : k + WRITE_PIECES]
+            reader.write_to(fd, zip(ss, map(operator.sub, ee, ss), map(shift.__add__, ss), strict=True), holes="skip")
+    if shmem_id(images, v) is None and not v.status & (VMA_FILE_PRIVATE | VMA_FILE_SHARED):
+        return True  # private anonymous memory CRIU did not dump was never touched: zeros, left sparse
+    pos = v.start
+    for start, end in zip(starts, ends, strict=True):
+        if start > pos:
+            _fill_hole(images, reader, v, pos, start - pos, fd, base, files, report, missing)
+        pos = end
+    if pos < v.end:
+        _fill_hole(images, reader, v, pos, v.end - pos, fd, base, files, report, missing)
+    return True
 
 
 def _fill_hole(

@@ -18,22 +18,26 @@ beside its final name and renamed at the end, so it is complete or absent.
 from __future__ import annotations
 
 import hashlib
+import operator
 import os
 import re
 import shutil
 from array import array
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from itertools import accumulate, compress
 from pathlib import Path
 from typing import Any
 
+from .. import native
 from ..check import check_checkpoint
 from ..config import Config, load_config
 from ..errors import ImageError
 from ..images import CheckpointImages, open_images
 from ..pagemap import LAYOUTS, PE_LAZY, PE_PRESENT, encode_pagemap_parts
 from ..plugins import make_strategy
-from ..reader import PageReader, Segment
+from ..reader import BROKEN, LAZY, PageReader, Segment
 from ..strategy import Strategy, Target
 from .fileio import atomic_dir, chunks
 
@@ -232,8 +236,14 @@ class _RunWriter:
         self._end = vaddr + length
 
     def encode(self) -> None:
-        """Write the entries so far to the output pagemap image (after its head) and drop them."""
-        if self.vaddrs:
+        """Write the entries so far to the output pagemap image (after its head) and drop them (encoded by the
+        native helper in one call where it is built)."""
+        fast = native.fastio
+        if self.vaddrs and fast is not None:
+            self.image.write(fast.encode_entries(self.vaddrs, self.counts, self.flags, self.layout == "4.2"))
+            self.written += len(self.vaddrs)
+            self.vaddrs, self.counts, self.flags = array("q"), array("q"), array("B")
+        elif self.vaddrs:
             parts = encode_pagemap_parts(self.pages_id, zip(self.vaddrs, self.counts, self.flags, strict=True),
                                          self.layout)
             next(parts)  # the head: written once, first
@@ -286,6 +296,9 @@ def _squash_target(
         w = _RunWriter(fd, reader, _COPY_BATCH if progress is not None else None, image, pm.pages_id,
                        layout or pm.layout)
         image.write(next(encode_pagemap_parts(pm.pages_id, (), w.layout)))
+        if _squash_runs(reader, w, rep, page_size, progress, target, done):
+            rep.entries_out = w.written
+            return rep, None
         shown = 0
         span = pm.span()
         # One walk over the whole range (holes between entries are skipped): a fragmented dump has tens of
@@ -325,6 +338,50 @@ def _squash_target(
         image.close()
     rep.entries_out = w.written
     return rep, (lazy_hash.hexdigest() if lazy_hash is not None else None)
+
+
+def _squash_runs(reader: PageReader, w: _RunWriter, rep: TargetReport, page_size: int, progress: Progress | None,
+                 target: Target, done: list[int]) -> bool:
+    """Squash a target with no lazy or broken pages from its memory map's columns, no object per run: the
+    runs back to back with the same flags are one entry each, and the pages go to the output with
+    `write_to` (with the native helper one plan and one `write_plan` per _COPY_PIECES runs). False (nothing
+    done) for a windowed map or one with lazy or broken runs: the caller walks its segments."""
+    if reader.windowed:
+        return False
+    flat = reader.memory_map()
+    kinds = flat.kinds
+    if not kinds or LAZY in kinds or BROKEN in kinds:
+        return False
+    starts, sizes = flat.starts, flat.sizes
+    count = len(starts)
+    ends = list(map(operator.add, starts, sizes))
+    flags = flat.flags.tobytes().translate(_OUT_FLAGS)
+    # An entry starts where a run does not go on from the one before with the same flags.
+    new = [True, *map(operator.or_, map(operator.ne, ends[:-1], starts[1:]), map(operator.ne, flags[:-1], flags[1:]))]
+    w.vaddrs = array("q", compress(starts, new))
+    w.counts = array("q", map(page_size.__rfloordiv__, map(operator.sub, compress(ends, [*new[1:], True]), w.vaddrs)))
+    w.flags = array("B", compress(flags, new))
+    total = sum(sizes)
+    rep.pages = total // page_size
+    rep.parent_pages = sum(compress(sizes, flat.depths)) // page_size
+    outs = [0, *accumulate(sizes[:-1])] if count > 1 else [0]
+    at = i = 0
+    while i < count:
+        j = min(count, i + _COPY_PIECES)
+        if progress is not None:  # batches of _COPY_BATCH bytes, progress after each
+            j = min(j, max(i + 1, bisect_left(outs, at + _COPY_BATCH, i, j)))
+        reader.write_to(w.fd, zip(starts[i:j], sizes[i:j], outs[i:j], strict=True), holes="skip")
+        at = outs[j] if j < count else total
+        done[0] += at - outs[i]
+        if progress is not None:
+            progress(f"squash {target}", done[0], done[1])
+        i = j
+    w.encode()
+    return True
+
+
+#: A run's PE_* flags to its squashed entry's: present, the lazy bit kept (as `_squash_target`'s walk does).
+_OUT_FLAGS = bytes(PE_PRESENT | (b & PE_LAZY) for b in range(256))
 
 
 def _reader(images: CheckpointImages, target: Target, strategy: str | Strategy | None) -> PageReader:

@@ -26,7 +26,7 @@ import mmap
 import os
 import sys
 
-from .. import TYPE_CHECKING
+from .. import TYPE_CHECKING, native
 from ..errors import ConfigError, ImageError
 from ..strategy import CopyRequest, PagesFile, Strategy, View, read_fully
 
@@ -63,10 +63,33 @@ class KernelCopies:
 
     concurrent_writes: ClassVar[bool] = True
     maps_views: ClassVar[bool] = True
+    writes_plans: ClassVar[bool] = True
     #: Kernel copy system calls issued by write_to/send (for benchmarks and tests).
     copies = 0
     _no_copy_file_range = False
     _no_sendfile = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A subclass that changes write_to but not write_plan gets CopyRequests, as it expects.
+        if "write_to" in cls.__dict__ and "write_plan" not in cls.__dict__:
+            cls.writes_plans = False
+
+    def write_plan(self, files: list[PagesFile], pieces: bytes, fd: int, fill: int = 0) -> None:
+        """`write_to` for the native helper's plan (`_fastio.plan_copies`: pieces of file index, offset,
+        output offset, length, in output order): the same copies, made in C without the GIL."""
+        fast = native.fastio
+        status, index, offset, err, copies, no_cfr = fast.write_pieces(
+            [f.fd for f in files], pieces, fd, fill, SMALL_RUN, _STAGE, COPY_ALIGN, _MAX_COPY,
+            self._no_copy_file_range)
+        self.copies += copies
+        if no_cfr:
+            self._no_copy_file_range = True
+        if status == 1:
+            pages = files[index]
+            raise ImageError(pages.path, f"short pages file: no data at offset {offset}")
+        if status:
+            raise OSError(err, os.strerror(err))
 
     def write_to(self, requests: list[CopyRequest], fd: int, fill: int = 0) -> None:
         # One pass over the requests, no object per request: a fragmented dump has tens of thousands.
