@@ -309,6 +309,21 @@ static PyObject *table_list(table_t *t)
 
 /* --- plan ------------------------------------------------------------------------------- */
 
+/* Extend `last` by a piece that continues it in its pages file and at its destination: 1 if it did. */
+static inline int piece_extends(piece_t *last, int64_t file, int64_t offset, int64_t dest, int64_t length)
+{
+    if (last == NULL || last->file != file || last->offset + last->length != offset || last->dest + last->length != dest)
+        return 0;
+    last->length += length;
+    return 1;
+}
+
+/* What planning a covered run of `kind` gives: P_OK (present: data in a pages file), P_LAZY or P_BROKEN. */
+static inline int run_status(int kind)
+{
+    return kind == K_PRESENT ? P_OK : kind == K_LAZY ? P_LAZY : P_BROKEN;
+}
+
 PyDoc_STRVAR(plan_doc,
 "plan(starts, sizes, kinds, depths, offsets, table, vaddr, end, holes) -> (status, a, b, pieces, holes, files)\n\n"
 "Plan a read of [vaddr, end) over a MemoryMap's columns (typed arrays; a present run's pages file is\n"
@@ -387,12 +402,8 @@ static PyObject *fast_plan(PyObject *self, PyObject *args)
             pos = stop;
             continue;
         }
-        if (kind == K_LAZY) {
-            status = P_LAZY, a = pos, b = stop;
-            break;
-        }
-        if (kind != K_PRESENT) {
-            status = P_BROKEN, a = i;
+        if ((status = run_status((int)kind)) != P_OK) {
+            a = status == P_LAZY ? pos : i, b = stop;
             break;
         }
         int64_t file = run_file(&table, &m, i);
@@ -400,10 +411,7 @@ static PyObject *fast_plan(PyObject *self, PyObject *args)
             goto done;
         int64_t offset = m.offsets[i] + pos - start;
         int64_t dest = pos - vaddr, length = stop - pos;
-        if (last != NULL && last->file == file && last->offset + last->length == offset
-                && last->dest + last->length == dest) {
-            last->length += length;
-        } else {
+        if (!piece_extends(last, file, offset, dest, length)) {
             last = &out[npieces++];
             last->file = file;
             last->offset = offset;
@@ -1776,23 +1784,15 @@ static PyObject *fast_plan_copies(PyObject *self, PyObject *args)
                 i++;
                 continue;
             }
-            int kind = m.kinds[i];
-            if (kind == K_LAZY) {
-                status = P_LAZY, a = pos, b = stop;
-                break;
-            }
-            if (kind != K_PRESENT) {
-                status = P_BROKEN, a = i;
+            if ((status = run_status(m.kinds[i])) != P_OK) {
+                a = status == P_LAZY ? pos : i, b = stop;
                 break;
             }
             int64_t file = run_file(&table, &m, i);
             if (file < 0)
                 goto done;
             int64_t offset = m.offsets[i] + pos - start, dest = out + pos - vaddr, n = stop - pos;
-            if (last != NULL && last->file == file && last->offset + last->length == offset
-                    && last->dest + last->length == dest) {
-                last->length += n;
-            } else {
+            if (!piece_extends(last, file, offset, dest, n)) {
                 last = vec_add(&pieces, sizeof(piece_t));
                 if (last == NULL)
                     goto done;
