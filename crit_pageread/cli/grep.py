@@ -6,7 +6,8 @@ consecutive chunks overlap by the longest match (plus the context),
 so a match that crosses a page, pagemap-entry or VMA boundary is found once. Every byte comes
 through the reader and the configured strategy; runs that lie back to back in a pages file are
 searched in place where the strategy can (`PageReader.view_segments`: read-only maps for the local
-strategies), all the runs of a window in one search. The search itself
+strategies), all the runs of a window in one search; runs of at most 64 KiB (fragmented memory) are
+read many at a time back to back into one buffer and searched together (`Packer`). The search itself
 is crit_pageread.search (Hyperscan where installed, else `bytes.find`/`re`) over whole
 windows: no per-page work.
 """
