@@ -342,10 +342,11 @@ def _squash_target(
 
 def _squash_runs(reader: PageReader, w: _RunWriter, rep: TargetReport, page_size: int, progress: Progress | None,
                  target: Target, done: list[int]) -> bool:
-    """Squash a target with no lazy or broken pages from its memory map's columns, no object per run: the
-    runs back to back with the same flags are one entry each, and the pages go to the output with
-    `write_to` (with the native helper one plan and one `write_plan` per _COPY_PIECES runs). False (nothing
-    done) for a windowed map or one with lazy or broken runs: the caller walks its segments."""
+    """Squash a target with no lazy or broken pages from its memory map's columns, no object per run, in
+    batches of _COPY_PIECES runs (with progress, of about _COPY_BATCH bytes): the runs back to back with the
+    same flags are one entry each, and the pages go to the output with `write_to` (with the native helper
+    one plan and one `write_plan` a batch). False (nothing done) for a windowed map or one with lazy or
+    broken runs: the caller walks its segments."""
     if reader.windowed:
         return False
     flat = reader.memory_map()
@@ -354,25 +355,38 @@ def _squash_runs(reader: PageReader, w: _RunWriter, rep: TargetReport, page_size
         return False
     starts, sizes = flat.starts, flat.sizes
     count = len(starts)
-    ends = list(map(operator.add, starts, sizes))
     flags = flat.flags.tobytes().translate(_OUT_FLAGS)
-    # An entry starts where a run does not go on from the one before with the same flags.
-    new = [True, *map(operator.or_, map(operator.ne, ends[:-1], starts[1:]), map(operator.ne, flags[:-1], flags[1:]))]
-    w.vaddrs = array("q", compress(starts, new))
-    w.counts = array("q", map(page_size.__rfloordiv__, map(operator.sub, compress(ends, [*new[1:], True]), w.vaddrs)))
-    w.flags = array("B", compress(flags, new))
-    total = sum(sizes)
-    rep.pages = total // page_size
+    rep.pages = sum(sizes) // page_size
     rep.parent_pages = sum(compress(sizes, flat.depths)) // page_size
-    outs = [0, *accumulate(sizes[:-1])] if count > 1 else [0]
     at = i = 0
+    end = -1  # where the last entry ends
     while i < count:
         j = min(count, i + _COPY_PIECES)
-        if progress is not None:  # batches of _COPY_BATCH bytes, progress after each
-            j = min(j, max(i + 1, bisect_left(outs, at + _COPY_BATCH, i, j)))
-        reader.write_to(w.fd, zip(starts[i:j], sizes[i:j], outs[i:j], strict=True), holes="skip")
-        at = outs[j] if j < count else total
-        done[0] += at - outs[i]
+        if progress is not None:  # about _COPY_BATCH bytes a batch, progress after each
+            j = i + min(j - i, bisect_left(list(accumulate(sizes[i:j])), _COPY_BATCH) + 1)
+        ss, zz, ff = starts[i:j], sizes[i:j], flags[i:j]
+        ee = list(map(operator.add, ss, zz))
+        # An entry starts where a run does not go on from the one before with the same flags.
+        new = [ss[0] != end or ff[0] != (flags[i - 1] if i else -1),
+               *map(operator.or_, map(operator.ne, ee[:-1], ss[1:]), map(operator.ne, ff[:-1], ff[1:]))]
+        if not new[0]:  # the first runs go on from the last entry
+            stop = new.index(True) if True in new else len(new)
+            w.counts[-1] += (ee[stop - 1] - ss[0]) // page_size
+        if True in new:
+            if len(w.vaddrs) > _COPY_PIECES:
+                w.encode()  # those entries can no longer grow
+            firsts = array("q", compress(ss, new))
+            lasts = compress(ee, [*new[1:], True])  # where each entry ends (the first: the one going on)
+            if not new[0]:
+                next(lasts)
+            w.counts.extend(map(page_size.__rfloordiv__, map(operator.sub, lasts, firsts)))
+            w.vaddrs.extend(firsts)
+            w.flags.extend(compress(ff, new))
+        end = ee[-1]
+        reader.write_to(w.fd, zip(ss, zz, accumulate(zz[:-1], initial=at), strict=True), holes="skip")
+        n = sum(zz)
+        at += n
+        done[0] += n
         if progress is not None:
             progress(f"squash {target}", done[0], done[1])
         i = j
