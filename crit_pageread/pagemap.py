@@ -902,6 +902,19 @@ def encode_pagemap(pages_id: int, entries: Iterable[tuple[int, int, int]], layou
     return b"".join(encode_pagemap_parts(pages_id, entries, layout))
 
 
+def encode_entries(vaddrs: array[int], counts: array[int], flags: array[int], layout: str = "4.1") -> bytes:
+    """`encode_pagemap`'s entries without the head, from columns (int64 vaddrs and page counts, uint8 flags):
+    encoded by the native helper in one call where it is built."""
+    fast = native.fastio
+    if fast is None:
+        parts = encode_pagemap_parts(0, zip(vaddrs, counts, flags, strict=True), layout)
+        next(parts)  # the head
+        return b"".join(parts)
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown pagemap layout {layout!r}")
+    return fast.encode_entries(vaddrs, counts, flags, layout == "4.2")
+
+
 def encode_pagemap_parts(pages_id: int, entries: Iterable[tuple[int, int, int]], layout: str = "4.1"
                          ) -> Iterator[bytes]:
     """`encode_pagemap`'s bytes in parts of CHUNK_ENTRIES entries (what is encoded at once stays bounded)."""

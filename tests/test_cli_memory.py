@@ -158,9 +158,9 @@ def test_grep_packed_short_runs_find_what_each_run_searched_alone_finds(
     packs = []
     real_emit = grep_mod.Packer._emit
 
-    def counted(self: Any, job: Any, *args: Any) -> None:
+    def counted(self: Any, job: Any, *args: Any) -> Any:
         packs.append(job[4])
-        real_emit(self, job, *args)
+        return real_emit(self, job, *args)
 
     monkeypatch.setattr(grep_mod.Packer, "_emit", counted)
     monkeypatch.setattr(grep_mod, "PACK_RUN", 0)

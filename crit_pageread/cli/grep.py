@@ -637,7 +637,6 @@ class Packer:
         self._starts: list[int] = []
         self._ends: list[int] = []
         self._owners: list[tuple[int, Span]] = []  # (index past its last run, span) per span added
-        self._owner = 0  # the owner of the last match emitted (`_emit`)
 
     def add(self, span: Span, starts: list[int], ends: list[int]) -> None:
         """Runs [starts[k], ends[k]) of `span`, in address order after those added before."""
@@ -663,8 +662,7 @@ class Packer:
         threaded = windows.threaded()
         find_many = self.searcher.find_many
         count = len(starts)
-        i = flip = 0
-        self._owner = 0
+        i = flip = owner = 0  # owner: the index in owners of the last match's span
         pending: tuple[Any, int, list[int], list[int], int] | None = None
         try:
             while True:
@@ -678,12 +676,12 @@ class Packer:
                     job = (buf, i, pstarts, pends, used)
                     i = j
                     if not threaded:
-                        self._emit(job, find_many(buf, pstarts, pends), starts, owners)
+                        owner = self._emit(job, find_many(buf, pstarts, pends), starts, owners, owner)
                         continue
                     windows.submit(buf, pstarts, pends, used)
                 if pending is not None:
                     done, pending = pending, None
-                    self._emit(done, windows.result(), starts, owners)
+                    owner = self._emit(done, windows.result(), starts, owners, owner)
                 if job is None:
                     break
                 pending = job
@@ -695,12 +693,12 @@ class Packer:
                     pass
 
     def _emit(self, job: tuple[Any, int, list[int], list[int], int], hits: Any, starts: list[int],
-              owners: list[tuple[int, Span]]) -> None:
-        """Emit the matches `hits` (offsets in the pack buffer) of one pack."""
+              owners: list[tuple[int, Span]], o: int) -> int:
+        """Emit the matches `hits` (offsets in the pack buffer) of one pack; `o` is the index in `owners` of
+        the span of the last match before them, and the one of its own last match is returned."""
         buf, first, pstarts, pends, used = job
         context = self.context
         emit = self.emit
-        o = self._owner
         k = 0
         for s, e in hits:
             k = bisect_right(pstarts, s, k) - 1
@@ -711,8 +709,8 @@ class Packer:
             after = bytes(buf[e : min(pends[k], e + context)]) if context else b""
             emit(owners[o][1].area_at(vaddr), vaddr, bytes(buf[s:e]), before, after)
             self.found += 1
-        self._owner = o
         self.progress.add(used)
+        return o
 
 
 def _escape(data: bytes) -> str:

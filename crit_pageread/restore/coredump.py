@@ -39,7 +39,7 @@ from ..images import (
     CheckpointImages,
     Vma,
 )
-from ..memory import shmem_id
+from ..memory import ProcessReader, shmem_id
 from ..output import OutputError
 from ..plugins import make_strategy
 from ..reader import PageReader, Segment
@@ -409,7 +409,7 @@ WRITE_PIECES = 1 << 14
 
 
 def _write_vma(
-    images: CheckpointImages, reader: PageReader, v: Vma, fd: int, base: int,
+    images: CheckpointImages, reader: ProcessReader, v: Vma, fd: int, base: int,
     files: dict[int, _MappedFile], report: CoreReport, missing: list[dict[str, Any]],
 ) -> None:
     """Stream one VMA's bytes to `fd` at `base`: dumped pages, then shmem, file or zeros for the rest.
@@ -437,7 +437,7 @@ def _write_vma(
 
 
 def _write_vma_runs(
-    images: CheckpointImages, reader: PageReader, v: Vma, fd: int, base: int,
+    images: CheckpointImages, reader: ProcessReader, v: Vma, fd: int, base: int,
     files: dict[int, _MappedFile], report: CoreReport, missing: list[dict[str, Any]],
 ) -> bool:
     """`_write_vma` from the memory maps' columns (no object per run): the VMA's readable runs
@@ -445,10 +445,9 @@ def _write_vma_runs(
     WRITE_PIECES at a time (with the native helper one plan and one kernel-copy call each), then each hole
     between them is filled as the walk fills it (none to fill in private anonymous memory). False, with
     nothing done, for a windowed map or lazy pages the strategy cannot serve: the caller walks segments."""
-    runs_of = getattr(reader, "readable_runs", None)
-    if runs_of is None or reader.windowed:
+    if reader.windowed:
         return False
-    starts, ends, lazy = runs_of(v.start, v.end)
+    starts, ends, lazy = reader.readable_runs(v.start, v.end)
     if lazy:
         return False
     report.dumped_bytes += sum(ends) - sum(starts)

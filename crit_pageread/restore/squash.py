@@ -30,12 +30,11 @@ from itertools import accumulate, compress
 from pathlib import Path
 from typing import Any
 
-from .. import native
 from ..check import check_checkpoint
 from ..config import Config, load_config
 from ..errors import ImageError
 from ..images import CheckpointImages, open_images
-from ..pagemap import LAYOUTS, PE_LAZY, PE_PRESENT, encode_pagemap_parts
+from ..pagemap import LAYOUTS, PE_LAZY, PE_PRESENT, encode_entries, encode_pagemap_parts
 from ..plugins import make_strategy
 from ..reader import BROKEN, LAZY, PageReader, Segment
 from ..strategy import Strategy, Target
@@ -236,19 +235,9 @@ class _RunWriter:
         self._end = vaddr + length
 
     def encode(self) -> None:
-        """Write the entries so far to the output pagemap image (after its head) and drop them (encoded by the
-        native helper in one call where it is built)."""
-        fast = native.fastio
-        if self.vaddrs and fast is not None:
-            self.image.write(fast.encode_entries(self.vaddrs, self.counts, self.flags, self.layout == "4.2"))
-            self.written += len(self.vaddrs)
-            self.vaddrs, self.counts, self.flags = array("q"), array("q"), array("B")
-        elif self.vaddrs:
-            parts = encode_pagemap_parts(self.pages_id, zip(self.vaddrs, self.counts, self.flags, strict=True),
-                                         self.layout)
-            next(parts)  # the head: written once, first
-            for part in parts:
-                self.image.write(part)
+        """Write the entries so far to the output pagemap image (after its head) and drop them."""
+        if self.vaddrs:
+            self.image.write(encode_entries(self.vaddrs, self.counts, self.flags, self.layout))
             self.written += len(self.vaddrs)
             self.vaddrs, self.counts, self.flags = array("q"), array("q"), array("B")
 
@@ -369,15 +358,15 @@ def _squash_runs(reader: PageReader, w: _RunWriter, rep: TargetReport, page_size
         # An entry starts where a run does not go on from the one before with the same flags.
         new = [ss[0] != end or ff[0] != (flags[i - 1] if i else -1),
                *map(operator.or_, map(operator.ne, ee[:-1], ss[1:]), map(operator.ne, ff[:-1], ff[1:]))]
-        if not new[0]:  # the first runs go on from the last entry
-            stop = new.index(True) if True in new else len(new)
+        stop = new.index(True) if True in new else len(new)  # the first run that starts an entry
+        if stop:  # the runs before it go on from the last entry
             w.counts[-1] += (ee[stop - 1] - ss[0]) // page_size
-        if True in new:
+        if stop < len(new):
             if len(w.vaddrs) > _COPY_PIECES:
                 w.encode()  # those entries can no longer grow
             firsts = array("q", compress(ss, new))
             lasts = compress(ee, [*new[1:], True])  # where each entry ends (the first: the one going on)
-            if not new[0]:
+            if stop:
                 next(lasts)
             w.counts.extend(map(page_size.__rfloordiv__, map(operator.sub, lasts, firsts)))
             w.vaddrs.extend(firsts)
